@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# NBD serving: dmm serve vs qemu-nbd vs nbdkit's file plugin, same image,
+# same fio jobs, in one run.
+#
+# Each server exports the same 1 GiB raw image on a Unix socket; fio's nbd
+# engine runs 4 KiB random read and write and 1 MiB sequential read and
+# write at queue depth 16 against each. Rounds interleave the servers so
+# that machine noise hits all of them alike; the table shows medians.
+# Also records the resident memory of an idle `dmm serve`.
+#
+# Usage: bench/nbd-serve.sh [ROUNDS] [SECONDS]   (defaults: 5 rounds of 10 s)
+# Writes the "nbd-serve" section of BENCHMARKS.md.
+
+source "$(dirname "$0")/lib.sh"
+
+ROUNDS=${1:-5}
+SECONDS_PER_JOB=${2:-10}
+bench_prepare fio qemu-nbd nbdkit
+
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/dmm-bench.XXXXXX")
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+image=$work/image.raw
+echo "creating a 1 GiB image of random data in $work" >&2
+head -c $((1 << 30)) /dev/urandom >"$image"
+
+"$DMM" serve "$image" --socket "$work/dmm.sock" 2>/dev/null &
+dmm_pid=$!
+pids+=("$dmm_pid")
+qemu-nbd -f raw --cache=writeback --aio=threads -t -k "$work/qemu-nbd.sock" "$image" &
+pids+=($!)
+nbdkit -f -U "$work/nbdkit.sock" file "$image" &
+pids+=($!)
+for server in dmm qemu-nbd nbdkit; do wait_socket "$work/$server.sock"; done
+sleep 1
+idle_rss_start=$(rss_kib "$dmm_pid")
+
+# job name, fio rw, block size, unit
+jobs=(
+    "4k-randread randread 4k IOPS"
+    "4k-randwrite randwrite 4k IOPS"
+    "1m-read read 1M MiB/s"
+    "1m-write write 1M MiB/s"
+)
+servers=(dmm qemu-nbd nbdkit)
+
+# Prints IOPS for 4k jobs, MiB/s for 1M jobs.
+run_fio() {
+    local server=$1 rw=$2 bs=$3
+    fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$work/$server.sock" \
+        --rw="$rw" --bs="$bs" --iodepth=16 --size=1G --time_based \
+        --runtime="$SECONDS_PER_JOB" --ramp_time=1 \
+        --output-format=terse --terse-version=3 2>/dev/null |
+        awk -F';' -v bs="$bs" 'NF > 50 {
+            iops = $8 + $49; kib = $7 + $48
+            if (bs == "4k") print iops; else printf "%.0f\n", kib / 1024
+        }'
+}
+
+declare -A results
+for round in $(seq "$ROUNDS"); do
+    for job in "${jobs[@]}"; do
+        read -r name rw bs _ <<<"$job"
+        for server in "${servers[@]}"; do
+            value=$(run_fio "$server" "$rw" "$bs")
+            results[$name/$server]+="$value "
+            echo "round $round $name $server $value" >&2
+        done
+    done
+done
+sleep 2
+idle_rss_after=$(rss_kib "$dmm_pid")
+
+body=$(mktemp)
+{
+    echo "## NBD serving: dmm vs qemu-nbd vs nbdkit"
+    echo
+    echo "\`bench/nbd-serve.sh $ROUNDS $SECONDS_PER_JOB\` on $(machine_line)."
+    echo "Same 1 GiB raw image (in the page cache), Unix sockets, fio's nbd engine at iodepth 16;"
+    echo "median of $ROUNDS interleaved rounds of ${SECONDS_PER_JOB} s each."
+    echo "qemu-nbd: \`-f raw --cache=writeback --aio=threads\`; nbdkit: \`file\` plugin, default threads."
+    echo
+    echo "| job | unit | dmm | qemu-nbd | nbdkit | dmm ÷ qemu-nbd | dmm ÷ nbdkit | dmm ÷ faster peer |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    for job in "${jobs[@]}"; do
+        read -r name _ _ unit <<<"$job"
+        # shellcheck disable=SC2086
+        d=$(median ${results[$name/dmm]})
+        # shellcheck disable=SC2086
+        q=$(median ${results[$name/qemu-nbd]})
+        # shellcheck disable=SC2086
+        k=$(median ${results[$name/nbdkit]})
+        awk -v n="$name" -v u="$unit" -v d="$d" -v q="$q" -v k="$k" 'BEGIN {
+            best = (q > k ? q : k)
+            printf "| %s | %s | %d | %d | %d | %.2f | %.2f | **%.2f** |\n", n, u, d, q, k, d/q, d/k, d/best
+        }'
+    done
+    echo
+    echo "Resident memory of \`dmm serve\`: $((idle_rss_start / 1024)) MiB idle after start," \
+        "$((idle_rss_after / 1024)) MiB idle after the runs (target ≤ 20 MiB)."
+    echo
+    echo "All samples (one per round):"
+    echo
+    echo '```'
+    for job in "${jobs[@]}"; do
+        read -r name _ _ _ <<<"$job"
+        for server in "${servers[@]}"; do
+            printf '%-13s %-9s %s\n' "$name" "$server" "${results[$name/$server]}"
+        done
+    done
+    echo '```'
+} >"$body"
+publish_section nbd-serve "$body"
+cat "$body"
+rm -f "$body"

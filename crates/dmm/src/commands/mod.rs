@@ -1,0 +1,3 @@
+//! One module per `dmm` subcommand.
+
+pub mod serve;

@@ -1,0 +1,17 @@
+//! The NBD protocol for dmm.
+//!
+//! dmm fronts every volume it migrates as an NBD export, so that QEMU,
+//! qemu-img, libnbd's tools, fio and the kernel's nbd-client use it
+//! unchanged; and it reads and writes remote NBD exports as sources and
+//! destinations. No Rust crate covers the protocol well, so it is written
+//! here: [`proto`] is the wire format (pure, fuzzed), [`server`] serves
+//! [`dmm_store::BlockStore`]s, and [`client`] is a store backed by a
+//! remote export.
+
+pub mod client;
+pub mod proto;
+pub mod server;
+mod writer;
+
+pub use client::{NbdAddress, NbdStore};
+pub use server::{Export, ExportTable, Server, ServerConfig, bind_unix};
