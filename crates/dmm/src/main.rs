@@ -33,6 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Serve(commands::serve::ServeArgs),
+    Demo(commands::demo::DemoArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -66,6 +67,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => commands::serve::run(args).await,
+            Command::Demo(args) => commands::demo::run(args).await,
         }
     });
     match result {

@@ -1,3 +1,4 @@
 //! One module per `dmm` subcommand.
 
+pub mod demo;
 pub mod serve;

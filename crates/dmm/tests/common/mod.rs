@@ -1,0 +1,137 @@
+//! Helpers for the end-to-end tests: run the real `dmm` binary and the real
+//! clients (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) against it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DMM: &str = env!("CARGO_BIN_EXE_dmm");
+
+/// A tool the test needs; a missing tool fails the test (the README's test
+/// command installs them all).
+pub fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed; run scripts/test, which installs it"
+    );
+    Command::new(name)
+}
+
+/// Runs a command, failing the test with its output unless it succeeds.
+pub fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+pub fn stdout(command: &mut Command) -> String {
+    String::from_utf8(run(command).stdout).expect("UTF-8 output")
+}
+
+/// A running `dmm serve`.
+pub struct Serve {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub stderr_first_line: String,
+}
+
+impl Serve {
+    /// Starts `dmm serve IMAGE --socket DIR/nbd.sock EXTRA…` and waits until
+    /// it accepts connections.
+    pub fn start(image: &Path, dir: &Path, extra: &[&str]) -> Serve {
+        let socket = dir.join("nbd.sock");
+        let mut child = Command::new(DMM)
+            .arg("serve")
+            .arg(image)
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dmm serve");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        stderr
+            .read_line(&mut line)
+            .expect("first line of dmm serve");
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        assert!(socket.exists(), "dmm serve did not start: {line}");
+        Serve {
+            child: Some(child),
+            socket,
+            stderr_first_line: line,
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        terminate(&child);
+        wait_with_timeout(&mut child, Duration::from_secs(20)).expect("dmm serve did not stop")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn terminate(child: &Child) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+}
+
+pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A sparse image of `size` bytes with `pieces` of data: (offset, length,
+/// byte value).
+pub fn image_with(dir: &Path, name: &str, size: u64, pieces: &[(u64, usize, u8)]) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).expect("create image");
+    file.set_len(size).expect("size image");
+    for &(offset, len, value) in pieces {
+        file.write_all_at(&vec![value; len], offset)
+            .expect("write image");
+    }
+    file.sync_all().expect("sync image");
+    path
+}
+
+/// A scratch directory under the target directory (a real disk filesystem,
+/// where holes behave as on a production host).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch dir")
+}
