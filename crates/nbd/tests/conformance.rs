@@ -52,13 +52,13 @@ async fn nbdkit(fixture: Fixture) -> Subject {
 }
 
 mod dmm {
-    dmm_store::conformance_suite!(super::dmm_server);
+    dmm_store::conformance_suite!(super::dmm_server, sparse);
 }
 
 mod qemu {
-    dmm_store::conformance_suite!(super::qemu_nbd);
+    dmm_store::conformance_suite!(super::qemu_nbd, sparse);
 }
 
 mod kit {
-    dmm_store::conformance_suite!(super::nbdkit);
+    dmm_store::conformance_suite!(super::nbdkit, sparse);
 }

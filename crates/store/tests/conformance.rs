@@ -44,13 +44,13 @@ async fn file_on_tmpfs(fixture: Fixture) -> Subject {
 }
 
 mod memory {
-    dmm_store::conformance_suite!(super::memory);
+    dmm_store::conformance_suite!(super::memory, sparse);
 }
 
 mod file_on_disk {
-    dmm_store::conformance_suite!(super::file_on_disk);
+    dmm_store::conformance_suite!(super::file_on_disk, sparse);
 }
 
 mod file_on_tmpfs {
-    dmm_store::conformance_suite!(super::file_on_tmpfs);
+    dmm_store::conformance_suite!(super::file_on_tmpfs, sparse);
 }
