@@ -69,6 +69,8 @@ struct Inner {
     block_device: bool,
     rotational: bool,
     block_size: u32,
+    /// Device and inode (or device number, for block devices).
+    identity: String,
     /// Writes go to the blocking pool until this instant (nanoseconds since
     /// `opened`).
     offload_until: AtomicU64,
@@ -112,6 +114,11 @@ impl FileStore {
                 block_device,
                 rotational: is_rotational(device),
                 block_size: (meta.blksize() as u32).clamp(512, 1 << 20),
+                identity: if block_device {
+                    format!("block:{device}")
+                } else {
+                    format!("file:{}:{}", meta.dev(), meta.ino())
+                },
                 offload_until: AtomicU64::new(0),
                 opened: Instant::now(),
             }),
@@ -302,6 +309,10 @@ impl BlockStore for FileStore {
 
     fn size(&self) -> u64 {
         self.inner.size
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(self.inner.identity.clone())
     }
 
     fn capabilities(&self) -> Capabilities {

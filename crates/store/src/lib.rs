@@ -71,6 +71,12 @@ pub trait BlockStore: Send + Sync + 'static {
 
     fn capabilities(&self) -> Capabilities;
 
+    /// What identifies the underlying file or device, so that a migration
+    /// can refuse to copy a store onto itself; `None` when unknown.
+    fn identity(&self) -> Option<String> {
+        None
+    }
+
     /// Reads `len` bytes at `offset`.
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
 

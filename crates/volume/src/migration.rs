@@ -1,0 +1,830 @@
+//! One volume migration, from negotiation to commit or rollback.
+//!
+//! The phases (seed 000): negotiate (refuse what cannot work, with the
+//! reason), restore or create the state, copy under the strategy (bulk
+//! pass, incremental passes, final sync), switch over (clients held only
+//! for the last few chunks and the flip, and that pause measured), verify
+//! (BLAKE3 per chunk, mismatches listed), then commit (the source is
+//! released) or roll back (destination-only chunks copied back, so the
+//! source is complete and current).
+//!
+//! [`Migration::run`] drives the phases until the migration is verified or
+//! rolled back; [`Migration::commit`] is a separate decision. The copier
+//! checkpoints every few seconds, so a restarted migration resumes where
+//! it was.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dmm_store::BlockStore;
+use futures::stream::{FuturesUnordered, StreamExt};
+use parking_lot::Mutex;
+
+use crate::aio::AioQueue;
+use crate::chunks::{ChunkMap, ChunkState};
+use crate::control::{Controls, Priority, RateLimiter};
+use crate::device::{CLIENT_QUIET, VirtualDevice};
+use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir};
+use crate::progress::{Activity, Progress, RateMeter};
+use crate::strategy::{Mode, Strategy};
+
+/// Largest pause the precopy final copy aims for.
+const FINAL_PAUSE_TARGET: Duration = Duration::from_millis(5);
+
+/// Whether to compare the stores after the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verify {
+    None,
+    #[default]
+    Full,
+}
+
+/// How to run a migration.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    pub strategy: Strategy,
+    /// Chunk size (`segsize`): the unit of copying, locking and tracking.
+    pub chunk_size: u64,
+    /// Copy bandwidth limit in bytes per second.
+    pub rate: Option<u64>,
+    /// Chunks copied at once (before the priority's scaling).
+    pub in_flight: usize,
+    pub priority: Priority,
+    pub verify: Verify,
+    /// Time between checkpoints while copying.
+    pub checkpoint_every: Duration,
+    /// Precopy passes before declaring non-convergence.
+    pub max_passes: u32,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> MigrationConfig {
+        MigrationConfig {
+            strategy: Strategy::Auto,
+            chunk_size: 1 << 20,
+            rate: None,
+            in_flight: 8,
+            priority: Priority::Normal,
+            verify: Verify::Full,
+            checkpoint_every: Duration::from_secs(2),
+            max_passes: 12,
+        }
+    }
+}
+
+/// Why a migration cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot migrate: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] dmm_store::Error),
+    #[error("migration state: {0}")]
+    State(#[from] std::io::Error),
+    #[error(
+        "precopy does not converge: {dirty} chunks still dirty after {passes} passes \
+         (clients write faster than the copy); use --strategy auto or mirror"
+    )]
+    NotConverging { passes: u32, dirty: u64 },
+    #[error("verification found {} mismatching chunks, at offsets {}", .0.len(), offsets(.0))]
+    Mismatch(Vec<u64>),
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("stopped; run the same migration again to resume")]
+    Stopped,
+    /// The copier stopped for a rollback request (handled by `run`).
+    #[error("interrupted for a rollback")]
+    Interrupted,
+}
+
+fn offsets(list: &[u64]) -> String {
+    let shown: Vec<String> = list.iter().take(8).map(|o| o.to_string()).collect();
+    let more = if list.len() > 8 { ", …" } else { "" };
+    format!("{}{more}", shown.join(", "))
+}
+
+type Outcome<T = ()> = Result<T, MigrationError>;
+
+/// A migration in progress (or finished, still serving).
+pub struct Migration {
+    meta: Meta,
+    config: MigrationConfig,
+    state: StateDir,
+    device: Arc<VirtualDevice>,
+    position: Mutex<Position>,
+    controls: Controls,
+    activity: Mutex<Activity>,
+    error: Mutex<Option<String>>,
+    meter: Mutex<RateMeter>,
+    limiter: Mutex<RateLimiter>,
+    longest_pause_us: AtomicU64,
+    verified_chunks: AtomicU64,
+    last_checkpoint: Mutex<Instant>,
+    checkpointing: tokio::sync::Mutex<()>,
+    started: Instant,
+}
+
+/// Refuses migrations that cannot work, each with its reason.
+fn negotiate(
+    source: &dyn BlockStore,
+    destination: &dyn BlockStore,
+    config: &MigrationConfig,
+) -> Outcome {
+    let refuse = |reason: String| Err(MigrationError::Refused(reason));
+    if destination.size() < source.size() {
+        return refuse(format!(
+            "the destination {} holds {} bytes, less than the source {} ({} bytes)",
+            destination.target(),
+            destination.size(),
+            source.target(),
+            source.size()
+        ));
+    }
+    if destination.capabilities().read_only {
+        return refuse(format!(
+            "the destination {} is read-only",
+            destination.target()
+        ));
+    }
+    if source.capabilities().read_only && config.strategy != Strategy::Redirect {
+        return refuse(format!(
+            "the source {} is read-only; only --strategy redirect never writes to the source",
+            source.target()
+        ));
+    }
+    if let (Some(a), Some(b)) = (source.identity(), destination.identity())
+        && a == b
+    {
+        return refuse(format!(
+            "{} and {} are the same file or device",
+            source.target(),
+            destination.target()
+        ));
+    }
+    let chunk = config.chunk_size;
+    if !chunk.is_power_of_two() || !(4096..=1 << 30).contains(&chunk) {
+        return refuse(format!(
+            "segsize {chunk} must be a power of two from 4 KiB to 1 GiB"
+        ));
+    }
+    let block = u64::from(destination.capabilities().preferred_block_size);
+    if block > chunk {
+        return refuse(format!(
+            "the destination's block size ({block} bytes) is larger than segsize ({chunk})"
+        ));
+    }
+    Ok(())
+}
+
+/// The routing mode a phase implies.
+fn mode_of(phase: Phase, copy_mode: Mode) -> Mode {
+    match phase {
+        Phase::Copying => copy_mode,
+        Phase::SwitchedOver | Phase::Verified => Mode::Destination { tracking: true },
+        Phase::Committed => Mode::Destination { tracking: false },
+        Phase::RollingBack => Mode::RollingBack,
+        Phase::RolledBack => Mode::Source,
+    }
+}
+
+impl Migration {
+    /// Negotiates and restores (or creates) the migration's state in
+    /// `state_dir`. `names` identify source and destination for the
+    /// record in the state directory.
+    pub async fn open(
+        source: Arc<dyn BlockStore>,
+        destination: Arc<dyn BlockStore>,
+        names: (String, String),
+        state_dir: &Path,
+        config: MigrationConfig,
+    ) -> Outcome<Migration> {
+        negotiate(&*source, &*destination, &config)?;
+        let state = StateDir::open(state_dir)?;
+        let wanted = Meta {
+            source: names.0,
+            destination: names.1,
+            volume_size: source.size(),
+            chunk_size: config.chunk_size,
+            strategy: config.strategy,
+        };
+        let meta = match state.load_meta()? {
+            Some(saved) => check_resume(&saved, &wanted, state_dir)?,
+            None => {
+                state.save_meta(&wanted)?;
+                wanted
+            }
+        };
+        let chunks = Arc::new(ChunkMap::new(meta.volume_size, meta.chunk_size));
+        let mut position = match state.load_checkpoint()? {
+            Some(checkpoint) => {
+                chunks.load_bitmaps(&checkpoint.both, &checkpoint.destination);
+                checkpoint.position
+            }
+            None => Position {
+                generation: 0,
+                phase: Phase::Copying,
+                mode: meta.strategy.initial_mode(),
+                pass: 0,
+                cursor: 0,
+                copied_bytes: 0,
+                mismatches: Vec::new(),
+            },
+        };
+        for record in state.replay(position.generation)? {
+            match record {
+                Record::Chunk { chunk, state } if chunk < chunks.len() => {
+                    chunks.set(chunk, state);
+                }
+                Record::Chunk { .. } => {}
+                Record::Phase(phase) => position.phase = phase,
+            }
+        }
+        let journal = state.journal(position.generation)?;
+        let mode = mode_of(position.phase, position.mode);
+        let device = Arc::new(VirtualDevice::new(
+            source,
+            destination,
+            chunks,
+            mode,
+            journal,
+        ));
+        let controls = Controls::new(config.rate, config.in_flight, config.priority);
+        Ok(Migration {
+            meta,
+            config,
+            state,
+            device,
+            position: Mutex::new(position),
+            controls,
+            activity: Mutex::new(Activity::Starting),
+            error: Mutex::new(None),
+            meter: Mutex::new(RateMeter::default()),
+            limiter: Mutex::new(RateLimiter::default()),
+            longest_pause_us: AtomicU64::new(0),
+            verified_chunks: AtomicU64::new(0),
+            last_checkpoint: Mutex::new(Instant::now()),
+            checkpointing: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
+        })
+    }
+
+    /// The volume to export to clients.
+    pub fn device(&self) -> Arc<VirtualDevice> {
+        self.device.clone()
+    }
+
+    pub fn controls(&self) -> &Controls {
+        &self.controls
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.position.lock().phase
+    }
+
+    fn set_activity(&self, activity: Activity) {
+        *self.activity.lock() = activity;
+    }
+
+    /// Drives the migration until it is verified (ready to commit) or
+    /// rolled back. Errors leave the state resumable and clients served
+    /// wherever the data is complete.
+    pub async fn run(&self) -> Outcome<Phase> {
+        let result = self.drive().await;
+        match &result {
+            Ok(_) => self.set_activity(Activity::Idle),
+            Err(MigrationError::Stopped) => self.set_activity(Activity::Idle),
+            Err(err) => {
+                self.set_activity(Activity::Failed);
+                *self.error.lock() = Some(err.to_string());
+                self.fall_back().await;
+                // Keep whatever progress was made.
+                let _ = self.checkpoint().await;
+            }
+        }
+        result
+    }
+
+    async fn drive(&self) -> Outcome<Phase> {
+        loop {
+            let phase = self.phase();
+            if self.controls.take_rollback_request()
+                && matches!(
+                    phase,
+                    Phase::Copying | Phase::SwitchedOver | Phase::Verified
+                )
+            {
+                self.begin_rollback().await?;
+                continue;
+            }
+            if self.controls.stop_requested() {
+                return Err(MigrationError::Stopped);
+            }
+            let step = match phase {
+                Phase::Copying => self.copy_phase().await,
+                Phase::SwitchedOver => self.verify_phase().await,
+                Phase::RollingBack => self.rollback_phase().await,
+                Phase::Verified | Phase::Committed | Phase::RolledBack => return Ok(phase),
+            };
+            match step {
+                Err(MigrationError::Interrupted) => continue,
+                other => other?,
+            }
+        }
+    }
+
+    /// After a failure, keep clients on a store that has all their data.
+    async fn fall_back(&self) {
+        let mut mode = self.device.pause_clients().await;
+        if matches!(*mode, Mode::Mirror | Mode::AsyncMirror) {
+            // The source is complete; stop sending writes to a failing
+            // destination, but keep tracking what they dirty.
+            *mode = Mode::TrackDirty;
+            self.position.lock().mode = Mode::TrackDirty;
+        }
+        drop(mode);
+        self.device.attach_aio(None);
+    }
+
+    async fn copy_phase(&self) -> Outcome {
+        // A failure may have left a mirroring strategy tracking only.
+        let expected = match self.meta.strategy {
+            Strategy::Mirror => Some(Mode::Mirror),
+            Strategy::Aio => Some(Mode::AsyncMirror),
+            _ => None,
+        };
+        if let Some(expected) = expected
+            && self.position.lock().mode != expected
+        {
+            self.set_mode(expected).await?;
+        }
+        match self.meta.strategy {
+            Strategy::Precopy | Strategy::Auto => self.precopy().await,
+            Strategy::Slr => {
+                if self.position.lock().mode == Mode::TrackDirty {
+                    self.pass().await?;
+                    self.set_mode(Mode::Mirror).await?;
+                }
+                self.pass().await?;
+                self.switch_over().await
+            }
+            Strategy::Aio => {
+                let queue = AioQueue::start(self.device.clone());
+                self.device.attach_aio(Some(queue.clone()));
+                self.pass().await?;
+                queue.drained().await;
+                self.pass().await?;
+                self.switch_over().await
+            }
+            Strategy::Mirror | Strategy::Lr | Strategy::Redirect => {
+                self.pass().await?;
+                self.switch_over().await
+            }
+        }
+    }
+
+    /// Precopy: passes over the dirty set until it is small enough for a
+    /// pause of a few milliseconds; auto escalates to mirroring when it
+    /// stops shrinking, plain precopy gives up.
+    async fn precopy(&self) -> Outcome {
+        let mut history: Vec<u64> = Vec::new();
+        loop {
+            if self.position.lock().mode == Mode::Mirror {
+                self.pass().await?;
+                return self.switch_over().await;
+            }
+            self.pass().await?;
+            let dirty = self.device.chunks().count(ChunkState::Source);
+            let per_chunk = Duration::from_secs_f64(
+                self.meta.chunk_size as f64 / self.meter.lock().rate().max(1 << 20) as f64,
+            );
+            let affordable = (FINAL_PAUSE_TARGET.as_secs_f64() / per_chunk.as_secs_f64()) as u64;
+            if dirty <= affordable.max(1) {
+                return self.switch_over().await;
+            }
+            history.push(dirty);
+            let passes = self.position.lock().pass;
+            let shrinking = match history.len() {
+                0..=2 => true,
+                n => (dirty as f64) < 0.9 * history[n - 3] as f64,
+            };
+            if shrinking && passes < self.config.max_passes {
+                continue;
+            }
+            if self.meta.strategy == Strategy::Auto {
+                tracing::info!(
+                    dirty,
+                    passes,
+                    "dirty set stopped shrinking; escalating to mirror"
+                );
+                self.set_mode(Mode::Mirror).await?;
+            } else {
+                return Err(MigrationError::NotConverging { passes, dirty });
+            }
+        }
+    }
+
+    /// Changes the routing mode of the copy phase (clients held for the
+    /// flip), and checkpoints it.
+    async fn set_mode(&self, next: Mode) -> Outcome {
+        let mut mode = self.device.pause_clients().await;
+        *mode = next;
+        self.position.lock().mode = next;
+        drop(mode);
+        self.checkpoint().await
+    }
+
+    /// One copy pass over the chunks still only on the source.
+    async fn pass(&self) -> Outcome {
+        self.set_activity(Activity::Copying);
+        let device = self.device.clone();
+        let copied = self
+            .sweep(ChunkState::Source, |chunk| {
+                let device = device.clone();
+                async move {
+                    let done = device
+                        .copy_chunk(chunk, ChunkState::Source, ChunkState::Both)
+                        .await?;
+                    Ok(done.map_or(0, |c| c.data))
+                }
+            })
+            .await?;
+        let mut position = self.position.lock();
+        position.pass += 1;
+        position.cursor = 0;
+        tracing::debug!(pass = position.pass, copied, "pass done");
+        Ok(())
+    }
+
+    /// Runs `work` on every chunk in `state` (as of when the sweep reaches
+    /// it), ascending from the saved cursor, with the configured number in
+    /// flight, honouring pause, rate limit and priority, checkpointing as
+    /// it goes. Returns the bytes the work reported.
+    async fn sweep<F, Fut>(&self, state: ChunkState, work: F) -> Outcome<u64>
+    where
+        F: Fn(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, MigrationError>>,
+    {
+        let chunks = self.device.chunks().clone();
+        let mut next = self.position.lock().cursor;
+        let mut running = FuturesUnordered::new();
+        let mut active = BTreeSet::new();
+        let mut total = 0;
+        let mut failure = None;
+        loop {
+            while failure.is_none() && running.len() < self.controls.copies_in_flight() {
+                if self.controls.is_paused() && running.is_empty() {
+                    self.set_activity(Activity::Paused);
+                    self.controls.wait_unpaused().await;
+                    self.set_activity(Activity::Copying);
+                }
+                if self.controls.interrupted() || self.controls.is_paused() {
+                    break;
+                }
+                let Some(chunk) = chunks.next_in(state, next) else {
+                    break;
+                };
+                next = chunk + 1;
+                if self.controls.priority() == Priority::Low
+                    && self.device.idle_ms() < CLIENT_QUIET.as_millis() as u64
+                {
+                    tokio::time::sleep(CLIENT_QUIET).await;
+                }
+                active.insert(chunk);
+                let job = work(chunk);
+                running.push(async move { (chunk, job.await) });
+            }
+            let Some((chunk, result)) = running.next().await else {
+                break;
+            };
+            active.remove(&chunk);
+            match result {
+                Ok(bytes) => {
+                    total += bytes;
+                    self.account(bytes).await;
+                }
+                Err(err) => {
+                    failure.get_or_insert(err);
+                }
+            }
+            self.position.lock().cursor = active.first().copied().unwrap_or(next);
+            self.maybe_checkpoint().await?;
+        }
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        if let Some(err) = self.device.take_destination_failure() {
+            return Err(err.into());
+        }
+        if self.controls.interrupted() {
+            self.checkpoint().await?;
+            return Err(if self.controls.stop_requested() {
+                MigrationError::Stopped
+            } else {
+                MigrationError::Interrupted
+            });
+        }
+        Ok(total)
+    }
+
+    /// Counts copied bytes and sleeps off any bandwidth debt.
+    async fn account(&self, bytes: u64) {
+        self.position.lock().copied_bytes += bytes;
+        self.meter.lock().record(bytes);
+        let wait = self.limiter.lock().spend(bytes, self.controls.rate());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn maybe_checkpoint(&self) -> Outcome {
+        let due = self.last_checkpoint.lock().elapsed() >= self.config.checkpoint_every;
+        if due {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    /// Snapshots the chunk states, flushes both stores, then saves the
+    /// snapshot: a copy is durable before the checkpoint that records it.
+    pub async fn checkpoint(&self) -> Outcome {
+        let _one_at_a_time = self.checkpointing.lock().await;
+        let generation = self.device.journal_generation() + 1;
+        let journal = self.state.journal(generation)?;
+        self.device.rotate_journal(journal);
+        let (both, destination) = self.device.chunks().to_bitmaps();
+        let position = {
+            let mut position = self.position.lock();
+            position.generation = generation;
+            position.clone()
+        };
+        let (source_store, destination_store) = (self.device.source(), self.device.destination());
+        tokio::try_join!(source_store.flush(), destination_store.flush())?;
+        self.device.sync_journal().await?;
+        let checkpoint = Checkpoint {
+            position,
+            both,
+            destination,
+        };
+        self.state.save_checkpoint(&checkpoint)?;
+        self.device.settle();
+        self.state.prune_journals(generation)?;
+        *self.last_checkpoint.lock() = Instant::now();
+        Ok(())
+    }
+
+    /// Holds clients, copies what is still only on the source, makes the
+    /// destination durable, records the switch, and flips routing to the
+    /// destination. The time clients are held is measured.
+    async fn switch_over(&self) -> Outcome {
+        self.set_activity(Activity::Switching);
+        // Flush the bulk of the copy while clients still run.
+        self.device.destination().flush().await?;
+        let started = Instant::now();
+        let mut mode = self.device.pause_clients().await;
+        if let Some(queue) = self.device.aio_attached() {
+            queue.drained().await;
+        }
+        let chunks = self.device.chunks().clone();
+        let mut copies = FuturesUnordered::new();
+        let mut next = 0;
+        loop {
+            while copies.len() < self.controls.copies_in_flight() {
+                let Some(chunk) = chunks.next_in(ChunkState::Source, next) else {
+                    break;
+                };
+                next = chunk + 1;
+                copies.push(
+                    self.device
+                        .copy_chunk(chunk, ChunkState::Source, ChunkState::Both),
+                );
+            }
+            match copies.next().await {
+                Some(copied) => {
+                    let bytes = copied?.map_or(0, |c| c.data);
+                    self.position.lock().copied_bytes += bytes;
+                }
+                None => break,
+            }
+        }
+        drop(copies);
+        self.device.destination().flush().await?;
+        self.device.journal(Record::Phase(Phase::SwitchedOver))?;
+        self.device.sync_journal().await?;
+        *mode = Mode::Destination { tracking: true };
+        drop(mode);
+        let paused = started.elapsed();
+        self.longest_pause_us
+            .fetch_max(paused.as_micros() as u64, Ordering::Relaxed);
+        tracing::info!(pause_ms = paused.as_secs_f64() * 1e3, "switched over");
+        self.device.attach_aio(None);
+        self.position.lock().phase = Phase::SwitchedOver;
+        self.checkpoint().await
+    }
+
+    /// Compares every chunk held by both stores (BLAKE3 per chunk).
+    async fn verify_phase(&self) -> Outcome {
+        if self.config.verify == Verify::Full {
+            self.set_activity(Activity::Verifying);
+            let device = self.device.clone();
+            let (verified, position) = (&self.verified_chunks, &self.position);
+            self.sweep(ChunkState::Both, |chunk| {
+                let device = device.clone();
+                async move {
+                    if device.verify_chunk(chunk).await? == Some(false) {
+                        position
+                            .lock()
+                            .mismatches
+                            .push(device.chunks().bytes(chunk).0);
+                    }
+                    verified.fetch_add(1, Ordering::Relaxed);
+                    Ok(0)
+                }
+            })
+            .await?;
+            let found = {
+                let mut position = self.position.lock();
+                position.cursor = 0;
+                position.mismatches.sort_unstable();
+                position.mismatches.clone()
+            };
+            if !found.is_empty() {
+                self.checkpoint().await?;
+                return Err(MigrationError::Mismatch(found));
+            }
+        }
+        self.position.lock().phase = Phase::Verified;
+        self.checkpoint().await
+    }
+
+    /// Releases the source: the destination is the volume from now on.
+    pub async fn commit(&self) -> Outcome {
+        let (phase, mismatches) = {
+            let position = self.position.lock();
+            (position.phase, position.mismatches.len())
+        };
+        let ready = phase == Phase::Verified
+            || (phase == Phase::SwitchedOver && self.config.verify == Verify::None);
+        if phase == Phase::Committed {
+            return Ok(());
+        }
+        if !ready || mismatches > 0 {
+            return Err(MigrationError::InvalidState(format!(
+                "cannot commit while the migration is {}: {}",
+                serde_json::to_string(&phase)
+                    .unwrap_or_default()
+                    .trim_matches('"'),
+                if mismatches > 0 {
+                    format!("{mismatches} chunks failed verification")
+                } else {
+                    "the destination does not hold the whole volume yet".into()
+                }
+            )));
+        }
+        let mut mode = self.device.pause_clients().await;
+        self.device.journal(Record::Phase(Phase::Committed))?;
+        self.device.sync_journal().await?;
+        *mode = Mode::Destination { tracking: false };
+        drop(mode);
+        self.position.lock().phase = Phase::Committed;
+        self.checkpoint().await
+    }
+
+    /// Asks the migration to roll back; [`Migration::run`] does it.
+    pub fn request_rollback(&self) -> Outcome {
+        if self.phase() == Phase::Committed {
+            return Err(MigrationError::InvalidState(
+                "cannot roll back a committed migration: the source has been released".into(),
+            ));
+        }
+        self.controls.request_rollback();
+        Ok(())
+    }
+
+    async fn begin_rollback(&self) -> Outcome {
+        let mut mode = self.device.pause_clients().await;
+        if let Some(queue) = self.device.aio_attached() {
+            queue.drained().await;
+        }
+        self.device.journal(Record::Phase(Phase::RollingBack))?;
+        self.device.sync_journal().await?;
+        *mode = Mode::RollingBack;
+        drop(mode);
+        self.device.attach_aio(None);
+        {
+            let mut position = self.position.lock();
+            position.phase = Phase::RollingBack;
+            position.cursor = 0;
+        }
+        self.checkpoint().await
+    }
+
+    /// Copies destination-only chunks back, then hands the volume to the
+    /// source.
+    async fn rollback_phase(&self) -> Outcome {
+        self.set_activity(Activity::RollingBack);
+        let device = self.device.clone();
+        self.sweep(ChunkState::Destination, |chunk| {
+            let device = device.clone();
+            async move {
+                let done = device
+                    .copy_chunk(chunk, ChunkState::Destination, ChunkState::Both)
+                    .await?;
+                Ok(done.map_or(0, |c| c.data))
+            }
+        })
+        .await?;
+        let mut mode = self.device.pause_clients().await;
+        let chunks = self.device.chunks().clone();
+        while let Some(chunk) = chunks.next_in(ChunkState::Destination, 0) {
+            self.device
+                .copy_chunk(chunk, ChunkState::Destination, ChunkState::Both)
+                .await?;
+        }
+        self.device.source().flush().await?;
+        self.device.journal(Record::Phase(Phase::RolledBack))?;
+        self.device.sync_journal().await?;
+        *mode = Mode::Source;
+        drop(mode);
+        self.position.lock().phase = Phase::RolledBack;
+        self.checkpoint().await
+    }
+
+    /// A snapshot of where the migration stands.
+    pub async fn progress(&self) -> Progress {
+        let mode = self.device.mode().await;
+        let chunks = self.device.chunks();
+        let position = self.position.lock().clone();
+        let on_destination = chunks.len() - chunks.count(ChunkState::Source);
+        let dirty = if position.pass > 0 {
+            chunks.count(ChunkState::Source)
+        } else {
+            (0..position.cursor.min(chunks.len()))
+                .filter(|&c| chunks.get(c) == ChunkState::Source)
+                .count() as u64
+        };
+        let rate = self.meter.lock().rate();
+        let remaining = chunks.count(ChunkState::Source) * chunks.chunk_size();
+        let stats = self.device.stats();
+        let mut activity = *self.activity.lock();
+        if activity == Activity::Copying && self.controls.is_paused() {
+            activity = Activity::Paused;
+        }
+        Progress {
+            phase: position.phase,
+            activity,
+            strategy: self.meta.strategy,
+            mode,
+            pass: position.pass,
+            volume_bytes: chunks.volume_size(),
+            chunk_bytes: chunks.chunk_size(),
+            chunks: chunks.len(),
+            chunks_on_destination: on_destination,
+            dirty_chunks: dirty,
+            copied_bytes: position.copied_bytes,
+            client_destination_bytes: stats.destination_bytes.load(Ordering::Relaxed),
+            bytes_per_second: rate,
+            eta_seconds: (rate > 0 && position.phase == Phase::Copying).then(|| remaining / rate),
+            elapsed_seconds: self.started.elapsed().as_secs_f64(),
+            longest_pause_ms: self.longest_pause_us.load(Ordering::Relaxed) as f64 / 1e3,
+            client_reads: stats.reads.load(Ordering::Relaxed),
+            client_writes: stats.writes.load(Ordering::Relaxed),
+            verified_chunks: self.verified_chunks.load(Ordering::Relaxed),
+            mismatches: position.mismatches,
+            error: self.error.lock().clone(),
+        }
+    }
+}
+
+/// Resuming is only allowed with the same volume and strategy.
+fn check_resume(saved: &Meta, wanted: &Meta, dir: &Path) -> Outcome<Meta> {
+    let mismatch = |what: &str, saved: String, wanted: String| {
+        Err(MigrationError::Refused(format!(
+            "{} holds a migration with {what} {saved}, not {wanted}; \
+             resume it with the same settings or use another --state-dir",
+            dir.display()
+        )))
+    };
+    if saved.source != wanted.source || saved.destination != wanted.destination {
+        let pair = |m: &Meta| format!("{} -> {}", m.source, m.destination);
+        return mismatch("stores", pair(saved), pair(wanted));
+    }
+    if saved.volume_size != wanted.volume_size {
+        let (a, b) = (
+            saved.volume_size.to_string(),
+            wanted.volume_size.to_string(),
+        );
+        return mismatch("volume size", a, b);
+    }
+    if saved.strategy != wanted.strategy {
+        let (a, b) = (saved.strategy.to_string(), wanted.strategy.to_string());
+        return mismatch("strategy", a, b);
+    }
+    Ok(saved.clone())
+}
