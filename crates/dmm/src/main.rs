@@ -6,6 +6,9 @@
 
 mod commands;
 mod listen;
+mod report;
+mod stores;
+mod units;
 
 use std::process::ExitCode;
 
@@ -32,6 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Migrate(commands::migrate::MigrateArgs),
+    Verify(commands::verify::VerifyArgs),
     Serve(commands::serve::ServeArgs),
     Demo(commands::demo::DemoArgs),
 }
@@ -66,6 +71,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Migrate(args) => commands::migrate::run(args).await,
+            Command::Verify(args) => commands::verify::run(args).await,
             Command::Serve(args) => commands::serve::run(args).await,
             Command::Demo(args) => commands::demo::run(args).await,
         }

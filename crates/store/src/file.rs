@@ -59,6 +59,8 @@ pub struct OpenOptions {
 #[derive(Clone)]
 pub struct FileStore {
     inner: Arc<Inner>,
+    /// Whether I/O may run on the calling thread (false for bulk handles).
+    inline: bool,
 }
 
 struct Inner {
@@ -122,6 +124,7 @@ impl FileStore {
                 offload_until: AtomicU64::new(0),
                 opened: Instant::now(),
             }),
+            inline: true,
         })
     }
 
@@ -197,6 +200,13 @@ impl Inner {
             }
         }
         Ok(done)
+    }
+
+    /// Starts writing a range back to the device without waiting (a hint:
+    /// errors surface at the next flush).
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let advice = rustix::fs::Advice::DontNeed;
+        let _ = rustix::fs::fadvise(&self.file, offset, std::num::NonZeroU64::new(len), advice);
     }
 
     /// Reads `len` bytes into a new buffer without zeroing it first (large
@@ -315,6 +325,13 @@ impl BlockStore for FileStore {
         Some(self.inner.identity.clone())
     }
 
+    fn bulk(&self) -> Option<Arc<dyn BlockStore>> {
+        Some(Arc::new(FileStore {
+            inner: self.inner.clone(),
+            inline: false,
+        }))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             read_only: self.inner.read_only,
@@ -328,7 +345,7 @@ impl BlockStore for FileStore {
 
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         check_range(self, Op::Read, offset, len as u64)?;
-        if len > INLINE_READ_LIMIT {
+        if len > INLINE_READ_LIMIT || !self.inline {
             return self
                 .blocking(Op::Read, offset, len as u64, move |inner| {
                     inner.read_new(offset, len)
@@ -355,12 +372,20 @@ impl BlockStore for FileStore {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let len = data.len() as u64;
         check_writable(self, Op::Write, offset, len)?;
-        if !fua && let Some(result) = self.inner.try_write_inline(&data, offset) {
+        if self.inline
+            && !fua
+            && let Some(result) = self.inner.try_write_inline(&data, offset)
+        {
             let target = self.inner.target.clone();
             return result.map_err(|e| Error::io(Op::Write, target, e).at(offset, len));
         }
+        let push = !self.inline;
         self.blocking(Op::Write, offset, len, move |inner| {
-            inner.write_all(&data, offset, fua)
+            inner.write_all(&data, offset, fua)?;
+            if push {
+                inner.start_writeback(offset, len);
+            }
+            Ok(())
         })
         .await
     }

@@ -71,6 +71,15 @@ pub trait BlockStore: Send + Sync + 'static {
 
     fn capabilities(&self) -> Capabilities;
 
+    /// A handle for bulk copying (a migration's copier), if the store has a
+    /// better one than itself: one whose I/O never runs on the caller's
+    /// thread and whose writes are pushed to the device as they go, so a
+    /// large copy neither stalls clients sharing the runtime nor piles up
+    /// dirty pages for one long flush. `None`: use the store itself.
+    fn bulk(&self) -> Option<std::sync::Arc<dyn BlockStore>> {
+        None
+    }
+
     /// What identifies the underlying file or device, so that a migration
     /// can refuse to copy a store onto itself; `None` when unknown.
     fn identity(&self) -> Option<String> {
@@ -126,4 +135,27 @@ pub fn check_writable<S: BlockStore + ?Sized>(
         return Err(Error::new(ErrorKind::ReadOnly, op, store.target()).at(offset, len));
     }
     check_range(store, op, offset, len)
+}
+
+/// Whether the store reports the whole range as holes or zeroes (without
+/// reading it). `false` means "not known to be zero".
+pub async fn reads_as_zero<S: BlockStore + ?Sized>(
+    store: &S,
+    offset: u64,
+    len: u64,
+) -> Result<bool> {
+    let mut at = offset;
+    while at < offset + len {
+        let extents = store.extents(at, offset + len - at).await?;
+        for extent in &extents {
+            if !extent.kind.reads_as_zero() {
+                return Ok(false);
+            }
+            at = at.max(extent.end());
+        }
+        if extents.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -78,7 +78,7 @@ impl AioQueue {
         let pending = ledger.pending.get(&chunk).copied().unwrap_or(0);
         let state = device.chunks().get(chunk);
         if state == ChunkState::Both {
-            device.transition_journaled(chunk, ChunkState::Both, ChunkState::Source)?;
+            device.change_state(chunk, ChunkState::Both, ChunkState::Source)?;
         }
         let queued = queue && (state == ChunkState::Both || pending > 0);
         if queued {

@@ -7,7 +7,7 @@
 //! chunk before a partial write, and by rollback to copy chunks back.
 
 use bytes::Bytes;
-use dmm_store::{BlockStore, ExtentKind, Result, ZeroMode};
+use dmm_store::{BlockStore, ExtentKind, Result, ZeroMode, reads_as_zero};
 
 /// Zero detection granularity inside allocated data.
 const ZERO_BLOCK: usize = 4096;
@@ -84,13 +84,7 @@ async fn copy_data(
 
 /// Makes a range of the target read as zero, unless it already does.
 async fn zero(to: &dyn BlockStore, offset: u64, len: u64) -> Result<Copied> {
-    let extents = to.extents(offset, len).await?;
-    let covered: u64 = extents
-        .iter()
-        .take_while(|e| e.kind.reads_as_zero())
-        .map(|e| e.len)
-        .sum();
-    if covered >= len {
+    if reads_as_zero(to, offset, len).await? {
         return Ok(Copied::default());
     }
     let mode = ZeroMode {

@@ -82,23 +82,46 @@ impl Payload {
     }
 }
 
-/// Chunks copied since the last checkpoint snapshot, whose destination copy
-/// may not be durable yet.
+/// Chunks copied (or filled) since the last checkpoint, whose copy may not
+/// be durable yet, and the state changes of those chunks that wait for it.
+///
+/// Journaling such a change at once could, after a power failure, point
+/// reads at a copy that never reached the disk. So it is kept here and
+/// journaled by the next flush (client flush, FUA write or checkpoint),
+/// once the copy is durable. Until then a crash simply forgets the change,
+/// which only loses client writes that were never flushed.
 #[derive(Default)]
 struct Unsettled {
+    /// Copied since the last checkpoint snapshot.
     recent: roaring::RoaringBitmap,
+    /// Copied before the snapshot of the checkpoint in progress.
     flushing: roaring::RoaringBitmap,
+    /// Changes of unsettled chunks, in order, numbered.
+    deferred: Vec<(u64, u64, ChunkState)>,
+    next_change: u64,
+}
+
+impl Unsettled {
+    fn contains(&self, chunk: u64) -> bool {
+        self.recent.contains(chunk as u32) || self.flushing.contains(chunk as u32)
+    }
 }
 
 /// The volume clients see during a migration.
 pub struct VirtualDevice {
     source: Arc<dyn BlockStore>,
     destination: Arc<dyn BlockStore>,
+    /// Handles for bulk I/O: copies, fills, verification (see
+    /// `BlockStore::bulk`).
+    bulk_source: Arc<dyn BlockStore>,
+    bulk_destination: Arc<dyn BlockStore>,
     chunks: Arc<ChunkMap>,
     locks: Arc<ChunkLocks>,
     gate: RwLock<Mode>,
     journal: Mutex<Journal>,
     journal_unsynced: AtomicBool,
+    /// The previous journal, until the checkpoint that replaces it is saved.
+    retiring: Mutex<Option<Arc<std::fs::File>>>,
     unsettled: Mutex<Unsettled>,
     aio: Mutex<Option<Arc<AioQueue>>>,
     /// A destination failure seen by a client write the source survived.
@@ -118,6 +141,8 @@ impl VirtualDevice {
     ) -> VirtualDevice {
         let target = format!("migration {} -> {}", source.target(), destination.target());
         VirtualDevice {
+            bulk_source: source.bulk().unwrap_or_else(|| source.clone()),
+            bulk_destination: destination.bulk().unwrap_or_else(|| destination.clone()),
             source,
             destination,
             chunks,
@@ -125,6 +150,7 @@ impl VirtualDevice {
             gate: RwLock::new(mode),
             journal: Mutex::new(journal),
             journal_unsynced: AtomicBool::new(false),
+            retiring: Mutex::new(None),
             unsettled: Mutex::new(Unsettled::default()),
             aio: Mutex::new(None),
             destination_failure: Mutex::new(None),
@@ -191,9 +217,8 @@ impl VirtualDevice {
         self.destination_failure.lock().take()
     }
 
-    /// Records that the copier put a chunk in `Both`; a client write that
-    /// moves it to `Destination` before the next checkpoint flushes the
-    /// destination first.
+    /// Records that a chunk was just copied (its state changes now wait for
+    /// the copy to be durable).
     pub fn copied(&self, chunk: u64) {
         self.unsettled.lock().recent.insert(chunk as u32);
     }
@@ -203,24 +228,50 @@ impl VirtualDevice {
         self.journal.lock().generation()
     }
 
-    /// Starts a new journal generation; chunks copied so far become
-    /// "flushing" until [`VirtualDevice::settle`].
+    /// Starts a new journal generation (a checkpoint begins); chunks copied
+    /// so far will be durable once the checkpoint has flushed the stores.
     pub fn rotate_journal(&self, next: Journal) {
+        let mut journal = self.journal.lock();
         let mut unsettled = self.unsettled.lock();
         let recent = std::mem::take(&mut unsettled.recent);
         unsettled.flushing |= recent;
-        *self.journal.lock() = next;
+        let old = std::mem::replace(&mut *journal, next);
+        *self.retiring.lock() = Some(old.handle());
+        self.journal_unsynced.store(true, Ordering::Release);
     }
 
-    /// The stores were flushed after the last rotation: copies made before
-    /// it are durable.
-    pub fn settle(&self) {
-        self.unsettled.lock().flushing.clear();
+    /// The checkpoint flushed the stores: copies made before its snapshot
+    /// are durable, so the changes waiting for them go to the journal.
+    pub fn settle_flushed(&self) -> Result<()> {
+        let mut journal = self.journal.lock();
+        let mut unsettled = self.unsettled.lock();
+        let flushing = std::mem::take(&mut unsettled.flushing);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut unsettled.deferred)
+            .into_iter()
+            .partition(|&(_, chunk, _)| flushing.contains(chunk as u32));
+        unsettled.deferred = waiting;
+        let ready: Vec<_> = ready
+            .into_iter()
+            .map(|(_, chunk, state)| (chunk, state))
+            .collect();
+        self.append_all(&mut journal, &ready)
     }
 
-    fn unsettled(&self, chunk: u64) -> bool {
-        let unsettled = self.unsettled.lock();
-        unsettled.recent.contains(chunk as u32) || unsettled.flushing.contains(chunk as u32)
+    /// The checkpoint is saved: the previous journal is no longer needed.
+    pub fn retire_previous_journal(&self) {
+        self.retiring.lock().take();
+    }
+
+    fn append_all(&self, journal: &mut Journal, changes: &[(u64, ChunkState)]) -> Result<()> {
+        for &(chunk, state) in changes {
+            journal
+                .append(Record::Chunk { chunk, state })
+                .map_err(|e| Error::io(Op::Write, self.target.as_str(), e))?;
+        }
+        if !changes.is_empty() {
+            self.journal_unsynced.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Appends a record; the caller has made sure the data it depends on is
@@ -231,24 +282,53 @@ impl VirtualDevice {
         Ok(())
     }
 
-    /// Moves a chunk's state and journals it, atomically with respect to
-    /// other journaled moves of the same chunk.
-    pub fn transition_journaled(
-        &self,
-        chunk: u64,
-        from: ChunkState,
-        to: ChunkState,
-    ) -> Result<bool> {
+    /// Moves a chunk from `from` to `to` (false if it was not in `from`),
+    /// recording the change: journaled at once, or deferred until the
+    /// chunk's fresh copy is durable. Serialized with every other change.
+    pub fn change_state(&self, chunk: u64, from: ChunkState, to: ChunkState) -> Result<bool> {
         let mut journal = self.journal.lock();
         if self.chunks.get(chunk) != from {
             return Ok(false);
         }
-        journal
-            .append(Record::Chunk { chunk, state: to })
-            .map_err(|e| Error::io(Op::Write, self.target.as_str(), e))?;
-        self.journal_unsynced.store(true, Ordering::Release);
+        let mut unsettled = self.unsettled.lock();
+        if unsettled.contains(chunk) {
+            let number = unsettled.next_change;
+            unsettled.next_change += 1;
+            unsettled.deferred.push((number, chunk, to));
+        } else {
+            self.append_all(&mut journal, &[(chunk, to)])?;
+        }
         self.chunks.set(chunk, to);
         Ok(true)
+    }
+
+    /// Makes every recorded change durable: flushes both stores, journals
+    /// the changes that waited for that, and syncs the journal. This is
+    /// what a client flush (and a FUA write that changed states) waits for.
+    pub async fn make_durable(&self) -> Result<()> {
+        // Changes recorded before the flush starts rely on copies that
+        // completed before it, which the flush makes durable.
+        let before = self.unsettled.lock().next_change;
+        tokio::try_join!(self.source.flush(), self.destination.flush())?;
+        {
+            let mut journal = self.journal.lock();
+            let mut unsettled = self.unsettled.lock();
+            let ready = unsettled
+                .deferred
+                .partition_point(|&(number, _, _)| number < before);
+            let ready: Vec<_> = unsettled
+                .deferred
+                .drain(..ready)
+                .map(|(_, chunk, state)| (chunk, state))
+                .collect();
+            drop(unsettled);
+            self.append_all(&mut journal, &ready)?;
+        }
+        self.sync_journal().await
+    }
+
+    fn has_deferred(&self) -> bool {
+        !self.unsettled.lock().deferred.is_empty()
     }
 
     /// Makes the journal durable (after the stores were flushed).
@@ -256,8 +336,13 @@ impl VirtualDevice {
         if !self.journal_unsynced.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let file = self.journal.lock().handle();
-        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+        let current = self.journal.lock().handle();
+        let retiring = self.retiring.lock().clone();
+        let synced = tokio::task::spawn_blocking(move || {
+            retiring.map_or(Ok(()), |file| file.sync_data())?;
+            current.sync_data()
+        })
+        .await;
         synced
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
             .map_err(|e| {
@@ -281,9 +366,9 @@ impl VirtualDevice {
         }
         let (offset, len) = self.chunks.bytes(chunk);
         let copied = if from == ChunkState::Destination {
-            copy_range(&*self.destination, &*self.source, offset, len).await?
+            copy_range(&*self.bulk_destination, &*self.bulk_source, offset, len).await?
         } else {
-            copy_range(&*self.source, &*self.destination, offset, len).await?
+            copy_range(&*self.bulk_source, &*self.bulk_destination, offset, len).await?
         };
         if let Some(queue) = self.aio_attached() {
             queue.copied(chunk);
@@ -294,19 +379,34 @@ impl VirtualDevice {
         Ok(Some(copied))
     }
 
-    /// Compares one `Both` chunk on the two stores under an exclusive lock;
-    /// `Some(false)` on a mismatch, `None` if the chunk is not in `Both`.
+    /// Compares one `Both` chunk on the two stores; `Some(false)` on a
+    /// mismatch, `None` if the chunk is not in `Both`.
+    ///
+    /// Reads without a lock first, so clients are not held up: a chunk that
+    /// is still in `Both` after both reads was not written in between (a
+    /// write records leaving `Both` before its data goes out). Only a
+    /// mismatch is looked at again, under an exclusive lock.
     pub async fn verify_chunk(&self, chunk: u64) -> Result<Option<bool>> {
+        if self.chunks.get(chunk) != ChunkState::Both {
+            return Ok(None);
+        }
+        if self.digests_match(chunk).await? && self.chunks.get(chunk) == ChunkState::Both {
+            return Ok(Some(true));
+        }
         let _guard = self.locks.exclusive(chunk..chunk + 1).await;
         if self.chunks.get(chunk) != ChunkState::Both {
             return Ok(None);
         }
+        self.digests_match(chunk).await.map(Some)
+    }
+
+    async fn digests_match(&self, chunk: u64) -> Result<bool> {
         let (offset, len) = self.chunks.bytes(chunk);
         let (source, destination) = tokio::try_join!(
-            chunk_digest(&*self.source, offset, len),
-            chunk_digest(&*self.destination, offset, len)
+            chunk_digest(&*self.bulk_source, offset, len),
+            chunk_digest(&*self.bulk_destination, offset, len)
         )?;
-        Ok(Some(source == destination))
+        Ok(source == destination)
     }
 
     async fn enter(&self) -> tokio::sync::RwLockReadGuard<'_, Mode> {
@@ -361,12 +461,14 @@ impl VirtualDevice {
                 self.fill(&plans).await?;
             }
         }
-        let before = self.record_transitions(&plans, Stage::BeforeData).await?;
+        let before = self.record_transitions(&plans, Stage::BeforeData)?;
         self.write_groups(offset, len, &plans, &payload, fua)
             .await?;
-        let after = self.record_transitions(&plans, Stage::AfterData).await?;
+        let after = self.record_transitions(&plans, Stage::AfterData)?;
         drop(guard);
-        if (before || after) && fua {
+        if fua && self.has_deferred() {
+            self.make_durable().await?;
+        } else if fua && (before || after) {
             self.sync_journal().await?;
         }
         Ok(())
@@ -400,7 +502,9 @@ impl VirtualDevice {
         {
             queue.push(offset, bytes, span, reserved).await;
         }
-        if fua {
+        if fua && self.has_deferred() {
+            self.make_durable().await?;
+        } else if fua {
             self.sync_journal().await?;
         }
         Ok(())
@@ -411,42 +515,38 @@ impl VirtualDevice {
     async fn fill(&self, plans: &[(u64, Plan)]) -> Result<()> {
         for &(chunk, plan) in plans {
             let (from, to) = match plan.fill {
-                Some(Fill::FromSource) => (&self.source, &self.destination),
-                Some(Fill::FromDestination) => (&self.destination, &self.source),
+                Some(Fill::FromSource) => (&self.bulk_source, &self.bulk_destination),
+                Some(Fill::FromDestination) => (&self.bulk_destination, &self.bulk_source),
                 None => continue,
             };
             let (offset, len) = self.chunks.bytes(chunk);
             copy_range(&**from, &**to, offset, len).await?;
-            to.flush().await?;
+            // Like a copy, the fill becomes durable with the next flush;
+            // the state change that relies on it waits until then.
+            self.copied(chunk);
         }
         Ok(())
     }
 
-    /// Journals the state changes of a write that belong to `stage`; true
-    /// if any was made.
+    /// Records the state changes of a write that belong to `stage`; true if
+    /// any was made.
     ///
-    /// A chunk leaving `Both` (or just filled) is journaled before the data
+    /// A chunk leaving `Both` (or just filled) is recorded before the data
     /// goes out: its new home already holds its current bytes, so the
-    /// journal never claims more than is there. A chunk whose new home gets
-    /// its bytes only from this (whole-chunk) write is journaled after.
-    async fn record_transitions(&self, plans: &[(u64, Plan)], stage: Stage) -> Result<bool> {
-        let mut journaled = false;
+    /// record never claims more than is there. A chunk whose new home gets
+    /// its bytes only from this (whole-chunk) write is recorded after.
+    fn record_transitions(&self, plans: &[(u64, Plan)], stage: Stage) -> Result<bool> {
+        let mut changed = false;
         for &(chunk, plan) in plans {
             let Some((from, to)) = plan.transition else {
                 continue;
             };
             let early = from == ChunkState::Both || plan.fill.is_some();
-            if early != (stage == Stage::BeforeData) || self.chunks.get(chunk) != from {
-                continue;
+            if early == (stage == Stage::BeforeData) {
+                changed |= self.change_state(chunk, from, to)?;
             }
-            // The destination copy this chunk will be read from must be
-            // durable before the journal can say so.
-            if to == ChunkState::Destination && from == ChunkState::Both && self.unsettled(chunk) {
-                self.destination.flush().await?;
-            }
-            journaled |= self.transition_journaled(chunk, from, to)?;
         }
-        Ok(journaled)
+        Ok(changed)
     }
 
     /// Sends the change to the stores, one request per run of chunks with
@@ -513,7 +613,7 @@ impl VirtualDevice {
             // Mirrored write: the source has it, so the client succeeds;
             // the chunks are dirty again and the migration learns why.
             for &(chunk, _) in chunks {
-                self.transition_journaled(chunk, ChunkState::Both, ChunkState::Source)?;
+                self.change_state(chunk, ChunkState::Both, ChunkState::Source)?;
             }
             self.destination_failed(err);
         }
@@ -678,8 +778,7 @@ impl BlockStore for VirtualDevice {
 
     async fn flush(&self) -> Result<()> {
         let _mode = self.enter().await;
-        tokio::try_join!(self.source.flush(), self.destination.flush())?;
-        self.sync_journal().await
+        self.make_durable().await
     }
 
     async fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<()> {

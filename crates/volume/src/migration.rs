@@ -114,14 +114,14 @@ pub struct Migration {
     config: MigrationConfig,
     state: StateDir,
     device: Arc<VirtualDevice>,
-    position: Mutex<Position>,
+    position: Arc<Mutex<Position>>,
     controls: Controls,
     activity: Mutex<Activity>,
     error: Mutex<Option<String>>,
     meter: Mutex<RateMeter>,
     limiter: Mutex<RateLimiter>,
     longest_pause_us: AtomicU64,
-    verified_chunks: AtomicU64,
+    verified_chunks: Arc<AtomicU64>,
     last_checkpoint: Mutex<Instant>,
     checkpointing: tokio::sync::Mutex<()>,
     started: Instant,
@@ -257,14 +257,14 @@ impl Migration {
             config,
             state,
             device,
-            position: Mutex::new(position),
+            position: Arc::new(Mutex::new(position)),
             controls,
             activity: Mutex::new(Activity::Starting),
             error: Mutex::new(None),
             meter: Mutex::new(RateMeter::default()),
             limiter: Mutex::new(RateLimiter::default()),
             longest_pause_us: AtomicU64::new(0),
-            verified_chunks: AtomicU64::new(0),
+            verified_chunks: Arc::new(AtomicU64::new(0)),
             last_checkpoint: Mutex::new(Instant::now()),
             checkpointing: tokio::sync::Mutex::new(()),
             started: Instant::now(),
@@ -466,10 +466,14 @@ impl Migration {
     /// it), ascending from the saved cursor, with the configured number in
     /// flight, honouring pause, rate limit and priority, checkpointing as
     /// it goes. Returns the bytes the work reported.
+    ///
+    /// Each chunk's work is its own task: a chunk lock is never held across
+    /// the sweep's own waits (rate limit, checkpoint), and CPU-heavy work
+    /// spreads over the runtime's threads.
     async fn sweep<F, Fut>(&self, state: ChunkState, work: F) -> Outcome<u64>
     where
         F: Fn(u64) -> Fut,
-        Fut: std::future::Future<Output = Result<u64, MigrationError>>,
+        Fut: std::future::Future<Output = Result<u64, MigrationError>> + Send + 'static,
     {
         let chunks = self.device.chunks().clone();
         let mut next = self.position.lock().cursor;
@@ -477,8 +481,13 @@ impl Migration {
         let mut active = BTreeSet::new();
         let mut total = 0;
         let mut failure = None;
+        let mut resume_at = tokio::time::Instant::now();
         loop {
-            while failure.is_none() && running.len() < self.controls.copies_in_flight() {
+            let throttled = tokio::time::Instant::now() < resume_at;
+            while failure.is_none()
+                && !throttled
+                && running.len() < self.controls.copies_in_flight()
+            {
                 if self.controls.is_paused() && running.is_empty() {
                     self.set_activity(Activity::Paused);
                     self.controls.wait_unpaused().await;
@@ -497,24 +506,40 @@ impl Migration {
                     tokio::time::sleep(CLIENT_QUIET).await;
                 }
                 active.insert(chunk);
-                let job = work(chunk);
+                let job = tokio::spawn(work(chunk));
                 running.push(async move { (chunk, job.await) });
             }
-            let Some((chunk, result)) = running.next().await else {
+            if running.is_empty() && !throttled {
                 break;
+            }
+            let done = tokio::select! {
+                done = running.next(), if !running.is_empty() => done,
+                () = tokio::time::sleep_until(resume_at), if throttled => None,
+            };
+            let Some((chunk, result)) = done else {
+                continue;
             };
             active.remove(&chunk);
             match result {
-                Ok(bytes) => {
+                Ok(Ok(bytes)) => {
                     total += bytes;
-                    self.account(bytes).await;
+                    let wait = self.account(bytes);
+                    resume_at = tokio::time::Instant::now() + wait;
                 }
-                Err(err) => {
+                Ok(Err(err)) => {
                     failure.get_or_insert(err);
+                }
+                Err(panicked) => {
+                    let message = format!("a copy task failed: {panicked}");
+                    failure.get_or_insert(MigrationError::InvalidState(message));
                 }
             }
             self.position.lock().cursor = active.first().copied().unwrap_or(next);
-            self.maybe_checkpoint().await?;
+            if failure.is_none()
+                && let Err(err) = self.maybe_checkpoint().await
+            {
+                failure = Some(err);
+            }
         }
         if let Some(err) = failure {
             return Err(err);
@@ -533,14 +558,12 @@ impl Migration {
         Ok(total)
     }
 
-    /// Counts copied bytes and sleeps off any bandwidth debt.
-    async fn account(&self, bytes: u64) {
+    /// Counts copied bytes; returns how long to wait before the next copy
+    /// to stay within the bandwidth limit.
+    fn account(&self, bytes: u64) -> Duration {
         self.position.lock().copied_bytes += bytes;
         self.meter.lock().record(bytes);
-        let wait = self.limiter.lock().spend(bytes, self.controls.rate());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        self.limiter.lock().spend(bytes, self.controls.rate())
     }
 
     async fn maybe_checkpoint(&self) -> Outcome {
@@ -566,6 +589,7 @@ impl Migration {
         };
         let (source_store, destination_store) = (self.device.source(), self.device.destination());
         tokio::try_join!(source_store.flush(), destination_store.flush())?;
+        self.device.settle_flushed()?;
         self.device.sync_journal().await?;
         let checkpoint = Checkpoint {
             position,
@@ -573,7 +597,7 @@ impl Migration {
             destination,
         };
         self.state.save_checkpoint(&checkpoint)?;
-        self.device.settle();
+        self.device.retire_previous_journal();
         self.state.prune_journals(generation)?;
         *self.last_checkpoint.lock() = Instant::now();
         Ok(())
@@ -633,9 +657,9 @@ impl Migration {
         if self.config.verify == Verify::Full {
             self.set_activity(Activity::Verifying);
             let device = self.device.clone();
-            let (verified, position) = (&self.verified_chunks, &self.position);
             self.sweep(ChunkState::Both, |chunk| {
                 let device = device.clone();
+                let (verified, position) = (self.verified_chunks.clone(), self.position.clone());
                 async move {
                     if device.verify_chunk(chunk).await? == Some(false) {
                         position
@@ -780,7 +804,7 @@ impl Migration {
             phase: position.phase,
             activity,
             strategy: self.meta.strategy,
-            mode,
+            mode: mode.to_string(),
             pass: position.pass,
             volume_bytes: chunks.volume_size(),
             chunk_bytes: chunks.chunk_size(),

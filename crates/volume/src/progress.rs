@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::persist::Phase;
-use crate::strategy::{Mode, Strategy};
+use crate::strategy::Strategy;
 
 /// What the migration is doing within its phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,7 +31,8 @@ pub struct Progress {
     pub phase: Phase,
     pub activity: Activity,
     pub strategy: Strategy,
-    pub mode: Mode,
+    /// The routing mode, as text.
+    pub mode: String,
     pub pass: u32,
     pub volume_bytes: u64,
     pub chunk_bytes: u64,

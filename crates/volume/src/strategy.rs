@@ -119,6 +119,22 @@ pub enum Mode {
     Source,
 }
 
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::TrackDirty => "dirty-tracking",
+            Mode::Mirror => "mirroring",
+            Mode::AsyncMirror => "async-mirroring",
+            Mode::LowRedundancy => "low-redundancy",
+            Mode::Redirect => "redirect",
+            Mode::Destination { tracking: true } => "destination (source kept)",
+            Mode::Destination { tracking: false } => "destination",
+            Mode::RollingBack => "rolling-back",
+            Mode::Source => "source",
+        })
+    }
+}
+
 /// Which store to fill a chunk from before a partial write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fill {

@@ -1,0 +1,258 @@
+//! `dmm migrate`: move a volume while clients use it over NBD.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use dmm_nbd::{Export, ExportTable, Server, ServerConfig};
+use dmm_store::BlockStore;
+use dmm_volume::{Migration, MigrationConfig, MigrationError, Phase, Priority, Strategy, Verify};
+
+use crate::listen::{Listeners, termination};
+use crate::report::{self, Style};
+use crate::stores;
+use crate::units::{human, parse_size};
+
+/// Migrate a volume from SRC to DST while clients keep using it.
+///
+/// The volume is exported over NBD for the whole migration (and after it):
+/// clients connect once and never reconnect, before, during or after the
+/// switchover. SRC and DST are raw image files, block devices or NBD URIs
+/// (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH). The state is
+/// saved as the copy goes: after a crash or a stop, the same command
+/// resumes where it was. Once the destination holds the whole volume and
+/// verification passed, the migration is committed (the source is no
+/// longer used).
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// Source: image file, block device or NBD URI.
+    source: String,
+
+    /// Destination: image file, block device or NBD URI (at least as large
+    /// as the source).
+    destination: String,
+
+    /// precopy, mirror, aio, slr, lr, redirect or auto (precopy that
+    /// escalates to mirror when the dirty set stops shrinking).
+    #[arg(long, default_value = "auto", value_parser = parse_strategy)]
+    strategy: Strategy,
+
+    /// Export the volume on a Unix socket at this path (default: nbd.sock
+    /// in the migration's state directory, unless --listen is given).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Export the volume on TCP ADDR[:PORT] (port 10809 when omitted).
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    listen: Option<String>,
+
+    /// Export name (clients asking for the empty name get it too).
+    #[arg(long, value_name = "NAME", default_value = "")]
+    export: String,
+
+    /// Copy bandwidth limit in bytes per second (suffixes K, M, G).
+    #[arg(long, value_name = "BYTES_PER_S", value_parser = parse_size)]
+    rate: Option<u64>,
+
+    /// Chunk size: the unit of copying, locking and dirty tracking.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    segsize: u64,
+
+    /// Chunks copied at once.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    in_flight: usize,
+
+    /// low, normal or high: how hard the copy competes with clients.
+    #[arg(long, default_value = "normal", value_parser = parse_priority)]
+    priority: Priority,
+
+    /// dmm's state directory; this migration's state lives in a
+    /// subdirectory named after SRC and DST. Default: $DMM_STATE_DIR,
+    /// $XDG_STATE_HOME/dmm or ~/.local/state/dmm (/var/lib/dmm as root).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Print progress as JSON lines on stdout.
+    #[arg(long)]
+    json: bool,
+
+    /// Exit once the destination holds the whole volume and the source is
+    /// no longer needed (by default dmm keeps serving the volume until
+    /// SIGINT or SIGTERM).
+    #[arg(long)]
+    exit_when_done: bool,
+
+    /// none or full: compare both stores chunk by chunk (BLAKE3) before
+    /// committing.
+    #[arg(long, default_value = "full", value_parser = parse_verify)]
+    verify: Verify,
+
+    /// Roll the migration back instead: copy destination-only chunks back
+    /// so that the source is complete and current, and serve the source.
+    #[arg(long)]
+    rollback: bool,
+}
+
+fn parse_strategy(text: &str) -> Result<Strategy, String> {
+    text.parse()
+}
+
+fn parse_priority(text: &str) -> Result<Priority, String> {
+    text.parse()
+}
+
+fn parse_verify(text: &str) -> Result<Verify, String> {
+    match text {
+        "none" => Ok(Verify::None),
+        "full" => Ok(Verify::Full),
+        _ => Err(format!(
+            "unknown verification {text:?} (choose none or full)"
+        )),
+    }
+}
+
+/// Bytes of the store that hold data (not holes or known zeroes).
+pub async fn allocated_bytes(store: &dyn BlockStore) -> Result<u64> {
+    let mut at = 0;
+    let mut data = 0;
+    while at < store.size() {
+        let extents = store.extents(at, store.size() - at).await?;
+        let Some(last) = extents.last() else { break };
+        data += extents
+            .iter()
+            .filter(|e| !e.kind.reads_as_zero())
+            .map(|e| e.len)
+            .sum::<u64>();
+        at = last.end();
+    }
+    Ok(data)
+}
+
+/// The directory of one migration, named after its stores.
+fn migration_dir(base: &std::path::Path, source: &str, destination: &str) -> PathBuf {
+    let id = blake3_hex(&format!("{source}\n{destination}"));
+    base.join("migrations").join(&id[..16])
+}
+
+fn blake3_hex(text: &str) -> String {
+    blake3::hash(text.as_bytes()).to_hex().to_string()
+}
+
+pub async fn run(args: MigrateArgs) -> Result<()> {
+    let source = stores::open(&args.source, false, args.strategy == Strategy::Redirect).await?;
+    let destination = stores::open(&args.destination, false, false).await?;
+    let base = stores::state_dir(args.state_dir.as_deref());
+    let dir = migration_dir(&base, &source.name, &destination.name);
+    let allocated = allocated_bytes(&*source.store).await.unwrap_or(0);
+    let config = MigrationConfig {
+        strategy: args.strategy,
+        chunk_size: args.segsize,
+        rate: args.rate,
+        in_flight: args.in_flight,
+        priority: args.priority,
+        verify: args.verify,
+        ..MigrationConfig::default()
+    };
+    let names = (source.name.clone(), destination.name.clone());
+    let migration = Migration::open(source.store, destination.store, names, &dir, config).await?;
+    let migration = Arc::new(migration);
+
+    let exports = Arc::new(ExportTable::new());
+    exports.insert(Export::new(args.export.clone(), migration.device()))?;
+    let socket = match (&args.socket, &args.listen) {
+        (None, None) => Some(dir.join("nbd.sock")),
+        (socket, _) => socket.clone(),
+    };
+    let listeners = Listeners::open(socket, args.listen.as_deref()).await?;
+    let style = Style::pick(args.json);
+    if style != Style::Json {
+        eprintln!(
+            "dmm: migrating {} -> {} ({}, {} strategy), state in {}; clients connect to {}",
+            args.source,
+            args.destination,
+            human(migration.device().size()),
+            args.strategy,
+            dir.display(),
+            listeners.describe().join(" and ")
+        );
+    }
+    let server = Arc::new(Server::new(exports, ServerConfig::default()));
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move { listeners.serve(&server).await })
+    };
+    if args.rollback {
+        migration.request_rollback()?;
+    }
+    let reporter = report::spawn(migration.clone(), style);
+    let outcome = run_until_signal(&migration).await;
+    reporter.abort();
+    let stopped = matches!(outcome, Err(MigrationError::Stopped));
+    let result = finish(&migration, outcome, style, allocated).await;
+    if let Err(err) = &result
+        && !stopped
+        && !args.exit_when_done
+    {
+        eprintln!("dmm: {err:#}; still serving the volume until SIGINT or SIGTERM");
+    }
+    if !stopped && !args.exit_when_done {
+        termination().await?;
+    }
+    server.shutdown().await;
+    serving.await?;
+    migration
+        .device()
+        .flush()
+        .await
+        .context("final flush failed")?;
+    let _ = migration.checkpoint().await;
+    result
+}
+
+/// Runs the migration; SIGINT/SIGTERM stops it resumably.
+async fn run_until_signal(migration: &Arc<Migration>) -> Result<Phase, MigrationError> {
+    let running = migration.run();
+    tokio::pin!(running);
+    tokio::select! {
+        outcome = &mut running => outcome,
+        _ = termination() => {
+            migration.controls().request_stop();
+            running.await
+        }
+    }
+}
+
+/// Commits a verified migration and prints the report.
+async fn finish(
+    migration: &Migration,
+    outcome: Result<Phase, MigrationError>,
+    style: Style,
+    allocated: u64,
+) -> Result<()> {
+    let outcome = match outcome {
+        Ok(Phase::Verified) => migration.commit().await.map(|()| Phase::Committed),
+        other => other,
+    };
+    let progress = migration.progress().await;
+    let event = match &outcome {
+        Ok(Phase::Committed) => "committed",
+        Ok(Phase::RolledBack) => "rolled-back",
+        Ok(_) => "done",
+        Err(MigrationError::Stopped) => "stopped",
+        Err(_) => "failed",
+    };
+    if style == Style::Json {
+        println!("{}", report::json_line(event, &progress));
+    } else {
+        println!(
+            "dmm migrate: {event}\n{}",
+            report::summary(&progress, allocated)
+        );
+    }
+    match outcome {
+        Ok(_) => Ok(()),
+        Err(MigrationError::Stopped) => bail!("stopped; run the same command again to resume"),
+        Err(err) => Err(err.into()),
+    }
+}
