@@ -314,6 +314,7 @@ impl Migration {
     async fn drive(&self) -> Outcome<Phase> {
         loop {
             let phase = self.phase();
+            tracing::debug!(?phase, "step");
             if self.controls.take_rollback_request()
                 && matches!(
                     phase,
@@ -433,6 +434,7 @@ impl Migration {
     /// Changes the routing mode of the copy phase (clients held for the
     /// flip), and checkpoints it.
     async fn set_mode(&self, next: Mode) -> Outcome {
+        tracing::debug!(?next, "set mode");
         let mut mode = self.device.pause_clients().await;
         *mode = next;
         self.position.lock().mode = next;
@@ -607,14 +609,17 @@ impl Migration {
     /// destination durable, records the switch, and flips routing to the
     /// destination. The time clients are held is measured.
     async fn switch_over(&self) -> Outcome {
+        tracing::debug!("switchover starts");
         self.set_activity(Activity::Switching);
         // Flush the bulk of the copy while clients still run.
         self.device.destination().flush().await?;
         let started = Instant::now();
         let mut mode = self.device.pause_clients().await;
+        tracing::debug!("clients held");
         if let Some(queue) = self.device.aio_attached() {
             queue.drained().await;
         }
+        tracing::debug!("aio drained");
         let chunks = self.device.chunks().clone();
         let mut copies = FuturesUnordered::new();
         let mut next = 0;

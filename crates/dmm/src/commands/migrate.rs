@@ -185,6 +185,12 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
     if args.rollback {
         migration.request_rollback()?;
     }
+    if style == Style::Json {
+        println!(
+            "{}",
+            report::json_line("started", &migration.progress().await)
+        );
+    }
     let reporter = report::spawn(migration.clone(), style);
     let outcome = run_until_signal(&migration).await;
     reporter.abort();
