@@ -8,7 +8,9 @@
 //! pages) sends the following writes to the blocking pool for
 //! [`OFFLOAD_PERIOD`]. Everything else that may sleep (a cache miss, FUA
 //! writes, fsync, fallocate, the allocation map) runs on tokio's blocking
-//! pool so that a slow disk never stalls the event loop.
+//! pool so that a slow disk never stalls the event loop. A bulk handle
+//! ([`BlockStore::bulk`]) sends all its I/O to the pool: a migration's
+//! copier must not borrow the threads that serve clients.
 //!
 //! The allocation map comes from `SEEK_DATA`/`SEEK_HOLE`; zeroing prefers
 //! `fallocate` (punch hole, then zero range) and falls back to writing zero
@@ -202,13 +204,6 @@ impl Inner {
         Ok(done)
     }
 
-    /// Starts writing a range back to the device without waiting (a hint:
-    /// errors surface at the next flush).
-    fn start_writeback(&self, offset: u64, len: u64) {
-        let advice = rustix::fs::Advice::DontNeed;
-        let _ = rustix::fs::fadvise(&self.file, offset, std::num::NonZeroU64::new(len), advice);
-    }
-
     /// Reads `len` bytes into a new buffer without zeroing it first (large
     /// reads); bytes past end of file read as zero.
     fn read_new(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
@@ -379,13 +374,8 @@ impl BlockStore for FileStore {
             let target = self.inner.target.clone();
             return result.map_err(|e| Error::io(Op::Write, target, e).at(offset, len));
         }
-        let push = !self.inline;
         self.blocking(Op::Write, offset, len, move |inner| {
-            inner.write_all(&data, offset, fua)?;
-            if push {
-                inner.start_writeback(offset, len);
-            }
-            Ok(())
+            inner.write_all(&data, offset, fua)
         })
         .await
     }

@@ -73,9 +73,8 @@ pub trait BlockStore: Send + Sync + 'static {
 
     /// A handle for bulk copying (a migration's copier), if the store has a
     /// better one than itself: one whose I/O never runs on the caller's
-    /// thread and whose writes are pushed to the device as they go, so a
-    /// large copy neither stalls clients sharing the runtime nor piles up
-    /// dirty pages for one long flush. `None`: use the store itself.
+    /// thread, so that a large copy cannot stall clients served by the same
+    /// runtime. `None`: use the store itself.
     fn bulk(&self) -> Option<std::sync::Arc<dyn BlockStore>> {
         None
     }

@@ -28,6 +28,13 @@ impl std::ops::AddAssign for Copied {
     }
 }
 
+/// A range read for copying: data to write, or zeroes.
+#[derive(Debug, Clone)]
+pub enum Piece {
+    Data { offset: u64, data: Bytes },
+    Zero { offset: u64, len: u64 },
+}
+
 /// Copies `offset..offset + len` from `from` to `to`.
 pub async fn copy_range(
     from: &dyn BlockStore,
@@ -35,7 +42,14 @@ pub async fn copy_range(
     offset: u64,
     len: u64,
 ) -> Result<Copied> {
-    let mut copied = Copied::default();
+    let pieces = read_range(from, offset, len).await?;
+    write_pieces(to, pieces).await
+}
+
+/// Reads a range for copying: only allocated data is read, and blocks of
+/// zeroes inside it become zero pieces.
+pub async fn read_range(from: &dyn BlockStore, offset: u64, len: u64) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
     let end = offset + len;
     let mut at = offset;
     while at < end {
@@ -46,37 +60,58 @@ pub async fn copy_range(
             if stop <= start {
                 continue;
             }
-            copied += match extent.kind {
-                ExtentKind::Data => copy_data(from, to, start, stop - start).await?,
-                ExtentKind::Zero | ExtentKind::Hole => zero(to, start, stop - start).await?,
-            };
+            match extent.kind {
+                ExtentKind::Data => read_data(from, start, stop - start, &mut pieces).await?,
+                ExtentKind::Zero | ExtentKind::Hole => pieces.push(Piece::Zero {
+                    offset: start,
+                    len: stop - start,
+                }),
+            }
             at = stop;
         }
         if extents.is_empty() {
             // A store that reports nothing: treat the rest as data.
-            copied += copy_data(from, to, at, end - at).await?;
+            read_data(from, at, end - at, &mut pieces).await?;
             at = end;
         }
     }
-    Ok(copied)
+    Ok(pieces)
 }
 
-async fn copy_data(
+async fn read_data(
     from: &dyn BlockStore,
-    to: &dyn BlockStore,
     offset: u64,
     len: u64,
-) -> Result<Copied> {
+    pieces: &mut Vec<Piece>,
+) -> Result<()> {
     let data = Bytes::from(from.read(offset, len as usize).await?);
-    let mut copied = Copied::default();
     for (start, stop, is_zero) in zero_runs(offset, &data) {
         let at = offset + start as u64;
-        let n = (stop - start) as u64;
-        if is_zero {
-            copied += zero(to, at, n).await?;
+        pieces.push(if is_zero {
+            Piece::Zero {
+                offset: at,
+                len: (stop - start) as u64,
+            }
         } else {
-            to.write(at, data.slice(start..stop), false).await?;
-            copied.data += n;
+            Piece::Data {
+                offset: at,
+                data: data.slice(start..stop),
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Writes what [`read_range`] read.
+pub async fn write_pieces(to: &dyn BlockStore, pieces: Vec<Piece>) -> Result<Copied> {
+    let mut copied = Copied::default();
+    for piece in pieces {
+        match piece {
+            Piece::Data { offset, data } => {
+                copied.data += data.len() as u64;
+                to.write(offset, data, false).await?;
+            }
+            Piece::Zero { offset, len } => copied += zero(to, offset, len).await?,
         }
     }
     Ok(copied)

@@ -28,7 +28,7 @@ use tokio::sync::RwLock;
 
 use crate::aio::AioQueue;
 use crate::chunks::{ChunkMap, ChunkState};
-use crate::copy::copy_range;
+use crate::copy::{copy_range, read_range, write_pieces};
 use crate::locks::{ChunkGuard, ChunkLocks};
 use crate::persist::{Journal, Record};
 use crate::strategy::{Change, Fill, Mode, Plan};
@@ -127,6 +127,13 @@ pub struct VirtualDevice {
     /// A destination failure seen by a client write the source survived.
     destination_failure: Mutex<Option<Error>>,
     stats: ClientStats,
+    /// Per chunk, how many client changes have completed: a copy read
+    /// without a lock is only used if this did not move meanwhile.
+    changes: Box<[std::sync::atomic::AtomicU32]>,
+    /// The copier (or a fill) wrote to this store since the last
+    /// checkpoint, which must then flush it.
+    copied_into_source: AtomicBool,
+    copied_into_destination: AtomicBool,
     born: Instant,
     target: String,
 }
@@ -140,6 +147,7 @@ impl VirtualDevice {
         journal: Journal,
     ) -> VirtualDevice {
         let target = format!("migration {} -> {}", source.target(), destination.target());
+        let count = chunks.len();
         VirtualDevice {
             bulk_source: source.bulk().unwrap_or_else(|| source.clone()),
             bulk_destination: destination.bulk().unwrap_or_else(|| destination.clone()),
@@ -155,6 +163,11 @@ impl VirtualDevice {
             aio: Mutex::new(None),
             destination_failure: Mutex::new(None),
             stats: ClientStats::default(),
+            changes: (0..count)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+            copied_into_source: AtomicBool::new(false),
+            copied_into_destination: AtomicBool::new(false),
             born: Instant::now(),
             target,
         }
@@ -354,29 +367,78 @@ impl VirtualDevice {
     /// Copies one chunk between the stores under an exclusive lock, if it
     /// is still in `from`; returns the bytes written, or `None` if there was
     /// nothing to do.
+    ///
+    /// The chunk is read without a lock; the lock is taken only to write it
+    /// to the other store, and only if no client changed the chunk while it
+    /// was read (otherwise the read is redone). Clients wait at most for
+    /// one chunk write, not for a whole copy.
     pub async fn copy_chunk(
         &self,
         chunk: u64,
         from: ChunkState,
         to: ChunkState,
     ) -> Result<Option<crate::copy::Copied>> {
-        let _guard = self.locks.exclusive(chunk..chunk + 1).await;
-        if self.chunks.get(chunk) != from {
-            return Ok(None);
-        }
         let (offset, len) = self.chunks.bytes(chunk);
-        let copied = if from == ChunkState::Destination {
-            copy_range(&*self.bulk_destination, &*self.bulk_source, offset, len).await?
+        let (reader, writer, wrote) = if from == ChunkState::Destination {
+            (
+                &self.bulk_destination,
+                &self.bulk_source,
+                &self.copied_into_source,
+            )
         } else {
-            copy_range(&*self.bulk_source, &*self.bulk_destination, offset, len).await?
+            (
+                &self.bulk_source,
+                &self.bulk_destination,
+                &self.copied_into_destination,
+            )
         };
-        if let Some(queue) = self.aio_attached() {
-            queue.copied(chunk);
+        for attempt in 0..4 {
+            if self.chunks.get(chunk) != from {
+                return Ok(None);
+            }
+            let changes = self.changes[chunk as usize].load(Ordering::Acquire);
+            // The last attempt reads under the lock: no more retries.
+            let pieces = match attempt < 3 {
+                true => Some(read_range(&**reader, offset, len).await?),
+                false => None,
+            };
+            let _guard = self.locks.exclusive(chunk..chunk + 1).await;
+            if self.chunks.get(chunk) != from {
+                return Ok(None);
+            }
+            let unchanged = self.changes[chunk as usize].load(Ordering::Acquire) == changes;
+            let pieces = match pieces {
+                Some(_) if !unchanged => continue,
+                Some(pieces) => pieces,
+                None => read_range(&**reader, offset, len).await?,
+            };
+            wrote.store(true, Ordering::Release);
+            let copied = write_pieces(&**writer, pieces).await?;
+            if let Some(queue) = self.aio_attached() {
+                queue.copied(chunk);
+            }
+            if self.chunks.transition(chunk, from, to) && to == ChunkState::Both {
+                self.copied(chunk);
+            }
+            return Ok(Some(copied));
         }
-        if self.chunks.transition(chunk, from, to) && to == ChunkState::Both {
-            self.copied(chunk);
+        unreachable!("the last attempt copies under the lock")
+    }
+
+    /// Which stores the copier wrote to since the last call: (source,
+    /// destination). A checkpoint flushes those.
+    pub fn take_copied_into(&self) -> (bool, bool) {
+        (
+            self.copied_into_source.swap(false, Ordering::AcqRel),
+            self.copied_into_destination.swap(false, Ordering::AcqRel),
+        )
+    }
+
+    /// Counts a completed client change of the chunks (see `copy_chunk`).
+    fn changed(&self, chunks: std::ops::Range<u64>) {
+        for chunk in chunks {
+            self.changes[chunk as usize].fetch_add(1, Ordering::AcqRel);
         }
-        Ok(Some(copied))
     }
 
     /// Compares one `Both` chunk on the two stores; `Some(false)` on a
@@ -462,8 +524,9 @@ impl VirtualDevice {
             }
         }
         let before = self.record_transitions(&plans, Stage::BeforeData)?;
-        self.write_groups(offset, len, &plans, &payload, fua)
-            .await?;
+        let written = self.write_groups(offset, len, &plans, &payload, fua).await;
+        self.changed(guard.chunks());
+        written?;
         let after = self.record_transitions(&plans, Stage::AfterData)?;
         drop(guard);
         if fua && self.has_deferred() {
@@ -493,7 +556,9 @@ impl VirtualDevice {
                 reserved.push(chunk);
             }
         }
-        if let Err(err) = payload.apply(&*self.source, offset, len, fua).await {
+        let written = payload.apply(&*self.source, offset, len, fua).await;
+        self.changed(span.clone());
+        if let Err(err) = written {
             reserved.iter().for_each(|&chunk| queue.release(chunk));
             return Err(err);
         }
@@ -520,6 +585,11 @@ impl VirtualDevice {
                 None => continue,
             };
             let (offset, len) = self.chunks.bytes(chunk);
+            let wrote = match plan.fill == Some(Fill::FromDestination) {
+                true => &self.copied_into_source,
+                false => &self.copied_into_destination,
+            };
+            wrote.store(true, Ordering::Release);
             copy_range(&**from, &**to, offset, len).await?;
             // Like a copy, the fill becomes durable with the next flush;
             // the state change that relies on it waits until then.

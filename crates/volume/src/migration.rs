@@ -14,7 +14,9 @@
 //! it was.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,6 +35,13 @@ use crate::strategy::{Mode, Strategy};
 
 /// Largest pause the precopy final copy aims for.
 const FINAL_PAUSE_TARGET: Duration = Duration::from_millis(5);
+
+/// What a sweep waits for.
+enum Event<T> {
+    Done(Option<T>),
+    Throttled,
+    Checkpointed(Outcome),
+}
 
 /// Whether to compare the stores after the copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -177,6 +186,14 @@ fn negotiate(
         ));
     }
     Ok(())
+}
+
+/// Flushes `store` if `wrote`.
+async fn flush_if(wrote: bool, store: &Arc<dyn BlockStore>) -> dmm_store::Result<()> {
+    match wrote {
+        true => store.flush().await,
+        false => Ok(()),
+    }
 }
 
 /// The routing mode a phase implies.
@@ -391,8 +408,9 @@ impl Migration {
     }
 
     /// Precopy: passes over the dirty set until it is small enough for a
-    /// pause of a few milliseconds; auto escalates to mirroring when it
-    /// stops shrinking, plain precopy gives up.
+    /// pause of a few milliseconds. Auto escalates to mirroring as soon as
+    /// a pass fails to halve the dirty set; plain precopy gives up once it
+    /// stops shrinking (or after `max_passes`).
     async fn precopy(&self) -> Outcome {
         let mut history: Vec<u64> = Vec::new();
         loop {
@@ -409,13 +427,17 @@ impl Migration {
             if dirty <= affordable.max(1) {
                 return self.switch_over().await;
             }
+            // Auto does not wait for a pass that leaves more than half of
+            // the previous dirty set: the writes are outrunning the copy.
+            let outrun = self.meta.strategy == Strategy::Auto
+                && history.last().is_some_and(|&previous| dirty * 2 > previous);
             history.push(dirty);
             let passes = self.position.lock().pass;
             let shrinking = match history.len() {
                 0..=2 => true,
                 n => (dirty as f64) < 0.9 * history[n - 3] as f64,
             };
-            if shrinking && passes < self.config.max_passes {
+            if shrinking && !outrun && passes < self.config.max_passes {
                 continue;
             }
             if self.meta.strategy == Strategy::Auto {
@@ -484,6 +506,8 @@ impl Migration {
         let mut total = 0;
         let mut failure = None;
         let mut resume_at = tokio::time::Instant::now();
+        // A checkpoint runs alongside the copies, never in their way.
+        let mut checkpointing: Option<Pin<Box<dyn Future<Output = Outcome> + Send + '_>>> = None;
         loop {
             let throttled = tokio::time::Instant::now() < resume_at;
             while failure.is_none()
@@ -511,15 +535,25 @@ impl Migration {
                 let job = tokio::spawn(work(chunk));
                 running.push(async move { (chunk, job.await) });
             }
-            if running.is_empty() && !throttled {
+            if running.is_empty() && !throttled && checkpointing.is_none() {
                 break;
             }
-            let done = tokio::select! {
-                done = running.next(), if !running.is_empty() => done,
-                () = tokio::time::sleep_until(resume_at), if throttled => None,
+            let event = tokio::select! {
+                done = running.next(), if !running.is_empty() => Event::Done(done),
+                () = tokio::time::sleep_until(resume_at), if throttled => Event::Throttled,
+                saved = async { checkpointing.as_mut().expect("checked").await },
+                    if checkpointing.is_some() => Event::Checkpointed(saved),
             };
-            let Some((chunk, result)) = done else {
-                continue;
+            let (chunk, result) = match event {
+                Event::Done(Some(done)) => done,
+                Event::Done(None) | Event::Throttled => continue,
+                Event::Checkpointed(saved) => {
+                    checkpointing = None;
+                    if let Err(err) = saved {
+                        failure.get_or_insert(err);
+                    }
+                    continue;
+                }
             };
             active.remove(&chunk);
             match result {
@@ -537,10 +571,9 @@ impl Migration {
                 }
             }
             self.position.lock().cursor = active.first().copied().unwrap_or(next);
-            if failure.is_none()
-                && let Err(err) = self.maybe_checkpoint().await
-            {
-                failure = Some(err);
+            let due = self.last_checkpoint.lock().elapsed() >= self.config.checkpoint_every;
+            if failure.is_none() && due && checkpointing.is_none() {
+                checkpointing = Some(Box::pin(self.checkpoint()));
             }
         }
         if let Some(err) = failure {
@@ -568,14 +601,6 @@ impl Migration {
         self.limiter.lock().spend(bytes, self.controls.rate())
     }
 
-    async fn maybe_checkpoint(&self) -> Outcome {
-        let due = self.last_checkpoint.lock().elapsed() >= self.config.checkpoint_every;
-        if due {
-            self.checkpoint().await?;
-        }
-        Ok(())
-    }
-
     /// Snapshots the chunk states, flushes both stores, then saves the
     /// snapshot: a copy is durable before the checkpoint that records it.
     pub async fn checkpoint(&self) -> Outcome {
@@ -589,8 +614,13 @@ impl Migration {
             position.generation = generation;
             position.clone()
         };
-        let (source_store, destination_store) = (self.device.source(), self.device.destination());
-        tokio::try_join!(source_store.flush(), destination_store.flush())?;
+        // Flush what the copier (or a fill) wrote to since the last
+        // checkpoint: those copies are what the snapshot relies on.
+        let (into_source, into_destination) = self.device.take_copied_into();
+        tokio::try_join!(
+            flush_if(into_source, self.device.source()),
+            flush_if(into_destination, self.device.destination())
+        )?;
         self.device.settle_flushed()?;
         self.device.sync_journal().await?;
         let checkpoint = Checkpoint {
@@ -608,18 +638,25 @@ impl Migration {
     /// Holds clients, copies what is still only on the source, makes the
     /// destination durable, records the switch, and flips routing to the
     /// destination. The time clients are held is measured.
+    ///
+    /// The flip itself is not made durable inside the pause: every client
+    /// write after it records its chunk's new state by the usual rules, and
+    /// those alone route reads right after a crash. The checkpoint that
+    /// follows records the new phase, once the copies it relies on are
+    /// flushed.
     async fn switch_over(&self) -> Outcome {
         tracing::debug!("switchover starts");
         self.set_activity(Activity::Switching);
-        // Flush the bulk of the copy while clients still run.
-        self.device.destination().flush().await?;
+        if let Some(queue) = self.device.aio_attached() {
+            // Empty the queue while clients still run; the pause only waits
+            // for what they add meanwhile.
+            queue.drained().await;
+        }
         let started = Instant::now();
         let mut mode = self.device.pause_clients().await;
-        tracing::debug!("clients held");
         if let Some(queue) = self.device.aio_attached() {
             queue.drained().await;
         }
-        tracing::debug!("aio drained");
         let chunks = self.device.chunks().clone();
         let mut copies = FuturesUnordered::new();
         let mut next = 0;
@@ -643,9 +680,6 @@ impl Migration {
             }
         }
         drop(copies);
-        self.device.destination().flush().await?;
-        self.device.journal(Record::Phase(Phase::SwitchedOver))?;
-        self.device.sync_journal().await?;
         *mode = Mode::Destination { tracking: true };
         drop(mode);
         let paused = started.elapsed();
