@@ -53,13 +53,28 @@ fn describe(progress: &Progress) -> String {
     )
 }
 
-/// Shows progress until the returned handle is aborted.
-pub fn spawn(migration: Arc<Migration>, style: Style) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// Shows progress until stopped.
+pub struct Reporter {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reporter {
+    /// Stops showing progress (and clears the bar).
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts showing progress.
+pub fn spawn(migration: Arc<Migration>, style: Style) -> Reporter {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
         let bar = (style == Style::Bar).then(|| {
             let bar = ProgressBar::new(1);
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>22} [{bar:30}] {percent:>3}% {msg}")
+                ProgressStyle::with_template("{prefix:>24} [{bar:20}] {percent:>3}% {msg}")
                     .expect("valid template")
                     .progress_chars("=> "),
             );
@@ -90,9 +105,16 @@ pub fn spawn(migration: Arc<Migration>, style: Style) -> tokio::task::JoinHandle
                 }
             }
             tick += 1;
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::select! {
+                _ = stopped.changed() => break,
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
         }
-    })
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+    });
+    Reporter { stop, task }
 }
 
 fn bar_message(progress: &Progress) -> String {
@@ -101,7 +123,7 @@ fn bar_message(progress: &Progress) -> String {
         .map(|s| format!(" ETA {}m{:02}s", s / 60, s % 60))
         .unwrap_or_default();
     format!(
-        "{} copied, {}/s{eta}, {} dirty",
+        "{} {}/s{eta} {} dirty",
         human(progress.copied_bytes),
         human(progress.bytes_per_second),
         progress.dirty_chunks

@@ -625,3 +625,52 @@ fn a_source_read_error_names_the_offset() {
     let _ = kit.kill();
     let _ = kit.wait();
 }
+
+#[test]
+fn lr_with_a_failing_destination_returns_errors_never_wrong_data() {
+    let dir = scratch();
+    let source = source_image(dir.path());
+    let (mut kit, socket, trigger) = failing_destination(dir.path(), "EIO");
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let migrate = Migrate::start(
+        source.to_str().unwrap(),
+        &uri,
+        dir.path(),
+        &["--strategy", "lr", "--rate", "8M", "--segsize", "256K"],
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    std::fs::write(&trigger, b"").unwrap();
+    let failed = migrate.wait_for(&["failed"], Duration::from_secs(30));
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("I/O error"),
+        "{failed}"
+    );
+    // The first MiB was copied: it lives on the destination now. Writing it
+    // fails (the destination refuses); reading it still returns its data.
+    let write = tool("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x33 0 64k", &migrate.uri()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&write.stdout) + String::from_utf8_lossy(&write.stderr);
+    assert!(said.contains("error") || !write.status.success(), "{said}");
+    let read =
+        stdout(tool("qemu-io").args(["-r", "-f", "raw", "-c", "read -P 1 0 1M", &migrate.uri()]));
+    assert!(!read.contains("verification failed"), "{read}");
+    // Uncopied chunks still live on the source, writable.
+    let tail = stdout(tool("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x44 46M 64k",
+        "-c",
+        "read -P 0x44 46M 64k",
+        &migrate.uri(),
+    ]));
+    assert!(!tail.contains("failed"), "{tail}");
+    drop(migrate);
+    let _ = kit.kill();
+    let _ = kit.wait();
+}

@@ -169,7 +169,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let worker = tokio::spawn(client(store.clone(), model.clone(), stopped));
     let reporter = report::spawn(migration.clone(), report::Style::pick(false));
     let outcome = migration.run().await;
-    reporter.abort();
+    reporter.stop().await;
     let outcome = match outcome? {
         Phase::Verified => migration.commit().await.map(|()| Phase::Committed)?,
         other => other,

@@ -193,7 +193,7 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
     }
     let reporter = report::spawn(migration.clone(), style);
     let outcome = run_until_signal(&migration).await;
-    reporter.abort();
+    reporter.stop().await;
     let stopped = matches!(outcome, Err(MigrationError::Stopped));
     let result = finish(&migration, outcome, style, allocated).await;
     if let Err(err) = &result
