@@ -8,6 +8,22 @@ use anyhow::{Context, Result};
 use dmm_nbd::Server;
 use tokio::net::TcpListener;
 
+/// Where and under which name an NBD export is offered.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Listen on a Unix socket at this path.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Listen on TCP ADDR[:PORT] (port 10809 when omitted).
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub listen: Option<String>,
+
+    /// Export name; clients asking for the empty name get it too.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub export: String,
+}
+
 /// The IANA port of NBD.
 pub const NBD_PORT: u16 = 10809;
 

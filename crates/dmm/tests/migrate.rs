@@ -138,31 +138,21 @@ impl Drop for Migrate {
 }
 
 fn fio(uri_or_file: &str, engine: &str, extra: &[&str]) -> String {
-    let target = if engine == "nbd" {
-        format!("--uri={uri_or_file}")
-    } else {
-        format!("--filename={uri_or_file}")
+    let target = match engine {
+        "nbd" => format!("--uri={uri_or_file}"),
+        _ => format!("--filename={uri_or_file}"),
     };
-    let mut command = tool("fio");
-    command.args([
+    let engine = format!("--ioengine={engine}");
+    let mut args = vec![
         "--name=migrate",
-        &format!("--ioengine={engine}"),
+        &engine,
         &target,
-        "--rw=randwrite",
-        "--bs=4k",
         "--offset=8M",
         "--size=16M",
-        "--io_size=4M",
-        "--verify=crc32c",
-        "--randseed=99",
-        "--verify_state_save=0",
-    ]);
-    let output = stdout(command.args(extra));
-    assert!(
-        output.contains("err= 0"),
-        "fio reported an error:\n{output}"
-    );
-    output
+    ];
+    args.extend(["--io_size=4M", "--randseed=99"]);
+    args.extend(extra);
+    common::fio(&args)
 }
 
 /// fio writes (and verifies) through the export for the whole migration;
@@ -434,36 +424,15 @@ fn kill_9_at_random_instants_loses_no_acknowledged_write() {
         for (offset, value) in &acked {
             latest.insert(*offset, *value);
         }
-        let mut commands = Vec::new();
-        for (offset, value) in &latest {
-            commands.push(format!("read -P {value} {offset} 4096"));
-        }
-        for batch in commands.chunks(200) {
-            let mut qemu_io = tool("qemu-io");
-            qemu_io.args(["-r", "-f", "raw"]);
-            for command in batch {
-                qemu_io.args(["-c", command]);
-            }
-            let output = stdout(qemu_io.arg(resumed.uri()));
-            assert!(
-                !output.contains("verification failed"),
-                "trial {trial} ({strategy}): acknowledged write lost\n{output}"
-            );
-        }
+        let commands: Vec<String> = latest
+            .iter()
+            .map(|(offset, value)| format!("read -P {value} {offset} 4096"))
+            .collect();
+        let what = format!("trial {trial} ({strategy}): an acknowledged write was lost");
+        common::qemu_io_checks(&resumed.uri(), true, &commands, &what);
         assert!(resumed.stop().success());
         // ...and in the destination image itself.
-        for batch in commands.chunks(200) {
-            let mut qemu_io = tool("qemu-io");
-            qemu_io.args(["-r", "-f", "raw"]);
-            for command in batch {
-                qemu_io.args(["-c", command]);
-            }
-            let output = stdout(qemu_io.arg(&destination));
-            assert!(
-                !output.contains("verification failed"),
-                "trial {trial}: {output}"
-            );
-        }
+        common::qemu_io_checks(destination.to_str().unwrap(), true, &commands, &what);
     }
 }
 

@@ -190,24 +190,16 @@ fn nbdcopy_in_both_directions() {
 }
 
 fn fio(uri: &str, extra: &[&str]) -> String {
-    let mut command = tool("fio");
-    command.args([
+    let uri = format!("--uri={uri}");
+    let mut args = vec![
         "--name=verify",
         "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
+        &uri,
         "--iodepth=32",
-        "--verify=crc32c",
         "--randseed=1234",
-        "--verify_state_save=0",
-    ]);
-    let output = stdout(command.args(extra));
-    assert!(
-        output.contains("err= 0"),
-        "fio reported an error:\n{output}"
-    );
-    output
+    ];
+    args.extend(extra);
+    common::fio(&args)
 }
 
 #[test]

@@ -9,7 +9,7 @@ use dmm_nbd::{Export, ExportTable, Server, ServerConfig};
 use dmm_store::BlockStore;
 use dmm_volume::{Migration, MigrationConfig, MigrationError, Phase, Priority, Strategy, Verify};
 
-use crate::listen::{Listeners, termination};
+use crate::listen::{ExportArgs, Listeners, termination};
 use crate::report::{self, Style};
 use crate::stores;
 use crate::units::{human, parse_size};
@@ -23,7 +23,8 @@ use crate::units::{human, parse_size};
 /// saved as the copy goes: after a crash or a stop, the same command
 /// resumes where it was. Once the destination holds the whole volume and
 /// verification passed, the migration is committed (the source is no
-/// longer used).
+/// longer used). Without --socket or --listen, the export listens on the
+/// Unix socket nbd.sock in the migration's state directory.
 #[derive(Args)]
 pub struct MigrateArgs {
     /// Source: image file, block device or NBD URI.
@@ -38,18 +39,9 @@ pub struct MigrateArgs {
     #[arg(long, default_value = "auto", value_parser = parse_strategy)]
     strategy: Strategy,
 
-    /// Export the volume on a Unix socket at this path (default: nbd.sock
-    /// in the migration's state directory, unless --listen is given).
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-
-    /// Export the volume on TCP ADDR[:PORT] (port 10809 when omitted).
-    #[arg(long, value_name = "ADDR[:PORT]")]
-    listen: Option<String>,
-
-    /// Export name (clients asking for the empty name get it too).
-    #[arg(long, value_name = "NAME", default_value = "")]
-    export: String,
+    // Without --socket or --listen: nbd.sock in the state directory.
+    #[command(flatten)]
+    export: ExportArgs,
 
     /// Copy bandwidth limit in bytes per second (suffixes K, M, G).
     #[arg(long, value_name = "BYTES_PER_S", value_parser = parse_size)]
@@ -159,12 +151,12 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
     let migration = Arc::new(migration);
 
     let exports = Arc::new(ExportTable::new());
-    exports.insert(Export::new(args.export.clone(), migration.device()))?;
-    let socket = match (&args.socket, &args.listen) {
+    exports.insert(Export::new(args.export.export.clone(), migration.device()))?;
+    let socket = match (&args.export.socket, &args.export.listen) {
         (None, None) => Some(dir.join("nbd.sock")),
         (socket, _) => socket.clone(),
     };
-    let listeners = Listeners::open(socket, args.listen.as_deref()).await?;
+    let listeners = Listeners::open(socket, args.export.listen.as_deref()).await?;
     let style = Style::pick(args.json);
     if style != Style::Json {
         eprintln!(

@@ -8,31 +8,23 @@ use clap::Args;
 use dmm_nbd::{Export, ExportTable, Server, ServerConfig};
 use dmm_store::{BlockStore, FileStore, OpenOptions};
 
-use crate::listen::{Listeners, termination};
+use crate::listen::{ExportArgs, Listeners, termination};
 
 /// Serve a disk image or block device over NBD until SIGINT/SIGTERM.
 ///
 /// Clients (qemu-img, qemu-io, nbdinfo, nbdcopy, fio's nbd engine,
 /// nbd-client) connect to the export by its name or by the empty name. On
 /// SIGINT or SIGTERM the server stops accepting, finishes in-flight
-/// requests, flushes the image and exits 0.
+/// requests, flushes the image and exits 0. Without --socket or --listen,
+/// dmm listens on TCP 127.0.0.1:10809.
 #[derive(Args)]
 pub struct ServeArgs {
     /// Raw disk image or block device to serve.
     path: PathBuf,
 
-    /// Listen on a Unix socket at this path.
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-
-    /// Listen on TCP ADDR[:PORT] (port 10809 when omitted). Without
-    /// --socket or --listen, dmm listens on 127.0.0.1:10809.
-    #[arg(long, value_name = "ADDR[:PORT]")]
-    listen: Option<String>,
-
-    /// Name of the export; clients asking for the empty name get it too.
-    #[arg(long, value_name = "NAME", default_value = "")]
-    export: String,
+    // Without --socket or --listen: TCP on 127.0.0.1:10809.
+    #[command(flatten)]
+    export: ExportArgs,
 
     /// Refuse writes, trims and zeroing.
     #[arg(long)]
@@ -46,13 +38,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let store = FileStore::open(&args.path, options).context("cannot serve")?;
     let store: Arc<dyn BlockStore> = Arc::new(store);
     let exports = Arc::new(ExportTable::new());
-    exports.insert(Export::new(args.export.clone(), store.clone()))?;
+    exports.insert(Export::new(args.export.export.clone(), store.clone()))?;
 
-    let listen = match (&args.socket, &args.listen) {
+    let listen = match (&args.export.socket, &args.export.listen) {
         (None, None) => Some("127.0.0.1"),
         (_, listen) => listen.as_deref(),
     };
-    let listeners = Listeners::open(args.socket.clone(), listen).await?;
+    let listeners = Listeners::open(args.export.socket.clone(), listen).await?;
     let mode = if args.read_only {
         "read-only"
     } else {
@@ -62,7 +54,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "dmm: serving {} ({} bytes, {mode}) as export {:?} on {}",
         args.path.display(),
         store.size(),
-        args.export,
+        args.export.export,
         listeners.describe().join(" and ")
     );
 

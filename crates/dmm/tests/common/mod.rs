@@ -135,3 +135,40 @@ pub fn image_with(dir: &Path, name: &str, size: u64, pieces: &[(u64, usize, u8)]
 pub fn scratch() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch dir")
 }
+
+/// Runs fio's random-write verification job (crc32c) with `args` added;
+/// fails the test unless fio reports no error.
+pub fn fio(args: &[&str]) -> String {
+    let output = stdout(
+        tool("fio")
+            .args([
+                "--rw=randwrite",
+                "--bs=4k",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+            ])
+            .args(args),
+    );
+    assert!(
+        output.contains("err= 0"),
+        "fio reported an error:\n{output}"
+    );
+    output
+}
+
+/// Runs qemu-io with many `-c` commands (in batches) on `target`; fails the
+/// test if a pattern check fails.
+pub fn qemu_io_checks(target: &str, read_only: bool, commands: &[String], what: &str) {
+    for batch in commands.chunks(200) {
+        let mut qemu_io = tool("qemu-io");
+        if read_only {
+            qemu_io.arg("-r");
+        }
+        qemu_io.args(["-f", "raw"]);
+        for command in batch {
+            qemu_io.args(["-c", command]);
+        }
+        let output = stdout(qemu_io.arg(target));
+        assert!(!output.contains("verification failed"), "{what}:\n{output}");
+    }
+}
