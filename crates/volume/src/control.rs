@@ -67,6 +67,7 @@ pub struct Controls {
     priority: watch::Sender<Priority>,
     rollback: watch::Sender<bool>,
     stop: watch::Sender<bool>,
+    switchover: watch::Sender<bool>,
 }
 
 impl Controls {
@@ -78,7 +79,41 @@ impl Controls {
             priority: watch::Sender::new(priority),
             rollback: watch::Sender::new(false),
             stop: watch::Sender::new(false),
+            switchover: watch::Sender::new(true),
         }
+    }
+
+    /// Makes the migration wait for [`Controls::allow_switchover`] before
+    /// it switches to the destination (`switchover=manual`).
+    pub fn hold_switchover(&self) {
+        self.switchover.send_replace(false);
+    }
+
+    /// Lets the migration switch over as soon as the strategy allows.
+    pub fn allow_switchover(&self) {
+        self.switchover.send_replace(true);
+    }
+
+    pub fn switchover_allowed(&self) -> bool {
+        *self.switchover.borrow()
+    }
+
+    /// Waits until the switchover is allowed or the migration is
+    /// interrupted, at most `limit`.
+    pub async fn wait_switchover(&self, limit: std::time::Duration) {
+        let mut allowed = self.switchover.subscribe();
+        let mut stop = self.stop.subscribe();
+        let mut rollback = self.rollback.subscribe();
+        let waiting = async {
+            while !*allowed.borrow_and_update() && !self.interrupted() {
+                tokio::select! {
+                    _ = allowed.changed() => {}
+                    _ = stop.changed() => {}
+                    _ = rollback.changed() => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, waiting).await;
     }
 
     /// Stops starting new copies (client I/O continues).

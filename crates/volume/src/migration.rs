@@ -305,6 +305,21 @@ impl Migration {
         self.position.lock().phase
     }
 
+    /// Waits a while for the admin to allow the switchover.
+    async fn wait_for_switchover(&self) -> Outcome {
+        self.set_activity(Activity::WaitingForSwitchover);
+        self.controls
+            .wait_switchover(Duration::from_millis(500))
+            .await;
+        if self.controls.stop_requested() {
+            return Err(MigrationError::Stopped);
+        }
+        if self.controls.rollback_requested() {
+            return Err(MigrationError::Interrupted);
+        }
+        Ok(())
+    }
+
     fn set_activity(&self, activity: Activity) {
         *self.activity.lock() = activity;
     }
@@ -425,6 +440,12 @@ impl Migration {
             );
             let affordable = (FINAL_PAUSE_TARGET.as_secs_f64() / per_chunk.as_secs_f64()) as u64;
             if dirty <= affordable.max(1) {
+                // With a manual switchover, keep the dirty set small while
+                // waiting for it.
+                while !self.controls.switchover_allowed() {
+                    self.wait_for_switchover().await?;
+                    self.pass().await?;
+                }
                 return self.switch_over().await;
             }
             // Auto does not wait for a pass that leaves more than half of
@@ -645,6 +666,9 @@ impl Migration {
     /// follows records the new phase, once the copies it relies on are
     /// flushed.
     async fn switch_over(&self) -> Outcome {
+        while !self.controls.switchover_allowed() {
+            self.wait_for_switchover().await?;
+        }
         tracing::debug!("switchover starts");
         self.set_activity(Activity::Switching);
         if let Some(queue) = self.device.aio_attached() {

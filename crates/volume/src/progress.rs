@@ -17,6 +17,8 @@ pub enum Activity {
     Copying,
     /// Clients held for the final copy and the switch.
     Switching,
+    /// The copy is done; the switchover waits for the admin.
+    WaitingForSwitchover,
     Verifying,
     RollingBack,
     Paused,

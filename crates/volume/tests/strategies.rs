@@ -214,3 +214,53 @@ async fn a_crash_mid_copy_resumes_and_loses_nothing() {
         assert_store_matches(&*destination, &model, "destination after resume").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_switchover_waits_for_the_admin() {
+    for strategy in [Strategy::Lr, Strategy::Precopy] {
+        let (source, destination, model) = stores().await;
+        let state = tempfile::tempdir().unwrap();
+        let mut config = config(strategy);
+        config.rate = None;
+        let migration = open(&source, &destination, state.path(), config).await;
+        migration.controls().hold_switchover();
+        let device: Arc<dyn BlockStore> = migration.device();
+        let load = Load {
+            writes_for: Duration::from_millis(200),
+            think: Duration::from_micros(300),
+        };
+        let (stop, clients) = start_clients(device.clone(), &model, load);
+        let running = {
+            let migration = migration.clone();
+            tokio::spawn(async move { migration.run().await })
+        };
+        let waiting = async {
+            loop {
+                let progress = migration.progress().await;
+                if progress.activity == dmm_volume::Activity::WaitingForSwitchover {
+                    return progress;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let progress = tokio::time::timeout(Duration::from_secs(30), waiting)
+            .await
+            .expect("the copy finishes and waits");
+        assert_eq!(
+            progress.phase,
+            Phase::Copying,
+            "{strategy}: no switchover yet"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!running.is_finished(), "{strategy}: still waiting");
+        migration.controls().allow_switchover();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .expect("switches once allowed")
+            .unwrap();
+        assert_eq!(outcome.unwrap(), Phase::Verified, "{strategy}");
+        stop_clients(stop, clients).await;
+        migration.commit().await.unwrap();
+        assert_store_matches(&*destination, &model, "destination").await;
+    }
+}

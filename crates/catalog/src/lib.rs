@@ -1,0 +1,638 @@
+//! dmm's catalog: one SQLite file in the state directory that holds the
+//! configuration, every migration with its properties and state, the state
+//! transitions in progress, and an event log per migration.
+//!
+//! The rest of dmm never writes SQL: it calls this small API. State changes
+//! go through *phased commits* ([`Catalog::begin`] records the intent, the
+//! daemon acts, [`Catalog::finish`] records the outcome), so that a daemon
+//! killed at any instant finds, on restart, exactly which transitions were
+//! under way and can finish or undo them. Bitmaps and copy state are not
+//! here: they live in each migration's own files, written at the pace of
+//! the copy, not of client writes. `SCHEMA.md` documents the tables and
+//! their versions.
+
+mod schema;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// A migration's identifier.
+pub type MigrationId = i64;
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+    SwitchedOver,
+    Verifying,
+    Committed,
+    Halted,
+    RolledBack,
+    Failed,
+}
+
+impl State {
+    pub const ALL: [State; 10] = [
+        State::Created,
+        State::Running,
+        State::Paused,
+        State::Stopped,
+        State::SwitchedOver,
+        State::Verifying,
+        State::Committed,
+        State::Halted,
+        State::RolledBack,
+        State::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Created => "created",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Stopped => "stopped",
+            State::SwitchedOver => "switched-over",
+            State::Verifying => "verifying",
+            State::Committed => "committed",
+            State::Halted => "halted",
+            State::RolledBack => "rolled-back",
+            State::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<State, String> {
+        State::ALL
+            .into_iter()
+            .find(|s| s.as_str() == text)
+            .ok_or_else(|| format!("unknown state {text:?}"))
+    }
+}
+
+/// A migration as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MigrationRecord {
+    pub id: MigrationId,
+    pub kind: String,
+    pub state: State,
+    pub properties: BTreeMap<String, String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// The last error, when the migration failed.
+    pub error: Option<String>,
+    /// A state transition under way.
+    pub pending: Option<Intent>,
+}
+
+/// A state transition that was started and not yet finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Intent {
+    pub id: i64,
+    pub migration: MigrationId,
+    pub operation: String,
+    pub from: State,
+    pub to: State,
+    pub created_at: i64,
+}
+
+/// One entry of a migration's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    pub id: i64,
+    pub migration: MigrationId,
+    pub at: i64,
+    pub level: String,
+    pub message: String,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No such migration.
+    NotFound,
+    /// Another transition of the migration is under way.
+    Busy,
+    /// The database could not be read or written.
+    Storage,
+    /// The database is newer than this dmm, or not a dmm catalog.
+    Incompatible,
+}
+
+/// A catalog error: kind, what was being done, and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}")]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub context: String,
+    #[source]
+    pub source: Option<rusqlite::Error>,
+}
+
+impl Error {
+    fn new(kind: ErrorKind, context: impl Into<String>) -> Error {
+        Error {
+            kind,
+            context: context.into(),
+            source: None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn storage(context: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |source| Error {
+        kind: ErrorKind::Storage,
+        context: format!("catalog: {context}: {source}"),
+        source: Some(source),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn parse_state(text: String) -> rusqlite::Result<State> {
+    text.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+/// The catalog of one state directory.
+pub struct Catalog {
+    connection: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl Catalog {
+    /// Opens (creating or upgrading) the catalog at `path`.
+    pub fn open(path: &Path) -> Result<Catalog> {
+        let context = format!("cannot open the catalog {}", path.display());
+        let mut connection = Connection::open(path).map_err(storage(&context))?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA busy_timeout = 5000;",
+            )
+            .map_err(storage(&context))?;
+        schema::upgrade(&mut connection, path)?;
+        Ok(Catalog {
+            connection: Mutex::new(connection),
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        work(&mut connection)
+    }
+
+    /// Records a new migration.
+    pub fn create(
+        &self,
+        kind: &str,
+        state: State,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<MigrationRecord> {
+        let id = self.with(|c| {
+            let tx = c.transaction().map_err(storage("create"))?;
+            let at = now_ms();
+            tx.execute(
+                "INSERT INTO migrations (kind, state, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
+                params![kind, state.as_str(), at],
+            )
+            .map_err(storage("create"))?;
+            let id = tx.last_insert_rowid();
+            for (name, value) in properties {
+                tx.execute(
+                    "INSERT INTO properties (migration_id, name, value) VALUES (?1, ?2, ?3)",
+                    params![id, name, value],
+                )
+                .map_err(storage("create"))?;
+            }
+            tx.commit().map_err(storage("create"))?;
+            Ok(id)
+        })?;
+        self.get(id)
+    }
+
+    /// One migration.
+    pub fn get(&self, id: MigrationId) -> Result<MigrationRecord> {
+        self.with(|c| read_migration(c, id))?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no migration {id}")))
+    }
+
+    /// Every migration, by id.
+    pub fn list(&self) -> Result<Vec<MigrationRecord>> {
+        let ids: Vec<i64> = self.with(|c| {
+            let mut statement = c
+                .prepare("SELECT id FROM migrations ORDER BY id")
+                .map_err(storage("list"))?;
+            let rows = statement
+                .query_map([], |row| row.get(0))
+                .map_err(storage("list"))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(storage("list"))
+        })?;
+        ids.into_iter().map(|id| self.get(id)).collect()
+    }
+
+    /// Sets (or replaces) properties.
+    pub fn set_properties(
+        &self,
+        id: MigrationId,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.get(id)?;
+        self.with(|c| {
+            let tx = c.transaction().map_err(storage("set properties"))?;
+            for (name, value) in properties {
+                tx.execute(
+                    "INSERT INTO properties (migration_id, name, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (migration_id, name) DO UPDATE SET value = excluded.value",
+                    params![id, name, value],
+                )
+                .map_err(storage("set properties"))?;
+            }
+            tx.execute(
+                "UPDATE migrations SET updated_at = ?2 WHERE id = ?1",
+                params![id, now_ms()],
+            )
+            .map_err(storage("set properties"))?;
+            tx.commit().map_err(storage("set properties"))
+        })
+    }
+
+    /// Removes a migration, its properties, intents and events.
+    pub fn delete(&self, id: MigrationId) -> Result<()> {
+        self.get(id)?;
+        self.with(|c| {
+            c.execute("DELETE FROM migrations WHERE id = ?1", params![id])
+                .map(|_| ())
+                .map_err(storage("delete"))
+        })
+    }
+
+    /// Phase one of a state change: records that `operation` is taking the
+    /// migration to `to`. Refused while another transition is under way.
+    pub fn begin(&self, id: MigrationId, operation: &str, to: State) -> Result<Intent> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(storage("begin"))?;
+            let from: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM migrations WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(storage("begin"))?;
+            let from = match from {
+                Some(text) => parse_state(text).map_err(storage("begin"))?,
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!("no migration {id}"),
+                    ));
+                }
+            };
+            let busy: Option<String> = tx
+                .query_row(
+                    "SELECT operation FROM intents WHERE migration_id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(storage("begin"))?;
+            if let Some(operation) = busy {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("migration {id} is busy with {operation}"),
+                ));
+            }
+            let at = now_ms();
+            tx.execute(
+                "INSERT INTO intents (migration_id, operation, from_state, to_state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, operation, from.as_str(), to.as_str(), at],
+            )
+            .map_err(storage("begin"))?;
+            let intent = Intent {
+                id: tx.last_insert_rowid(),
+                migration: id,
+                operation: operation.to_owned(),
+                from,
+                to,
+                created_at: at,
+            };
+            tx.commit().map_err(storage("begin"))?;
+            Ok(intent)
+        })
+    }
+
+    /// Phase three: records the state the transition ended in (its target,
+    /// or another one on failure) and closes the intent, atomically.
+    pub fn finish(&self, intent: &Intent, state: State, error: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(storage("finish"))?;
+            tx.execute(
+                "UPDATE migrations SET state = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
+                params![intent.migration, state.as_str(), error, now_ms()],
+            )
+            .map_err(storage("finish"))?;
+            tx.execute("DELETE FROM intents WHERE id = ?1", params![intent.id])
+                .map_err(storage("finish"))?;
+            tx.commit().map_err(storage("finish"))
+        })
+    }
+
+    /// Records a state change the migration made by itself (a switchover,
+    /// a failure), outside any requested transition.
+    pub fn set_state(&self, id: MigrationId, state: State, error: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE migrations SET state = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, state.as_str(), error, now_ms()],
+            )
+            .map(|_| ())
+            .map_err(storage("set state"))
+        })
+    }
+
+    /// Transitions left unfinished (by a daemon that died mid-way).
+    pub fn pending(&self) -> Result<Vec<Intent>> {
+        self.with(|c| {
+            let mut statement = c
+                .prepare(
+                    "SELECT id, migration_id, operation, from_state, to_state, created_at
+                     FROM intents ORDER BY id",
+                )
+                .map_err(storage("pending"))?;
+            let rows = statement
+                .query_map([], read_intent)
+                .map_err(storage("pending"))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(storage("pending"))
+        })
+    }
+
+    /// Appends to a migration's event log.
+    pub fn log(&self, id: MigrationId, level: &str, message: &str) -> Result<Event> {
+        self.with(|c| {
+            let at = now_ms();
+            c.execute(
+                "INSERT INTO events (migration_id, at, level, message) VALUES (?1, ?2, ?3, ?4)",
+                params![id, at, level, message],
+            )
+            .map_err(storage("log"))?;
+            Ok(Event {
+                id: c.last_insert_rowid(),
+                migration: id,
+                at,
+                level: level.to_owned(),
+                message: message.to_owned(),
+            })
+        })
+    }
+
+    /// A migration's events after `after` (an event id), oldest first.
+    pub fn events(&self, id: MigrationId, after: i64) -> Result<Vec<Event>> {
+        self.get(id)?;
+        self.with(|c| {
+            let mut statement = c
+                .prepare(
+                    "SELECT id, migration_id, at, level, message FROM events
+                     WHERE migration_id = ?1 AND id > ?2 ORDER BY id",
+                )
+                .map_err(storage("events"))?;
+            let rows = statement
+                .query_map(params![id, after], |r| {
+                    Ok(Event {
+                        id: r.get(0)?,
+                        migration: r.get(1)?,
+                        at: r.get(2)?,
+                        level: r.get(3)?,
+                        message: r.get(4)?,
+                    })
+                })
+                .map_err(storage("events"))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(storage("events"))
+        })
+    }
+
+    /// A configuration value.
+    pub fn config(&self, key: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT value FROM config WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(storage("config"))
+        })
+    }
+
+    pub fn set_config(&self, key: &str, value: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO config (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(storage("config"))
+        })
+    }
+}
+
+fn read_intent(row: &rusqlite::Row<'_>) -> rusqlite::Result<Intent> {
+    Ok(Intent {
+        id: row.get(0)?,
+        migration: row.get(1)?,
+        operation: row.get(2)?,
+        from: parse_state(row.get(3)?)?,
+        to: parse_state(row.get(4)?)?,
+        created_at: row.get(5)?,
+    })
+}
+
+fn read_migration(c: &mut Connection, id: MigrationId) -> Result<Option<MigrationRecord>> {
+    let row = c
+        .query_row(
+            "SELECT kind, state, created_at, updated_at, error FROM migrations WHERE id = ?1",
+            params![id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    parse_state(r.get(1)?)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(storage("read"))?;
+    let Some((kind, state, created_at, updated_at, error)) = row else {
+        return Ok(None);
+    };
+    let mut statement = c
+        .prepare("SELECT name, value FROM properties WHERE migration_id = ?1")
+        .map_err(storage("read"))?;
+    let properties = statement
+        .query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(storage("read"))?
+        .collect::<rusqlite::Result<BTreeMap<String, String>>>()
+        .map_err(storage("read"))?;
+    let pending = c
+        .query_row(
+            "SELECT id, migration_id, operation, from_state, to_state, created_at
+             FROM intents WHERE migration_id = ?1",
+            params![id],
+            read_intent,
+        )
+        .optional()
+        .map_err(storage("read"))?;
+    Ok(Some(MigrationRecord {
+        id,
+        kind,
+        state,
+        properties,
+        created_at,
+        updated_at,
+        error,
+        pending,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> (tempfile::TempDir, Catalog) {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        (dir, catalog)
+    }
+
+    fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn migrations_are_created_listed_changed_and_deleted() {
+        let (_dir, catalog) = catalog();
+        let first = catalog
+            .create(
+                "volume",
+                State::Created,
+                &props(&[("source", "/a"), ("target", "/b")]),
+            )
+            .unwrap();
+        let second = catalog
+            .create("volume", State::Halted, &props(&[]))
+            .unwrap();
+        assert_eq!((first.id, second.id), (1, 2));
+        assert_eq!(first.properties["source"], "/a");
+        catalog
+            .set_properties(1, &props(&[("rate", "10M"), ("source", "/c")]))
+            .unwrap();
+        let first = catalog.get(1).unwrap();
+        assert_eq!(first.properties["source"], "/c");
+        assert_eq!(first.properties["rate"], "10M");
+        assert_eq!(catalog.list().unwrap().len(), 2);
+        catalog.delete(2).unwrap();
+        assert_eq!(catalog.get(2).unwrap_err().kind, ErrorKind::NotFound);
+        assert_eq!(catalog.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn phased_commits_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        {
+            let catalog = Catalog::open(&path).unwrap();
+            catalog
+                .create("volume", State::Created, &props(&[]))
+                .unwrap();
+            let intent = catalog.begin(1, "start", State::Running).unwrap();
+            assert_eq!(intent.from, State::Created);
+            assert_eq!(
+                catalog.begin(1, "halt", State::Halted).unwrap_err().kind,
+                ErrorKind::Busy
+            );
+        }
+        let catalog = Catalog::open(&path).unwrap();
+        let pending = catalog.pending().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].operation, "start");
+        assert_eq!(catalog.get(1).unwrap().pending.as_ref(), Some(&pending[0]));
+        catalog.finish(&pending[0], State::Running, None).unwrap();
+        assert!(catalog.pending().unwrap().is_empty());
+        assert_eq!(catalog.get(1).unwrap().state, State::Running);
+    }
+
+    #[test]
+    fn events_are_kept_per_migration_in_order() {
+        let (_dir, catalog) = catalog();
+        catalog
+            .create("volume", State::Created, &props(&[]))
+            .unwrap();
+        catalog
+            .create("volume", State::Created, &props(&[]))
+            .unwrap();
+        let a = catalog.log(1, "info", "created").unwrap();
+        catalog.log(2, "info", "other").unwrap();
+        catalog.log(1, "error", "destination full").unwrap();
+        let events = catalog.events(1, 0).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].message, "destination full");
+        assert_eq!(catalog.events(1, a.id).unwrap().len(), 1);
+        catalog.delete(1).unwrap();
+        assert!(catalog.events(1, 0).is_err());
+    }
+
+    #[test]
+    fn config_values_round_trip() {
+        let (_dir, catalog) = catalog();
+        assert_eq!(catalog.config("token").unwrap(), None);
+        catalog.set_config("token", "x").unwrap();
+        catalog.set_config("token", "y").unwrap();
+        assert_eq!(catalog.config("token").unwrap().as_deref(), Some("y"));
+    }
+}
