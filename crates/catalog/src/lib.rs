@@ -376,6 +376,16 @@ impl Catalog {
         })
     }
 
+    /// Closes an intent without changing the state (the transition was
+    /// refused or could not start).
+    pub fn abandon(&self, intent: &Intent) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM intents WHERE id = ?1", params![intent.id])
+                .map(|_| ())
+                .map_err(storage("abandon"))
+        })
+    }
+
     /// Records a state change the migration made by itself (a switchover,
     /// a failure), outside any requested transition.
     pub fn set_state(&self, id: MigrationId, state: State, error: Option<&str>) -> Result<()> {

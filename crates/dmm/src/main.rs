@@ -7,9 +7,9 @@
 mod commands;
 mod listen;
 mod report;
-mod stores;
 mod units;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,16 +21,35 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// dmm moves data from a source store to a destination store while
 /// applications keep reading and writing it.
+///
+/// One-shot commands (migrate, verify, serve, demo) work alone; the
+/// management verbs (create, start, stat, …) talk to `dmm daemon` through
+/// the state directory.
 #[derive(Parser)]
-#[command(name = "dmm", version, about, long_about = None)]
+#[command(name = "dmm", version, about, long_about)]
 struct Cli {
     /// More log output (-v: info, -vv: debug, -vvv: trace). RUST_LOG
     /// overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
 
+    /// dmm's state directory (default: $DMM_STATE_DIR, else
+    /// $XDG_STATE_HOME/dmm, else ~/.local/state/dmm; /var/lib/dmm as root).
+    #[arg(long, value_name = "DIR", global = true)]
+    state_dir: Option<PathBuf>,
+
+    /// Machine-readable output: JSON (JSON lines for progress).
+    #[arg(long, global = true)]
+    json: bool,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// Options every command sees.
+pub struct Global {
+    pub state_dir: PathBuf,
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
@@ -39,6 +58,35 @@ enum Command {
     Verify(commands::verify::VerifyArgs),
     Serve(commands::serve::ServeArgs),
     Demo(commands::demo::DemoArgs),
+    Daemon(commands::daemon::DaemonArgs),
+    Create(commands::admin::CreateArgs),
+    Delete(commands::admin::DeleteArgs),
+    /// Start (or restart) a migration.
+    Start(commands::admin::MigidArgs),
+    /// Suspend the copy in memory (clients keep working).
+    Pause(commands::admin::MigidArgs),
+    /// Resume a paused migration.
+    Resume(commands::admin::MigidArgs),
+    /// Suspend a migration with its state on disk and its resources freed.
+    Stop(commands::admin::MigidArgs),
+    Halt(commands::admin::HaltArgs),
+    Set(commands::admin::SetArgs),
+    Get(commands::admin::GetArgs),
+    /// List the migrations.
+    List,
+    /// Show every migration in detail.
+    Show,
+    Stat(commands::admin::StatArgs),
+    /// Let a migration with switchover=manual switch to the destination.
+    Switchover(commands::admin::MigidArgs),
+    /// Release the source once the destination holds everything and
+    /// verification passed.
+    Commit(commands::admin::MigidArgs),
+    /// Roll back: copy destination-only data back, so the source holds the
+    /// whole volume again.
+    Rollback(commands::admin::MigidArgs),
+    /// Show a migration's event log.
+    Log(commands::admin::MigidArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -56,8 +104,66 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+async fn run(command: Command, global: &Global) -> anyhow::Result<()> {
+    use commands::admin;
+    match command {
+        Command::Migrate(args) => commands::migrate::run(args, global).await,
+        Command::Verify(args) => commands::verify::run(args, global).await,
+        Command::Serve(args) => commands::serve::run(args).await,
+        Command::Demo(args) => commands::demo::run(args).await,
+        Command::Daemon(args) => commands::daemon::run(args, global).await,
+        Command::Create(args) => admin::create(args, global).await,
+        Command::Delete(args) => admin::delete(args, global).await,
+        Command::Start(args) => admin::verb("start", args, global).await,
+        Command::Pause(args) => admin::verb("pause", args, global).await,
+        Command::Resume(args) => admin::verb("resume", args, global).await,
+        Command::Stop(args) => admin::verb("stop", args, global).await,
+        Command::Halt(args) => admin::halt(args, global).await,
+        Command::Set(args) => admin::set(args, global).await,
+        Command::Get(args) => admin::get(args, global).await,
+        Command::List => admin::list(global).await,
+        Command::Show => admin::show(global).await,
+        Command::Stat(args) => admin::stat(args, global).await,
+        Command::Switchover(args) => admin::verb("switchover", args, global).await,
+        Command::Commit(args) => admin::verb("commit", args, global).await,
+        Command::Rollback(args) => admin::verb("rollback", args, global).await,
+        Command::Log(args) => admin::log(args, global).await,
+    }
+}
+
+/// A command-line error on one line: the problem, then the usage.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
+        .map(|line| match line.strip_prefix("Usage:") {
+            Some(usage) => format!("(usage:{usage})"),
+            None => line.strip_prefix("error: ").unwrap_or(line).to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::error::ErrorKind;
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err)
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            err.exit()
+        }
+        Err(err) => {
+            eprintln!("dmm: {}", one_line(&err.to_string()));
+            return ExitCode::from(2);
+        }
+    };
     init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -69,14 +175,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Migrate(args) => commands::migrate::run(args).await,
-            Command::Verify(args) => commands::verify::run(args).await,
-            Command::Serve(args) => commands::serve::run(args).await,
-            Command::Demo(args) => commands::demo::run(args).await,
-        }
-    });
+    let global = Global {
+        state_dir: dmm_daemon::stores::state_dir(cli.state_dir.as_deref()),
+        json: cli.json,
+    };
+    let result = runtime.block_on(run(cli.command, &global));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

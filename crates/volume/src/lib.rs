@@ -24,7 +24,7 @@ pub mod strategy;
 pub use chunks::{ChunkMap, ChunkState};
 pub use control::{Controls, Priority};
 pub use device::VirtualDevice;
-pub use migration::{Migration, MigrationConfig, MigrationError, Verify};
+pub use migration::{Migration, MigrationConfig, MigrationError, Verify, negotiate};
 pub use persist::Phase;
 pub use progress::{Activity, Progress};
 pub use strategy::{Mode, Strategy};

@@ -136,8 +136,9 @@ pub struct Migration {
     started: Instant,
 }
 
-/// Refuses migrations that cannot work, each with its reason.
-fn negotiate(
+/// Refuses migrations that cannot work, each with its reason. Also used to
+/// check a request before anything is recorded.
+pub fn negotiate(
     source: &dyn BlockStore,
     destination: &dyn BlockStore,
     config: &MigrationConfig,

@@ -9,10 +9,12 @@ use dmm_nbd::{Export, ExportTable, Server, ServerConfig};
 use dmm_store::BlockStore;
 use dmm_volume::{Migration, MigrationConfig, MigrationError, Phase, Priority, Strategy, Verify};
 
+use crate::Global;
 use crate::listen::{ExportArgs, Listeners, termination};
 use crate::report::{self, Style};
-use crate::stores;
-use crate::units::{human, parse_size};
+use crate::units::human;
+use dmm_daemon::properties::parse_size;
+use dmm_daemon::stores;
 
 /// Migrate a volume from SRC to DST while clients keep using it.
 ///
@@ -58,16 +60,6 @@ pub struct MigrateArgs {
     /// low, normal or high: how hard the copy competes with clients.
     #[arg(long, default_value = "normal", value_parser = parse_priority)]
     priority: Priority,
-
-    /// dmm's state directory; this migration's state lives in a
-    /// subdirectory named after SRC and DST. Default: $DMM_STATE_DIR,
-    /// $XDG_STATE_HOME/dmm or ~/.local/state/dmm (/var/lib/dmm as root).
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-
-    /// Print progress as JSON lines on stdout.
-    #[arg(long)]
-    json: bool,
 
     /// Exit once the destination holds the whole volume and the source is
     /// no longer needed (by default dmm keeps serving the volume until
@@ -131,11 +123,11 @@ fn blake3_hex(text: &str) -> String {
     blake3::hash(text.as_bytes()).to_hex().to_string()
 }
 
-pub async fn run(args: MigrateArgs) -> Result<()> {
+pub async fn run(args: MigrateArgs, global: &Global) -> Result<()> {
     let source = stores::open(&args.source, false, args.strategy == Strategy::Redirect).await?;
     let destination = stores::open(&args.destination, false, false).await?;
-    let base = stores::state_dir(args.state_dir.as_deref());
-    let dir = migration_dir(&base, &source.name, &destination.name);
+    let base = &global.state_dir;
+    let dir = migration_dir(base, &source.name, &destination.name);
     let allocated = allocated_bytes(&*source.store).await.unwrap_or(0);
     let config = MigrationConfig {
         strategy: args.strategy,
@@ -157,7 +149,7 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
         (socket, _) => socket.clone(),
     };
     let listeners = Listeners::open(socket, args.export.listen.as_deref()).await?;
-    let style = Style::pick(args.json);
+    let style = Style::pick(global.json);
     if style != Style::Json {
         eprintln!(
             "dmm: migrating {} -> {} ({}, {} strategy), state in {}; clients connect to {}",

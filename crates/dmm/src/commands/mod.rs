@@ -1,5 +1,7 @@
-//! One module per `dmm` subcommand.
+//! One module per `dmm` subcommand (the management verbs share `admin`).
 
+pub mod admin;
+pub mod daemon;
 pub mod demo;
 pub mod migrate;
 pub mod serve;

@@ -8,8 +8,10 @@ use dmm_store::{BlockStore, reads_as_zero};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::stores;
-use crate::units::{human, parse_size};
+use crate::Global;
+use crate::units::human;
+use dmm_daemon::properties::parse_size;
+use dmm_daemon::stores;
 
 /// Compare two stores chunk by chunk; exit 1 naming the first differing
 /// offsets if they differ.
@@ -25,10 +27,6 @@ pub struct VerifyArgs {
     /// Comparison unit.
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
     segsize: u64,
-
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Serialize)]
@@ -59,7 +57,7 @@ async fn compare(
     Ok((first.map(|i| offset + i as u64), 2 * len))
 }
 
-pub async fn run(args: VerifyArgs) -> Result<()> {
+pub async fn run(args: VerifyArgs, global: &Global) -> Result<()> {
     if !args.segsize.is_power_of_two() || args.segsize < 4096 {
         bail!("segsize must be a power of two of at least 4 KiB");
     }
@@ -95,7 +93,7 @@ pub async fn run(args: VerifyArgs) -> Result<()> {
         differing_chunks: differences.len() as u64,
         first_differences: differences.iter().take(16).copied().collect(),
     };
-    if args.json {
+    if global.json {
         println!("{}", serde_json::to_string(&outcome)?);
     } else if outcome.identical {
         println!(

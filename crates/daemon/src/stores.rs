@@ -42,8 +42,7 @@ pub async fn open(spec: &str, read_only: bool, fallback_read_only: bool) -> Resu
             FileStore::open(path, OpenOptions { read_only: true })
         }
         other => other,
-    }
-    .with_context(|| format!("cannot open {spec}"))?;
+    }?;
     Ok(Opened {
         store: Arc::new(store),
         name,

@@ -1,0 +1,271 @@
+//! The HTTP/JSON API: every verb of the CLI, an event stream, and the
+//! OpenAPI document that describes them.
+//!
+//! The same router serves the Unix socket (protected by its file mode) and,
+//! when asked, a TCP listener, where every request must carry the bearer
+//! token (`Authorization: Bearer …`) or gets 401. Errors are JSON
+//! `{"error": "…"}` with one line that names the problem: 400 for a bad
+//! request, 404 for an unknown migration, 409 for a verb not valid in the
+//! migration's state, 500 when the action itself failed.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use dmm_catalog::{MigrationId, MigrationRecord};
+use dmm_volume::Progress;
+use futures::stream::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::properties;
+use crate::supervisor::{ErrorKind, OpError, Supervisor};
+
+/// The OpenAPI description of this router.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+type Shared = State<Arc<Supervisor>>;
+
+/// A failure as an HTTP response.
+pub struct ApiError(StatusCode, String);
+
+impl From<OpError> for ApiError {
+    fn from(err: OpError) -> ApiError {
+        let status = match err.kind {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, err.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type Reply<T> = Result<Json<T>, ApiError>;
+
+/// A migration as the API shows it.
+#[derive(Serialize)]
+pub struct View {
+    #[serde(flatten)]
+    pub record: MigrationRecord,
+    /// Every property with defaults filled in.
+    pub effective: BTreeMap<String, String>,
+    pub progress: Option<Progress>,
+}
+
+async fn view(supervisor: &Supervisor, record: MigrationRecord) -> Result<View, ApiError> {
+    let progress = supervisor.progress(record.id).await?;
+    Ok(View {
+        effective: properties::effective(&record.properties),
+        record,
+        progress,
+    })
+}
+
+fn migid(text: &str) -> Result<MigrationId, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{text:?} is not a migid (a number, as `dmm list` shows)"),
+        )
+    })
+}
+
+/// The request of `POST /api/migrations`.
+#[derive(Deserialize)]
+pub struct CreateRequest {
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub halted: bool,
+}
+
+async fn create(
+    State(supervisor): Shared,
+    Json(request): Json<CreateRequest>,
+) -> Result<(StatusCode, Json<View>), ApiError> {
+    let record = supervisor
+        .create(request.properties, request.halted)
+        .await?;
+    Ok((StatusCode::CREATED, Json(view(&supervisor, record).await?)))
+}
+
+async fn list(State(supervisor): Shared) -> Reply<Vec<View>> {
+    let records = supervisor.catalog().list().map_err(OpError::from)?;
+    let mut views = Vec::with_capacity(records.len());
+    for record in records {
+        views.push(view(&supervisor, record).await?);
+    }
+    Ok(Json(views))
+}
+
+async fn show(State(supervisor): Shared, Path(id): Path<String>) -> Reply<View> {
+    let record = supervisor
+        .catalog()
+        .get(migid(&id)?)
+        .map_err(OpError::from)?;
+    Ok(Json(view(&supervisor, record).await?))
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete(
+    State(supervisor): Shared,
+    Path(id): Path<String>,
+    Query(query): Query<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    supervisor.delete(migid(&id)?, query.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct HaltQuery {
+    #[serde(default)]
+    remove: bool,
+}
+
+async fn verb(
+    State(supervisor): Shared,
+    Path((id, verb)): Path<(String, String)>,
+    Query(halt): Query<HaltQuery>,
+) -> Reply<View> {
+    let id = migid(&id)?;
+    let record = match verb.as_str() {
+        "start" => supervisor.start(id).await?,
+        "pause" => supervisor.pause(id).await?,
+        "resume" => supervisor.resume(id).await?,
+        "stop" => supervisor.stop(id).await?,
+        "halt" => supervisor.halt(id, halt.remove).await?,
+        "switchover" => supervisor.switchover(id).await?,
+        "commit" => supervisor.commit(id).await?,
+        "rollback" => supervisor.rollback(id).await?,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "unknown verb {other:?} (start, pause, resume, stop, halt, switchover, commit, rollback)"
+                ),
+            ));
+        }
+    };
+    Ok(Json(view(&supervisor, record).await?))
+}
+
+async fn get_properties(
+    State(supervisor): Shared,
+    Path(id): Path<String>,
+) -> Reply<BTreeMap<String, String>> {
+    let record = supervisor
+        .catalog()
+        .get(migid(&id)?)
+        .map_err(OpError::from)?;
+    Ok(Json(properties::effective(&record.properties)))
+}
+
+async fn set_properties(
+    State(supervisor): Shared,
+    Path(id): Path<String>,
+    Json(changes): Json<BTreeMap<String, String>>,
+) -> Reply<View> {
+    let record = supervisor.set(migid(&id)?, changes).await?;
+    Ok(Json(view(&supervisor, record).await?))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    after: i64,
+}
+
+async fn log(
+    State(supervisor): Shared,
+    Path(id): Path<String>,
+    Query(query): Query<LogQuery>,
+) -> Reply<Vec<dmm_catalog::Event>> {
+    let events = supervisor
+        .catalog()
+        .events(migid(&id)?, query.after)
+        .map_err(OpError::from)?;
+    Ok(Json(events))
+}
+
+async fn events(State(supervisor): Shared) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = BroadcastStream::new(supervisor.subscribe()).filter_map(|notice| async move {
+        let notice = notice.ok()?;
+        let kind = match &notice {
+            crate::supervisor::Notice::State { .. } => "state",
+            crate::supervisor::Notice::Log { .. } => "log",
+            crate::supervisor::Notice::Progress { .. } => "progress",
+        };
+        Event::default().event(kind).json_data(&notice).ok().map(Ok)
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// The API routes.
+pub fn router(supervisor: Arc<Supervisor>) -> Router {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/events", get(events))
+        .route("/api/migrations", get(list).post(create))
+        .route("/api/migrations/{id}", get(show).delete(delete))
+        .route(
+            "/api/migrations/{id}/properties",
+            get(get_properties).patch(set_properties),
+        )
+        .route("/api/migrations/{id}/log", get(log))
+        .route("/api/migrations/{id}/{verb}", post(verb))
+        .with_state(supervisor)
+}
+
+/// The same routes, refusing any request without the bearer token.
+pub fn router_with_token(supervisor: Arc<Supervisor>, token: String) -> Router {
+    let expected = blake3::hash(format!("Bearer {token}").as_bytes());
+    router(supervisor).layer(middleware::from_fn(
+        move |request: Request, next: Next| async move {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|value| blake3::hash(value.as_bytes()));
+            // Comparing hashes keeps the comparison independent of the token.
+            if presented == Some(expected) {
+                next.run(request).await
+            } else {
+                let body = Json(json!({ "error": "missing or wrong bearer token" }));
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    body,
+                )
+                    .into_response()
+            }
+        },
+    ))
+}

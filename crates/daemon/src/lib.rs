@@ -1,0 +1,164 @@
+//! dmm's daemon: a long-running service that supervises many migrations at
+//! once.
+//!
+//! It keeps the [catalog](dmm_catalog) in the state directory, serves every
+//! volume by export name on one NBD listener (`nbd.sock`, plus TCP when
+//! asked), answers the HTTP API on `api.sock` (plus TCP with a bearer token
+//! when asked), and drives each migration's engine ([`supervisor`]). On
+//! SIGTERM it stops every migration resumably; after a crash, it finishes
+//! the transitions that were under way and resumes every migration where it
+//! was.
+
+pub mod api;
+pub mod client;
+pub mod layout;
+pub mod properties;
+pub mod stores;
+pub mod supervisor;
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use dmm_catalog::Catalog;
+use dmm_nbd::{ExportTable, Server, ServerConfig};
+
+pub use layout::Layout;
+pub use supervisor::Supervisor;
+
+/// How to run the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    /// Also serve NBD on this TCP address.
+    pub nbd_listen: Option<String>,
+    /// Also serve the API on this TCP address (needs `token_file`).
+    pub api_listen: Option<String>,
+    /// File holding the bearer token for the TCP API.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let layout = Layout::new(&config.state_dir);
+    std::fs::create_dir_all(layout.root())
+        .with_context(|| format!("cannot create {}", layout.root().display()))?;
+    let _lock = lock(&layout)?;
+    let token = match (&config.api_listen, &config.token_file) {
+        (Some(_), None) => {
+            bail!("--listen needs --token-file: the TCP API only takes authenticated requests")
+        }
+        (_, Some(path)) => Some(read_token(path)?),
+        (None, None) => None,
+    };
+    let catalog = Arc::new(Catalog::open(&layout.catalog())?);
+    let exports = Arc::new(ExportTable::new());
+    let supervisor = Supervisor::new(catalog, layout.volumes(), exports.clone());
+    let nbd = Arc::new(Server::new(exports, ServerConfig::default()));
+    let nbd_unix = dmm_nbd::bind_unix(&layout.nbd_socket())
+        .with_context(|| format!("cannot listen on {}", layout.nbd_socket().display()))?;
+    let nbd_tcp = match &config.nbd_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {address}"))?,
+        ),
+        None => None,
+    };
+    let api_unix = dmm_nbd::bind_unix(&layout.api_socket())
+        .with_context(|| format!("cannot listen on {}", layout.api_socket().display()))?;
+    std::fs::set_permissions(layout.api_socket(), std::fs::Permissions::from_mode(0o600))?;
+    let api_tcp = match &config.api_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for the API on {address}"))?,
+        ),
+        None => None,
+    };
+    supervisor.recover().await;
+    tracing::info!(state_dir = %layout.root().display(), "dmm daemon ready");
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let nbd_serving = {
+        let (nbd, stop) = (nbd.clone(), stop.clone());
+        tokio::spawn(async move {
+            let unix = nbd.serve_unix(nbd_unix);
+            let tcp = async {
+                if let Some(listener) = nbd_tcp {
+                    nbd.serve_tcp(listener).await;
+                }
+            };
+            tokio::select! {
+                _ = async { tokio::join!(unix, tcp) } => {}
+                () = stop.cancelled() => {}
+            }
+        })
+    };
+    let api_unix = {
+        let router = api::router(supervisor.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(api_unix, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    let api_tcp = api_tcp.map(|listener| {
+        let router = api::router_with_token(supervisor.clone(), token.clone().unwrap_or_default());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    });
+
+    shutdown.await;
+    tracing::info!("stopping: every migration stays resumable");
+    stop.cancel();
+    supervisor.shutdown().await;
+    nbd.shutdown().await;
+    let _ = nbd_serving.await;
+    let _ = api_unix.await;
+    if let Some(task) = api_tcp {
+        let _ = task.await;
+    }
+    let _ = std::fs::remove_file(layout.api_socket());
+    let _ = std::fs::remove_file(layout.nbd_socket());
+    Ok(())
+}
+
+/// One daemon per state directory.
+fn lock(layout: &Layout) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(layout.lock())
+        .with_context(|| format!("cannot open {}", layout.lock().display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| {
+            anyhow::anyhow!(
+                "another dmm daemon is running with the state directory {}",
+                layout.root().display()
+            )
+        },
+    )?;
+    Ok(file)
+}
+
+fn read_token(path: &std::path::Path) -> Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = token.trim().to_owned();
+    if token.len() < 16 {
+        bail!(
+            "the token in {} is too short (at least 16 characters)",
+            path.display()
+        );
+    }
+    Ok(token)
+}

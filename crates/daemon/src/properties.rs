@@ -1,0 +1,344 @@
+//! Migration properties: names, defaults, valid values, and when each may
+//! change.
+//!
+//! Properties are stored as the user typed them (so `dmm get` shows
+//! `64K`, not `65536`) and validated on the way in: an unknown name or a bad
+//! value is refused with the valid choices before anything is written.
+
+use std::collections::BTreeMap;
+
+use dmm_catalog::State;
+use dmm_volume::{MigrationConfig, Priority, Strategy, Verify};
+
+/// When a property may be changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// At any time; a running migration picks it up at once.
+    Live,
+    /// Only before the migration first starts (created or halted with its
+    /// state removed).
+    BeforeStart,
+}
+
+/// One property.
+pub struct Property {
+    pub name: &'static str,
+    pub default: Option<&'static str>,
+    pub change: Change,
+    pub help: &'static str,
+    check: fn(&str) -> Result<(), String>,
+}
+
+fn non_empty(value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn one_of(value: &str, choices: &[&str]) -> Result<(), String> {
+    if choices.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("must be one of {}", choices.join(", ")))
+    }
+}
+
+fn kind(value: &str) -> Result<(), String> {
+    one_of(value, &["volume"])
+}
+
+fn strategy(value: &str) -> Result<(), String> {
+    value.parse::<Strategy>().map(|_| ())
+}
+
+fn switchover(value: &str) -> Result<(), String> {
+    one_of(value, &["auto", "manual"])
+}
+
+fn priority(value: &str) -> Result<(), String> {
+    value.parse::<Priority>().map(|_| ())
+}
+
+fn verify(value: &str) -> Result<(), String> {
+    one_of(value, &["none", "full"])
+}
+
+fn segsize(value: &str) -> Result<(), String> {
+    let size = parse_size(value)?;
+    if size.is_power_of_two() && (4096..=1 << 30).contains(&size) {
+        Ok(())
+    } else {
+        Err("must be a power of two from 4K to 1G".into())
+    }
+}
+
+fn rate(value: &str) -> Result<(), String> {
+    parse_size(value).map(|_| ())
+}
+
+fn count(value: &str) -> Result<(), String> {
+    match value.parse::<usize>() {
+        Ok(1..=1024) => Ok(()),
+        _ => Err("must be a whole number from 1 to 1024".into()),
+    }
+}
+
+/// Every property, in the order `dmm get` shows them.
+pub const PROPERTIES: &[Property] = &[
+    Property {
+        name: "kind",
+        default: Some("volume"),
+        change: Change::BeforeStart,
+        help: "what is migrated: volume",
+        check: kind,
+    },
+    Property {
+        name: "source",
+        default: None,
+        change: Change::BeforeStart,
+        help: "image file, block device or NBD URI",
+        check: non_empty,
+    },
+    Property {
+        name: "target",
+        default: None,
+        change: Change::BeforeStart,
+        help: "image file, block device or NBD URI, at least as large as the source",
+        check: non_empty,
+    },
+    Property {
+        name: "strategy",
+        default: Some("auto"),
+        change: Change::BeforeStart,
+        help: "precopy, mirror, aio, slr, lr, redirect or auto",
+        check: strategy,
+    },
+    Property {
+        name: "export",
+        default: None,
+        change: Change::BeforeStart,
+        help: "NBD export name (default: the migid)",
+        check: non_empty,
+    },
+    Property {
+        name: "switchover",
+        default: Some("auto"),
+        change: Change::Live,
+        help: "auto: switch as soon as the strategy allows; manual: wait for `dmm switchover`",
+        check: switchover,
+    },
+    Property {
+        name: "segsize",
+        default: Some("1M"),
+        change: Change::BeforeStart,
+        help: "chunk size, N[.N][KMGTP][B]",
+        check: segsize,
+    },
+    Property {
+        name: "rate",
+        default: Some("0"),
+        change: Change::Live,
+        help: "copy bandwidth limit in bytes per second (0: none), N[.N][KMGTP][B]",
+        check: rate,
+    },
+    Property {
+        name: "priority",
+        default: Some("normal"),
+        change: Change::Live,
+        help: "low, normal or high",
+        check: priority,
+    },
+    Property {
+        name: "copies",
+        default: Some("8"),
+        change: Change::Live,
+        help: "chunks copied at once",
+        check: count,
+    },
+    Property {
+        name: "verify",
+        default: Some("full"),
+        change: Change::BeforeStart,
+        help: "none or full (BLAKE3 comparison of every chunk before commit)",
+        check: verify,
+    },
+    Property {
+        name: "logfile",
+        default: None,
+        change: Change::Live,
+        help: "file that receives the migration's log lines",
+        check: non_empty,
+    },
+];
+
+/// A property by name.
+pub fn lookup(name: &str) -> Result<&'static Property, String> {
+    PROPERTIES.iter().find(|p| p.name == name).ok_or_else(|| {
+        let names: Vec<&str> = PROPERTIES.iter().map(|p| p.name).collect();
+        format!("unknown property {name:?} (valid: {})", names.join(", "))
+    })
+}
+
+/// Checks one `name=value`.
+pub fn check(name: &str, value: &str) -> Result<(), String> {
+    let property = lookup(name)?;
+    (property.check)(value).map_err(|why| format!("bad value {value:?} for {name}: {why}"))
+}
+
+/// Checks a set of properties for a new migration; `source` and `target`
+/// are required.
+pub fn check_new(properties: &BTreeMap<String, String>) -> Result<(), String> {
+    for (name, value) in properties {
+        check(name, value)?;
+    }
+    for required in ["source", "target"] {
+        if !properties.contains_key(required) {
+            return Err(format!("missing property {required} (-p {required}=…)"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `name` may change in `state`.
+pub fn check_change(name: &str, state: State) -> Result<(), String> {
+    let property = lookup(name)?;
+    let before_start = matches!(state, State::Created | State::Halted);
+    if property.change == Change::BeforeStart && !before_start {
+        return Err(format!(
+            "{name} can only change before the migration starts (it is {state}; halt it with --remove first)"
+        ));
+    }
+    Ok(())
+}
+
+/// A property's value, or its default.
+pub fn value<'a>(properties: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    properties
+        .get(name)
+        .map(String::as_str)
+        .or_else(|| lookup(name).ok().and_then(|p| p.default))
+}
+
+/// Every property with its effective value (defaults filled in).
+pub fn effective(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    PROPERTIES
+        .iter()
+        .filter_map(|p| value(properties, p.name).map(|v| (p.name.to_owned(), v.to_owned())))
+        .collect()
+}
+
+/// The engine configuration the properties describe.
+pub fn config(properties: &BTreeMap<String, String>) -> MigrationConfig {
+    let get = |name| value(properties, name).unwrap_or_default();
+    MigrationConfig {
+        strategy: get("strategy").parse().unwrap_or(Strategy::Auto),
+        chunk_size: parse_size(get("segsize")).unwrap_or(1 << 20),
+        rate: rate_of(properties),
+        in_flight: get("copies").parse().unwrap_or(8),
+        priority: get("priority").parse().unwrap_or_default(),
+        verify: if get("verify") == "none" {
+            Verify::None
+        } else {
+            Verify::Full
+        },
+        ..MigrationConfig::default()
+    }
+}
+
+/// The bandwidth limit, `None` for unlimited.
+pub fn rate_of(properties: &BTreeMap<String, String>) -> Option<u64> {
+    value(properties, "rate")
+        .and_then(|r| parse_size(r).ok())
+        .filter(|&r| r > 0)
+}
+
+/// Parses `N[.N][KMGTP][B]` (case-insensitive, powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?} is not a size (examples: 4096, 64K, 1.5G, 2MiB)");
+    let lower = text.trim().to_ascii_lowercase();
+    let without_b = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let shift = match without_b.chars().last() {
+        Some('k') => 10,
+        Some('m') => 20,
+        Some('g') => 30,
+        Some('t') => 40,
+        Some('p') => 50,
+        _ => 0,
+    };
+    let number = if shift > 0 {
+        &without_b[..without_b.len() - 1]
+    } else {
+        without_b
+    };
+    if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes.round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn sizes_parse_in_the_seed_format() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("64kb"), Ok(65536));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        for bad in ["", "K", "1.2.3M", "12Q", "-5", "x"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bad_input_names_the_problem_and_the_choices() {
+        let err = check("speed", "1").unwrap_err();
+        assert!(
+            err.contains("unknown property") && err.contains("rate"),
+            "{err}"
+        );
+        let err = check("strategy", "fast").unwrap_err();
+        assert!(err.contains("precopy, mirror"), "{err}");
+        let err = check("segsize", "3K").unwrap_err();
+        assert!(err.contains("power of two"), "{err}");
+        let err = check_new(&props(&[("source", "/a")])).unwrap_err();
+        assert!(err.contains("target"), "{err}");
+        let err = check_change("segsize", State::Running).unwrap_err();
+        assert!(err.contains("before the migration starts"), "{err}");
+        assert!(check_change("rate", State::Running).is_ok());
+    }
+
+    #[test]
+    fn the_config_follows_the_properties() {
+        let config = config(&props(&[
+            ("strategy", "lr"),
+            ("segsize", "256K"),
+            ("rate", "10M"),
+        ]));
+        assert_eq!(config.strategy, Strategy::Lr);
+        assert_eq!(config.chunk_size, 256 << 10);
+        assert_eq!(config.rate, Some(10 << 20));
+        assert_eq!(config.verify, Verify::Full);
+        assert_eq!(rate_of(&props(&[("rate", "0")])), None);
+    }
+}

@@ -1,0 +1,481 @@
+//! The daemon and the management CLI, end to end: create → start → stat →
+//! commit with fio writing through the export; kill -9 of the daemon while
+//! several migrations run; concurrent CLI clients; the bad-input table; the
+//! TCP API refusing requests without the token.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{DMM, image_with, run, scratch, terminate, tool, wait_with_timeout};
+
+const MIB: u64 = 1 << 20;
+
+/// A `dmm daemon` on a state directory.
+struct Daemon {
+    child: Option<Child>,
+    state: PathBuf,
+}
+
+impl Daemon {
+    fn start(state: &Path, extra: &[&str]) -> Daemon {
+        let child = Command::new(DMM)
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(state)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dmm daemon");
+        let daemon = Daemon {
+            child: Some(child),
+            state: state.to_owned(),
+        };
+        let started = Instant::now();
+        while daemon.cli(&["list"]).status.code() != Some(0) {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(DMM)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .expect("run dmm")
+    }
+
+    /// Runs a verb that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "dmm {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut with_json = vec!["--json"];
+        with_json.extend(args);
+        serde_json::from_str(&self.ok(&with_json)).expect("JSON output")
+    }
+
+    fn state_of(&self, migid: &str) -> String {
+        self.json(&["stat", migid])["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn wait_state(&self, migid: &str, wanted: &[&str], limit: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let state = self.state_of(migid);
+            if wanted.contains(&state.as_str()) {
+                return state;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "migration {migid} stuck in {state}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn export_uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.state.join("nbd.sock").display()
+        )
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        terminate(&child);
+        wait_with_timeout(&mut child, Duration::from_secs(30)).expect("the daemon stops")
+    }
+
+    fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn source_image(dir: &Path, name: &str, size: u64, seed: u8) -> PathBuf {
+    let pieces: Vec<(u64, usize, u8)> = (0..size / MIB)
+        .filter(|m| m % 3 != 2)
+        .map(|m| (m * MIB, MIB as usize, seed.wrapping_add(m as u8) | 1))
+        .collect();
+    image_with(dir, name, size, &pieces)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn create_start_stat_commit_with_fio_writing_through_the_export() {
+    let dir = scratch();
+    let daemon = Daemon::start(&dir.path().join("state"), &[]);
+    let source = source_image(dir.path(), "source.raw", 48 * MIB, 7);
+    let target = image_with(dir.path(), "target.raw", 48 * MIB, &[]);
+    let migid = daemon
+        .ok(&[
+            "create",
+            "-p",
+            &format!("source={}", path(&source)),
+            "-p",
+            &format!("target={}", path(&target)),
+            "-p",
+            "rate=12M",
+            "-p",
+            "segsize=256K",
+            "-p",
+            "export=vm1",
+        ])
+        .trim()
+        .to_owned();
+    assert_eq!(migid, "1");
+    let uri = daemon.export_uri("vm1");
+    common::fio(&[
+        "--name=daemon",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--offset=4M",
+        "--size=16M",
+        "--io_size=4M",
+        "--randseed=5",
+        "--iodepth=16",
+        "--rate_iops=300",
+        "--do_verify=1",
+    ]);
+    let stat = daemon.ok(&["stat", "1"]);
+    assert!(stat.starts_with("1: "), "{stat}");
+    daemon.wait_state("1", &["switched-over"], Duration::from_secs(60));
+    let listed = daemon.ok(&["list"]);
+    assert!(listed.contains("switched-over"), "{listed}");
+    daemon.ok(&["commit", "1"]);
+    assert_eq!(daemon.state_of("1"), "committed");
+    let log = daemon.ok(&["log", "1"]);
+    assert!(log.contains("committed"), "{log}");
+    // fio's data is in the target image itself.
+    common::fio(&[
+        "--name=daemon",
+        "--ioengine=psync",
+        &format!("--filename={}", path(&target)),
+        "--offset=4M",
+        "--size=16M",
+        "--io_size=4M",
+        "--randseed=5",
+        "--verify_only",
+    ]);
+    assert!(
+        daemon.stop().success(),
+        "SIGTERM stops the daemon with status 0"
+    );
+}
+
+#[test]
+fn kill_9_of_the_daemon_while_migrations_run_loses_nothing() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let daemon = Daemon::start(&state, &[]);
+    let mut pairs = Vec::new();
+    for (i, strategy) in ["lr", "mirror", "redirect", "auto"].iter().enumerate() {
+        let source = source_image(
+            dir.path(),
+            &format!("source{i}.raw"),
+            32 * MIB,
+            i as u8 * 40,
+        );
+        let target = image_with(dir.path(), &format!("target{i}.raw"), 32 * MIB, &[]);
+        daemon.ok(&[
+            "create",
+            "-p",
+            &format!("source={}", path(&source)),
+            "-p",
+            &format!("target={}", path(&target)),
+            "-p",
+            &format!("strategy={strategy}"),
+            "-p",
+            "rate=8M",
+            "-p",
+            "segsize=256K",
+        ]);
+        pairs.push((source, target));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    // Write through one export while the daemon dies: nothing acknowledged
+    // with FUA may be lost.
+    let writes: Vec<String> = (0..8)
+        .map(|k| format!("write -f -P {} {}M 64k", 200 + k, k * 3 + 1))
+        .collect();
+    let uri = daemon.export_uri("1");
+    let mut qemu_io = tool("qemu-io");
+    qemu_io.args(["-f", "raw"]);
+    for write in &writes {
+        qemu_io.args(["-c", write]);
+    }
+    run(qemu_io.arg(&uri));
+    daemon.kill();
+
+    let daemon = Daemon::start(&state, &[]);
+    for migid in ["1", "2", "3", "4"] {
+        daemon.wait_state(migid, &["switched-over"], Duration::from_secs(90));
+        daemon.ok(&["commit", migid]);
+    }
+    let log = daemon.ok(&["log", "2"]);
+    assert!(log.contains("daemon restart"), "{log}");
+    assert!(daemon.stop().success());
+    // The untouched volumes equal their sources; the written one has the
+    // writes (and the rest of its source).
+    for (source, target) in &pairs[1..] {
+        run(Command::new(DMM).arg("verify").arg(source).arg(target));
+        run(tool("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(source)
+            .arg(target));
+    }
+    let checks: Vec<String> = (0..8)
+        .map(|k| format!("read -P {} {}M 64k", 200 + k, k * 3 + 1))
+        .collect();
+    common::qemu_io_checks(
+        path(&pairs[0].1),
+        true,
+        &checks,
+        "FUA write lost across the daemon crash",
+    );
+}
+
+#[test]
+fn concurrent_cli_clients_all_get_answers() {
+    let dir = scratch();
+    let daemon = Daemon::start(&dir.path().join("state"), &[]);
+    let source = source_image(dir.path(), "source.raw", 32 * MIB, 3);
+    let target = image_with(dir.path(), "target.raw", 32 * MIB, &[]);
+    daemon.ok(&[
+        "create",
+        "-p",
+        &format!("source={}", path(&source)),
+        "-p",
+        &format!("target={}", path(&target)),
+        "-p",
+        "rate=4M",
+    ]);
+    let state = daemon.state.clone();
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                for round in 0..10 {
+                    let args: Vec<String> = match (i + round) % 4 {
+                        0 => vec!["list".into()],
+                        1 => vec!["stat".into(), "1".into()],
+                        2 => vec!["get".into(), "-p".into(), "rate".into(), "1".into()],
+                        _ => vec![
+                            "set".into(),
+                            "-p".into(),
+                            format!("rate={}M", 4 + i),
+                            "1".into(),
+                        ],
+                    };
+                    let output = Command::new(DMM)
+                        .arg("--state-dir")
+                        .arg(&state)
+                        .args(&args)
+                        .output()
+                        .unwrap();
+                    assert!(
+                        output.status.success(),
+                        "{args:?}: {}",
+                        String::from_utf8_lossy(&output.stderr)
+                    );
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a CLI client failed");
+    }
+    let rate = daemon.json(&["get", "-p", "rate", "1"]);
+    assert!(rate[0]["value"].as_str().unwrap().ends_with('M'));
+}
+
+#[test]
+fn bad_input_is_refused_with_one_line_and_changes_nothing() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    // Daemon not running.
+    let output = Command::new(DMM)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not running") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+
+    let daemon = Daemon::start(&state, &[]);
+    let source = source_image(dir.path(), "source.raw", 16 * MIB, 1);
+    let target = image_with(dir.path(), "target.raw", 16 * MIB, &[]);
+    let (src, tgt) = (
+        format!("source={}", path(&source)),
+        format!("target={}", path(&target)),
+    );
+    daemon.ok(&["create", "-h", "-p", &src, "-p", &tgt]);
+    let before = daemon.ok(&["--json", "list"]);
+    let onto_itself = format!("target={}", path(&source));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["create", "-p", &src, "-p", &tgt, "-p", "speed=9"],
+            "unknown property",
+        ),
+        (
+            vec!["create", "-p", &src, "-p", &tgt, "-p", "strategy=fast"],
+            "precopy, mirror",
+        ),
+        (
+            vec!["create", "-p", &src, "-p", &tgt, "-p", "segsize=3K"],
+            "power of two",
+        ),
+        (vec!["create", "-p", &src], "missing property target"),
+        (
+            vec!["create", "-p", &src, "-p", "target=/nonexistent/x.raw"],
+            "/nonexistent/x.raw",
+        ),
+        (vec!["create", "-p", &src, "-p", &onto_itself], "same file"),
+        (vec!["set", "-p", "rate=fast", "1"], "not a size"),
+        (vec!["set", "-p", "colour=blue", "1"], "unknown property"),
+        (vec!["stat", "99"], "no migration 99"),
+        (vec!["start", "abc"], "invalid value"),
+        (vec!["pause", "1"], "pause is valid when running"),
+        (vec!["commit", "1"], "verification passed"),
+        (vec!["switchover", "1"], "switchover is valid when"),
+        (vec!["halt", "1"], "--keep"),
+        (vec!["get", "-p", "colour", "1"], "unknown property"),
+    ];
+    for (args, expected) in cases {
+        let output = daemon.cli(&args);
+        assert!(!output.status.success(), "{args:?} must fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(expected),
+            "{args:?}: the first line names the problem: {stderr}"
+        );
+    }
+    assert_eq!(
+        daemon.ok(&["--json", "list"]),
+        before,
+        "the catalog changed"
+    );
+    // The catalog is a plain SQLite file.
+    let catalog = state.join("catalog.db");
+    assert!(catalog.exists());
+}
+
+#[test]
+fn the_tcp_api_needs_the_token() {
+    let dir = scratch();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "correct-horse-battery-staple\n").unwrap();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let address = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(
+        &dir.path().join("state"),
+        &["--listen", &address, "--token-file", path(&token_file)],
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use dmm_daemon::client::{Client, ClientError, Endpoint};
+        for token in ["", "wrong-token-wrong-token"] {
+            let client = Client::new(Endpoint::Tcp {
+                address: address.clone(),
+                token: token.into(),
+            });
+            for path in ["/api/migrations", "/api/openapi.json", "/api/health"] {
+                match client.get(path).await {
+                    Err(ClientError::Refused { status, .. }) => {
+                        assert_eq!(status.as_u16(), 401, "{path}")
+                    }
+                    other => panic!("{path} with token {token:?}: {other:?}"),
+                }
+            }
+        }
+        let client = Client::new(Endpoint::Tcp {
+            address: address.clone(),
+            token: "correct-horse-battery-staple".into(),
+        });
+        let list = client.get("/api/migrations").await.expect("authorized");
+        assert!(list.as_array().unwrap().is_empty());
+        let spec = client.get("/api/openapi.json").await.unwrap();
+        assert_eq!(spec["openapi"], "3.1.0");
+        for route in [
+            "/api/migrations",
+            "/api/migrations/{id}",
+            "/api/migrations/{id}/{verb}",
+            "/api/events",
+        ] {
+            assert!(
+                spec["paths"].get(route).is_some(),
+                "{route} missing from the OpenAPI document"
+            );
+        }
+    });
+    // Without a token file, --listen is refused.
+    let output = Command::new(DMM)
+        .args(["daemon", "--listen", "127.0.0.1:1"])
+        .arg("--state-dir")
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    drop(daemon);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let dir = scratch();
+    let daemon = Daemon::start(&dir.path().join("state"), &[]);
+    let output = Command::new(DMM)
+        .arg("daemon")
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another dmm daemon"), "{stderr}");
+    assert!(daemon.stop().success());
+}
