@@ -381,26 +381,10 @@ pub async fn log(args: MigidArgs, global: &Global) -> Result<()> {
     Ok(())
 }
 
-/// `YYYY-MM-DD HH:MM:SS.mmm` (UTC) from milliseconds since the epoch.
+/// RFC 3339 UTC time with milliseconds from milliseconds since the epoch.
 fn timestamp(ms: i64) -> String {
-    let (days, rest) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
-        rest / 3_600_000,
-        rest / 60_000 % 60,
-        rest / 1000 % 60,
-        rest % 1000
-    )
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 #[cfg(test)]
@@ -409,9 +393,9 @@ mod tests {
 
     #[test]
     fn timestamps_are_utc_dates() {
-        assert_eq!(timestamp(0), "1970-01-01 00:00:00.000");
-        assert_eq!(timestamp(1_795_369_959_563), "2026-11-22 12:32:39.563");
-        assert_eq!(timestamp(951_782_400_000), "2000-02-29 00:00:00.000");
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(timestamp(1_795_369_959_563), "2026-11-22T17:52:39.563Z");
+        assert_eq!(timestamp(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]
