@@ -12,6 +12,7 @@
 //! their versions.
 
 mod schema;
+pub mod tree_journal;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,0 +1,939 @@
+//! The FUSE operations: a passthrough to the target with the migration's
+//! hooks in front.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use parking_lot::Mutex;
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags as AtRenameFlags, Stat};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::namespace::{EntryId, Namespace};
+
+/// How long the kernel may cache names and attributes. Only this file
+/// system changes the target's namespace while it is mounted.
+const TTL: Duration = Duration::from_secs(1);
+
+/// A known inode, held open so that it stays itself across renames.
+struct Node {
+    fd: Arc<OwnedFd>,
+    lookups: u64,
+}
+
+/// An open regular file.
+struct OpenFile {
+    file: File,
+    entry: Option<EntryId>,
+}
+
+/// One directory entry of an open directory.
+struct DirItem {
+    ino: u64,
+    kind: FileType,
+    name: OsString,
+}
+
+pub(super) struct TreeFs {
+    namespace: Arc<Namespace>,
+    /// Target inode number of the root (FUSE inode 1).
+    root_ino: u64,
+    nodes: Mutex<HashMap<u64, Node>>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    next_handle: AtomicU64,
+}
+
+type Reply<T> = std::result::Result<T, Errno>;
+
+fn errno(err: impl Into<io::Error>) -> Errno {
+    Errno::from(err.into())
+}
+
+fn tree_errno(err: Error) -> Errno {
+    tracing::warn!("{err}");
+    Errno::from_i32(err.errno())
+}
+
+fn proc_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn system_time(seconds: i64, nanos: i64) -> SystemTime {
+    if seconds >= 0 {
+        UNIX_EPOCH + Duration::new(seconds as u64, nanos as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(seconds.unsigned_abs())
+            + Duration::from_nanos(nanos as u64)
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match rustix::fs::FileType::from_raw_mode(mode) {
+        rustix::fs::FileType::Directory => FileType::Directory,
+        rustix::fs::FileType::Symlink => FileType::Symlink,
+        rustix::fs::FileType::Fifo => FileType::NamedPipe,
+        rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+        rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+        rustix::fs::FileType::Socket => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl TreeFs {
+    pub(super) fn new(namespace: Arc<Namespace>) -> Result<TreeFs> {
+        let root = namespace.target_root().to_path_buf();
+        let fd = rustix::fs::open(
+            &root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            Error::io(
+                ErrorKind::Target,
+                format!("cannot open {}", root.display()),
+                e.into(),
+            )
+        })?;
+        let root_ino = rustix::fs::fstat(&fd)
+            .map_err(|e| {
+                Error::io(
+                    ErrorKind::Target,
+                    format!("cannot stat {}", root.display()),
+                    e.into(),
+                )
+            })?
+            .st_ino;
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            root_ino,
+            Node {
+                fd: Arc::new(fd),
+                lookups: 1,
+            },
+        );
+        Ok(TreeFs {
+            namespace,
+            root_ino,
+            nodes: Mutex::new(nodes),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        })
+    }
+
+    /// FUSE inode numbers are target inode numbers, with the root's and
+    /// 1 swapped (FUSE's root is 1).
+    fn to_fuse(&self, target_ino: u64) -> INodeNo {
+        INodeNo(match target_ino {
+            t if t == self.root_ino => 1,
+            1 => self.root_ino,
+            t => t,
+        })
+    }
+
+    fn to_target(&self, ino: INodeNo) -> u64 {
+        match ino.0 {
+            1 => self.root_ino,
+            t if t == self.root_ino => 1,
+            t => t,
+        }
+    }
+
+    fn fd(&self, ino: INodeNo) -> Reply<Arc<OwnedFd>> {
+        let target = self.to_target(ino);
+        self.nodes
+            .lock()
+            .get(&target)
+            .map(|n| n.fd.clone())
+            .ok_or(Errno::ESTALE)
+    }
+
+    fn attr(&self, st: &Stat) -> FileAttr {
+        FileAttr {
+            ino: self.to_fuse(st.st_ino),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: system_time(st.st_atime, st.st_atime_nsec as i64),
+            mtime: system_time(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: system_time(st.st_ctime, st.st_ctime_nsec as i64),
+            crtime: UNIX_EPOCH,
+            kind: kind_of(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    /// The tracked entry of an inode.
+    fn entry(&self, ino: INodeNo) -> Option<EntryId> {
+        self.namespace.entry_of_ino(self.to_target(ino))
+    }
+
+    /// The directory `parent`, populated, with its entry.
+    fn populated_dir(&self, parent: INodeNo) -> Reply<(Arc<OwnedFd>, Option<EntryId>)> {
+        let fd = self.fd(parent)?;
+        let entry = self.entry(parent);
+        if let Some(id) = entry {
+            self.namespace.ensure_populated(id).map_err(tree_errno)?;
+        }
+        Ok((fd, entry))
+    }
+
+    /// Registers a lookup of `name` in `parent_fd` and returns its
+    /// attributes. Directories get tracked: tracked entries may be moved
+    /// into them.
+    fn remember(&self, parent: (&OwnedFd, Option<EntryId>), name: &OsStr) -> Reply<FileAttr> {
+        let st = rustix::fs::statat(parent.0, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        if kind_of(st.st_mode) == FileType::Directory
+            && let Some(parent_entry) = parent.1
+            && self.namespace.entry_of_ino(st.st_ino).is_none()
+        {
+            self.namespace
+                .track_dir(parent_entry, name, st.st_ino)
+                .map_err(tree_errno)?;
+        }
+        let mut nodes = self.nodes.lock();
+        if let Some(node) = nodes.get_mut(&st.st_ino) {
+            node.lookups += 1;
+        } else {
+            let fd = rustix::fs::openat(
+                parent.0,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)?;
+            nodes.insert(
+                st.st_ino,
+                Node {
+                    fd: Arc::new(fd),
+                    lookups: 1,
+                },
+            );
+        }
+        Ok(self.attr(&st))
+    }
+
+    /// Gives a new object the requesting user's ownership (the group of a
+    /// setgid directory stays).
+    fn own(&self, req: &Request, parent: &OwnedFd, name: &OsStr) -> Reply<()> {
+        let dir = rustix::fs::fstat(parent).map_err(errno)?;
+        let gid = if dir.st_mode & 0o2000 != 0 {
+            dir.st_gid
+        } else {
+            req.gid()
+        };
+        rustix::fs::chownat(
+            parent,
+            name,
+            Some(rustix::fs::Uid::from_raw(req.uid())),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(errno)
+    }
+
+    fn handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn open_file(&self, fh: FileHandle) -> Reply<Arc<OpenFile>> {
+        self.files.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Reply<FileAttr> {
+        let (fd, entry) = self.populated_dir(parent)?;
+        self.remember((&fd, entry), name)
+    }
+
+    fn do_getattr(&self, ino: INodeNo) -> Reply<FileAttr> {
+        let st = rustix::fs::fstat(&*self.fd(ino)?).map_err(errno)?;
+        Ok(self.attr(&st))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn do_setattr(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> Reply<FileAttr> {
+        let fd = self.fd(ino)?;
+        let path = proc_path(&*fd);
+        let entry = self.entry(ino);
+        if let Some(size) = size {
+            if let Some(id) = entry {
+                self.namespace
+                    .prepare_truncate(id, size)
+                    .map_err(tree_errno)?;
+            }
+            match fh.and_then(|fh| self.open_file(fh).ok()) {
+                Some(open) => open.file.set_len(size).map_err(errno)?,
+                None => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(size))
+                    .map_err(errno)?,
+            }
+        } else if let Some(id) =
+            entry.filter(|_| mode.is_some() || atime.is_some() || mtime.is_some())
+        {
+            self.namespace.note_change(id).map_err(tree_errno)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::chownat(
+                &*fd,
+                "",
+                uid.map(rustix::fs::Uid::from_raw),
+                gid.map(rustix::fs::Gid::from_raw),
+                AtFlags::EMPTY_PATH,
+            )
+            .map_err(errno)?;
+        }
+        if let Some(mode) = mode {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(errno)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let spec = |t: Option<TimeOrNow>| match t {
+                None => rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_OMIT,
+                },
+                Some(TimeOrNow::Now) => rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_NOW,
+                },
+                Some(TimeOrNow::SpecificTime(t)) => {
+                    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                    rustix::fs::Timespec {
+                        tv_sec: d.as_secs() as i64,
+                        tv_nsec: d.subsec_nanos().into(),
+                    }
+                }
+            };
+            let times = rustix::fs::Timestamps {
+                last_access: spec(atime),
+                last_modification: spec(mtime),
+            };
+            rustix::fs::utimensat(rustix::fs::CWD, &path, &times, AtFlags::empty())
+                .map_err(errno)?;
+        }
+        self.do_getattr(ino)
+    }
+
+    fn do_create_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        make: impl FnOnce(&OwnedFd) -> rustix::io::Result<()>,
+    ) -> Reply<FileAttr> {
+        let (fd, entry) = self.populated_dir(parent)?;
+        make(&fd).map_err(errno)?;
+        self.own(req, &fd, name)?;
+        self.remember((&fd, entry), name)
+    }
+
+    fn do_remove(&self, parent: INodeNo, name: &OsStr, flags: AtFlags) -> Reply<()> {
+        let (fd, entry) = self.populated_dir(parent)?;
+        let act = || rustix::fs::unlinkat(&*fd, name, flags).map_err(io::Error::from);
+        let outcome = match entry {
+            Some(parent_entry) => self
+                .namespace
+                .remove(parent_entry, name, act)
+                .map_err(tree_errno)?,
+            None => act(),
+        };
+        outcome.map_err(errno)
+    }
+
+    fn do_rename(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: RenameFlags,
+    ) -> Reply<()> {
+        let (fd, entry) = self.populated_dir(parent)?;
+        let (new_fd, new_entry) = self.populated_dir(new_parent)?;
+        let at_flags = AtRenameFlags::from_bits_retain(flags.bits());
+        let act = || {
+            rustix::fs::renameat_with(&*fd, name, &*new_fd, new_name, at_flags)
+                .map_err(io::Error::from)
+        };
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let outcome = match (entry, new_entry) {
+            (Some(from), Some(to)) => self
+                .namespace
+                .rename((from, name), (to, new_name), exchange, act)
+                .map_err(tree_errno)?,
+            _ => act(),
+        };
+        outcome.map_err(errno)
+    }
+
+    fn do_link(&self, ino: INodeNo, new_parent: INodeNo, new_name: &OsStr) -> Reply<FileAttr> {
+        let fd = self.fd(ino)?;
+        let (dir, dir_entry) = self.populated_dir(new_parent)?;
+        let act = || {
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc_path(&*fd),
+                &*dir,
+                new_name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+            .map_err(io::Error::from)
+        };
+        let outcome = match (self.entry(ino), dir_entry) {
+            (Some(id), Some(parent)) => self
+                .namespace
+                .link(id, (parent, new_name), act)
+                .map_err(tree_errno)?,
+            _ => act(),
+        };
+        outcome.map_err(errno)?;
+        self.remember((&dir, dir_entry), new_name)
+    }
+
+    fn do_open(&self, ino: INodeNo, flags: i32) -> Reply<u64> {
+        let fd = self.fd(ino)?;
+        let entry = self.entry(ino);
+        let oflags = OFlags::from_bits_retain(
+            flags as u32 & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY).bits(),
+        );
+        if oflags.contains(OFlags::TRUNC)
+            && let Some(id) = entry
+        {
+            self.namespace.prepare_truncate(id, 0).map_err(tree_errno)?;
+        }
+        let file = rustix::fs::open(proc_path(&*fd), oflags | OFlags::CLOEXEC, Mode::empty())
+            .map_err(errno)?;
+        let handle = self.handle();
+        let file = File::from(file);
+        self.files
+            .lock()
+            .insert(handle, Arc::new(OpenFile { file, entry }));
+        Ok(handle)
+    }
+
+    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Reply<Vec<u8>> {
+        let open = self.open_file(fh)?;
+        if let Some(id) = open.entry
+            && self.namespace.is_pending_file(id)
+        {
+            self.namespace.prioritise(id);
+            self.namespace
+                .fetch(id, offset..offset + u64::from(size))
+                .map_err(tree_errno)?;
+        }
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match open.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(errno(err)),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Reply<u32> {
+        let open = self.open_file(fh)?;
+        if let Some(id) = open.entry {
+            self.namespace
+                .prepare_write(id, offset..offset + data.len() as u64)
+                .map_err(tree_errno)?;
+        }
+        open.file.write_all_at(data, offset).map_err(errno)?;
+        Ok(data.len() as u32)
+    }
+
+    fn do_create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Reply<(FileAttr, u64)> {
+        let (fd, entry) = self.populated_dir(parent)?;
+        let oflags = OFlags::from_bits_retain(flags as u32 & !OFlags::NOCTTY.bits())
+            | OFlags::CREATE
+            | OFlags::CLOEXEC;
+        let file =
+            rustix::fs::openat(&*fd, name, oflags, Mode::from_raw_mode(mode)).map_err(errno)?;
+        self.own(req, &fd, name)?;
+        let attr = self.remember((&fd, entry), name)?;
+        let handle = self.handle();
+        let entry = self.namespace.entry_of_ino(self.to_target(attr.ino));
+        self.files.lock().insert(
+            handle,
+            Arc::new(OpenFile {
+                file: File::from(file),
+                entry,
+            }),
+        );
+        Ok((attr, handle))
+    }
+
+    fn do_opendir(&self, ino: INodeNo) -> Reply<u64> {
+        let fd = self.fd(ino)?;
+        if let Some(id) = self.entry(ino) {
+            self.namespace.ensure_populated(id).map_err(tree_errno)?;
+        }
+        let mut items = vec![
+            DirItem {
+                ino: ino.0,
+                kind: FileType::Directory,
+                name: ".".into(),
+            },
+            DirItem {
+                ino: ino.0,
+                kind: FileType::Directory,
+                name: "..".into(),
+            },
+        ];
+        for entry in std::fs::read_dir(proc_path(&*fd)).map_err(errno)? {
+            let entry = entry.map_err(errno)?;
+            let kind = entry.file_type().map_err(errno)?;
+            let mode = if kind.is_dir() {
+                0o040000
+            } else if kind.is_symlink() {
+                0o120000
+            } else {
+                entry.metadata().map(|m| m.mode()).unwrap_or(0o100000)
+            };
+            items.push(DirItem {
+                ino: self.to_fuse(entry.ino()).0,
+                kind: kind_of(mode),
+                name: entry.file_name(),
+            });
+        }
+        let handle = self.handle();
+        self.dirs.lock().insert(handle, Arc::new(items));
+        Ok(handle)
+    }
+
+    fn do_xattr(
+        &self,
+        ino: INodeNo,
+        size: u32,
+        get: impl Fn(&Path, &mut [u8]) -> rustix::io::Result<usize>,
+    ) -> Reply<Vec<u8>> {
+        let path = proc_path(&*self.fd(ino)?);
+        let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
+        let len = get(&path, &mut buf).map_err(errno)?;
+        buf.truncate(len);
+        Ok(buf)
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, result: Reply<Vec<u8>>) {
+    match result {
+        Ok(value) if size == 0 => reply.size(value.len() as u32),
+        Ok(value) => reply.data(&value),
+        Err(err) => reply.error(err),
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, result: Reply<FileAttr>) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(err) => reply.error(err),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, result: Reply<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(err) => reply.error(err),
+    }
+}
+
+impl Filesystem for TreeFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(reply, self.do_lookup(parent, name));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let target = self.to_target(ino);
+        let mut nodes = self.nodes.lock();
+        if let Some(node) = nodes.get_mut(&target) {
+            node.lookups = node.lookups.saturating_sub(nlookup);
+            if node.lookups == 0 && target != self.root_ino {
+                nodes.remove(&target);
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let result = self
+            .fd(ino)
+            .and_then(|fd| rustix::fs::readlinkat(&*fd, "", Vec::new()).map_err(errno));
+        match result {
+            Ok(target) => reply.data(target.as_bytes()),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let file_type = rustix::fs::FileType::from_raw_mode(mode);
+        let perm = Mode::from_raw_mode(mode & !umask & 0o7777);
+        let make = |dir: &OwnedFd| rustix::fs::mknodat(dir, name, file_type, perm, rdev.into());
+        reply_entry(reply, self.do_create_node(req, parent, name, make));
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let make = |dir: &OwnedFd| {
+            rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode & !umask & 0o7777))
+        };
+        reply_entry(reply, self.do_create_node(req, parent, name, make));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.do_remove(parent, name, AtFlags::empty()));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.do_remove(parent, name, AtFlags::REMOVEDIR));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let make = |dir: &OwnedFd| rustix::fs::symlinkat(target, dir, link_name);
+        reply_entry(reply, self.do_create_node(req, parent, link_name, make));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(
+            reply,
+            self.do_rename(parent, name, newparent, newname, flags),
+        );
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(reply, self.do_link(ino, newparent, newname));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino, flags.0) {
+            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.do_read(fh, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.do_write(fh, offset, data) {
+            Ok(written) => reply.written(written),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.open_file(fh).and_then(|open| {
+            self.namespace.flush().map_err(tree_errno)?;
+            if datasync {
+                open.file.sync_data()
+            } else {
+                open.file.sync_all()
+            }
+            .map_err(errno)
+        });
+        reply_empty(reply, result);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(ino) {
+            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(items) = self.dirs.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        for (index, item) in items.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(item.ino), index as u64 + 1, item.kind, &item.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.fd(ino).and_then(|fd| {
+            self.namespace.flush().map_err(tree_errno)?;
+            let dir = rustix::fs::open(
+                proc_path(&*fd),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)?;
+            rustix::fs::fsync(&dir).map_err(errno)
+        });
+        reply_empty(reply, result);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match rustix::fs::statvfs(self.namespace.target_root()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.fd(ino).and_then(|fd| {
+            let flags = rustix::fs::XattrFlags::from_bits_retain(flags as u32);
+            rustix::fs::setxattr(proc_path(&*fd), name, value, flags).map_err(errno)
+        });
+        reply_empty(reply, result);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let result = self.do_xattr(ino, size, |path, buf| rustix::fs::getxattr(path, name, buf));
+        reply_xattr(reply, size, result);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let result = self.do_xattr(ino, size, |path, buf| rustix::fs::listxattr(path, buf));
+        reply_xattr(reply, size, result);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self
+            .fd(ino)
+            .and_then(|fd| rustix::fs::removexattr(proc_path(&*fd), name).map_err(errno));
+        reply_empty(reply, result);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // `default_permissions`: the kernel checks access itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.do_create(req, parent, name, mode & !umask & 0o7777, flags) {
+            Ok((attr, handle)) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(handle),
+                FopenFlags::empty(),
+            ),
+            Err(err) => reply.error(err),
+        }
+    }
+}

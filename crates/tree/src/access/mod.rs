@@ -1,0 +1,17 @@
+//! The access point: a FUSE file system showing the target tree, where
+//! applications work while the migration runs.
+//!
+//! It is a passthrough to the target directory, inode by inode (each known
+//! inode is held by an `O_PATH` descriptor, so renames never confuse it),
+//! with the migration's hooks in front of the operations that need them:
+//! a directory is populated before anything looks inside it, the segments
+//! a read or write touches are fetched first, and namespace changes to
+//! tracked entries go through the journal (`namespace::changes`).
+//!
+//! Requests are served by several FUSE threads, so a client waiting for a
+//! fetch does not hold up the others.
+
+mod fs;
+mod mount;
+
+pub use mount::{AccessPoint, check_mountpoint, clear_stale_mount};

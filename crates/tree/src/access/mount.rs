@@ -1,0 +1,122 @@
+//! Mounting and unmounting the access point, and the checks before it.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+
+use super::fs::TreeFs;
+use crate::error::{Error, ErrorKind, Result, on};
+use crate::namespace::Namespace;
+
+/// FUSE threads serving requests.
+const THREADS: usize = 8;
+
+/// A mounted access point; unmounted by [`AccessPoint::unmount`] or on drop.
+pub struct AccessPoint {
+    session: Option<BackgroundSession>,
+    path: PathBuf,
+}
+
+impl AccessPoint {
+    /// Mounts the namespace's target tree at `path`.
+    pub fn mount(namespace: Arc<Namespace>, path: &Path) -> Result<AccessPoint> {
+        let filesystem = TreeFs::new(namespace)?;
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName("dmm".into()),
+            MountOption::Subtype("dmm".into()),
+            MountOption::DefaultPermissions,
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        if rustix::process::geteuid().is_root() {
+            config.acl = SessionACL::All;
+        }
+        config.n_threads = Some(THREADS);
+        config.clone_fd = true;
+        let session = fuser::Session::new(filesystem, path, &config)
+            .and_then(fuser::Session::spawn)
+            .map_err(on(ErrorKind::Access, "mount the access point at", path))?;
+        Ok(AccessPoint {
+            session: Some(session),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unmounts, waiting for the FUSE threads to end.
+    pub fn unmount(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        session.umount_and_join().map_err(|err| {
+            let context = format!(
+                "cannot unmount the access point {} (are files still open there?)",
+                self.path.display()
+            );
+            Error::io(ErrorKind::Access, context, err)
+        })
+    }
+}
+
+impl Drop for AccessPoint {
+    fn drop(&mut self) {
+        if let Err(err) = self.stop() {
+            tracing::warn!("{err}");
+        }
+    }
+}
+
+/// Detaches a dead FUSE mount left at `path` by a dmm that was killed
+/// (every access to it fails with ENOTCONN).
+pub fn clear_stale_mount(path: &Path) -> Result<()> {
+    match fs::metadata(path) {
+        Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => {
+            rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
+                .map_err(|e| on(ErrorKind::Access, "detach the stale mount at", path)(e.into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The access point must be an empty directory that nothing is mounted on.
+pub fn check_mountpoint(path: &Path) -> Result<()> {
+    let invalid = |why: &str| {
+        Error::new(
+            ErrorKind::Invalid,
+            format!("the access point {}: {why}", path.display()),
+        )
+    };
+    let meta = fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => invalid("no such directory"),
+        _ => on(ErrorKind::Invalid, "use the access point", path)(e),
+    })?;
+    if !meta.is_dir() {
+        return Err(invalid("not a directory"));
+    }
+    if let Some(parent) = path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        && fs::metadata(&parent).is_ok_and(|p| p.dev() != meta.dev())
+    {
+        return Err(invalid("something is already mounted there"));
+    }
+    let mut entries =
+        fs::read_dir(path).map_err(on(ErrorKind::Invalid, "list the access point", path))?;
+    if entries.next().is_some() {
+        return Err(invalid("not empty"));
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! A tree migration as the daemon drives it: checked, started (access point
+//! mounted, workers running), watched, stopped, verified, committed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dmm_catalog::tree_journal::{ErrorRow, TreeJournal};
+use dmm_volume::{Controls, Priority};
+use serde::Serialize;
+
+use crate::access::{self, AccessPoint};
+use crate::error::{Error, ErrorKind, Result, on};
+use crate::namespace::{Collision, Counts, Namespace, Settings};
+use crate::source::Source;
+use crate::verify::{self, Mismatch};
+use crate::worker::Workers;
+
+/// Everything a tree migration is made of.
+#[derive(Debug, Clone)]
+pub struct TreeConfig {
+    pub migid: i64,
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub access: PathBuf,
+    /// The journal file (in the migration's state directory).
+    pub journal: PathBuf,
+    pub segsize: u64,
+    pub collision: Collision,
+    pub rate: Option<u64>,
+    pub priority: Priority,
+    /// Directory workers (`maxnsproc`).
+    pub dir_workers: usize,
+    /// File workers (`maxdfproc`).
+    pub file_workers: usize,
+}
+
+/// A progress report.
+#[derive(Debug, Clone, Serialize)]
+pub struct TreeProgress {
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Bytes per second since the start of this run.
+    pub rate: u64,
+    pub eta_seconds: Option<u64>,
+    pub complete: bool,
+    pub errors: Vec<ErrorReport>,
+}
+
+/// One entry in error, for `dmm stat` and `dmm log`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorReport {
+    pub path: String,
+    pub message: String,
+    pub attempts: u32,
+}
+
+impl From<ErrorRow> for ErrorReport {
+    fn from(row: ErrorRow) -> ErrorReport {
+        ErrorReport {
+            path: String::from_utf8_lossy(&row.path).into_owned(),
+            message: row.message,
+            attempts: row.attempts,
+        }
+    }
+}
+
+/// Checks a configuration before the migration is created: the source is a
+/// readable directory, the target a directory (empty with
+/// `collision=error`) that is not inside the source or the other way
+/// round, the access point an empty directory with nothing mounted.
+pub fn check(config: &TreeConfig, fresh: bool) -> Result<()> {
+    Source::open(&config.source)?;
+    let target = fs::metadata(&config.target).map_err(on(
+        ErrorKind::Invalid,
+        "use the target",
+        &config.target,
+    ))?;
+    if !target.is_dir() {
+        return Err(invalid(format!(
+            "the target {} is not a directory",
+            config.target.display()
+        )));
+    }
+    let source =
+        config
+            .source
+            .canonicalize()
+            .map_err(on(ErrorKind::Invalid, "resolve", &config.source))?;
+    let target_path =
+        config
+            .target
+            .canonicalize()
+            .map_err(on(ErrorKind::Invalid, "resolve", &config.target))?;
+    if source.starts_with(&target_path) || target_path.starts_with(&source) {
+        return Err(invalid(format!(
+            "the source {} and the target {} overlap",
+            source.display(),
+            target_path.display()
+        )));
+    }
+    if fresh && config.collision == Collision::Error && !is_empty(&config.target)? {
+        return Err(invalid(format!(
+            "the target {} is not empty (set collision=overwrite or collision=rename to merge)",
+            config.target.display()
+        )));
+    }
+    if fresh {
+        access::check_mountpoint(&config.access)?;
+    }
+    Ok(())
+}
+
+fn invalid(message: String) -> Error {
+    Error::new(ErrorKind::Invalid, message)
+}
+
+fn is_empty(dir: &Path) -> Result<bool> {
+    let mut entries = fs::read_dir(dir).map_err(on(ErrorKind::Invalid, "list", dir))?;
+    Ok(entries.next().is_none())
+}
+
+/// A running tree migration.
+pub struct TreeMigration {
+    namespace: Arc<Namespace>,
+    controls: Arc<Controls>,
+    access: Option<AccessPoint>,
+    workers: Option<Workers>,
+    started: Instant,
+    bytes_at_start: u64,
+}
+
+impl TreeMigration {
+    /// Opens the journal (resolving what a crash interrupted), mounts the
+    /// access point and starts the workers.
+    pub fn start(config: &TreeConfig, controls: Arc<Controls>) -> Result<TreeMigration> {
+        let namespace = Arc::new(open_namespace(config)?);
+        access::clear_stale_mount(&config.access)?;
+        access::check_mountpoint(&config.access)?;
+        let access = AccessPoint::mount(namespace.clone(), &config.access)?;
+        let workers = Workers::start(
+            namespace.clone(),
+            controls.clone(),
+            config.dir_workers,
+            config.file_workers,
+        );
+        let bytes_at_start = namespace.counts().bytes_done;
+        Ok(TreeMigration {
+            namespace,
+            controls,
+            access: Some(access),
+            workers: Some(workers),
+            started: Instant::now(),
+            bytes_at_start,
+        })
+    }
+
+    pub fn controls(&self) -> &Arc<Controls> {
+        &self.controls
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.namespace.is_complete()
+    }
+
+    pub fn progress(&self) -> TreeProgress {
+        let counts = self.namespace.counts();
+        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = (counts.bytes_done.saturating_sub(self.bytes_at_start) as f64 / elapsed) as u64;
+        let left = counts.bytes_total.saturating_sub(counts.bytes_done);
+        TreeProgress {
+            counts,
+            rate,
+            eta_seconds: (rate > 0).then(|| left / rate),
+            complete: self.namespace.is_complete(),
+            errors: self
+                .namespace
+                .errors()
+                .into_iter()
+                .map(ErrorReport::from)
+                .collect(),
+        }
+    }
+
+    /// Compares every migrated file not changed through the access point.
+    pub fn verify(&self) -> (u64, Vec<Mismatch>) {
+        verify::verify(&self.namespace)
+    }
+
+    /// Stops the workers and unmounts; the journal keeps the position.
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    /// Ends the migration: refused while anything is pending; unmounts the
+    /// access point and leaves the target a plain directory tree, flushed.
+    pub fn commit(mut self) -> Result<()> {
+        self.namespace.flush()?;
+        let outstanding = self
+            .namespace
+            .journal()
+            .outstanding()
+            .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))?;
+        if !self.namespace.is_complete() || !outstanding.is_complete() {
+            return Err(invalid(format!(
+                "cannot commit: {} directories and {} files still pending, {} in error",
+                outstanding.unpopulated, outstanding.pending, outstanding.errors
+            )));
+        }
+        self.shutdown()?;
+        let root = fs::File::open(self.namespace.target_root()).map_err(on(
+            ErrorKind::Target,
+            "open",
+            self.namespace.target_root(),
+        ))?;
+        rustix::fs::syncfs(&root)
+            .map_err(|e| on(ErrorKind::Target, "sync", self.namespace.target_root())(e.into()))?;
+        self.namespace
+            .journal()
+            .sync()
+            .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.controls.request_stop();
+        if let Some(workers) = self.workers.take() {
+            workers.join();
+        }
+        let unmounted = match self.access.take() {
+            Some(access) => access.unmount(),
+            None => Ok(()),
+        };
+        self.namespace.flush()?;
+        unmounted
+    }
+}
+
+impl Drop for TreeMigration {
+    fn drop(&mut self) {
+        if let Err(err) = self.shutdown() {
+            tracing::warn!("{err}");
+        }
+    }
+}
+
+fn open_namespace(config: &TreeConfig) -> Result<Namespace> {
+    let source = Source::open(&config.source)?;
+    let journal = TreeJournal::open(&config.journal)
+        .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))?;
+    let settings = Settings {
+        migid: config.migid,
+        segsize: config.segsize,
+        collision: config.collision,
+    };
+    Namespace::open(source, &config.target, journal, settings)
+}

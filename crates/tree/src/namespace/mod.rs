@@ -1,0 +1,663 @@
+//! What is still missing from the target, and where each missing thing is.
+//!
+//! The [`Namespace`] holds, in memory, every entry the migration tracks
+//! (directories, regular files), the names under which the target shows
+//! them, which directories are populated and which file segments are
+//! copied, plus the queues the background workers take work from. Every
+//! change is written to the [`TreeJournal`] in the order `DESIGN.md`
+//! prescribes: population and namespace changes before they are visible,
+//! segment marks in batches (or at once, before a client write depends on
+//! them).
+//!
+//! The submodules do the three kinds of work: `populate` (directories),
+//! `data` (file segments), `changes` (namespace changes made through the
+//! access point, and their recovery after a crash).
+
+mod changes;
+mod data;
+mod populate;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dmm_catalog::tree_journal::{
+    Change, EntryRow, EntryState, ErrorRow, NameRow, ROOT, TreeJournal,
+};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use roaring::RoaringBitmap;
+
+pub use changes::Intent;
+pub use dmm_catalog::tree_journal::EntryId;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::source::Source;
+
+/// What to do when a source entry meets a target entry of the same name
+/// that is not a directory on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collision {
+    /// The target must be empty; a collision is an error.
+    Error,
+    /// The source's entry replaces the target's.
+    Overwrite,
+    /// The target's entry is moved aside to `NAME.dmm-<migid>`.
+    Rename,
+}
+
+impl std::str::FromStr for Collision {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Collision, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "error" => Ok(Collision::Error),
+            "overwrite" => Ok(Collision::Overwrite),
+            "rename" => Ok(Collision::Rename),
+            _ => Err(format!(
+                "unknown collision policy {text:?} (choose error, overwrite or rename)"
+            )),
+        }
+    }
+}
+
+/// How a migration's namespace is set up.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub migid: i64,
+    pub segsize: u64,
+    pub collision: Collision,
+}
+
+/// Copy progress of a regular file that is not complete.
+#[derive(Debug, Default)]
+struct FileProgress {
+    /// Segments whose bytes are in the target.
+    fetched: RoaringBitmap,
+    /// Segments being copied right now.
+    busy: RoaringBitmap,
+    /// Bytes past this offset are not fetched (the client truncated).
+    limit: u64,
+}
+
+/// One tracked entry.
+#[derive(Debug)]
+struct Entry {
+    state: EntryState,
+    source: Option<PathBuf>,
+    size: u64,
+    source_ino: u64,
+    target_ino: u64,
+    changed: bool,
+    merged: bool,
+    /// (parent, name) pairs; a directory has one, a file one per link.
+    names: Vec<(EntryId, OsString)>,
+    progress: Option<FileProgress>,
+}
+
+impl Entry {
+    fn row(&self, id: EntryId) -> EntryRow {
+        EntryRow {
+            id,
+            state: self.state,
+            source: self
+                .source
+                .as_ref()
+                .map(|p| p.as_os_str().as_bytes().to_vec()),
+            size: self.size,
+            source_ino: self.source_ino,
+            target_ino: self.target_ino,
+            changed: self.changed,
+            merged: self.merged,
+            segments: self.progress.as_ref().map(|p| serialize(&p.fetched)),
+        }
+    }
+}
+
+fn serialize(bitmap: &RoaringBitmap) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(bitmap.serialized_size());
+    bitmap.serialize_into(&mut bytes).expect("writing to a Vec");
+    bytes
+}
+
+/// An entry the background workers could not migrate, and when to retry.
+#[derive(Debug, Clone)]
+struct Failure {
+    row: ErrorRow,
+    retry_at: Instant,
+}
+
+/// Counters for progress reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub dirs_total: u64,
+    pub dirs_done: u64,
+    pub files_total: u64,
+    pub files_done: u64,
+    /// Logical bytes of the files known so far.
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    /// Bytes actually written to the target (holes excluded).
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+struct State {
+    entries: HashMap<EntryId, Entry>,
+    names: HashMap<(EntryId, OsString), EntryId>,
+    by_target_ino: HashMap<u64, EntryId>,
+    by_source_ino: HashMap<u64, EntryId>,
+    next_id: EntryId,
+    next_intent: i64,
+    populating: HashSet<EntryId>,
+    /// Names merged directories held before their population began
+    /// (with the intent recording them).
+    premerge: HashMap<EntryId, (i64, HashSet<OsString>)>,
+    dirs: VecDeque<EntryId>,
+    files: VecDeque<EntryId>,
+    urgent_dirs: VecDeque<EntryId>,
+    urgent_files: VecDeque<EntryId>,
+    failures: HashMap<EntryId, Failure>,
+    /// Entries with marks not yet in the journal.
+    unflushed: HashSet<EntryId>,
+    batch: Vec<Change>,
+    counts: Counts,
+}
+
+/// The tracked namespace of one tree migration.
+pub struct Namespace {
+    source: Source,
+    target: PathBuf,
+    settings: Settings,
+    journal: TreeJournal,
+    state: Mutex<State>,
+    /// Signalled when a population or a segment copy ends.
+    progress: Condvar,
+    /// Serialises journal flushes so batches land in order.
+    flushing: Mutex<()>,
+}
+
+/// Retry delays for entries in error: 1 s doubling up to 5 min.
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.min(8).saturating_sub(1)).min(Duration::from_secs(300))
+}
+
+impl Namespace {
+    /// Loads the namespace from `journal`, recording the root first if the
+    /// journal is new, and resolves namespace changes a crash interrupted.
+    pub fn open(
+        source: Source,
+        target: &Path,
+        journal: TreeJournal,
+        settings: Settings,
+    ) -> Result<Namespace> {
+        let snapshot = journal.load().map_err(journal_error)?;
+        let mut state = State {
+            entries: HashMap::new(),
+            names: HashMap::new(),
+            by_target_ino: HashMap::new(),
+            by_source_ino: HashMap::new(),
+            next_id: ROOT + 1,
+            next_intent: 1,
+            populating: HashSet::new(),
+            premerge: HashMap::new(),
+            dirs: VecDeque::new(),
+            files: VecDeque::new(),
+            urgent_dirs: VecDeque::new(),
+            urgent_files: VecDeque::new(),
+            failures: HashMap::new(),
+            unflushed: HashSet::new(),
+            batch: Vec::new(),
+            counts: Counts::default(),
+        };
+        for row in snapshot.entries {
+            state.install(row, settings.segsize);
+        }
+        for name in snapshot.names {
+            let os = OsString::from_vec(name.name);
+            if let Some(entry) = state.entries.get_mut(&name.entry) {
+                entry.names.push((name.parent, os.clone()));
+                state.names.insert((name.parent, os), name.entry);
+            }
+        }
+        let now = Instant::now();
+        for row in snapshot.errors {
+            let retry_at = now + backoff(row.attempts);
+            state.counts.errors += 1;
+            state.failures.insert(row.entry, Failure { row, retry_at });
+        }
+        state.next_intent = snapshot
+            .intents
+            .iter()
+            .map(|(id, _)| id + 1)
+            .max()
+            .unwrap_or(1);
+        let namespace = Namespace {
+            source,
+            target: target.to_path_buf(),
+            settings,
+            journal,
+            state: Mutex::new(state),
+            progress: Condvar::new(),
+            flushing: Mutex::new(()),
+        };
+        if !namespace.state.lock().entries.contains_key(&ROOT) {
+            namespace.record_root()?;
+        }
+        namespace.recover(snapshot.intents)?;
+        namespace.state.lock().queue_all();
+        Ok(namespace)
+    }
+
+    fn record_root(&self) -> Result<()> {
+        let meta = std::fs::symlink_metadata(&self.target).map_err(crate::error::on(
+            ErrorKind::Target,
+            "stat",
+            &self.target,
+        ))?;
+        let root = Entry {
+            state: EntryState::Unpopulated,
+            source: Some(PathBuf::new()),
+            size: 0,
+            source_ino: 0,
+            target_ino: std::os::unix::fs::MetadataExt::ino(&meta),
+            changed: false,
+            merged: true,
+            names: Vec::new(),
+            progress: None,
+        };
+        self.journal
+            .apply(&[Change::Insert(root.row(ROOT))])
+            .map_err(journal_error)?;
+        self.state
+            .lock()
+            .install(root.row(ROOT), self.settings.segsize);
+        Ok(())
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    pub fn target_root(&self) -> &Path {
+        &self.target
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn journal(&self) -> &TreeJournal {
+        &self.journal
+    }
+
+    /// The entry the target object with inode `ino` is, if tracked.
+    pub fn entry_of_ino(&self, ino: u64) -> Option<EntryId> {
+        self.state.lock().by_target_ino.get(&ino).copied()
+    }
+
+    /// The tracked entry at `name` in directory `parent`.
+    pub fn child(&self, parent: EntryId, name: &OsStr) -> Option<EntryId> {
+        self.state
+            .lock()
+            .names
+            .get(&(parent, name.to_os_string()))
+            .copied()
+    }
+
+    /// Whether the entry is a regular file with data still to copy.
+    pub fn is_pending_file(&self, id: EntryId) -> bool {
+        self.state
+            .lock()
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.progress.is_some())
+    }
+
+    /// The target path of a tracked entry now, or `None` once it has no
+    /// name left.
+    pub fn target_path(&self, id: EntryId) -> Option<PathBuf> {
+        self.state
+            .lock()
+            .path_of(id)
+            .map(|relative| self.target.join(relative))
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.state.lock().counts
+    }
+
+    /// Errors recorded against entries, oldest first.
+    pub fn errors(&self) -> Vec<ErrorRow> {
+        let mut rows: Vec<ErrorRow> = self
+            .state
+            .lock()
+            .failures
+            .values()
+            .map(|f| f.row.clone())
+            .collect();
+        rows.sort_by_key(|r| r.at);
+        rows
+    }
+
+    /// Whether nothing is left to do: every directory populated, every file
+    /// copied, no entry in error. (Intents are resolved at open and
+    /// finished before the operation that started them returns.)
+    pub fn is_complete(&self) -> bool {
+        let state = self.state.lock();
+        let c = state.counts;
+        state.failures.is_empty()
+            && state.populating.is_empty()
+            && c.dirs_done == c.dirs_total
+            && c.files_done == c.files_total
+    }
+
+    /// The next directory to populate: urgent first, entries in error
+    /// when their retry is due.
+    pub fn next_dir(&self) -> Option<EntryId> {
+        let mut state = self.state.lock();
+        state.requeue_due_failures();
+        while let Some(id) = state
+            .urgent_dirs
+            .pop_front()
+            .or_else(|| state.dirs.pop_front())
+        {
+            if state.needs_population(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// The next file to copy: urgent first.
+    pub fn next_file(&self) -> Option<EntryId> {
+        let mut state = self.state.lock();
+        state.requeue_due_failures();
+        while let Some(id) = state
+            .urgent_files
+            .pop_front()
+            .or_else(|| state.files.pop_front())
+        {
+            if state.needs_copy(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Puts a file a worker gave up on (pause, stop) back in the queue.
+    pub fn requeue(&self, id: EntryId) {
+        self.state.lock().files.push_front(id);
+    }
+
+    /// Puts an entry at the front of the workers' queues (a client waits
+    /// on it).
+    pub fn prioritise(&self, id: EntryId) {
+        let mut state = self.state.lock();
+        if state.needs_population(id) {
+            state.urgent_dirs.push_back(id);
+        } else if state.needs_copy(id) {
+            state.urgent_files.push_back(id);
+        }
+    }
+
+    /// Records that a background step on `id` failed; it is retried with
+    /// backoff, and the rest of the migration goes on.
+    pub fn record_failure(&self, id: EntryId, err: &Error) {
+        let mut state = self.state.lock();
+        let path = state
+            .entries
+            .get(&id)
+            .and_then(|e| e.source.clone())
+            .unwrap_or_default();
+        let attempts = state.failures.get(&id).map_or(0, |f| f.row.attempts) + 1;
+        let row = ErrorRow {
+            entry: id,
+            path: path.as_os_str().as_bytes().to_vec(),
+            message: err.to_string(),
+            attempts,
+            at: now_ms(),
+        };
+        if !state.failures.contains_key(&id) {
+            state.counts.errors += 1;
+        }
+        state.batch.push(Change::RecordError(row.clone()));
+        let retry_at = Instant::now() + backoff(attempts);
+        state.failures.insert(id, Failure { row, retry_at });
+    }
+
+    fn clear_failure(state: &mut State, id: EntryId) {
+        if state.failures.remove(&id).is_some() {
+            state.counts.errors -= 1;
+            state.batch.push(Change::ClearError(id));
+        }
+    }
+
+    /// Writes the batched marks to the journal.
+    pub fn flush(&self) -> Result<()> {
+        let _order = self.flushing.lock();
+        let batch = {
+            let mut state = self.state.lock();
+            state.unflushed.clear();
+            std::mem::take(&mut state.batch)
+        };
+        self.journal.apply(&batch).map_err(journal_error)
+    }
+
+    /// Commits `changes` at once, after whatever was batched before them.
+    fn commit(&self, changes: Vec<Change>) -> Result<()> {
+        self.state.lock().batch.extend(changes);
+        self.flush()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
+    }
+}
+
+impl State {
+    fn install(&mut self, row: EntryRow, segsize: u64) {
+        let progress = (row.state == EntryState::Pending).then(|| {
+            let fetched = row
+                .segments
+                .as_deref()
+                .and_then(|b| RoaringBitmap::deserialize_from(b).ok())
+                .unwrap_or_default();
+            FileProgress {
+                fetched,
+                busy: RoaringBitmap::new(),
+                limit: row.size,
+            }
+        });
+        match row.state {
+            EntryState::Unpopulated => self.counts.dirs_total += 1,
+            EntryState::Populated => {
+                self.counts.dirs_total += 1;
+                self.counts.dirs_done += 1;
+            }
+            EntryState::Pending | EntryState::Done => {
+                self.counts.files_total += 1;
+                self.counts.bytes_total += row.size;
+                match &progress {
+                    None => {
+                        self.counts.files_done += 1;
+                        self.counts.bytes_done += row.size;
+                    }
+                    Some(p) => self.counts.bytes_done += fetched_bytes(p, row.size, segsize),
+                }
+            }
+        }
+        if row.source_ino != 0 && matches!(row.state, EntryState::Pending | EntryState::Done) {
+            self.by_source_ino.entry(row.source_ino).or_insert(row.id);
+        }
+        self.by_target_ino.insert(row.target_ino, row.id);
+        self.next_id = self.next_id.max(row.id + 1);
+        self.entries.insert(
+            row.id,
+            Entry {
+                state: row.state,
+                source: row.source.map(|b| PathBuf::from(OsString::from_vec(b))),
+                size: row.size,
+                source_ino: row.source_ino,
+                target_ino: row.target_ino,
+                changed: row.changed,
+                merged: row.merged,
+                names: Vec::new(),
+                progress,
+            },
+        );
+    }
+
+    fn queue_all(&mut self) {
+        let mut ids: Vec<EntryId> = self.entries.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if self.needs_population(id) {
+                self.dirs.push_back(id);
+            } else if self.needs_copy(id) {
+                self.files.push_back(id);
+            }
+        }
+    }
+
+    fn requeue_due_failures(&mut self) {
+        let now = Instant::now();
+        let due: Vec<EntryId> = self
+            .failures
+            .iter()
+            .filter(|(_, f)| f.retry_at <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            if let Some(failure) = self.failures.get_mut(&id) {
+                // Not retried again until this attempt reports.
+                failure.retry_at = now + Duration::from_secs(3600);
+            }
+            if self.needs_population(id) {
+                self.dirs.push_back(id);
+            } else if self.needs_copy(id) {
+                self.files.push_back(id);
+            }
+        }
+    }
+
+    fn needs_population(&self, id: EntryId) -> bool {
+        self.entries.get(&id).is_some_and(|e| {
+            e.state == EntryState::Unpopulated && (id == ROOT || !e.names.is_empty())
+        }) && !self.populating.contains(&id)
+    }
+
+    fn needs_copy(&self, id: EntryId) -> bool {
+        self.entries
+            .get(&id)
+            .is_some_and(|e| e.progress.is_some() && !e.names.is_empty())
+    }
+
+    /// The entry's path relative to the target root.
+    fn path_of(&self, id: EntryId) -> Option<PathBuf> {
+        let mut parts = Vec::new();
+        let mut at = id;
+        while at != ROOT {
+            let (parent, name) = self.entries.get(&at)?.names.first()?;
+            parts.push(name.clone());
+            at = *parent;
+            if parts.len() > 4096 {
+                return None;
+            }
+        }
+        Some(parts.iter().rev().collect())
+    }
+
+    fn allocate(&mut self) -> EntryId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn add_name(&mut self, id: EntryId, parent: EntryId, name: OsString) -> Change {
+        self.names.insert((parent, name.clone()), id);
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.names.push((parent, name.clone()));
+        }
+        Change::AddName(NameRow {
+            parent,
+            name: name.into_vec(),
+            entry: id,
+        })
+    }
+
+    fn remove_name(&mut self, parent: EntryId, name: &OsStr) -> Option<Change> {
+        let id = self.names.remove(&(parent, name.to_os_string()))?;
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.names.retain(|(p, n)| !(*p == parent && n == name));
+        }
+        Some(Change::RemoveName {
+            parent,
+            name: name.as_bytes().to_vec(),
+        })
+    }
+
+    /// Forgets an entry that has no name left in the target.
+    fn forget(&mut self, id: EntryId) -> Change {
+        if let Some(entry) = self.entries.remove(&id) {
+            self.by_target_ino.remove(&entry.target_ino);
+            if self.by_source_ino.get(&entry.source_ino) == Some(&id) {
+                self.by_source_ino.remove(&entry.source_ino);
+            }
+            match entry.state {
+                EntryState::Unpopulated => self.counts.dirs_total -= 1,
+                EntryState::Populated => {
+                    self.counts.dirs_total -= 1;
+                    self.counts.dirs_done -= 1;
+                }
+                EntryState::Pending | EntryState::Done => {
+                    self.counts.files_total -= 1;
+                    self.counts.bytes_total -= entry.size;
+                    if entry.progress.is_none() {
+                        self.counts.files_done -= 1;
+                        self.counts.bytes_done -= entry.size;
+                    }
+                }
+            }
+        }
+        if self.failures.remove(&id).is_some() {
+            self.counts.errors -= 1;
+        }
+        Change::Delete(id)
+    }
+}
+
+fn fetched_bytes(progress: &FileProgress, size: u64, segsize: u64) -> u64 {
+    progress
+        .fetched
+        .iter()
+        .map(|seg| segsize.min(size.saturating_sub(u64::from(seg) * segsize)))
+        .sum()
+}
+
+fn journal_error(err: dmm_catalog::Error) -> Error {
+    Error::new(ErrorKind::Journal, err.to_string())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Namespace {
+    /// (source path, current target path) of every regular file copied
+    /// from the source and not changed through the access point.
+    pub fn unchanged_files(&self) -> Vec<(PathBuf, PathBuf)> {
+        let state = self.state.lock();
+        let mut files: Vec<(PathBuf, PathBuf)> = state
+            .entries
+            .iter()
+            .filter(|(_, e)| e.state == EntryState::Done && !e.changed)
+            .filter_map(|(&id, e)| Some((e.source.clone()?, self.target.join(state.path_of(id)?))))
+            .collect();
+        files.sort();
+        files
+    }
+}

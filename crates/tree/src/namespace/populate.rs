@@ -1,0 +1,334 @@
+//! Populating a directory: a placeholder in the target for every entry of
+//! the source directory, with the source's metadata, recorded in the
+//! journal before anyone can see it.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use dmm_catalog::tree_journal::{Change, EntryState};
+
+use super::changes::Intent;
+use super::{Collision, Entry, EntryId, FileProgress, Namespace};
+use crate::error::{Error, ErrorKind, Result, on};
+use crate::fidelity;
+use crate::source::{Child, Kind};
+
+/// A child placed in the target, to be recorded.
+enum Placed {
+    /// A directory or regular file, tracked from now on.
+    New(OsString, EntryId, Entry),
+    /// Another name of an entry already placed (a hard link).
+    Link(OsString, EntryId),
+    /// A symbolic link or special file: complete once created.
+    Complete,
+}
+
+impl Namespace {
+    /// Makes sure directory `id` is populated: populates it in this thread,
+    /// or waits for the thread that is doing it. Untracked or already
+    /// populated directories return at once.
+    pub fn ensure_populated(&self, id: EntryId) -> Result<()> {
+        let mut state = self.lock();
+        loop {
+            match state.entries.get(&id) {
+                Some(entry) if entry.state == EntryState::Unpopulated => {}
+                _ => return Ok(()),
+            }
+            if !state.populating.contains(&id) {
+                break;
+            }
+            self.progress.wait(&mut state);
+        }
+        state.populating.insert(id);
+        drop(state);
+        let result = self.populate(id);
+        let mut state = self.lock();
+        state.populating.remove(&id);
+        if result.is_ok() {
+            Namespace::clear_failure(&mut state, id);
+        }
+        self.progress.notify_all();
+        drop(state);
+        if let Err(err) = &result {
+            self.record_failure(id, err);
+        }
+        result
+    }
+
+    fn populate(&self, id: EntryId) -> Result<()> {
+        let (source_dir, target_dir, merged) = {
+            let state = self.lock();
+            let entry = &state.entries[&id];
+            let target = state.path_of(id).map(|p| self.target.join(p));
+            (entry.source.clone(), target, entry.merged)
+        };
+        let Some(target_dir) = target_dir else {
+            return Ok(()); // deleted meanwhile
+        };
+        let mut changes = Vec::new();
+        let mut placed = Vec::new();
+        if let Some(source_dir) = &source_dir {
+            let children = self.source.list(source_dir)?;
+            let preexisting = if merged {
+                self.merge_list(id, &target_dir, &mut changes)?
+            } else {
+                HashSet::new()
+            };
+            for child in &children {
+                let was_there = preexisting.contains(&child.name);
+                placed.push(self.place(source_dir, &target_dir, child, was_there)?);
+            }
+            let meta = self.source.stat(source_dir)?;
+            fidelity::set_times(&target_dir, &meta).map_err(on(
+                ErrorKind::Target,
+                "set times of",
+                &target_dir,
+            ))?;
+        }
+        self.record_population(id, placed, changes)
+    }
+
+    /// The names the merged directory held before dmm put anything in it,
+    /// from the intent of an interrupted population or read now (and then
+    /// recorded in a new intent).
+    fn merge_list(
+        &self,
+        id: EntryId,
+        target_dir: &Path,
+        changes: &mut Vec<Change>,
+    ) -> Result<HashSet<OsString>> {
+        if let Some((_, names)) = self.lock().premerge.get(&id) {
+            return Ok(names.clone());
+        }
+        let listing =
+            fs::read_dir(target_dir).map_err(on(ErrorKind::Target, "list", target_dir))?;
+        let mut names = HashSet::new();
+        for entry in listing {
+            names.insert(
+                entry
+                    .map_err(on(ErrorKind::Target, "list", target_dir))?
+                    .file_name(),
+            );
+        }
+        let intent = Intent::Populate {
+            dir: id,
+            preexisting: names.iter().map(|n| n.clone().into_vec()).collect(),
+        };
+        let intent_id = {
+            let mut state = self.lock();
+            let intent_id = state.next_intent;
+            state.next_intent += 1;
+            state.premerge.insert(id, (intent_id, names.clone()));
+            intent_id
+        };
+        self.commit(vec![intent.begin(intent_id)])?;
+        changes.push(Change::FinishIntent(intent_id));
+        Ok(names)
+    }
+
+    /// Creates the placeholder of one source child.
+    fn place(
+        &self,
+        source_dir: &Path,
+        target_dir: &Path,
+        child: &Child,
+        preexisting: bool,
+    ) -> Result<Placed> {
+        let source = source_dir.join(&child.name);
+        let target = target_dir.join(&child.name);
+        let merge = self.clear_name(&target, child, preexisting)?;
+        if let Some(existing) = self.hard_link_of(child)
+            && let Some(path) = self.target_path(existing)
+        {
+            match fs::hard_link(&path, &target) {
+                Ok(()) => return Ok(Placed::Link(child.name.clone(), existing)),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(on(ErrorKind::Target, "link", &target)(err)),
+            }
+        }
+        let link_target = match child.meta.kind {
+            Kind::Symlink => Some(self.source.read_link(&source)?),
+            _ => None,
+        };
+        let exists = merge || matches!(fs::symlink_metadata(&target), Ok(m) if m.is_dir());
+        if !exists {
+            fidelity::create_placeholder(&target, &child.meta, link_target.as_deref())
+                .map_err(on(ErrorKind::Target, "create", &target))?;
+        }
+        let xattrs = self.source.xattrs(&source)?;
+        fidelity::apply_meta(&target, &child.meta, &xattrs).map_err(on(
+            ErrorKind::Target,
+            "set metadata of",
+            &target,
+        ))?;
+        let target_ino = fs::symlink_metadata(&target)
+            .map_err(on(ErrorKind::Target, "stat", &target))?
+            .ino();
+        let state = match child.meta.kind {
+            Kind::Dir => EntryState::Unpopulated,
+            Kind::File if child.meta.size > 0 => EntryState::Pending,
+            Kind::File => EntryState::Done,
+            // Links and special files are complete once created.
+            _ => return Ok(Placed::Complete),
+        };
+        let entry = Entry {
+            state,
+            source: Some(source),
+            size: if child.meta.kind == Kind::File {
+                child.meta.size
+            } else {
+                0
+            },
+            source_ino: if child.meta.is_linked_file() {
+                child.meta.ino
+            } else {
+                0
+            },
+            target_ino,
+            changed: false,
+            merged: merge,
+            names: Vec::new(),
+            progress: (state == EntryState::Pending).then(|| FileProgress {
+                limit: child.meta.size,
+                ..FileProgress::default()
+            }),
+        };
+        let id = self.lock().allocate();
+        Ok(Placed::New(child.name.clone(), id, entry))
+    }
+
+    /// Makes room for a source child at `target`. Returns whether the name
+    /// holds a directory that existed before and is merged with the source
+    /// directory.
+    fn clear_name(&self, target: &Path, child: &Child, preexisting: bool) -> Result<bool> {
+        let existing = match fs::symlink_metadata(target) {
+            Ok(existing) => existing,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(on(ErrorKind::Target, "stat", target)(err)),
+        };
+        if existing.is_dir() && child.meta.kind == Kind::Dir {
+            return Ok(preexisting);
+        }
+        if !preexisting {
+            // Left by a population a crash interrupted: ours to redo.
+            return remove(target).map(|()| false);
+        }
+        match self.settings.collision {
+            Collision::Error => Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{} already exists in the target (collision=error)",
+                    target.display()
+                ),
+            )),
+            Collision::Overwrite => remove(target).map(|()| false),
+            Collision::Rename => {
+                let mut aside = target.as_os_str().to_os_string();
+                aside.push(format!(".dmm-{}", self.settings.migid));
+                fs::rename(target, &aside).map_err(on(ErrorKind::Target, "move aside", target))?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// An entry already placed for the same source inode (another hard
+    /// link of this file).
+    fn hard_link_of(&self, child: &Child) -> Option<EntryId> {
+        if !child.meta.is_linked_file() {
+            return None;
+        }
+        let existing = *self.lock().by_source_ino.get(&child.meta.ino)?;
+        let source = self.lock().entries.get(&existing)?.source.clone()?;
+        // Same inode number on another file system is another file.
+        let meta = self.source.stat(&source).ok()?;
+        (meta.dev == child.meta.dev && meta.ino == child.meta.ino).then_some(existing)
+    }
+
+    /// Journals the population, then makes it visible.
+    fn record_population(
+        &self,
+        id: EntryId,
+        placed: Vec<Placed>,
+        mut changes: Vec<Change>,
+    ) -> Result<()> {
+        let mut rows = Vec::new();
+        for item in &placed {
+            match item {
+                Placed::New(name, child, entry) => {
+                    rows.push(Change::Insert(entry.row(*child)));
+                    rows.push(name_row(id, name, *child));
+                }
+                Placed::Link(name, existing) => rows.push(name_row(id, name, *existing)),
+                Placed::Complete => {}
+            }
+        }
+        rows.push(Change::State(id, EntryState::Populated));
+        rows.append(&mut changes);
+        self.commit(rows)?;
+        let mut state = self.lock();
+        state.premerge.remove(&id);
+        if let Some(entry) = state.entries.get_mut(&id) {
+            entry.state = EntryState::Populated;
+        }
+        state.counts.dirs_done += 1;
+        for item in placed {
+            match item {
+                Placed::New(name, child, entry) => state.adopt(id, name, child, entry),
+                Placed::Link(name, existing) => {
+                    state.add_name(existing, id, name);
+                }
+                Placed::Complete => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn name_row(parent: EntryId, name: &OsString, entry: EntryId) -> Change {
+    Change::AddName(dmm_catalog::tree_journal::NameRow {
+        parent,
+        name: name.clone().into_vec(),
+        entry,
+    })
+}
+
+fn remove(path: &Path) -> Result<()> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(err) => Err(err),
+    };
+    result.map_err(on(ErrorKind::Target, "remove", path))
+}
+
+impl super::State {
+    /// Takes a newly placed entry into the in-memory maps and queues.
+    fn adopt(&mut self, parent: EntryId, name: OsString, id: EntryId, entry: Entry) {
+        match entry.state {
+            EntryState::Unpopulated => {
+                self.counts.dirs_total += 1;
+                self.dirs.push_back(id);
+            }
+            EntryState::Pending => {
+                self.counts.files_total += 1;
+                self.counts.bytes_total += entry.size;
+                self.files.push_back(id);
+            }
+            EntryState::Done | EntryState::Populated => {
+                self.counts.files_total += 1;
+                self.counts.files_done += 1;
+            }
+        }
+        if entry.source_ino != 0 {
+            self.by_source_ino.entry(entry.source_ino).or_insert(id);
+        }
+        self.by_target_ino.insert(entry.target_ino, id);
+        self.entries.insert(id, entry);
+        self.add_name(id, parent, name);
+    }
+}

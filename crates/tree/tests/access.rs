@@ -1,0 +1,282 @@
+//! Tree migrations through a real FUSE access point, checked with rsync
+//! and plain file system calls.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmm_tree::{Collision, TreeConfig, TreeMigration};
+use dmm_volume::{Controls, Priority};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: TreeConfig,
+}
+
+impl Setup {
+    fn new(build: impl FnOnce(&Path)) -> Setup {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = |name: &str| dir.path().join(name);
+        for name in ["source", "target", "access", "state"] {
+            fs::create_dir(path(name)).unwrap();
+        }
+        build(&path("source"));
+        let config = TreeConfig {
+            migid: 1,
+            source: path("source"),
+            target: path("target"),
+            access: path("access"),
+            journal: path("state").join("journal.db"),
+            segsize: 1 << 20,
+            collision: Collision::Error,
+            rate: None,
+            priority: Priority::Normal,
+            dir_workers: 2,
+            file_workers: 2,
+        };
+        Setup { _dir: dir, config }
+    }
+
+    fn access(&self, relative: &str) -> PathBuf {
+        self.config.access.join(relative)
+    }
+
+    fn start(&self, paused: bool) -> TreeMigration {
+        dmm_tree::check(&self.config, true).unwrap();
+        let controls = Arc::new(Controls::new(None, 1, Priority::Normal));
+        if paused {
+            controls.pause();
+        }
+        TreeMigration::start(&self.config, controls).unwrap()
+    }
+}
+
+fn write(path: &Path, data: &[u8]) {
+    fs::write(path, data).unwrap();
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A tree with every kind of object the migration must carry over.
+fn rich_tree(root: &Path) {
+    fs::create_dir_all(root.join("a/b/c")).unwrap();
+    write(&root.join("a/small"), b"hello");
+    write(&root.join("a/b/medium"), &pattern(3 << 20, 1));
+    let mut sparse = fs::File::create(root.join("sparse")).unwrap();
+    sparse.seek(SeekFrom::Start(8 << 20)).unwrap();
+    sparse.write_all(&pattern(4096, 2)).unwrap();
+    sparse.set_len(16 << 20).unwrap();
+    write(&root.join("empty"), b"");
+    fs::hard_link(root.join("a/small"), root.join("a/b/c/small-link")).unwrap();
+    std::os::unix::fs::symlink("../small", root.join("a/b/rel-link")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .unwrap();
+    rustix::fs::setxattr(
+        root.join("a/small"),
+        "user.origin",
+        b"old-server",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    fs::set_permissions(root.join("a/b/medium"), fs::Permissions::from_mode(0o4750)).unwrap();
+    std::os::unix::fs::lchown(root.join("a/b/medium"), Some(1234), Some(5678)).unwrap();
+    Command::new("touch")
+        .args(["-d", "2001-02-03 04:05:06.123456789"])
+        .arg(root.join("a/small"))
+        .status()
+        .unwrap();
+}
+
+fn wait_complete(migration: &TreeMigration) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !migration.is_complete() {
+        assert!(
+            Instant::now() < deadline,
+            "not complete: {:?}",
+            migration.progress()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn rsync_differences(source: &Path, target: &Path) -> String {
+    let output = Command::new("rsync")
+        .args(["-aHAXn", "--checksum", "-i", "--delete"])
+        .arg(format!("{}/", source.display()))
+        .arg(format!("{}/", target.display()))
+        .output()
+        .expect("rsync runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_tree_migrates_with_everything_rsync_checks() {
+    let setup = Setup::new(rich_tree);
+    let migration = setup.start(false);
+    wait_complete(&migration);
+    let (checked, mismatches) = migration.verify();
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+    assert!(checked >= 4, "{checked}");
+    migration.commit().unwrap();
+    assert_eq!(
+        rsync_differences(&setup.config.source, &setup.config.target),
+        ""
+    );
+    let target = &setup.config.target;
+    assert_eq!(
+        fs::metadata(target.join("a/small")).unwrap().ino(),
+        fs::metadata(target.join("a/b/c/small-link")).unwrap().ino()
+    );
+    assert!(
+        fs::metadata(target.join("sparse")).unwrap().blocks() < 64,
+        "holes stay holes"
+    );
+}
+
+#[test]
+fn a_read_fetches_only_the_segments_it_needs() {
+    let setup = Setup::new(|root| write(&root.join("big"), &pattern(64 << 20, 3)));
+    let migration = setup.start(true);
+    let mut file = fs::File::open(setup.access("big")).unwrap();
+    let mut head = vec![0u8; 4096];
+    file.read_exact(&mut head).unwrap();
+    assert_eq!(head, pattern(64 << 20, 3)[..4096]);
+    let done = migration.progress().counts.bytes_done;
+    assert!(done <= 2 << 20, "fetched {done} bytes for a 4 KiB read");
+    drop(file);
+    migration.controls().resume();
+    wait_complete(&migration);
+    migration.commit().unwrap();
+    assert_eq!(
+        fs::read(setup.config.target.join("big")).unwrap(),
+        pattern(64 << 20, 3)
+    );
+}
+
+#[test]
+fn client_changes_during_the_migration_are_kept_and_nothing_comes_back() {
+    let setup = Setup::new(|root| {
+        fs::create_dir_all(root.join("docs/old")).unwrap();
+        write(&root.join("docs/old/report"), &pattern(2 << 20, 4));
+        write(&root.join("docs/delete-me"), b"gone");
+        write(&root.join("log"), &pattern(3 << 20, 5));
+        fs::create_dir(root.join("trash")).unwrap();
+        write(&root.join("trash/x"), b"x");
+    });
+    let migration = setup.start(true);
+    fs::rename(setup.access("docs/old"), setup.access("docs/new")).unwrap();
+    fs::remove_file(setup.access("docs/delete-me")).unwrap();
+    fs::remove_dir_all(setup.access("trash")).unwrap();
+    let mut log = fs::OpenOptions::new()
+        .write(true)
+        .open(setup.access("log"))
+        .unwrap();
+    log.seek(SeekFrom::Start(1 << 20)).unwrap();
+    log.write_all(b"client was here").unwrap();
+    drop(log);
+    let mut appended = fs::OpenOptions::new()
+        .append(true)
+        .open(setup.access("log"))
+        .unwrap();
+    appended.write_all(b"tail").unwrap();
+    drop(appended);
+    fs::create_dir(setup.access("fresh")).unwrap();
+    write(&setup.access("fresh/file"), b"new");
+    fs::rename(
+        setup.access("docs/new/report"),
+        setup.access("fresh/report"),
+    )
+    .unwrap();
+    migration.controls().resume();
+    wait_complete(&migration);
+    let (_, mismatches) = migration.verify();
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+    migration.commit().unwrap();
+
+    let target = &setup.config.target;
+    assert!(!target.join("docs/delete-me").exists());
+    assert!(!target.join("trash").exists());
+    assert!(!target.join("docs/old").exists());
+    assert!(target.join("docs/new").is_dir());
+    assert_eq!(
+        fs::read(target.join("fresh/report")).unwrap(),
+        pattern(2 << 20, 4)
+    );
+    assert_eq!(fs::read(target.join("fresh/file")).unwrap(), b"new");
+    let mut expected = pattern(3 << 20, 5);
+    expected[1 << 20..(1 << 20) + 15].copy_from_slice(b"client was here");
+    expected.extend_from_slice(b"tail");
+    assert_eq!(fs::read(target.join("log")).unwrap(), expected);
+}
+
+#[test]
+fn a_migration_resumes_from_its_journal() {
+    let setup = Setup::new(|root| {
+        for i in 0..20 {
+            fs::create_dir_all(root.join(format!("d{i}"))).unwrap();
+            write(&root.join(format!("d{i}/f")), &pattern(1 << 20, i as u8));
+        }
+    });
+    let migration = setup.start(true);
+    assert_eq!(fs::read(setup.access("d3/f")).unwrap(), pattern(1 << 20, 3));
+    fs::remove_dir_all(setup.access("d4")).unwrap();
+    migration.stop().unwrap();
+    let migration = TreeMigration::start(
+        &setup.config,
+        Arc::new(Controls::new(None, 1, Priority::Normal)),
+    )
+    .unwrap();
+    wait_complete(&migration);
+    migration.commit().unwrap();
+    assert!(
+        !setup.config.target.join("d4").exists(),
+        "a deleted directory stays deleted"
+    );
+    assert_eq!(
+        fs::read(setup.config.target.join("d19/f")).unwrap(),
+        pattern(1 << 20, 19)
+    );
+}
+
+#[test]
+fn bad_configurations_are_refused_with_the_reason() {
+    let setup = Setup::new(|root| write(&root.join("f"), b"x"));
+    let mut config = setup.config.clone();
+    write(&config.target.join("already-here"), b"y");
+    let err = dmm_tree::check(&config, true).unwrap_err().to_string();
+    assert!(err.contains("not empty"), "{err}");
+    config.collision = Collision::Overwrite;
+    dmm_tree::check(&config, true).unwrap();
+    config.source = config.source.join("missing");
+    let err = dmm_tree::check(&config, true).unwrap_err().to_string();
+    assert!(err.contains("missing"), "{err}");
+    let mut config = setup.config.clone();
+    fs::remove_file(config.target.join("already-here")).unwrap();
+    write(&config.access.join("busy"), b"z");
+    let err = dmm_tree::check(&config, true).unwrap_err().to_string();
+    assert!(err.contains("not empty"), "{err}");
+    config.access = config.target.clone();
+    config.target = config.source.join("inside");
+    fs::create_dir(&config.target).unwrap();
+    let err = dmm_tree::check(&config, true).unwrap_err().to_string();
+    assert!(err.contains("overlap"), "{err}");
+}
