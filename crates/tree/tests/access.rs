@@ -280,3 +280,106 @@ fn bad_configurations_are_refused_with_the_reason() {
     let err = dmm_tree::check(&config, true).unwrap_err().to_string();
     assert!(err.contains("overlap"), "{err}");
 }
+
+#[test]
+fn a_vanished_source_file_is_listed_and_does_not_stop_the_rest() {
+    let setup = Setup::new(|root| {
+        write(&root.join("keeps"), &pattern(1 << 20, 6));
+        write(&root.join("vanishes"), &pattern(1 << 20, 7));
+    });
+    let migration = setup.start(true);
+    // Populates the root, so both files have placeholders.
+    assert_eq!(fs::read_dir(setup.access("")).unwrap().count(), 2);
+    fs::remove_file(setup.config.source.join("vanishes")).unwrap();
+    migration.controls().resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let progress = loop {
+        let progress = migration.progress();
+        if progress.counts.files_done == 1 && !progress.errors.is_empty() {
+            break progress;
+        }
+        assert!(Instant::now() < deadline, "{progress:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        progress.errors[0].path.ends_with("vanishes"),
+        "{progress:?}"
+    );
+    assert!(
+        progress.errors[0].message.contains("No such file"),
+        "{progress:?}"
+    );
+    assert!(!migration.is_complete());
+    let err = fs::read(setup.access("vanishes")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(2), "{err}");
+    // The admin's way out: the file is gone at the source, so remove it.
+    fs::remove_file(setup.access("vanishes")).unwrap();
+    wait_complete(&migration);
+    migration.commit().unwrap();
+    assert_eq!(
+        fs::read(setup.config.target.join("keeps")).unwrap(),
+        pattern(1 << 20, 6)
+    );
+}
+
+#[test]
+fn tar_extracts_and_reads_through_the_access_point_during_the_migration() {
+    let setup = Setup::new(|root| {
+        for d in 0..10 {
+            fs::create_dir_all(root.join(format!("old/d{d}"))).unwrap();
+            for f in 0..20 {
+                let data = pattern(1000 + 997 * f, (d * 20 + f) as u8);
+                write(&root.join(format!("old/d{d}/f{f}")), &data);
+            }
+        }
+    });
+    let archive = setup.config.journal.with_file_name("new.tar");
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&setup.config.source)
+        .arg("old")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let migration = setup.start(true);
+    fs::create_dir(setup.access("new")).unwrap();
+    // Reads every pending file of `old` while writing a copy under `new`.
+    let status = Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(setup.access("new"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reader = Command::new("tar")
+        .arg("-cf")
+        .arg(setup.config.journal.with_file_name("read.tar"))
+        .arg("-C")
+        .arg(setup.access(""))
+        .arg("old")
+        .status()
+        .unwrap();
+    assert!(reader.success());
+    migration.controls().resume();
+    wait_complete(&migration);
+    migration.commit().unwrap();
+    let target = &setup.config.target;
+    let diff = Command::new("diff")
+        .arg("-r")
+        .arg(target.join("old"))
+        .arg(target.join("new/old"))
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    assert_eq!(
+        rsync_differences(&setup.config.source.join("old"), &target.join("old")),
+        ""
+    );
+}

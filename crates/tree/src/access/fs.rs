@@ -162,7 +162,22 @@ impl TreeFs {
             .ok_or(Errno::ESTALE)
     }
 
+    /// The attributes clients see. dmm writing a file's data or a
+    /// directory's placeholders moves its ctime; one no client changed
+    /// shows a stable one (its mtime) until the end, so readers such as tar
+    /// do not see it change under them.
     fn attr(&self, st: &Stat) -> FileAttr {
+        let mut attr = self.raw_attr(st);
+        let tracked = self.namespace.entry_of_ino(st.st_ino);
+        if matches!(attr.kind, FileType::RegularFile | FileType::Directory)
+            && tracked.is_some_and(|id| self.namespace.is_unchanged(id))
+        {
+            attr.ctime = attr.mtime;
+        }
+        attr
+    }
+
+    fn raw_attr(&self, st: &Stat) -> FileAttr {
         FileAttr {
             ino: self.to_fuse(st.st_ino),
             size: st.st_size as u64,
@@ -424,8 +439,11 @@ impl TreeFs {
     fn do_open(&self, ino: INodeNo, flags: i32) -> Reply<u64> {
         let fd = self.fd(ino)?;
         let entry = self.entry(ino);
+        // The kernel resolved the name already; O_NOFOLLOW would refuse the
+        // /proc/self/fd link that stands for the file.
         let oflags = OFlags::from_bits_retain(
-            flags as u32 & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY).bits(),
+            flags as u32
+                & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::NOFOLLOW).bits(),
         );
         if oflags.contains(OFlags::TRUNC)
             && let Some(id) = entry

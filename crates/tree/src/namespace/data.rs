@@ -176,10 +176,25 @@ impl Namespace {
             "copy data of",
             &self.source.path(&source_path),
         ))?;
+        self.keep_source_times(id, &source, &target_path);
         let mut state = self.lock();
         state.counts.bytes_written += written;
         state.counts.bytes_done += end - start;
         Ok(written)
+    }
+
+    /// Writing a segment moved the placeholder's times: clients must keep
+    /// seeing the source's (a reader such as tar checks them), unless they
+    /// changed the file themselves.
+    fn keep_source_times(&self, id: EntryId, source: &File, target: &std::path::Path) {
+        let changed = self.lock().entries.get(&id).is_none_or(|e| e.changed);
+        if changed {
+            return;
+        }
+        if let Ok(metadata) = source.metadata() {
+            // Best effort: the final times are set again at completion.
+            let _ = fidelity::set_times(target, &crate::source::Meta::from_metadata(&metadata));
+        }
     }
 
     /// Ends a claim: the segment is marked fetched (if `done`) and the file

@@ -306,6 +306,15 @@ impl Namespace {
             .copied()
     }
 
+    /// Whether the entry came from the source and no client changed it.
+    pub fn is_unchanged(&self, id: EntryId) -> bool {
+        self.state
+            .lock()
+            .entries
+            .get(&id)
+            .is_some_and(|e| !e.changed && e.source.is_some())
+    }
+
     /// Whether the entry is a regular file with data still to copy.
     pub fn is_pending_file(&self, id: EntryId) -> bool {
         self.state
