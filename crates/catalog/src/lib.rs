@@ -11,19 +11,20 @@
 //! the copy, not of client writes. `SCHEMA.md` documents the tables and
 //! their versions.
 
+mod database;
 mod schema;
 pub mod tree_journal;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use std::sync::Mutex;
-
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+
+use crate::database::Database;
 
 /// A migration's identifier.
 pub type MigrationId = i64;
@@ -186,37 +187,22 @@ fn parse_state(text: String) -> rusqlite::Result<State> {
 
 /// The catalog of one state directory.
 pub struct Catalog {
-    connection: Mutex<Connection>,
-    path: PathBuf,
+    database: Database,
 }
 
 impl Catalog {
     /// Opens (creating or upgrading) the catalog at `path`.
     pub fn open(path: &Path) -> Result<Catalog> {
-        let context = format!("cannot open the catalog {}", path.display());
-        let mut connection = Connection::open(path).map_err(storage(&context))?;
-        connection
-            .execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = ON;
-                 PRAGMA busy_timeout = 5000;",
-            )
-            .map_err(storage(&context))?;
-        schema::upgrade(&mut connection, path)?;
-        Ok(Catalog {
-            connection: Mutex::new(connection),
-            path: path.to_owned(),
-        })
+        let database = Database::open(path, &schema::CATALOG)?;
+        Ok(Catalog { database })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.database.path()
     }
 
     fn with<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
-        work(&mut connection)
+        self.database.with(work)
     }
 
     /// Records a new migration.

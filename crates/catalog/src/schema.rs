@@ -1,12 +1,7 @@
-//! The catalog's tables and how a database of an older version is brought
-//! up to date. The version lives in SQLite's `user_version`; each step runs
-//! in its own transaction. See `SCHEMA.md`.
+//! The catalog's tables, as steps from each schema version to the next
+//! (see `SCHEMA.md`; `database` runs them).
 
-use std::path::Path;
-
-use rusqlite::Connection;
-
-use crate::{Error, ErrorKind, Result, storage};
+use crate::database::Layout;
 
 /// Steps from version N to N+1, in order; the schema version is their count.
 const STEPS: &[&str] = &[
@@ -47,46 +42,31 @@ const STEPS: &[&str] = &[
      CREATE INDEX events_by_migration ON events (migration_id, id);",
 ];
 
-/// The schema version this dmm writes.
-pub const VERSION: usize = STEPS.len();
-
-/// Brings the database to [`VERSION`].
-pub(crate) fn upgrade(connection: &mut Connection, path: &Path) -> Result<()> {
-    let context = format!("cannot upgrade the catalog {}", path.display());
-    let current: usize = connection
-        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
-        .map_err(storage(&context))? as usize;
-    if current > VERSION {
-        return Err(Error::new(
-            ErrorKind::Incompatible,
-            format!(
-                "the catalog {} has schema version {current}, newer than this dmm ({VERSION})",
-                path.display()
-            ),
-        ));
-    }
-    for (version, step) in STEPS.iter().enumerate().skip(current) {
-        let tx = connection.transaction().map_err(storage(&context))?;
-        tx.execute_batch(step).map_err(storage(&context))?;
-        tx.pragma_update(None, "user_version", (version + 1) as i64)
-            .map_err(storage(&context))?;
-        tx.commit().map_err(storage(&context))?;
-    }
-    Ok(())
-}
+/// The catalog file.
+pub(crate) const CATALOG: Layout = Layout {
+    what: "the catalog",
+    pragmas: "PRAGMA journal_mode = WAL;
+              PRAGMA synchronous = FULL;
+              PRAGMA foreign_keys = ON;
+              PRAGMA busy_timeout = 5000;",
+    steps: STEPS,
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
+    use crate::database::upgrade;
+    use rusqlite::Connection;
 
     #[test]
     fn a_newer_catalog_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.db");
         let mut connection = Connection::open(&path).unwrap();
-        upgrade(&mut connection, &path).unwrap();
+        upgrade(&mut connection, &path, &CATALOG).unwrap();
         connection.pragma_update(None, "user_version", 99).unwrap();
-        let err = upgrade(&mut connection, &path).unwrap_err();
+        let err = upgrade(&mut connection, &path, &CATALOG).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Incompatible);
         assert!(err.to_string().contains("newer"), "{err}");
     }

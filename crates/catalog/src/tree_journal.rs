@@ -5,12 +5,12 @@
 //! batches by the tree engine through [`TreeJournal::apply`]; see
 //! `crates/tree/DESIGN.md` for the ordering rules that make it crash-safe.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
-use crate::{Error, ErrorKind, Result, storage};
+use crate::database::{Database, Layout};
+use crate::{Result, storage};
 
 /// An entry's identifier; the root of the tree is [`ROOT`].
 pub type EntryId = i64;
@@ -55,10 +55,6 @@ impl EntryState {
                 ));
             }
         })
-    }
-
-    pub fn is_dir(self) -> bool {
-        matches!(self, EntryState::Unpopulated | EntryState::Populated)
     }
 }
 
@@ -151,8 +147,16 @@ impl Outstanding {
     }
 }
 
-const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS entries (
+/// The journal file: WAL with `synchronous = NORMAL`, so a commit survives
+/// a crash of dmm (the WAL is in the page cache) without an fsync per
+/// batch; [`TreeJournal::sync`] makes everything durable.
+const JOURNAL: Layout = Layout {
+    what: "the tree journal",
+    pragmas: "PRAGMA journal_mode = WAL;
+              PRAGMA synchronous = NORMAL;
+              PRAGMA busy_timeout = 5000;",
+    steps: &["
+    CREATE TABLE entries (
         id         INTEGER PRIMARY KEY,
         state      TEXT NOT NULL,
         source     BLOB,
@@ -163,74 +167,41 @@ const SCHEMA: &str = "
         merged     INTEGER NOT NULL,
         segments   BLOB
     );
-    CREATE INDEX IF NOT EXISTS entries_by_state ON entries (state);
-    CREATE TABLE IF NOT EXISTS names (
+    CREATE INDEX entries_by_state ON entries (state);
+    CREATE TABLE names (
         parent INTEGER NOT NULL,
         name   BLOB NOT NULL,
         entry  INTEGER NOT NULL,
         PRIMARY KEY (parent, name)
     );
-    CREATE INDEX IF NOT EXISTS names_by_entry ON names (entry);
-    CREATE TABLE IF NOT EXISTS intents (
+    CREATE INDEX names_by_entry ON names (entry);
+    CREATE TABLE intents (
         id   INTEGER PRIMARY KEY,
         body TEXT NOT NULL
     );
-    CREATE TABLE IF NOT EXISTS errors (
+    CREATE TABLE errors (
         entry    INTEGER PRIMARY KEY,
         path     BLOB NOT NULL,
         message  TEXT NOT NULL,
         attempts INTEGER NOT NULL,
         at       INTEGER NOT NULL
-    );
-    PRAGMA user_version = 1;";
+    );"],
+};
 
 /// The journal of one tree migration.
 pub struct TreeJournal {
-    connection: Mutex<Connection>,
-    path: PathBuf,
+    database: Database,
 }
 
 impl TreeJournal {
     /// Opens (creating) the journal at `path`.
-    ///
-    /// Commits are `synchronous = NORMAL`: a commit survives a crash of dmm
-    /// (the WAL is in the page cache) without an fsync per batch;
-    /// [`TreeJournal::sync`] makes everything durable against power loss.
     pub fn open(path: &Path) -> Result<TreeJournal> {
-        let context = format!("cannot open the tree journal {}", path.display());
-        let connection = Connection::open(path).map_err(storage(&context))?;
-        connection
-            .execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = NORMAL;
-                 PRAGMA busy_timeout = 5000;",
-            )
-            .map_err(storage(&context))?;
-        let version: i64 = connection
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(storage(&context))?;
-        if version > 1 {
-            return Err(Error::new(
-                ErrorKind::Incompatible,
-                format!("the tree journal {} is newer than this dmm", path.display()),
-            ));
-        }
-        connection
-            .execute_batch(SCHEMA)
-            .map_err(storage(&context))?;
-        Ok(TreeJournal {
-            connection: Mutex::new(connection),
-            path: path.to_owned(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        let database = Database::open(path, &JOURNAL)?;
+        Ok(TreeJournal { database })
     }
 
     fn with<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
-        work(&mut connection)
+        self.database.with(work)
     }
 
     /// Writes `changes` in one transaction, in order.
@@ -277,18 +248,6 @@ impl TreeJournal {
                 })
             };
             read().map_err(storage("journal"))
-        })
-    }
-
-    /// The source path of the entry, if the journal has it.
-    pub fn source_of(&self, id: EntryId) -> Result<Option<Vec<u8>>> {
-        self.with(|c| {
-            c.query_row("SELECT source FROM entries WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map(Option::flatten)
-            .map_err(storage("journal"))
         })
     }
 }

@@ -131,10 +131,6 @@ impl Source {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The absolute path of `relative` (empty for the root).
     pub fn path(&self, relative: &Path) -> PathBuf {
         if relative.as_os_str().is_empty() {

@@ -73,12 +73,6 @@ impl Workers {
         Workers { threads, shared }
     }
 
-    /// Whether every worker has ended (the tree is complete, or stop was
-    /// requested).
-    pub fn is_finished(&self) -> bool {
-        self.threads.iter().all(JoinHandle::is_finished)
-    }
-
     /// Waits for the workers to end.
     pub fn join(self) {
         for thread in self.threads {

@@ -47,10 +47,6 @@ impl AccessPoint {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Unmounts, waiting for the FUSE threads to end.
     pub fn unmount(mut self) -> Result<()> {
         self.stop()

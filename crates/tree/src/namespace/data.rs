@@ -232,24 +232,13 @@ impl Namespace {
         self.progress.notify_all();
     }
 
-    /// The last segment is in: final times (unless a client changed the
-    /// file), and the file leaves the pending set.
+    /// The last segment is in: the file leaves the pending set. (Its times
+    /// are the source's already: `keep_source_times` ran after the copy,
+    /// unless a client changed the file.)
     fn complete_file(&self, state: &mut super::State, id: EntryId) {
         let Some(entry) = state.entries.get_mut(&id) else {
             return;
         };
-        if !entry.changed {
-            let times = entry
-                .source
-                .as_ref()
-                .and_then(|s| self.source.stat(s).ok())
-                .zip(state.path_of(id).map(|p| self.target.join(p)));
-            if let Some((meta, path)) = times {
-                // Best effort: a failure leaves the copy time, not wrong data.
-                let _ = fidelity::set_times(&path, &meta);
-            }
-        }
-        let entry = state.entries.get_mut(&id).expect("present");
         let limit = entry.progress.take().map_or(entry.size, |p| p.limit);
         entry.state = EntryState::Done;
         state.counts.files_done += 1;

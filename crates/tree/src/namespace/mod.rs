@@ -284,10 +284,6 @@ impl Namespace {
         &self.target
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     pub fn journal(&self) -> &TreeJournal {
         &self.journal
     }
