@@ -168,7 +168,17 @@ pub fn qemu_io_checks(target: &str, read_only: bool, commands: &[String], what: 
         for command in batch {
             qemu_io.args(["-c", command]);
         }
-        let output = stdout(qemu_io.arg(target));
-        assert!(!output.contains("verification failed"), "{what}:\n{output}");
+        let output = qemu_io.arg(target).output().expect("qemu-io runs");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let failed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("verification failed"))
+            .collect();
+        assert!(failed.is_empty(), "{what}:\n{}", failed.join("\n"));
+        assert!(
+            output.status.success(),
+            "{what}: qemu-io failed\n{text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
