@@ -156,6 +156,21 @@ pub fn fio(args: &[&str]) -> String {
     output
 }
 
+/// Whether qemu-io reads `len` bytes at `offset` of `target` as one of the
+/// byte patterns in `values`.
+pub fn qemu_io_reads_one_of(target: &str, offset: u64, len: u64, values: &[u8]) -> bool {
+    values.iter().any(|value| {
+        let output = tool("qemu-io")
+            .args(["-r", "-f", "raw", "-c"])
+            .arg(format!("read -P {value} {offset} {len}"))
+            .arg(target)
+            .output()
+            .expect("qemu-io runs");
+        let text = String::from_utf8_lossy(&output.stdout);
+        output.status.success() && !text.contains("verification failed")
+    })
+}
+
 /// Runs qemu-io with many `-c` commands (in batches) on `target`; fails the
 /// test if a pattern check fails.
 pub fn qemu_io_checks(target: &str, read_only: bool, commands: &[String], what: &str) {
