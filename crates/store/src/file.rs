@@ -79,6 +79,11 @@ struct Inner {
     /// `opened`).
     offload_until: AtomicU64,
     opened: Instant,
+    /// Buffered writes to a regular file take, one at a time, from here
+    /// rather than from the inode lock: the filesystem serializes them
+    /// anyway, and a waiting thread sleeps instead of spinning in the
+    /// kernel (which, on a small machine, starves the copy's reads).
+    buffered_writes: Option<parking_lot::Mutex<()>>,
 }
 
 impl FileStore {
@@ -125,6 +130,7 @@ impl FileStore {
                 },
                 offload_until: AtomicU64::new(0),
                 opened: Instant::now(),
+                buffered_writes: (!block_device).then(|| parking_lot::Mutex::new(())),
             }),
             inline: true,
         })
@@ -173,6 +179,12 @@ impl Inner {
             ReadWriteFlags::DSYNC
         } else {
             ReadWriteFlags::empty()
+        };
+        // A FUA write syncs after the filesystem's lock is released, so
+        // concurrent ones overlap their syncs: they do not queue here.
+        let _one_at_a_time = match fua {
+            false => self.buffered_writes.as_ref().map(|lock| lock.lock()),
+            true => None,
         };
         while !data.is_empty() {
             let n = retry_eintr(|| {
