@@ -20,14 +20,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use dmm_catalog::{MigrationId, MigrationRecord};
-use dmm_volume::Progress;
 use futures::stream::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::properties;
-use crate::supervisor::{ErrorKind, OpError, Supervisor};
+use crate::supervisor::{ErrorKind, OpError, Report, Supervisor};
 
 /// The OpenAPI description of this router.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -64,7 +63,8 @@ pub struct View {
     pub record: MigrationRecord,
     /// Every property with defaults filled in.
     pub effective: BTreeMap<String, String>,
-    pub progress: Option<Progress>,
+    /// A volume's or a tree's progress, while its engine is open.
+    pub progress: Option<Report>,
 }
 
 async fn view(supervisor: &Supervisor, record: MigrationRecord) -> Result<View, ApiError> {

@@ -38,6 +38,11 @@ impl Layout {
         self.root.join("volumes")
     }
 
+    /// Per-migration tree state (the tree journal): `trees/<migid>/`.
+    pub fn trees(&self) -> PathBuf {
+        self.root.join("trees")
+    }
+
     /// Held by the running daemon.
     pub fn lock(&self) -> PathBuf {
         self.root.join("daemon.lock")

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod properties;
 pub mod stores;
 pub mod supervisor;
+pub mod tree_job;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -55,7 +56,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     };
     let catalog = Arc::new(Catalog::open(&layout.catalog())?);
     let exports = Arc::new(ExportTable::new());
-    let supervisor = Supervisor::new(catalog, layout.volumes(), exports.clone());
+    let supervisor = Supervisor::new(catalog, &layout, exports.clone());
     let nbd = Arc::new(Server::new(exports, ServerConfig::default()));
     let nbd_unix = dmm_nbd::bind_unix(&layout.nbd_socket())
         .with_context(|| format!("cannot listen on {}", layout.nbd_socket().display()))?;

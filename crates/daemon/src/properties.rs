@@ -1,6 +1,10 @@
 //! Migration properties: names, defaults, valid values, and when each may
 //! change.
 //!
+//! Volume and tree migrations share one property table: each property says
+//! which kinds it applies to, and one that does not apply is refused by
+//! name rather than silently ignored.
+//!
 //! Properties are stored as the user typed them (so `dmm get` shows
 //! `64K`, not `65536`) and validated on the way in: an unknown name or a bad
 //! value is refused with the valid choices before anything is written.
@@ -20,11 +24,30 @@ pub enum Change {
     BeforeStart,
 }
 
+/// Which kinds of migration a property applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applies {
+    Both,
+    Volume,
+    Tree,
+}
+
+impl Applies {
+    fn to(self, kind: &str) -> bool {
+        match self {
+            Applies::Both => true,
+            Applies::Volume => kind == "volume",
+            Applies::Tree => kind == "tree",
+        }
+    }
+}
+
 /// One property.
 pub struct Property {
     pub name: &'static str,
     pub default: Option<&'static str>,
     pub change: Change,
+    pub applies: Applies,
     pub help: &'static str,
     check: fn(&str) -> Result<(), String>,
 }
@@ -46,7 +69,11 @@ fn one_of(value: &str, choices: &[&str]) -> Result<(), String> {
 }
 
 fn kind(value: &str) -> Result<(), String> {
-    one_of(value, &["volume"])
+    one_of(value, &["volume", "tree"])
+}
+
+fn collision(value: &str) -> Result<(), String> {
+    value.parse::<dmm_tree::Collision>().map(|_| ())
 }
 
 fn strategy(value: &str) -> Result<(), String> {
@@ -89,27 +116,32 @@ fn count(value: &str) -> Result<(), String> {
 pub const PROPERTIES: &[Property] = &[
     Property {
         name: "kind",
+        applies: Applies::Both,
         default: Some("volume"),
         change: Change::BeforeStart,
-        help: "what is migrated: volume",
+        help: "what is migrated: volume or tree (a directory tree)",
         check: kind,
     },
     Property {
         name: "source",
+        applies: Applies::Both,
         default: None,
         change: Change::BeforeStart,
-        help: "image file, block device or NBD URI",
+        help: "volume: image file, block device or NBD URI; tree: a directory (read-only)",
         check: non_empty,
     },
     Property {
         name: "target",
+        applies: Applies::Both,
         default: None,
         change: Change::BeforeStart,
-        help: "image file, block device or NBD URI, at least as large as the source",
+        help: "volume: image file, block device or NBD URI, at least as large as the \
+               source; tree: a local directory",
         check: non_empty,
     },
     Property {
         name: "strategy",
+        applies: Applies::Volume,
         default: Some("auto"),
         change: Change::BeforeStart,
         help: "precopy, mirror, aio, slr, lr, redirect or auto",
@@ -117,6 +149,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "export",
+        applies: Applies::Volume,
         default: None,
         change: Change::BeforeStart,
         help: "NBD export name (default: the migid)",
@@ -124,6 +157,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "switchover",
+        applies: Applies::Volume,
         default: Some("auto"),
         change: Change::Live,
         help: "auto: switch as soon as the strategy allows; manual: wait for `dmm switchover`",
@@ -131,13 +165,15 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "segsize",
+        applies: Applies::Both,
         default: Some("1M"),
         change: Change::BeforeStart,
-        help: "chunk size, N[.N][KMGTP][B]",
+        help: "chunk (volume) or file segment (tree) size, N[.N][KMGTP][B]",
         check: segsize,
     },
     Property {
         name: "rate",
+        applies: Applies::Both,
         default: Some("0"),
         change: Change::Live,
         help: "copy bandwidth limit in bytes per second (0: none), N[.N][KMGTP][B]",
@@ -145,6 +181,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "priority",
+        applies: Applies::Both,
         default: Some("normal"),
         change: Change::Live,
         help: "low, normal or high",
@@ -152,6 +189,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "copies",
+        applies: Applies::Volume,
         default: Some("8"),
         change: Change::Live,
         help: "chunks copied at once",
@@ -159,17 +197,52 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "verify",
+        applies: Applies::Both,
         default: Some("full"),
         change: Change::BeforeStart,
-        help: "none or full (BLAKE3 comparison of every chunk before commit)",
+        help: "none or full (BLAKE3 comparison of every chunk, or of every file not \
+               changed through the access point, before commit)",
         check: verify,
     },
     Property {
         name: "logfile",
+        applies: Applies::Both,
         default: None,
         change: Change::Live,
         help: "file that receives the migration's log lines",
         check: non_empty,
+    },
+    Property {
+        name: "access",
+        applies: Applies::Tree,
+        default: None,
+        change: Change::BeforeStart,
+        help: "empty directory where the FUSE access point is mounted",
+        check: non_empty,
+    },
+    Property {
+        name: "collision",
+        applies: Applies::Tree,
+        default: Some("error"),
+        change: Change::BeforeStart,
+        help: "a name in both source and target: error, overwrite or rename",
+        check: collision,
+    },
+    Property {
+        name: "maxnsproc",
+        applies: Applies::Tree,
+        default: Some("2"),
+        change: Change::BeforeStart,
+        help: "directory workers",
+        check: count,
+    },
+    Property {
+        name: "maxdfproc",
+        applies: Applies::Tree,
+        default: Some("4"),
+        change: Change::BeforeStart,
+        help: "file workers",
+        check: count,
     },
 ];
 
@@ -187,18 +260,40 @@ pub fn check(name: &str, value: &str) -> Result<(), String> {
     (property.check)(value).map_err(|why| format!("bad value {value:?} for {name}: {why}"))
 }
 
-/// Checks a set of properties for a new migration; `source` and `target`
-/// are required.
+/// Checks a set of properties for a new migration: each one valid and
+/// meant for its kind, `source` and `target` (and a tree's `access`)
+/// present.
 pub fn check_new(properties: &BTreeMap<String, String>) -> Result<(), String> {
+    let kind = value(properties, "kind").unwrap_or("volume");
     for (name, value) in properties {
         check(name, value)?;
+        check_applies(name, kind)?;
     }
-    for required in ["source", "target"] {
-        if !properties.contains_key(required) {
+    let required: &[&str] = match kind {
+        "tree" => &["source", "target", "access"],
+        _ => &["source", "target"],
+    };
+    for required in required {
+        if !properties.contains_key(*required) {
             return Err(format!("missing property {required} (-p {required}=…)"));
         }
     }
     Ok(())
+}
+
+/// Refuses a property that does not apply to a kind of migration.
+pub fn check_applies(name: &str, kind: &str) -> Result<(), String> {
+    let property = lookup(name)?;
+    if property.applies.to(kind) {
+        return Ok(());
+    }
+    let meant = match property.applies {
+        Applies::Volume => "volume",
+        _ => "tree",
+    };
+    Err(format!(
+        "{name} applies to {meant} migrations only, not to a {kind} migration"
+    ))
 }
 
 /// Checks that `name` may change in `state`.
@@ -221,10 +316,13 @@ pub fn value<'a>(properties: &'a BTreeMap<String, String>, name: &str) -> Option
         .or_else(|| lookup(name).ok().and_then(|p| p.default))
 }
 
-/// Every property with its effective value (defaults filled in).
+/// Every property of the migration's kind with its effective value
+/// (defaults filled in).
 pub fn effective(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let kind = value(properties, "kind").unwrap_or("volume");
     PROPERTIES
         .iter()
+        .filter(|p| p.applies.to(kind))
         .filter_map(|p| value(properties, p.name).map(|v| (p.name.to_owned(), v.to_owned())))
         .collect()
 }
@@ -244,6 +342,32 @@ pub fn config(properties: &BTreeMap<String, String>) -> MigrationConfig {
             Verify::Full
         },
         ..MigrationConfig::default()
+    }
+}
+
+/// The tree engine configuration the properties describe; `journal` is
+/// where the migration keeps its state.
+pub fn tree_config(
+    migid: i64,
+    properties: &BTreeMap<String, String>,
+    journal: std::path::PathBuf,
+) -> dmm_tree::TreeConfig {
+    let get = |name| value(properties, name).unwrap_or_default();
+    let config = config(properties);
+    dmm_tree::TreeConfig {
+        migid,
+        source: get("source").into(),
+        target: get("target").into(),
+        access: get("access").into(),
+        journal,
+        segsize: config.chunk_size,
+        collision: get("collision")
+            .parse()
+            .unwrap_or(dmm_tree::Collision::Error),
+        rate: config.rate,
+        priority: config.priority,
+        dir_workers: get("maxnsproc").parse().unwrap_or(2),
+        file_workers: get("maxdfproc").parse().unwrap_or(4),
     }
 }
 

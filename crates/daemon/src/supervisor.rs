@@ -6,8 +6,9 @@
 //! killed in the middle knows on restart what it was doing
 //! ([`Supervisor::recover`]). A running volume migration is a
 //! [`dmm_volume::Migration`] plus the task that drives it and its NBD export
-//! in the daemon's shared export table; the task maps the engine's phases to
-//! catalog states as they happen.
+//! in the daemon's shared export table; a running tree migration is a
+//! [`TreeJob`] (its access point mounted) plus the task that watches it.
+//! The task maps the engine's phases to catalog states as they happen.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use tokio::sync::broadcast;
 
 use crate::properties;
 use crate::stores;
+use crate::tree_job::{TreeJob, TreePhase, TreeReport, TreeRunError};
 
 /// Why a verb was refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,21 +83,88 @@ pub enum Notice {
     },
     Progress {
         migration: MigrationId,
-        progress: Box<Progress>,
+        progress: Report,
     },
+}
+
+/// A running migration's progress, as its kind reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    Volume(Box<Progress>),
+    Tree(Box<TreeReport>),
+}
+
+/// The engine of an open migration.
+#[derive(Clone)]
+enum Job {
+    Volume(Arc<Migration>),
+    Tree(Arc<TreeJob>),
+}
+
+impl Job {
+    fn controls(&self) -> &dmm_volume::Controls {
+        match self {
+            Job::Volume(migration) => migration.controls(),
+            Job::Tree(tree) => tree.controls(),
+        }
+    }
+
+    async fn report(&self) -> Report {
+        match self {
+            Job::Volume(migration) => Report::Volume(Box::new(migration.progress().await)),
+            Job::Tree(tree) => Report::Tree(Box::new(tree.report())),
+        }
+    }
+
+    /// The volume engine, for the verbs only volumes have.
+    fn volume(&self, verb: &str, id: MigrationId) -> Outcome<&Arc<Migration>> {
+        match self {
+            Job::Volume(migration) => Ok(migration),
+            Job::Tree(_) => Err(OpError::new(
+                ErrorKind::Conflict,
+                format!("cannot {verb} migration {id}: it is a tree migration"),
+            )),
+        }
+    }
 }
 
 /// A migration whose engine is open.
 struct Engine {
-    migration: Arc<Migration>,
-    export: String,
+    job: Job,
+    /// The NBD export of a volume.
+    export: Option<String>,
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Drives an engine until it needs the admin: `Ok(Some(message))` when it
+/// is done, `Ok(None)` when stopped, `Err(message)` when it failed.
+async fn run_job(job: &Job) -> Result<Option<&'static str>, String> {
+    match job {
+        Job::Volume(migration) => match migration.run().await {
+            Ok(Phase::Verified) => Ok(Some(
+                "the destination holds the whole volume; ready to commit",
+            )),
+            Ok(Phase::RolledBack) => Ok(Some("rolled back: the source holds the whole volume")),
+            Ok(_) => Ok(Some("done")),
+            Err(MigrationError::Stopped) => Ok(None),
+            Err(err) => Err(err.to_string()),
+        },
+        Job::Tree(tree) => match tree.run().await {
+            Ok(()) => Ok(Some(
+                "every entry is migrated and verified; ready to commit",
+            )),
+            Err(TreeRunError::Stopped) => Ok(None),
+            Err(err) => Err(err.to_string()),
+        },
+    }
 }
 
 /// The daemon's migrations.
 pub struct Supervisor {
     catalog: Arc<Catalog>,
     volumes: PathBuf,
+    trees: PathBuf,
     exports: Arc<ExportTable>,
     engines: Mutex<HashMap<MigrationId, Engine>>,
     notices: broadcast::Sender<Notice>,
@@ -119,27 +188,46 @@ fn refuse_unless(record: &MigrationRecord, verb: &str, valid: &[State]) -> Outco
 }
 
 /// The catalog state an engine's progress corresponds to.
-fn state_of(progress: &Progress, paused: bool) -> State {
-    match progress.phase {
-        Phase::Copying | Phase::RollingBack if paused => State::Paused,
-        Phase::Copying | Phase::RollingBack => State::Running,
-        Phase::SwitchedOver => State::Verifying,
-        Phase::Verified => State::SwitchedOver,
-        Phase::Committed => State::Committed,
-        Phase::RolledBack => State::RolledBack,
+fn state_of(report: &Report) -> State {
+    match report {
+        Report::Volume(progress) => {
+            let paused = progress.activity == Activity::Paused;
+            match progress.phase {
+                Phase::Copying | Phase::RollingBack if paused => State::Paused,
+                Phase::Copying | Phase::RollingBack => State::Running,
+                Phase::SwitchedOver => State::Verifying,
+                Phase::Verified => State::SwitchedOver,
+                Phase::Committed => State::Committed,
+                Phase::RolledBack => State::RolledBack,
+            }
+        }
+        // A tree's access point shows the target from the start; once
+        // everything is migrated and verified it is ready to commit, which
+        // the catalog calls switched-over for both kinds.
+        Report::Tree(report) => match report.phase {
+            TreePhase::Migrating if report.paused => State::Paused,
+            TreePhase::Migrating => State::Running,
+            TreePhase::Verifying => State::Verifying,
+            TreePhase::Verified => State::SwitchedOver,
+        },
     }
+}
+
+fn is_tree(record: &MigrationRecord) -> bool {
+    record.kind == "tree"
 }
 
 impl Supervisor {
     pub fn new(
         catalog: Arc<Catalog>,
-        volumes: PathBuf,
+        layout: &crate::Layout,
         exports: Arc<ExportTable>,
     ) -> Arc<Supervisor> {
         let (notices, _) = broadcast::channel(1024);
         Arc::new(Supervisor {
             catalog,
-            volumes,
+            volumes: layout.volumes(),
+            trees: layout.trees(),
             exports,
             engines: Mutex::new(HashMap::new()),
             notices,
@@ -196,8 +284,17 @@ impl Supervisor {
         Ok(self.catalog.get(intent.migration)?)
     }
 
-    fn state_dir(&self, id: MigrationId) -> PathBuf {
-        self.volumes.join(id.to_string())
+    /// Where a migration's engine keeps its state.
+    fn state_dir(&self, record: &MigrationRecord) -> PathBuf {
+        match is_tree(record) {
+            true => self.trees.join(record.id.to_string()),
+            false => self.volumes.join(record.id.to_string()),
+        }
+    }
+
+    fn tree_config(&self, record: &MigrationRecord) -> dmm_tree::TreeConfig {
+        let journal = self.state_dir(record).join("journal.db");
+        properties::tree_config(record.id, &record.properties, journal)
     }
 
     /// Creates a migration; starts it unless `halted`. The stores are opened
@@ -223,9 +320,14 @@ impl Supervisor {
         self.start(record.id).await
     }
 
-    /// Opens the stores of a migration and negotiates, without recording
-    /// anything.
+    /// Opens the stores of a migration and negotiates (for a tree: checks
+    /// source, target and access point), without recording anything.
     async fn check_stores(&self, properties: &BTreeMap<String, String>) -> Outcome<()> {
+        if properties::value(properties, "kind") == Some("tree") {
+            let config = properties::tree_config(0, properties, PathBuf::new());
+            return dmm_tree::check(&config, true)
+                .map_err(|e| OpError::new(ErrorKind::Invalid, e.to_string()));
+        }
         let (source, target) = self.open_stores(properties).await?;
         let config = properties::config(properties);
         dmm_volume::negotiate(&*source.store, &*target.store, &config)
@@ -273,80 +375,106 @@ impl Supervisor {
     /// Opens the engine (resuming its saved state), exports it, and starts
     /// the task that drives it.
     async fn launch(self: &Arc<Self>, record: &MigrationRecord) -> Outcome<()> {
-        let migration = self.open_engine(record).await?;
-        self.drive(record.id, &migration);
+        let job = self.open_engine(record).await?;
+        self.drive(record.id, &job);
         Ok(())
     }
 
-    async fn open_engine(self: &Arc<Self>, record: &MigrationRecord) -> Outcome<Arc<Migration>> {
+    async fn open_engine(self: &Arc<Self>, record: &MigrationRecord) -> Outcome<Job> {
         if let Some(engine) = self.engines.lock().get(&record.id) {
-            return Ok(engine.migration.clone());
+            return Ok(engine.job.clone());
         }
-        let (source, target) = self.open_stores(&record.properties).await?;
-        let config = properties::config(&record.properties);
-        let names = (source.name, target.name);
-        let dir = self.state_dir(record.id);
-        let migration = Migration::open(source.store, target.store, names, &dir, config)
-            .await
-            .map_err(|e| OpError::new(ErrorKind::Failed, e.to_string()))?;
-        let migration = Arc::new(migration);
-        if properties::value(&record.properties, "switchover") == Some("manual") {
-            migration.controls().hold_switchover();
+        let job = match is_tree(record) {
+            true => Job::Tree(self.open_tree(record).await?),
+            false => Job::Volume(self.open_volume(record).await?),
+        };
+        let export = match &job {
+            Job::Volume(_) => Some(
+                record
+                    .properties
+                    .get("export")
+                    .cloned()
+                    .unwrap_or_else(|| record.id.to_string()),
+            ),
+            Job::Tree(_) => None,
+        };
+        if let (Job::Volume(migration), Some(export)) = (&job, &export) {
+            self.exports
+                .insert(Export::new(export.clone(), migration.device()))
+                .map_err(|e| OpError::new(ErrorKind::Conflict, e.to_string()))?;
         }
-        let export = record
-            .properties
-            .get("export")
-            .cloned()
-            .unwrap_or_else(|| record.id.to_string());
-        self.exports
-            .insert(Export::new(export.clone(), migration.device()))
-            .map_err(|e| OpError::new(ErrorKind::Conflict, e.to_string()))?;
         self.engines.lock().insert(
             record.id,
             Engine {
-                migration: migration.clone(),
+                job: job.clone(),
                 export,
                 task: None,
             },
         );
-        Ok(migration)
+        Ok(job)
+    }
+
+    /// Opens a tree engine: journal, access point, workers.
+    async fn open_tree(&self, record: &MigrationRecord) -> Outcome<Arc<TreeJob>> {
+        let config = self.tree_config(record);
+        let dir = self.state_dir(record);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            OpError::new(
+                ErrorKind::Failed,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        let controls = Arc::new(dmm_volume::Controls::new(config.rate, 1, config.priority));
+        let verify = properties::value(&record.properties, "verify") != Some("none");
+        let job = TreeJob::open(config, controls, verify)
+            .await
+            .map_err(|e| OpError::new(ErrorKind::Failed, e.to_string()))?;
+        Ok(Arc::new(job))
+    }
+
+    async fn open_volume(&self, record: &MigrationRecord) -> Outcome<Arc<Migration>> {
+        let (source, target) = self.open_stores(&record.properties).await?;
+        let config = properties::config(&record.properties);
+        let names = (source.name, target.name);
+        let dir = self.state_dir(record);
+        let migration = Migration::open(source.store, target.store, names, &dir, config)
+            .await
+            .map_err(|e| OpError::new(ErrorKind::Failed, e.to_string()))?;
+        if properties::value(&record.properties, "switchover") == Some("manual") {
+            migration.controls().hold_switchover();
+        }
+        Ok(Arc::new(migration))
     }
 
     /// Starts the task that runs the engine and reports on it.
-    fn drive(self: &Arc<Self>, id: MigrationId, migration: &Arc<Migration>) {
+    fn drive(self: &Arc<Self>, id: MigrationId, job: &Job) {
         let supervisor = self.clone();
-        let engine = migration.clone();
-        let task = tokio::spawn(async move { supervisor.run_engine(id, engine).await });
+        let job = job.clone();
+        let task = tokio::spawn(async move { supervisor.run_engine(id, job).await });
         if let Some(slot) = self.engines.lock().get_mut(&id) {
             slot.task = Some(task);
         }
     }
 
-    async fn run_engine(self: Arc<Self>, id: MigrationId, migration: Arc<Migration>) {
-        let running = migration.run();
+    /// Runs the engine to its end, mirroring its progress in the catalog;
+    /// returns `Ok(message)` when it is done, `Ok(None)` when stopped.
+    async fn run_engine(self: Arc<Self>, id: MigrationId, job: Job) {
+        let running = run_job(&job);
         tokio::pin!(running);
         let mut last = None;
         let outcome = loop {
             tokio::select! {
                 outcome = &mut running => break outcome,
                 () = tokio::time::sleep(Duration::from_millis(500)) => {
-                    self.follow(id, &migration, &mut last).await;
+                    self.follow(id, &job, &mut last).await;
                 }
             }
         };
-        self.follow(id, &migration, &mut last).await;
+        self.follow(id, &job, &mut last).await;
         match outcome {
-            Ok(phase) => {
-                let message = match phase {
-                    Phase::Verified => "the destination holds the whole volume; ready to commit",
-                    Phase::RolledBack => "rolled back: the source holds the whole volume",
-                    _ => "done",
-                };
-                self.note(id, "info", message);
-            }
-            Err(MigrationError::Stopped) => {}
-            Err(err) => {
-                let message = err.to_string();
+            Ok(Some(message)) => self.note(id, "info", message),
+            Ok(None) => {}
+            Err(message) => {
                 self.note(id, "error", &message);
                 if self
                     .catalog
@@ -359,14 +487,19 @@ impl Supervisor {
         }
     }
 
-    /// Mirrors the engine's phase in the catalog and publishes progress.
-    async fn follow(&self, id: MigrationId, migration: &Migration, last: &mut Option<State>) {
-        let progress = migration.progress().await;
-        let paused = progress.activity == Activity::Paused;
-        let state = state_of(&progress, paused);
+    /// Mirrors the engine's phase in the catalog, logs a tree's new
+    /// per-file errors, and publishes progress.
+    async fn follow(&self, id: MigrationId, job: &Job, last: &mut Option<State>) {
+        let report = job.report().await;
+        let state = state_of(&report);
+        if let (Job::Tree(tree), Report::Tree(report)) = (job, &report) {
+            for line in tree.new_errors(report) {
+                self.note(id, "error", &line);
+            }
+        }
         let _ = self.notices.send(Notice::Progress {
             migration: id,
-            progress: Box::new(progress),
+            progress: report,
         });
         let Ok(record) = self.catalog.get(id) else {
             return;
@@ -384,8 +517,8 @@ impl Supervisor {
         }
     }
 
-    fn engine(&self, id: MigrationId) -> Option<Arc<Migration>> {
-        self.engines.lock().get(&id).map(|e| e.migration.clone())
+    fn engine(&self, id: MigrationId) -> Option<Job> {
+        self.engines.lock().get(&id).map(|e| e.job.clone())
     }
 
     /// Suspends the copy in memory (clients keep working).
@@ -429,12 +562,23 @@ impl Supervisor {
         let Some(engine) = engine else {
             return;
         };
-        engine.migration.controls().request_stop();
+        engine.job.controls().request_stop();
         if let Some(task) = engine.task {
             let _ = task.await;
         }
-        self.exports.remove(&engine.export);
-        let _ = engine.migration.checkpoint().await;
+        if let Some(export) = &engine.export {
+            self.exports.remove(export);
+        }
+        match &engine.job {
+            Job::Volume(migration) => {
+                let _ = migration.checkpoint().await;
+            }
+            Job::Tree(tree) => {
+                if let Err(err) = tree.close().await {
+                    self.note(id, "error", &format!("closing the tree migration: {err}"));
+                }
+            }
+        }
     }
 
     /// Suspends a migration with its state on disk and its resources freed.
@@ -476,7 +620,7 @@ impl Supervisor {
         let intent = self.catalog.begin(id, "halt", State::Halted)?;
         self.close(id).await;
         if remove {
-            let dir = self.state_dir(id);
+            let dir = self.state_dir(&record);
             if let Err(err) = std::fs::remove_dir_all(&dir)
                 && err.kind() != std::io::ErrorKind::NotFound
             {
@@ -496,18 +640,20 @@ impl Supervisor {
 
     /// Refuses when destination-only data exists (a rollback is needed to
     /// bring it back to the source first).
+    /// A tree's source is never written, so it is always complete.
     async fn check_source_complete(self: &Arc<Self>, record: &MigrationRecord) -> Outcome<()> {
-        if !self.state_dir(record.id).exists() {
+        if is_tree(record) || !self.state_dir(record).exists() {
             return Ok(());
         }
-        let engine = match self.engine(record.id) {
-            Some(engine) => engine,
+        let job = match self.engine(record.id) {
+            Some(job) => job,
             None => {
-                let engine = self.open_engine(record).await?;
+                let job = self.open_engine(record).await?;
                 self.close(record.id).await;
-                engine
+                job
             }
         };
+        let engine = job.volume("check", record.id)?;
         let only_on_destination = engine.device().chunks().count(ChunkState::Destination);
         if only_on_destination > 0 {
             return Err(OpError::new(
@@ -526,6 +672,15 @@ impl Supervisor {
     pub async fn switchover(self: &Arc<Self>, id: MigrationId) -> Outcome {
         let record = self.catalog.get(id)?;
         refuse_unless(&record, "switchover", &[State::Running, State::Paused])?;
+        if is_tree(&record) {
+            return Err(OpError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "migration {id} is a tree migration: its access point shows the target \
+                     from the start, so there is no switchover; commit it once it is done"
+                ),
+            ));
+        }
         if properties::value(&record.properties, "switchover") != Some("manual") {
             return Err(OpError::new(
                 ErrorKind::Conflict,
@@ -555,17 +710,25 @@ impl Supervisor {
                 ),
             ));
         }
-        let engine = match self.engine(id) {
-            Some(engine) => engine,
+        let job = match self.engine(id) {
+            Some(job) => job,
             None => self.open_engine(&record).await?,
         };
         let intent = self.catalog.begin(id, "commit", State::Committed)?;
-        if let Err(err) = engine.commit().await {
+        let committed = match &job {
+            Job::Volume(migration) => migration.commit().await.map_err(|e| e.to_string()),
+            Job::Tree(tree) => tree.commit().await.map_err(|e| e.to_string()),
+        };
+        if let Err(message) = committed {
             self.catalog.abandon(&intent)?;
-            return Err(OpError::new(ErrorKind::Conflict, err.to_string()));
+            return Err(OpError::new(ErrorKind::Conflict, message));
         }
         self.close(id).await;
-        self.note(id, "info", "committed: the source is released");
+        let message = match job {
+            Job::Volume(_) => "committed: the source is released",
+            Job::Tree(_) => "committed: the access point is unmounted; the target is a plain tree",
+        };
+        self.note(id, "info", message);
         self.conclude(&intent, State::Committed, None)
     }
 
@@ -582,18 +745,29 @@ impl Supervisor {
             State::SwitchedOver,
         ];
         refuse_unless(&record, "rollback", &valid)?;
+        if is_tree(&record) {
+            return Err(OpError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "migration {id} is a tree migration, which does not roll back: its source \
+                     was never written (changes made through the access point exist only in the \
+                     target); halt it to go back to the source"
+                ),
+            ));
+        }
         let intent = self.catalog.begin(id, "rollback", State::Running)?;
         let opened = match self.engine(id) {
             Some(engine) => Ok(engine),
             None => self.open_engine(&record).await,
         };
-        let engine = match opened {
-            Ok(engine) => engine,
+        let job = match opened {
+            Ok(job) => job,
             Err(err) => {
                 self.catalog.abandon(&intent)?;
                 return Err(err);
             }
         };
+        let engine = job.volume("roll back", id)?;
         if let Err(err) = engine.request_rollback() {
             self.catalog.abandon(&intent)?;
             return Err(OpError::new(ErrorKind::Conflict, err.to_string()));
@@ -605,7 +779,7 @@ impl Supervisor {
             .get(&id)
             .is_none_or(|e| e.task.as_ref().is_none_or(|t| t.is_finished()));
         if idle {
-            self.drive(id, &engine);
+            self.drive(id, &job);
         }
         self.note(id, "info", "rolling back");
         self.conclude(&intent, State::Running, None)
@@ -629,7 +803,7 @@ impl Supervisor {
         }
         self.catalog.begin(id, "delete", record.state)?;
         self.close(id).await;
-        let dir = self.state_dir(id);
+        let dir = self.state_dir(&record);
         if let Err(err) = std::fs::remove_dir_all(&dir)
             && err.kind() != std::io::ErrorKind::NotFound
         {
@@ -648,6 +822,8 @@ impl Supervisor {
         let record = self.catalog.get(id)?;
         for (name, value) in &changes {
             properties::check(name, value).map_err(|m| OpError::new(ErrorKind::Invalid, m))?;
+            properties::check_applies(name, &record.kind)
+                .map_err(|m| OpError::new(ErrorKind::Invalid, m))?;
             properties::check_change(name, record.state)
                 .map_err(|m| OpError::new(ErrorKind::Conflict, m))?;
         }
@@ -671,10 +847,10 @@ impl Supervisor {
     }
 
     /// A migration's progress, if its engine is open.
-    pub async fn progress(&self, id: MigrationId) -> Outcome<Option<Progress>> {
+    pub async fn progress(&self, id: MigrationId) -> Outcome<Option<Report>> {
         self.catalog.get(id)?;
         match self.engine(id) {
-            Some(engine) => Ok(Some(engine.progress().await)),
+            Some(job) => Ok(Some(job.report().await)),
             None => Ok(None),
         }
     }
@@ -736,7 +912,7 @@ impl Supervisor {
         );
         let result = match intent.operation.as_str() {
             "delete" => {
-                let dir = self.state_dir(id);
+                let dir = self.state_dir(&record);
                 let _ = std::fs::remove_dir_all(&dir);
                 self.catalog.delete(id).map(|_| ()).map_err(OpError::from)
             }
@@ -747,8 +923,11 @@ impl Supervisor {
                 .finish(intent, State::Running, None)
                 .map_err(Into::into),
             "commit" => match self.open_engine(&record).await {
-                Ok(engine) => {
-                    let committed = engine.commit().await;
+                Ok(job) => {
+                    let committed = match &job {
+                        Job::Volume(migration) => migration.commit().await.map_err(|_| ()),
+                        Job::Tree(tree) => tree.commit().await.map_err(|_| ()),
+                    };
                     self.close(id).await;
                     match committed {
                         Ok(()) => self

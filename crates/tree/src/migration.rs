@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use dmm_catalog::tree_journal::{ErrorRow, TreeJournal};
 use dmm_volume::{Controls, Priority};
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::access::{self, AccessPoint};
@@ -121,12 +122,13 @@ fn is_empty(dir: &Path) -> Result<bool> {
     Ok(entries.next().is_none())
 }
 
-/// A running tree migration.
+/// A running tree migration. Shared by whoever watches it: stopping and
+/// committing take `&self`.
 pub struct TreeMigration {
     namespace: Arc<Namespace>,
     controls: Arc<Controls>,
-    access: Option<AccessPoint>,
-    workers: Option<Workers>,
+    access: Mutex<Option<AccessPoint>>,
+    workers: Mutex<Option<Workers>>,
     started: Instant,
     bytes_at_start: u64,
 }
@@ -149,8 +151,8 @@ impl TreeMigration {
         Ok(TreeMigration {
             namespace,
             controls,
-            access: Some(access),
-            workers: Some(workers),
+            access: Mutex::new(Some(access)),
+            workers: Mutex::new(Some(workers)),
             started: Instant::now(),
             bytes_at_start,
         })
@@ -189,13 +191,13 @@ impl TreeMigration {
     }
 
     /// Stops the workers and unmounts; the journal keeps the position.
-    pub fn stop(mut self) -> Result<()> {
+    pub fn stop(&self) -> Result<()> {
         self.shutdown()
     }
 
     /// Ends the migration: refused while anything is pending; unmounts the
     /// access point and leaves the target a plain directory tree, flushed.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(&self) -> Result<()> {
         self.namespace.flush()?;
         let outstanding = self
             .namespace
@@ -222,12 +224,14 @@ impl TreeMigration {
             .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))
     }
 
-    fn shutdown(&mut self) -> Result<()> {
+    fn shutdown(&self) -> Result<()> {
         self.controls.request_stop();
-        if let Some(workers) = self.workers.take() {
+        let workers = self.workers.lock().take();
+        if let Some(workers) = workers {
             workers.join();
         }
-        let unmounted = match self.access.take() {
+        let access = self.access.lock().take();
+        let unmounted = match access {
             Some(access) => access.unmount(),
             None => Ok(()),
         };

@@ -29,7 +29,9 @@ pub struct CreateArgs {
     #[arg(short = 'h', long)]
     halted: bool,
 
-    /// A property, e.g. -p source=/dev/sdb -p target=/dev/sdc -p strategy=lr.
+    /// A property, e.g. -p source=/dev/sdb -p target=/dev/sdc -p strategy=lr,
+    /// or for a directory tree: -p kind=tree -p source=/old -p target=/new
+    /// -p access=/mnt/work (`dmm get` lists every property).
     #[arg(short = 'p', value_name = "NAME=VALUE", value_parser = property, required = true)]
     properties: Vec<(String, String)>,
 
@@ -244,6 +246,11 @@ fn progress_summary(migration: &Value) -> String {
     if progress.is_null() {
         return "-".into();
     }
+    if progress["kind"] == "tree" {
+        let total = progress["bytes_total"].as_u64().unwrap_or(0);
+        let done = progress["bytes_done"].as_u64().unwrap_or(0);
+        return format!("{}% of {}", done * 100 / total.max(1), human(total));
+    }
     let chunks = progress["chunks"].as_u64().unwrap_or(0).max(1);
     let done = progress["chunks_on_destination"].as_u64().unwrap_or(0);
     format!(
@@ -306,15 +313,22 @@ pub async fn show(global: &Global) -> Result<()> {
     Ok(())
 }
 
+fn eta(p: &Value) -> String {
+    p["eta_seconds"]
+        .as_u64()
+        .map(|s| format!(", ETA {}m{:02}s", s / 60, s % 60))
+        .unwrap_or_default()
+}
+
 fn stat_line(m: &Value) -> String {
     let p = &m["progress"];
     if p.is_null() {
         return format!("{}: {} (not running)", m["id"], text(&m["state"]));
     }
-    let eta = p["eta_seconds"]
-        .as_u64()
-        .map(|s| format!(", ETA {}m{:02}s", s / 60, s % 60))
-        .unwrap_or_default();
+    if p["kind"] == "tree" {
+        return tree_stat_line(m);
+    }
+    let eta = eta(p);
     let error = p["error"]
         .as_str()
         .or(m["error"].as_str())
@@ -337,6 +351,40 @@ fn stat_line(m: &Value) -> String {
         p["dirty_chunks"],
         p["longest_pause_ms"].as_f64().unwrap_or(0.0),
     )
+}
+
+/// A tree migration's progress; per-file errors follow on their own lines.
+fn tree_stat_line(m: &Value) -> String {
+    let p = &m["progress"];
+    let count = |name: &str| p[name].as_u64().unwrap_or(0);
+    let paused = if p["paused"] == true { ", paused" } else { "" };
+    let mut line = format!(
+        "{}: {} ({}{paused}), dirs {}/{}, files {}/{}, {} of {}, {}/s{}, {} in error",
+        m["id"],
+        text(&m["state"]),
+        text(&p["phase"]),
+        count("dirs_done"),
+        count("dirs_total"),
+        count("files_done"),
+        count("files_total"),
+        human(count("bytes_done")),
+        human(count("bytes_total")),
+        human(count("rate")),
+        eta(p),
+        count("errors"),
+    );
+    if let Some(error) = m["error"].as_str() {
+        line += &format!(", error: {error}");
+    }
+    for e in p["errors"].as_array().into_iter().flatten() {
+        line += &format!(
+            "\n  error: {}: {} (attempt {})",
+            text(&e["path"]),
+            text(&e["message"]),
+            e["attempts"]
+        );
+    }
+    line
 }
 
 pub async fn stat(args: StatArgs, global: &Global) -> Result<()> {

@@ -197,3 +197,124 @@ pub fn qemu_io_checks(target: &str, read_only: bool, commands: &[String], what: 
         );
     }
 }
+
+/// A `dmm daemon` on a state directory.
+pub struct Daemon {
+    child: Option<Child>,
+    pub state: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(state: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with(state, extra, |command| command)
+    }
+
+    /// Starts the daemon through `wrap`, which may put the command under
+    /// another one (e.g. to drop capabilities).
+    pub fn start_with(
+        state: &Path,
+        extra: &[&str],
+        wrap: impl FnOnce(Command) -> Command,
+    ) -> Daemon {
+        let mut command = Command::new(DMM);
+        command
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(state)
+            .args(extra);
+        let child = wrap(command)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dmm daemon");
+        let daemon = Daemon {
+            child: Some(child),
+            state: state.to_owned(),
+        };
+        let started = Instant::now();
+        while daemon.cli(&["list"]).status.code() != Some(0) {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(DMM)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .expect("run dmm")
+    }
+
+    /// Runs a verb that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "dmm {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut with_json = vec!["--json"];
+        with_json.extend(args);
+        serde_json::from_str(&self.ok(&with_json)).expect("JSON output")
+    }
+
+    pub fn state_of(&self, migid: &str) -> String {
+        self.json(&["stat", migid])["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn wait_state(&self, migid: &str, wanted: &[&str], limit: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let state = self.state_of(migid);
+            if wanted.contains(&state.as_str()) {
+                return state;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "migration {migid} stuck in {state}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn export_uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.state.join("nbd.sock").display()
+        )
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        terminate(&child);
+        wait_with_timeout(&mut child, Duration::from_secs(30)).expect("the daemon stops")
+    }
+
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -74,16 +74,19 @@ impl Drop for AccessPoint {
     }
 }
 
-/// Detaches a dead FUSE mount left at `path` by a dmm that was killed
-/// (every access to it fails with ENOTCONN).
+/// Detaches a dead FUSE mount left at `path` by a dmm that was killed.
+///
+/// `statfs` always asks the file system's server, so it fails with
+/// ENOTCONN on a dead mount even while the kernel still answers `stat`
+/// from cached attributes; a live mount (another process's) is left alone.
 pub fn clear_stale_mount(path: &Path) -> Result<()> {
-    match fs::metadata(path) {
-        Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => {
-            rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
-                .map_err(|e| on(ErrorKind::Access, "detach the stale mount at", path)(e.into()))
-        }
-        _ => Ok(()),
+    let dead = |e: rustix::io::Errno| e == rustix::io::Errno::NOTCONN;
+    let stale = rustix::fs::statfs(path).err().is_some_and(dead);
+    if !stale {
+        return Ok(());
     }
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
+        .map_err(|e| on(ErrorKind::Access, "detach the stale mount at", path)(e.into()))
 }
 
 /// The access point must be an empty directory that nothing is mounted on.

@@ -1,0 +1,340 @@
+//! Tree migrations through the daemon and the CLI, end to end: create with
+//! `-p kind=tree`, work through the FUSE access point while it runs, kill -9
+//! the daemon, check the access point comes back with every change, commit,
+//! and let rsync and cmp judge the target. Also: the bad-input table for
+//! trees, and a source file the daemon cannot read.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, scratch, tool};
+
+struct Dirs {
+    _dir: tempfile::TempDir,
+    source: PathBuf,
+    target: PathBuf,
+    access: PathBuf,
+    state: PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let dir = scratch();
+    let at = |name: &str| dir.path().join(name);
+    for name in ["source", "target", "access"] {
+        fs::create_dir(at(name)).unwrap();
+    }
+    Dirs {
+        source: at("source"),
+        target: at("target"),
+        access: at("access"),
+        state: at("state"),
+        _dir: dir,
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
+        .collect()
+}
+
+/// Subtrees `keep` (left alone by the client), `moved` (renamed),
+/// `gone` (deleted), plus large files and links.
+fn build_source(root: &Path) {
+    for sub in ["keep", "moved", "gone"] {
+        for d in 0..4 {
+            let dir = root.join(sub).join(format!("d{d}"));
+            fs::create_dir_all(&dir).unwrap();
+            for f in 0..25 {
+                let len = 1000 + (d * 25 + f) * 97;
+                fs::write(dir.join(format!("f{f}")), pattern(len, f as u8)).unwrap();
+            }
+        }
+    }
+    for i in 0..3 {
+        fs::write(root.join(format!("keep/big{i}")), pattern(6 << 20, i)).unwrap();
+    }
+    fs::hard_link(root.join("keep/d0/f0"), root.join("keep/d1/hard")).unwrap();
+    std::os::unix::fs::symlink("d0/f1", root.join("keep/soft")).unwrap();
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn create(daemon: &Daemon, d: &Dirs, extra: &[&str]) -> String {
+    let mut args = vec![
+        "create".to_owned(),
+        "-p".into(),
+        "kind=tree".into(),
+        "-p".into(),
+        format!("source={}", p(&d.source)),
+        "-p".into(),
+        format!("target={}", p(&d.target)),
+        "-p".into(),
+        format!("access={}", p(&d.access)),
+    ];
+    for e in extra {
+        args.push("-p".into());
+        args.push((*e).to_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = daemon.ok(&args);
+    out.split_whitespace().last().unwrap().to_owned()
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    Command::new("mountpoint")
+        .arg("-q")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn rsync_differences(source: &Path, target: &Path) -> String {
+    let output = tool("rsync")
+        .args(["-aHAXn", "--checksum", "-i"])
+        .arg(format!("{}/", source.display()))
+        .arg(format!("{}/", target.display()))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "rsync failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_tree_migration_is_used_survives_kill_9_of_the_daemon_and_commits() {
+    let d = dirs();
+    build_source(&d.source);
+    let daemon = Daemon::start(&d.state, &[]);
+    // Slow enough that the daemon dies in the middle.
+    let migid = create(&daemon, &d, &["rate=4M", "maxdfproc=2"]);
+    assert!(is_mountpoint(&d.access), "the access point is mounted");
+
+    // Work through the access point while the migration runs.
+    let big = fs::read(d.access.join("keep/big2")).unwrap();
+    assert!(big == pattern(6 << 20, 2), "a large file reads back whole");
+    fs::rename(d.access.join("moved"), d.access.join("renamed")).unwrap();
+    fs::remove_dir_all(d.access.join("gone")).unwrap();
+    let mut new = fs::File::create(d.access.join("renamed/new-file")).unwrap();
+    new.write_all(&pattern(200_000, 7)).unwrap();
+    new.sync_all().unwrap();
+    drop(new);
+    let mut log = fs::OpenOptions::new()
+        .append(true)
+        .open(d.access.join("keep/d2/f3"))
+        .unwrap();
+    log.write_all(b"appended line\n").unwrap();
+    log.sync_all().unwrap();
+    drop(log);
+    let stat = daemon.ok(&["stat", &migid]);
+    assert!(stat.contains("files") && stat.contains("running"), "{stat}");
+    let before = daemon.json(&["stat", &migid]);
+    assert_eq!(before["progress"]["kind"], "tree", "{before}");
+    assert!(
+        !before["progress"]["complete"].as_bool().unwrap(),
+        "the migration finished too soon for this test: {before}"
+    );
+
+    daemon.kill();
+    // The dead daemon leaves a broken mount behind; the new one clears it
+    // and mounts again.
+    let daemon = Daemon::start(&d.state, &[]);
+    let started = Instant::now();
+    while !is_mountpoint(&d.access) || fs::read_dir(&d.access).is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            panic!("no remount: {}", daemon.ok(&["log", &migid]));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.access.join("renamed/d1/f4").exists(), "rename kept");
+    assert!(!d.access.join("moved").exists(), "old name resurrected");
+    assert!(
+        !d.access.join("gone").exists(),
+        "deleted subtree resurrected"
+    );
+    assert_eq!(
+        fs::read(d.access.join("renamed/new-file")).unwrap(),
+        pattern(200_000, 7)
+    );
+    daemon.ok(&["set", &migid, "-p", "rate=0"]);
+    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(120));
+    let log = daemon.ok(&["log", &migid]);
+    assert!(log.contains("daemon restart"), "{log}");
+    daemon.ok(&["commit", &migid]);
+    assert!(
+        !is_mountpoint(&d.access),
+        "commit unmounts the access point"
+    );
+    assert!(daemon.stop().success());
+
+    // The target is a plain tree: untouched parts equal the source...
+    let differences = rsync_differences(&d.source.join("keep/d0"), &d.target.join("keep/d0"));
+    assert!(differences.is_empty(), "{differences}");
+    for i in 0..3 {
+        let name = format!("keep/big{i}");
+        let status = tool("cmp")
+            .arg(d.source.join(&name))
+            .arg(d.target.join(&name))
+            .status()
+            .unwrap();
+        assert!(status.success(), "{name} differs");
+    }
+    // ...and the client's changes are there, nothing deleted came back.
+    assert!(!d.target.join("gone").exists());
+    assert!(!d.target.join("moved").exists());
+    assert_eq!(fs::read_dir(d.target.join("renamed")).unwrap().count(), 5);
+    assert_eq!(
+        fs::read(d.target.join("renamed/new-file")).unwrap(),
+        pattern(200_000, 7)
+    );
+    let appended = fs::read(d.target.join("keep/d2/f3")).unwrap();
+    assert!(appended.ends_with(b"appended line\n"));
+    let hard = fs::metadata(d.target.join("keep/d1/hard")).unwrap();
+    let first = fs::metadata(d.target.join("keep/d0/f0")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(hard.ino(), first.ino(), "one inode stays one inode");
+    assert_eq!(
+        fs::read_link(d.target.join("keep/soft")).unwrap(),
+        PathBuf::from("d0/f1")
+    );
+}
+
+#[test]
+fn a_migration_without_client_changes_leaves_nothing_for_rsync() {
+    let d = dirs();
+    build_source(&d.source);
+    let daemon = Daemon::start(&d.state, &[]);
+    let migid = create(&daemon, &d, &[]);
+    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(120));
+    let stat = daemon.json(&["stat", &migid]);
+    assert!(
+        stat["progress"]["verified_files"].as_u64().unwrap() > 300,
+        "{stat}"
+    );
+    daemon.ok(&["commit", &migid]);
+    assert!(daemon.stop().success());
+    let differences = rsync_differences(&d.source, &d.target);
+    assert!(differences.is_empty(), "{differences}");
+}
+
+#[test]
+fn bad_tree_requests_are_refused_with_the_reason() {
+    let d = dirs();
+    build_source(&d.source);
+    let daemon = Daemon::start(&d.state, &[]);
+    let refused = |args: &[String], expected: &str| {
+        let mut all = vec!["create".to_owned()];
+        for a in args {
+            all.push("-p".into());
+            all.push(a.clone());
+        }
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let output = daemon.cli(&all);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} must be refused");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    let base = |source: &Path, target: &Path, access: &Path| {
+        vec![
+            "kind=tree".to_owned(),
+            format!("source={}", p(source)),
+            format!("target={}", p(target)),
+            format!("access={}", p(access)),
+        ]
+    };
+    let missing = d.source.join("no-such-dir");
+    refused(&base(&missing, &d.target, &d.access), "no-such-dir");
+    let mut no_access = base(&d.source, &d.target, &d.access);
+    no_access.pop();
+    refused(&no_access, "missing property access");
+    let mut with_strategy = base(&d.source, &d.target, &d.access);
+    with_strategy.push("strategy=lr".into());
+    refused(&with_strategy, "applies to volume migrations only");
+    fs::write(d.target.join("already-here"), b"x").unwrap();
+    refused(&base(&d.source, &d.target, &d.access), "not empty");
+    fs::remove_file(d.target.join("already-here")).unwrap();
+    fs::write(d.access.join("in-the-way"), b"x").unwrap();
+    refused(&base(&d.source, &d.target, &d.access), "not empty");
+    fs::remove_file(d.access.join("in-the-way")).unwrap();
+    // Nothing was recorded by the refusals; a good request still works.
+    let list = daemon.json(&["list"]);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    let migid = create(&daemon, &d, &[]);
+    // A second migration onto the same access point is refused.
+    let other = d.state.parent().unwrap().join("other");
+    fs::create_dir(&other).unwrap();
+    refused(&base(&d.source, &other, &d.access), "access");
+    let refused_rollback = daemon.cli(&["rollback", &migid]);
+    assert!(!refused_rollback.status.success());
+    let stderr = String::from_utf8_lossy(&refused_rollback.stderr);
+    assert!(stderr.contains("does not roll back"), "{stderr}");
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn an_unreadable_source_file_is_reported_and_the_rest_migrates() {
+    let d = dirs();
+    build_source(&d.source);
+    let secret = d.source.join("keep/d3/secret");
+    fs::write(&secret, b"not for you").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
+    // A daemon without the capabilities that let root read anything.
+    let daemon = Daemon::start_with(&d.state, &[], |command| {
+        let mut wrapped = tool("setpriv");
+        wrapped
+            .args(["--bounding-set", "-dac_override,-dac_read_search"])
+            .arg(command.get_program())
+            .args(command.get_args());
+        wrapped
+    });
+    let migid = create(&daemon, &d, &[]);
+    let started = Instant::now();
+    let stat = loop {
+        let stat = daemon.ok(&["stat", &migid]);
+        if stat.contains("secret") {
+            break stat;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the unreadable file is never reported: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(stat.contains("ermission denied"), "{stat}");
+    // The daemon writes it to the migration's log as it notices it.
+    let started = Instant::now();
+    while !daemon.ok(&["log", &migid]).contains("secret") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not in the log"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Everything else arrives; the migration is not complete, so commit is
+    // refused with the reason.
+    let started = Instant::now();
+    loop {
+        let json = daemon.json(&["stat", &migid]);
+        let progress = &json["progress"];
+        if progress["files_done"].as_u64().unwrap() + 1 == progress["files_total"].as_u64().unwrap()
+            && progress["dirs_done"] == progress["dirs_total"]
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{json}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let commit = daemon.cli(&["commit", &migid]);
+    assert!(!commit.status.success());
+    assert!(daemon.stop().success());
+    let differences = rsync_differences(&d.source.join("keep/d0"), &d.target.join("keep/d0"));
+    assert!(differences.is_empty(), "{differences}");
+}
