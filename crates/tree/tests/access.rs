@@ -383,3 +383,45 @@ fn tar_extracts_and_reads_through_the_access_point_during_the_migration() {
         ""
     );
 }
+
+#[test]
+fn concurrent_readers_of_large_files_see_the_source_bytes_while_it_migrates() {
+    let setup = Setup::new(|root| {
+        for i in 0..3u8 {
+            write(&root.join(format!("large{i}")), &pattern(24 << 20, i));
+        }
+    });
+    let mut config = setup.config.clone();
+    config.rate = Some(8 << 20);
+    dmm_tree::check(&config, true).unwrap();
+    let controls = Arc::new(Controls::new(config.rate, 1, Priority::Normal));
+    let migration = TreeMigration::start(&config, controls).unwrap();
+    // Six readers, two per file, in different orders and block sizes, while
+    // the background workers copy the same files at a limited rate.
+    let readers: Vec<_> = (0..6u8)
+        .map(|r| {
+            let path = setup.access(&format!("large{}", r % 3));
+            std::thread::spawn(move || {
+                let expected = pattern(24 << 20, r % 3);
+                let mut file = fs::File::open(&path).unwrap();
+                let block = 4096 << (r % 4);
+                let blocks = expected.len() / block;
+                let mut buf = vec![0u8; block];
+                for k in 0..blocks {
+                    // Backwards for half the readers: segments out of order.
+                    let index = if r % 2 == 0 { k } else { blocks - 1 - k };
+                    let at = index * block;
+                    file.seek(SeekFrom::Start(at as u64)).unwrap();
+                    file.read_exact(&mut buf).unwrap();
+                    assert!(buf == expected[at..at + block], "{path:?} differs at {at}");
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    wait_complete(&migration);
+    migration.commit().unwrap();
+    assert_eq!(rsync_differences(&config.source, &config.target), "");
+}

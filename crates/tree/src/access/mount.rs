@@ -24,6 +24,7 @@ pub struct AccessPoint {
 impl AccessPoint {
     /// Mounts the namespace's target tree at `path`.
     pub fn mount(namespace: Arc<Namespace>, path: &Path) -> Result<AccessPoint> {
+        raise_open_file_limit();
         let filesystem = TreeFs::new(namespace)?;
         let mut config = Config::default();
         config.mount_options = vec![
@@ -71,6 +72,35 @@ impl Drop for AccessPoint {
         if let Err(err) = self.stop() {
             tracing::warn!("{err}");
         }
+    }
+}
+
+/// The access point keeps an `O_PATH` descriptor for every inode the
+/// kernel has looked up and not forgotten: a client walking 100,000 files
+/// needs 100,000 of them, far above the usual soft limit. Raise the limit
+/// as far as allowed (to `fs.nr_open` with CAP_SYS_RESOURCE, else to the
+/// hard limit).
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let ceiling = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let current = getrlimit(Resource::Nofile);
+    let everything = Rlimit {
+        current: Some(ceiling),
+        maximum: Some(ceiling),
+    };
+    let up_to_hard = Rlimit {
+        current: current.maximum,
+        maximum: current.maximum,
+    };
+    let raised = setrlimit(Resource::Nofile, everything)
+        .or_else(|_| setrlimit(Resource::Nofile, up_to_hard));
+    let now = getrlimit(Resource::Nofile).current;
+    match raised {
+        Ok(()) => tracing::debug!(?now, "open file limit raised for the access point"),
+        Err(err) => tracing::warn!(?now, "cannot raise the open file limit: {err}"),
     }
 }
 

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# Tree migration: a tree of small files (1-16 KiB) plus large files.
+#
+# 1. Full migration time: a dmm tree migration (daemon, kind=tree, from
+#    create until committed; with verify=none like the peers, and with the
+#    default verify=full) vs rsync -aHAX and cp -a on the same tree, each
+#    into an empty target, each timed until its data is on disk.
+# 2. Time to first byte of a 1 GiB file not migrated yet, read through the
+#    access point (at its start and at 768 MiB), the migration paused.
+# 3. Small-file read throughput through the access point (after the
+#    migration, before commit) vs the target directory read natively.
+#
+# Usage: bench/tree-migrate.sh [ROUNDS] [SMALL_FILES] [LARGE_FILES] [LARGE_MIB]
+#        (defaults 3 100000 20 256: the issue's tree)
+# Writes the "tree-migrate" section of BENCHMARKS.md.
+
+source "$(dirname "$0")/lib.sh"
+
+ROUNDS=${1:-3}
+SMALL=${2:-100000}
+LARGE=${3:-20}
+LARGE_MIB=${4:-256}
+bench_prepare rsync cp
+
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/dmm-tree-bench.XXXXXX")
+source_dir=$work/source
+target=$work/target
+access=$work/access
+state=$work/state
+daemon_pid=
+cleanup() {
+    [[ -n $daemon_pid ]] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+    mountpoint -q "$access" 2>/dev/null && umount -l "$access"
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.3f", b - a}'; }
+
+echo "building the tree in $work: $SMALL small files, $LARGE x $LARGE_MIB MiB" >&2
+mkdir -p "$source_dir/small" "$source_dir/large" "$target" "$access"
+dirs=$(((SMALL + 999) / 1000))
+# awk writes the small files without a process per file.
+awk -v root="$source_dir/small" -v n="$SMALL" -v dirs="$dirs" 'BEGIN {
+    srand(42)
+    chunk = ""
+    for (i = 0; i < 64; i++) chunk = chunk sprintf("%c", 97 + int(rand() * 26))
+    for (d = 0; d < dirs; d++) system("mkdir -p " root "/d" d)
+    for (i = 0; i < n; i++) {
+        size = 1024 + int(rand() * 15 * 1024)
+        file = root "/d" (i % dirs) "/f" i
+        body = ""
+        while (length(body) < size) body = body chunk
+        printf "%s", substr(body, 1, size) > file
+        close(file)
+    }
+}'
+head -c $((LARGE_MIB << 20)) /dev/urandom >"$work/large.base"
+for ((i = 0; i < LARGE; i++)); do
+    cp "$work/large.base" "$source_dir/large/f$i"
+    head -c 4096 /dev/urandom | dd of="$source_dir/large/f$i" conv=notrunc status=none
+done
+rm "$work/large.base"
+head -c $((1 << 30)) /dev/urandom >"$work/one-gib"
+sync
+
+fresh_target() {
+    rm -rf "$target"
+    mkdir "$target"
+    rm -rf "$state/trees"
+    sync
+}
+
+"$DMM" daemon --state-dir "$state" 2>"$work/daemon.log" &
+daemon_pid=$!
+wait_socket "$state/api.sock"
+cli() { "$DMM" --state-dir "$state" "$@"; }
+state_of() { cli --json stat "$1" | sed -n 's/.*"state":"\([^"]*\)".*/\1/p'; }
+wait_state() {
+    local now_in
+    while now_in=$(state_of "$1") && [[ $now_in != "$2" ]]; do
+        [[ $now_in == failed ]] && { cli log "$1" >&2; exit 1; }
+        sleep 0.05
+    done
+}
+
+# One dmm tree migration from create to commit; prints the seconds.
+dmm_migration() {
+    local verify=$1 start id
+    start=$(now)
+    id=$(cli create -p kind=tree -p "source=$source_dir" -p "target=$target" \
+        -p "access=$access" -p "verify=$verify" | awk '{print $NF}')
+    wait_state "$id" switched-over
+    cli commit "$id" >/dev/null
+    since "$start"
+    cli delete "$id" >/dev/null
+}
+
+declare -A seconds
+tools=(dmm dmm-verified rsync cp)
+for round in $(seq "$ROUNDS"); do
+    for tool in "${tools[@]}"; do
+        fresh_target
+        case $tool in
+        dmm) took=$(dmm_migration none) ;;
+        dmm-verified) took=$(dmm_migration full) ;;
+        rsync)
+            start=$(now)
+            rsync -aHAX "$source_dir/" "$target/"
+            sync -f "$target"
+            took=$(since "$start")
+            ;;
+        cp)
+            start=$(now)
+            cp -a "$source_dir/." "$target/"
+            sync -f "$target"
+            took=$(since "$start")
+            ;;
+        esac
+        differences=$(rsync -aHAXn --checksum -i "$source_dir/" "$target/" | head -5)
+        [[ -z $differences ]] || { echo "$tool: target differs: $differences" >&2; exit 1; }
+        seconds[$tool]+="$took "
+        echo "round $round $tool ${took}s" >&2
+    done
+done
+
+# Time to first byte: a 1 GiB file the paused migration has not touched.
+ttfb_start=() ttfb_middle=()
+for round in $(seq "$ROUNDS"); do
+    fresh_target
+    rm -rf "$work/ttfb-source"
+    mkdir -p "$work/ttfb-source/dir"
+    ln "$work/one-gib" "$work/ttfb-source/dir/one-gib"
+    # Pause at once; if a worker got to the file first, try again (the
+    # measure is of a file with nothing migrated).
+    for _ in $(seq 10); do
+        id=$(cli create -p kind=tree -p "source=$work/ttfb-source" -p "target=$target" \
+            -p "access=$access" | awk '{print $NF}')
+        cli pause "$id" >/dev/null
+        done_bytes=$(cli --json stat "$id" | sed -n 's/.*"bytes_done":\([0-9]*\).*/\1/p')
+        [[ $done_bytes == 0 ]] && break
+        cli halt --remove "$id" >/dev/null
+        cli delete "$id" >/dev/null
+        fresh_target
+    done
+    [[ $done_bytes == 0 ]] || { echo "the workers always got to the file first" >&2; exit 1; }
+    start=$(now)
+    head -c 1 "$access/dir/one-gib" >/dev/null
+    ttfb_start+=("$(since "$start")")
+    start=$(now)
+    dd if="$access/dir/one-gib" bs=4096 count=1 skip=$((768 << 8)) status=none >/dev/null
+    ttfb_middle+=("$(since "$start")")
+    cli halt --remove "$id" >/dev/null
+    cli delete "$id" >/dev/null
+    echo "round $round ttfb ${ttfb_start[-1]}s / ${ttfb_middle[-1]}s" >&2
+done
+
+# Small-file reads: through the access point of a finished migration vs
+# the target natively (warm caches, the second of two passes).
+fresh_target
+id=$(cli create -p kind=tree -p "source=$source_dir/small" -p "target=$target" \
+    -p "access=$access" -p verify=none | awk '{print $NF}')
+wait_state "$id" switched-over
+read_all() { (cd "$1" && find . -type f -print0 | xargs -0 cat >/dev/null); }
+through=() native=()
+for round in $(seq "$ROUNDS"); do
+    read_all "$access"
+    start=$(now)
+    read_all "$access"
+    through+=("$(since "$start")")
+    read_all "$target"
+    start=$(now)
+    read_all "$target"
+    native+=("$(since "$start")")
+    echo "round $round small reads ${through[-1]}s via access, ${native[-1]}s native" >&2
+done
+cli commit "$id" >/dev/null
+
+body=$(mktemp)
+{
+    large_gib=$(awk -v n="$LARGE" -v m="$LARGE_MIB" 'BEGIN {printf "%.1f", n * m / 1024}')
+    echo "## Tree migration: dmm vs rsync -aHAX and cp -a"
+    echo
+    echo "\`bench/tree-migrate.sh $ROUNDS $SMALL $LARGE $LARGE_MIB\` on $(machine_line)."
+    echo "$SMALL files of 1-16 KiB in $dirs directories plus $LARGE files of $LARGE_MIB MiB ($large_gib GiB),"
+    echo "into an empty target directory on the same filesystem, source in the page cache."
+    echo "dmm: a daemon tree migration from \`dmm create -p kind=tree …\` until \`dmm commit\` returns (commit syncs the"
+    echo "target file system); the peers are followed by \`sync\`. Every result checked with \`rsync -aHAXn --checksum -i\`"
+    echo "(no output). Median of $ROUNDS interleaved rounds."
+    echo "\`dmm\` uses verify=none like the peers; \`dmm-verified\` adds the default BLAKE3 comparison of every file."
+    echo
+    echo "| tool | seconds (median) | dmm ÷ tool (time ratio, > 1 = dmm faster) |"
+    echo "|---|---:|---:|"
+    # shellcheck disable=SC2086
+    dmm_median=$(median ${seconds[dmm]})
+    for tool in "${tools[@]}"; do
+        # shellcheck disable=SC2086
+        m=$(median ${seconds[$tool]})
+        awk -v t="$tool" -v m="$m" -v d="$dmm_median" 'BEGIN { printf "| %s | %.2f | %.2f |\n", t, m, m / d }'
+    done
+    echo
+    awk -v a="$(median "${ttfb_start[@]}")" -v b="$(median "${ttfb_middle[@]}")" 'BEGIN {
+        printf "Time to first byte of a 1 GiB file not migrated yet (migration paused), through the access point,\n"
+        printf "including the lookups that populate its directory: **%.1f ms** at offset 0, **%.1f ms** at 768 MiB (medians).\n", a * 1000, b * 1000
+    }'
+    echo
+    awk -v t="$(median "${through[@]}")" -v n="$(median "${native[@]}")" -v files="$SMALL" 'BEGIN {
+        printf "Reading every small file (find | xargs cat, warm cache): %.0f files/s through the access point,\n", files / t
+        printf "%.0f files/s from the target natively: access point ÷ native = **%.2f**.\n", files / n, n / t
+    }'
+    echo
+    echo "All samples (seconds):"
+    echo
+    echo '```'
+    for tool in "${tools[@]}"; do
+        printf '%-13s %s\n' "$tool" "${seconds[$tool]}"
+    done
+    printf '%-13s %s\n' "ttfb-0" "${ttfb_start[*]}"
+    printf '%-13s %s\n' "ttfb-768M" "${ttfb_middle[*]}"
+    printf '%-13s %s\n' "read-access" "${through[*]}"
+    printf '%-13s %s\n' "read-native" "${native[*]}"
+    echo '```'
+} >"$body"
+publish_section tree-migrate "$body"
+cat "$body"
+rm -f "$body"
