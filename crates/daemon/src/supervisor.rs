@@ -117,6 +117,14 @@ impl Job {
         }
     }
 
+    /// Ends the migration for good (see each engine's `commit`).
+    async fn commit(&self) -> Result<(), String> {
+        match self {
+            Job::Volume(migration) => migration.commit().await.map_err(|e| e.to_string()),
+            Job::Tree(tree) => tree.commit().await.map_err(|e| e.to_string()),
+        }
+    }
+
     /// The volume engine, for the verbs only volumes have.
     fn volume(&self, verb: &str, id: MigrationId) -> Outcome<&Arc<Migration>> {
         match self {
@@ -715,11 +723,7 @@ impl Supervisor {
             None => self.open_engine(&record).await?,
         };
         let intent = self.catalog.begin(id, "commit", State::Committed)?;
-        let committed = match &job {
-            Job::Volume(migration) => migration.commit().await.map_err(|e| e.to_string()),
-            Job::Tree(tree) => tree.commit().await.map_err(|e| e.to_string()),
-        };
-        if let Err(message) = committed {
+        if let Err(message) = job.commit().await {
             self.catalog.abandon(&intent)?;
             return Err(OpError::new(ErrorKind::Conflict, message));
         }
@@ -924,10 +928,7 @@ impl Supervisor {
                 .map_err(Into::into),
             "commit" => match self.open_engine(&record).await {
                 Ok(job) => {
-                    let committed = match &job {
-                        Job::Volume(migration) => migration.commit().await.map_err(|_| ()),
-                        Job::Tree(tree) => tree.commit().await.map_err(|_| ()),
-                    };
+                    let committed = job.commit().await;
                     self.close(id).await;
                     match committed {
                         Ok(()) => self
