@@ -425,3 +425,37 @@ fn concurrent_readers_of_large_files_see_the_source_bytes_while_it_migrates() {
     migration.commit().unwrap();
     assert_eq!(rsync_differences(&config.source, &config.target), "");
 }
+
+/// Names of one inode spread over directories that two workers populate at
+/// once, and several names of one inode in a single directory.
+fn linked_tree(root: &Path) {
+    for dir in 0..24 {
+        let dir_path = root.join(format!("d{dir:02}"));
+        fs::create_dir(&dir_path).unwrap();
+        for file in 0..8 {
+            let a = dir_path.join(format!("a{file}"));
+            if dir == 0 {
+                write(&a, &pattern(5000, file as u8));
+            } else {
+                fs::hard_link(root.join(format!("d00/a{file}")), &a).unwrap();
+            }
+            fs::hard_link(&a, dir_path.join(format!("b{file}"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_name_of_a_hard_linked_file_stays_one_inode() {
+    let setup = Setup::new(linked_tree);
+    let migration = setup.start(false);
+    wait_complete(&migration);
+    migration.commit().unwrap();
+    assert_eq!(
+        rsync_differences(&setup.config.source, &setup.config.target),
+        ""
+    );
+    for file in 0..8 {
+        let first = setup.config.target.join(format!("d00/a{file}"));
+        assert_eq!(fs::metadata(first).unwrap().nlink(), 24 * 2, "a{file}");
+    }
+}

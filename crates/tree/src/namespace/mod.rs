@@ -176,6 +176,9 @@ pub struct Namespace {
     progress: Condvar,
     /// Serialises journal flushes so batches land in order.
     flushing: Mutex<()>,
+    /// Serialises recording populations that hold hard-linked files, so
+    /// two names of one source inode never become two target files.
+    linking: Mutex<()>,
 }
 
 /// Retry delays for entries in error: 1 s doubling up to 5 min.
@@ -241,6 +244,7 @@ impl Namespace {
             state: Mutex::new(state),
             progress: Condvar::new(),
             flushing: Mutex::new(()),
+            linking: Mutex::new(()),
         };
         if !namespace.state.lock().entries.contains_key(&ROOT) {
             namespace.record_root()?;

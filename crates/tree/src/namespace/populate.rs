@@ -2,13 +2,13 @@
 //! the source directory, with the source's metadata, recorded in the
 //! journal before anyone can see it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dmm_catalog::tree_journal::{Change, EntryState};
 
@@ -20,12 +20,25 @@ use crate::source::{Child, Kind};
 
 /// A child placed in the target, to be recorded.
 enum Placed {
-    /// A directory or regular file, tracked from now on.
-    New(OsString, EntryId, Entry),
+    /// A directory or regular file, tracked from now on (`dev`: its source
+    /// device, which with the entry's source inode identifies hard links).
+    New {
+        name: OsString,
+        id: EntryId,
+        entry: Entry,
+        dev: u64,
+    },
     /// Another name of an entry already placed (a hard link).
     Link(OsString, EntryId),
     /// A symbolic link or special file: complete once created.
     Complete,
+}
+
+impl Placed {
+    /// A new regular file with other names.
+    fn is_linked(&self) -> bool {
+        matches!(self, Placed::New { entry, .. } if entry.source_ino != 0)
+    }
 }
 
 impl Namespace {
@@ -70,26 +83,34 @@ impl Namespace {
         let Some(target_dir) = target_dir else {
             return Ok(()); // deleted meanwhile
         };
+        let Some(source_dir) = &source_dir else {
+            // Made by a client: nothing to bring from the source.
+            return self.record_population(id, Vec::new(), Vec::new());
+        };
+        let children = self.source.list(source_dir)?;
         let mut changes = Vec::new();
+        let preexisting = if merged {
+            self.merge_list(id, &target_dir, &mut changes)?
+        } else {
+            HashSet::new()
+        };
         let mut placed = Vec::new();
-        if let Some(source_dir) = &source_dir {
-            let children = self.source.list(source_dir)?;
-            let preexisting = if merged {
-                self.merge_list(id, &target_dir, &mut changes)?
-            } else {
-                HashSet::new()
-            };
-            for child in &children {
-                let was_there = preexisting.contains(&child.name);
-                placed.push(self.place(source_dir, &target_dir, child, was_there)?);
-            }
-            let meta = self.source.stat(source_dir)?;
-            fidelity::set_times(&target_dir, &meta).map_err(on(
-                ErrorKind::Target,
-                "set times of",
-                &target_dir,
-            ))?;
+        for child in &children {
+            let was_there = preexisting.contains(&child.name);
+            placed.push(self.place(source_dir, &target_dir, child, was_there)?);
         }
+        let _linking = placed
+            .iter()
+            .any(Placed::is_linked)
+            .then(|| self.linking.lock());
+        self.link_duplicates(&target_dir, &mut placed)?;
+        // Last, as linking changes the directory's times.
+        let meta = self.source.stat(source_dir)?;
+        fidelity::set_times(&target_dir, &meta).map_err(on(
+            ErrorKind::Target,
+            "set times of",
+            &target_dir,
+        ))?;
         self.record_population(id, placed, changes)
     }
 
@@ -142,7 +163,8 @@ impl Namespace {
         let source = source_dir.join(&child.name);
         let target = target_dir.join(&child.name);
         let merge = self.clear_name(&target, child, preexisting)?;
-        if let Some(existing) = self.hard_link_of(child)
+        if child.meta.is_linked_file()
+            && let Some(existing) = self.hard_link_of(child.meta.dev, child.meta.ino)
             && let Some(path) = self.target_path(existing)
         {
             match fs::hard_link(&path, &target) {
@@ -199,7 +221,12 @@ impl Namespace {
             }),
         };
         let id = self.lock().allocate();
-        Ok(Placed::New(child.name.clone(), id, entry))
+        Ok(Placed::New {
+            name: child.name.clone(),
+            id,
+            entry,
+            dev: child.meta.dev,
+        })
     }
 
     /// Makes room for a source child at `target`. Returns whether the name
@@ -236,20 +263,52 @@ impl Namespace {
         }
     }
 
-    /// An entry already placed for the same source inode (another hard
-    /// link of this file).
-    fn hard_link_of(&self, child: &Child) -> Option<EntryId> {
-        if !child.meta.is_linked_file() {
-            return None;
-        }
-        let existing = *self.lock().by_source_ino.get(&child.meta.ino)?;
+    /// An entry already recorded for source inode `ino` of device `dev`
+    /// (another name of this file).
+    fn hard_link_of(&self, dev: u64, ino: u64) -> Option<EntryId> {
+        let existing = *self.lock().by_source_ino.get(&ino)?;
         let source = self.lock().entries.get(&existing)?.source.clone()?;
         // Same inode number on another file system is another file.
         let meta = self.source.stat(&source).ok()?;
-        (meta.dev == child.meta.dev && meta.ino == child.meta.ino).then_some(existing)
+        (meta.dev == dev && meta.ino == ino).then_some(existing)
     }
 
-    /// Journals the population, then makes it visible.
+    /// Makes every later name of a source inode a hard link of its first
+    /// name. `place` links to names already recorded, but a population
+    /// running at the same time may have recorded the inode since, and
+    /// this directory may hold several names of it. Called under
+    /// `linking`, so that this check and the recording are one step.
+    fn link_duplicates(&self, target_dir: &Path, placed: &mut [Placed]) -> Result<()> {
+        let mut firsts: HashMap<(u64, u64), (EntryId, PathBuf)> = HashMap::new();
+        for item in placed.iter_mut().filter(|item| item.is_linked()) {
+            let Placed::New {
+                name,
+                id,
+                entry,
+                dev,
+            } = item
+            else {
+                continue;
+            };
+            let key = (*dev, entry.source_ino);
+            let target = target_dir.join(&*name);
+            let first = firsts.get(&key).cloned().or_else(|| {
+                let existing = self.hard_link_of(key.0, key.1)?;
+                Some((existing, self.target_path(existing)?))
+            });
+            let Some((first, first_path)) = first else {
+                firsts.insert(key, (*id, target));
+                continue;
+            };
+            fs::remove_file(&target).map_err(on(ErrorKind::Target, "remove", &target))?;
+            fs::hard_link(&first_path, &target).map_err(on(ErrorKind::Target, "link", &target))?;
+            *item = Placed::Link(name.clone(), first);
+        }
+        Ok(())
+    }
+
+    /// Journals the population, then makes it visible. Populations with
+    /// hard-linked files call this under `linking`.
     fn record_population(
         &self,
         id: EntryId,
@@ -259,7 +318,12 @@ impl Namespace {
         let mut rows = Vec::new();
         for item in &placed {
             match item {
-                Placed::New(name, child, entry) => {
+                Placed::New {
+                    name,
+                    id: child,
+                    entry,
+                    ..
+                } => {
                     rows.push(Change::Insert(entry.row(*child)));
                     rows.push(name_row(id, name, *child));
                 }
@@ -278,7 +342,12 @@ impl Namespace {
         state.counts.dirs_done += 1;
         for item in placed {
             match item {
-                Placed::New(name, child, entry) => state.adopt(id, name, child, entry),
+                Placed::New {
+                    name,
+                    id: child,
+                    entry,
+                    ..
+                } => state.adopt(id, name, child, entry),
                 Placed::Link(name, existing) => {
                     state.add_name(existing, id, name);
                 }
