@@ -338,3 +338,80 @@ fn an_unreadable_source_file_is_reported_and_the_rest_migrates() {
     let differences = rsync_differences(&d.source.join("keep/d0"), &d.target.join("keep/d0"));
     assert!(differences.is_empty(), "{differences}");
 }
+
+/// A client walks more files than the daemon may hold open: the access
+/// point cannot keep a descriptor for every inode the kernel remembers,
+/// and must still find each one again, across renames and unlinks.
+#[test]
+fn a_client_walks_more_files_than_the_daemon_may_open() {
+    const DIRS: usize = 30;
+    const FILES: usize = 100;
+    let d = dirs();
+    for dir in 0..DIRS {
+        let path = d.source.join(format!("d{dir:02}"));
+        fs::create_dir(&path).unwrap();
+        for file in 0..FILES {
+            fs::write(
+                path.join(format!("f{file}")),
+                pattern(300 + file, dir as u8),
+            )
+            .unwrap();
+        }
+    }
+    // 512 descriptors, and no capability to raise the limit.
+    let daemon = Daemon::start_with(&d.state, &[], |command| {
+        let mut wrapped = tool("prlimit");
+        wrapped
+            .arg("--nofile=512:512")
+            .arg("setpriv")
+            .args(["--bounding-set", "-sys_resource"])
+            .arg(command.get_program())
+            .args(command.get_args());
+        wrapped
+    });
+    let migid = create(&daemon, &d, &["rate=2M"]);
+
+    // rsync reads every file through the access point while it migrates.
+    let copy = d.state.with_file_name("copy");
+    let status = tool("rsync")
+        .arg("-a")
+        .arg(format!("{}/", p(&d.access)))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success(), "rsync through the access point");
+    let differences = rsync_differences(&d.source, &copy);
+    assert!(differences.is_empty(), "{differences}");
+
+    // Inodes the kernel still remembers, reached again after a rename of
+    // their directory and while unlinked but open.
+    let kept_open = fs::File::open(d.access.join("d07/f3")).unwrap();
+    fs::rename(d.access.join("d07"), d.access.join("renamed")).unwrap();
+    for file in 0..FILES {
+        let data = fs::read(d.access.join(format!("renamed/f{file}"))).unwrap();
+        assert!(data == pattern(300 + file, 7), "renamed/f{file}");
+    }
+    fs::remove_file(d.access.join("renamed/f3")).unwrap();
+    assert_eq!(kept_open.metadata().unwrap().len(), 303);
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &kept_open, &mut data).unwrap();
+    assert!(data == pattern(303, 7), "an unlinked open file reads back");
+    drop(kept_open);
+
+    daemon.ok(&["set", "-p", "rate=0", &migid]);
+    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(120));
+    daemon.ok(&["commit", &migid]);
+    assert!(daemon.stop().success());
+    // The client's changes, made to the source too; the times of the two
+    // directories they touched differ, so rsync leaves directory times out.
+    fs::rename(d.source.join("d07"), d.source.join("renamed")).unwrap();
+    fs::remove_file(d.source.join("renamed/f3")).unwrap();
+    let output = tool("rsync")
+        .args(["-aHAXn", "--checksum", "-i", "--delete", "--omit-dir-times"])
+        .arg(format!("{}/", p(&d.source)))
+        .arg(format!("{}/", p(&d.target)))
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "");
+}

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use fuser::{
 use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags as AtRenameFlags, Stat};
 
+use super::nodes::Nodes;
 use crate::error::{Error, ErrorKind, Result};
 use crate::namespace::{EntryId, Namespace};
 
@@ -28,10 +30,13 @@ use crate::namespace::{EntryId, Namespace};
 /// system changes the target's namespace while it is mounted.
 const TTL: Duration = Duration::from_secs(1);
 
-/// A known inode, held open so that it stays itself across renames.
-struct Node {
+/// A directory an operation works in.
+struct Dir {
+    /// Its target inode number.
+    ino: u64,
     fd: Arc<OwnedFd>,
-    lookups: u64,
+    /// Its tracked entry, if the migration tracks it.
+    entry: Option<EntryId>,
 }
 
 /// An open regular file.
@@ -51,7 +56,7 @@ pub(super) struct TreeFs {
     namespace: Arc<Namespace>,
     /// Target inode number of the root (FUSE inode 1).
     root_ino: u64,
-    nodes: Mutex<HashMap<u64, Node>>,
+    nodes: Nodes,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_handle: AtomicU64,
@@ -70,6 +75,17 @@ fn tree_errno(err: Error) -> Errno {
 
 fn proc_path(fd: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// How many `O_PATH` descriptors of known inodes stay open: a quarter of
+/// the open-file limit, leaving the rest to the files clients open and to
+/// the migration's workers.
+fn open_descriptor_budget() -> NonZeroUsize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20);
+    let budget = (limit / 4).clamp(64, 1 << 16) as usize;
+    NonZeroUsize::new(budget).unwrap_or(NonZeroUsize::MIN)
 }
 
 fn system_time(seconds: i64, nanos: i64) -> SystemTime {
@@ -117,18 +133,10 @@ impl TreeFs {
                 )
             })?
             .st_ino;
-        let mut nodes = HashMap::new();
-        nodes.insert(
-            root_ino,
-            Node {
-                fd: Arc::new(fd),
-                lookups: 1,
-            },
-        );
         Ok(TreeFs {
             namespace,
             root_ino,
-            nodes: Mutex::new(nodes),
+            nodes: Nodes::new(root_ino, fd, open_descriptor_budget()),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -154,12 +162,7 @@ impl TreeFs {
     }
 
     fn fd(&self, ino: INodeNo) -> Reply<Arc<OwnedFd>> {
-        let target = self.to_target(ino);
-        self.nodes
-            .lock()
-            .get(&target)
-            .map(|n| n.fd.clone())
-            .ok_or(Errno::ESTALE)
+        self.nodes.fd(self.to_target(ino))
     }
 
     /// The attributes clients see. dmm writing a file's data or a
@@ -173,6 +176,14 @@ impl TreeFs {
             && tracked.is_some_and(|id| self.namespace.is_unchanged(id))
         {
             attr.ctime = attr.mtime;
+        }
+        if attr.kind == FileType::Directory
+            && let Some(source) = tracked.and_then(|id| self.namespace.unpopulated_dir_meta(id))
+        {
+            attr.atime = system_time(source.atime.seconds, source.atime.nanos.into());
+            attr.mtime = system_time(source.mtime.seconds, source.mtime.nanos.into());
+            attr.ctime = attr.mtime;
+            attr.nlink = source.nlink as u32;
         }
         attr
     }
@@ -202,49 +213,41 @@ impl TreeFs {
         self.namespace.entry_of_ino(self.to_target(ino))
     }
 
-    /// The directory `parent`, populated, with its entry.
-    fn populated_dir(&self, parent: INodeNo) -> Reply<(Arc<OwnedFd>, Option<EntryId>)> {
+    /// The directory `parent`, populated.
+    fn populated_dir(&self, parent: INodeNo) -> Reply<Dir> {
         let fd = self.fd(parent)?;
         let entry = self.entry(parent);
         if let Some(id) = entry {
             self.namespace.ensure_populated(id).map_err(tree_errno)?;
         }
-        Ok((fd, entry))
+        Ok(Dir {
+            ino: self.to_target(parent),
+            fd,
+            entry,
+        })
     }
 
-    /// Registers a lookup of `name` in `parent_fd` and returns its
-    /// attributes. Directories get tracked: tracked entries may be moved
-    /// into them.
-    fn remember(&self, parent: (&OwnedFd, Option<EntryId>), name: &OsStr) -> Reply<FileAttr> {
-        let st = rustix::fs::statat(parent.0, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+    /// Registers a lookup of `name` in `dir` and returns its attributes.
+    /// Directories get tracked: tracked entries may be moved into them.
+    fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<FileAttr> {
+        let st = rustix::fs::statat(&*dir.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
         if kind_of(st.st_mode) == FileType::Directory
-            && let Some(parent_entry) = parent.1
+            && let Some(parent_entry) = dir.entry
             && self.namespace.entry_of_ino(st.st_ino).is_none()
         {
             self.namespace
                 .track_dir(parent_entry, name, st.st_ino)
                 .map_err(tree_errno)?;
         }
-        let mut nodes = self.nodes.lock();
-        if let Some(node) = nodes.get_mut(&st.st_ino) {
-            node.lookups += 1;
-        } else {
-            let fd = rustix::fs::openat(
-                parent.0,
-                name,
-                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(errno)?;
-            nodes.insert(
-                st.st_ino,
-                Node {
-                    fd: Arc::new(fd),
-                    lookups: 1,
-                },
-            );
-        }
+        self.nodes.looked_up(dir.ino, &dir.fd, name, st.st_ino)?;
         Ok(self.attr(&st))
+    }
+
+    /// The inode `name` in `dir` stands for, if any.
+    fn ino_at(dir: &Dir, name: &OsStr) -> Option<u64> {
+        rustix::fs::statat(&*dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .ok()
+            .map(|st| st.st_ino)
     }
 
     /// Gives a new object the requesting user's ownership (the group of a
@@ -275,8 +278,8 @@ impl TreeFs {
     }
 
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Reply<FileAttr> {
-        let (fd, entry) = self.populated_dir(parent)?;
-        self.remember((&fd, entry), name)
+        let dir = self.populated_dir(parent)?;
+        self.remember(&dir, name)
     }
 
     fn do_getattr(&self, ino: INodeNo) -> Reply<FileAttr> {
@@ -299,6 +302,10 @@ impl TreeFs {
         let fd = self.fd(ino)?;
         let path = proc_path(&*fd);
         let entry = self.entry(ino);
+        if let Some(id) = entry {
+            // Else the population would overwrite a directory's new times.
+            self.namespace.ensure_populated(id).map_err(tree_errno)?;
+        }
         if let Some(size) = size {
             if let Some(id) = entry {
                 self.namespace
@@ -367,16 +374,19 @@ impl TreeFs {
         name: &OsStr,
         make: impl FnOnce(&OwnedFd) -> rustix::io::Result<()>,
     ) -> Reply<FileAttr> {
-        let (fd, entry) = self.populated_dir(parent)?;
-        make(&fd).map_err(errno)?;
-        self.own(req, &fd, name)?;
-        self.remember((&fd, entry), name)
+        let dir = self.populated_dir(parent)?;
+        make(&dir.fd).map_err(errno)?;
+        self.own(req, &dir.fd, name)?;
+        self.remember(&dir, name)
     }
 
     fn do_remove(&self, parent: INodeNo, name: &OsStr, flags: AtFlags) -> Reply<()> {
-        let (fd, entry) = self.populated_dir(parent)?;
-        let act = || rustix::fs::unlinkat(&*fd, name, flags).map_err(io::Error::from);
-        let outcome = match entry {
+        let dir = self.populated_dir(parent)?;
+        if let Some(ino) = Self::ino_at(&dir, name) {
+            self.nodes.losing_name(ino, dir.ino, name)?;
+        }
+        let act = || rustix::fs::unlinkat(&*dir.fd, name, flags).map_err(io::Error::from);
+        let outcome = match dir.entry {
             Some(parent_entry) => self
                 .namespace
                 .remove(parent_entry, name, act)
@@ -394,38 +404,50 @@ impl TreeFs {
         new_name: &OsStr,
         flags: RenameFlags,
     ) -> Reply<()> {
-        let (fd, entry) = self.populated_dir(parent)?;
-        let (new_fd, new_entry) = self.populated_dir(new_parent)?;
+        let dir = self.populated_dir(parent)?;
+        let new_dir = self.populated_dir(new_parent)?;
         let at_flags = AtRenameFlags::from_bits_retain(flags.bits());
         let act = || {
-            rustix::fs::renameat_with(&*fd, name, &*new_fd, new_name, at_flags)
+            rustix::fs::renameat_with(&*dir.fd, name, &*new_dir.fd, new_name, at_flags)
                 .map_err(io::Error::from)
         };
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        let outcome = match (entry, new_entry) {
+        let moving = Self::ino_at(&dir, name);
+        let replaced = Self::ino_at(&new_dir, new_name).filter(|ino| Some(*ino) != moving);
+        if let Some(ino) = replaced.filter(|_| !exchange) {
+            self.nodes.losing_name(ino, new_dir.ino, new_name)?;
+        }
+        let outcome = match (dir.entry, new_dir.entry) {
             (Some(from), Some(to)) => self
                 .namespace
                 .rename((from, name), (to, new_name), exchange, act)
                 .map_err(tree_errno)?,
             _ => act(),
         };
-        outcome.map_err(errno)
+        outcome.map_err(errno)?;
+        if let Some(ino) = moving {
+            self.nodes.moved(ino, new_dir.ino, new_name);
+        }
+        if let Some(ino) = replaced.filter(|_| exchange) {
+            self.nodes.moved(ino, dir.ino, name);
+        }
+        Ok(())
     }
 
     fn do_link(&self, ino: INodeNo, new_parent: INodeNo, new_name: &OsStr) -> Reply<FileAttr> {
         let fd = self.fd(ino)?;
-        let (dir, dir_entry) = self.populated_dir(new_parent)?;
+        let dir = self.populated_dir(new_parent)?;
         let act = || {
             rustix::fs::linkat(
                 rustix::fs::CWD,
                 proc_path(&*fd),
-                &*dir,
+                &*dir.fd,
                 new_name,
                 AtFlags::SYMLINK_FOLLOW,
             )
             .map_err(io::Error::from)
         };
-        let outcome = match (self.entry(ino), dir_entry) {
+        let outcome = match (self.entry(ino), dir.entry) {
             (Some(id), Some(parent)) => self
                 .namespace
                 .link(id, (parent, new_name), act)
@@ -433,7 +455,7 @@ impl TreeFs {
             _ => act(),
         };
         outcome.map_err(errno)?;
-        self.remember((&dir, dir_entry), new_name)
+        self.remember(&dir, new_name)
     }
 
     fn do_open(&self, ino: INodeNo, flags: i32) -> Reply<u64> {
@@ -503,14 +525,14 @@ impl TreeFs {
         mode: u32,
         flags: i32,
     ) -> Reply<(FileAttr, u64)> {
-        let (fd, entry) = self.populated_dir(parent)?;
+        let dir = self.populated_dir(parent)?;
         let oflags = OFlags::from_bits_retain(flags as u32 & !OFlags::NOCTTY.bits())
             | OFlags::CREATE
             | OFlags::CLOEXEC;
         let file =
-            rustix::fs::openat(&*fd, name, oflags, Mode::from_raw_mode(mode)).map_err(errno)?;
-        self.own(req, &fd, name)?;
-        let attr = self.remember((&fd, entry), name)?;
+            rustix::fs::openat(&*dir.fd, name, oflags, Mode::from_raw_mode(mode)).map_err(errno)?;
+        self.own(req, &dir.fd, name)?;
+        let attr = self.remember(&dir, name)?;
         let handle = self.handle();
         let entry = self.namespace.entry_of_ino(self.to_target(attr.ino));
         self.files.lock().insert(
@@ -603,14 +625,7 @@ impl Filesystem for TreeFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let target = self.to_target(ino);
-        let mut nodes = self.nodes.lock();
-        if let Some(node) = nodes.get_mut(&target) {
-            node.lookups = node.lookups.saturating_sub(nlookup);
-            if node.lookups == 0 && target != self.root_ino {
-                nodes.remove(&target);
-            }
-        }
+        self.nodes.forget(self.to_target(ino), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

@@ -1,8 +1,9 @@
 //! The access point: a FUSE file system showing the target tree, where
 //! applications work while the migration runs.
 //!
-//! It is a passthrough to the target directory, inode by inode (each known
-//! inode is held by an `O_PATH` descriptor, so renames never confuse it),
+//! It is a passthrough to the target directory, inode by inode (`nodes`
+//! finds each inode the kernel knows again, across renames, without
+//! holding a descriptor for every one of them),
 //! with the migration's hooks in front of the operations that need them:
 //! a directory is populated before anything looks inside it, the segments
 //! a read or write touches are fetched first, and namespace changes to
@@ -13,5 +14,6 @@
 
 mod fs;
 mod mount;
+mod nodes;
 
 pub use mount::{AccessPoint, check_mountpoint, clear_stale_mount};

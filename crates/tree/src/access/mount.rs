@@ -75,28 +75,19 @@ impl Drop for AccessPoint {
     }
 }
 
-/// The access point keeps an `O_PATH` descriptor for every inode the
-/// kernel has looked up and not forgotten: a client walking 100,000 files
-/// needs 100,000 of them, far above the usual soft limit. Raise the limit
-/// as far as allowed (to `fs.nr_open` with CAP_SYS_RESOURCE, else to the
-/// hard limit).
+/// Clients may hold many files open through the access point, each one
+/// open in dmm too, and a quarter of the limit goes to descriptors of known
+/// inodes (`nodes`): raise the soft open-file limit to the hard one.
 fn raise_open_file_limit() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let ceiling = fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|text| text.trim().parse::<u64>().ok())
-        .unwrap_or(1 << 20);
     let current = getrlimit(Resource::Nofile);
-    let everything = Rlimit {
-        current: Some(ceiling),
-        maximum: Some(ceiling),
-    };
-    let up_to_hard = Rlimit {
-        current: current.maximum,
-        maximum: current.maximum,
-    };
-    let raised = setrlimit(Resource::Nofile, everything)
-        .or_else(|_| setrlimit(Resource::Nofile, up_to_hard));
+    let raised = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: current.maximum,
+            maximum: current.maximum,
+        },
+    );
     let now = getrlimit(Resource::Nofile).current;
     match raised {
         Ok(()) => tracing::debug!(?now, "open file limit raised for the access point"),

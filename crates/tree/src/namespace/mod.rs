@@ -315,6 +315,20 @@ impl Namespace {
             .is_some_and(|e| !e.changed && e.source.is_some())
     }
 
+    /// The source's metadata of a directory not populated yet. Its
+    /// placeholder's times and link count move while it is populated, so
+    /// clients are shown the source's, which it ends with.
+    pub fn unpopulated_dir_meta(&self, id: EntryId) -> Option<crate::source::Meta> {
+        let source = {
+            let state = self.lock();
+            let entry = state.entries.get(&id)?;
+            (entry.state == EntryState::Unpopulated)
+                .then(|| entry.source.clone())
+                .flatten()?
+        };
+        self.source.stat(&source).ok()
+    }
+
     /// Whether the entry is a regular file with data still to copy.
     pub fn is_pending_file(&self, id: EntryId) -> bool {
         self.state

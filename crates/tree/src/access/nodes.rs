@@ -1,0 +1,205 @@
+//! The inodes the kernel knows through the access point, and how to reach
+//! each of them in the target.
+//!
+//! A passthrough must find an inode again when the kernel asks about it,
+//! even after renames. Holding an `O_PATH` descriptor for every inode the
+//! kernel remembers would do, but a client walking a large tree makes the
+//! kernel remember hundreds of thousands of them, far beyond any open-file
+//! limit. So each node records where it was last seen (its parent's inode
+//! and its name there, kept current through renames), and only the most
+//! recently used descriptors stay open; any other is reopened from its
+//! nearest open ancestor and checked to be the same inode.
+//!
+//! A node whose last known name goes away while the kernel still knows it
+//! (an unlinked file a client holds open, a name replaced by a rename) is
+//! pinned: its descriptor stays open until the kernel forgets it, as the
+//! root's does.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::num::NonZeroUsize;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use fuser::Errno;
+use lru::LruCache;
+use parking_lot::Mutex;
+use rustix::fs::{Mode, OFlags};
+
+/// Deeper paths than this are taken for a corrupt parent chain.
+const MAX_DEPTH: usize = 4096;
+
+/// Attempts to reach a node whose name a concurrent rename may change.
+const ATTEMPTS: usize = 3;
+
+type Reply<T> = std::result::Result<T, Errno>;
+
+/// One inode the kernel knows.
+struct Node {
+    /// Target inode of the directory it was last seen in.
+    parent: u64,
+    /// Its name there.
+    name: OsString,
+    /// Lookups the kernel has not yet forgotten.
+    lookups: u64,
+    /// A descriptor kept for the node's whole life, when it cannot be
+    /// reached by name (the root, or a node whose name went away).
+    pinned: Option<Arc<OwnedFd>>,
+}
+
+/// The known inodes, keyed by target inode number.
+pub(super) struct Nodes {
+    nodes: Mutex<HashMap<u64, Node>>,
+    /// The most recently used descriptors of unpinned nodes.
+    open: Mutex<LruCache<u64, Arc<OwnedFd>>>,
+}
+
+impl Nodes {
+    /// Starts with the root, pinned, and room for `capacity` other open
+    /// descriptors.
+    pub(super) fn new(root_ino: u64, root: OwnedFd, capacity: NonZeroUsize) -> Nodes {
+        let root = Node {
+            parent: root_ino,
+            name: OsString::new(),
+            lookups: 1,
+            pinned: Some(Arc::new(root)),
+        };
+        Nodes {
+            nodes: Mutex::new(HashMap::from([(root_ino, root)])),
+            open: Mutex::new(LruCache::new(capacity)),
+        }
+    }
+
+    /// An `O_PATH` descriptor of inode `ino`, reopened by its last known
+    /// name if it is not open. ESTALE if the kernel asks about an inode
+    /// it forgot, or one that cannot be found where it was last seen.
+    pub(super) fn fd(&self, ino: u64) -> Reply<Arc<OwnedFd>> {
+        let mut result = self.reach(ino);
+        for _ in 1..ATTEMPTS {
+            if result.is_ok() {
+                break;
+            }
+            result = self.reach(ino);
+        }
+        result
+    }
+
+    /// Records that a lookup found `ino` as `name` in directory `parent`
+    /// (whose descriptor is `parent_fd`); it is opened now, as the kernel
+    /// asks about what it looks up right away.
+    pub(super) fn looked_up(
+        &self,
+        parent: u64,
+        parent_fd: &OwnedFd,
+        name: &OsStr,
+        ino: u64,
+    ) -> Reply<()> {
+        let fd = open_checked(parent_fd, name, ino)?;
+        {
+            let mut nodes = self.nodes.lock();
+            let node = nodes.entry(ino).or_insert_with(|| Node {
+                parent,
+                name: OsString::new(),
+                lookups: 0,
+                pinned: None,
+            });
+            node.lookups += 1;
+            if node.pinned.is_none() {
+                node.parent = parent;
+                node.name = name.to_owned();
+            }
+        }
+        self.open.lock().put(ino, fd);
+        Ok(())
+    }
+
+    /// The kernel forgot `count` lookups of `ino`.
+    pub(super) fn forget(&self, ino: u64, count: u64) {
+        let mut nodes = self.nodes.lock();
+        let Some(node) = nodes.get_mut(&ino) else {
+            return;
+        };
+        node.lookups = node.lookups.saturating_sub(count);
+        if node.lookups == 0 && node.parent != ino {
+            nodes.remove(&ino);
+            self.open.lock().pop(&ino);
+        }
+    }
+
+    /// `ino`'s name `name` in `parent` is about to go away (unlink, or a
+    /// rename over it): if that is the name the node is known by, keep its
+    /// descriptor from now on.
+    pub(super) fn losing_name(&self, ino: u64, parent: u64, name: &OsStr) -> Reply<()> {
+        let known_by_it = matches!(
+            self.nodes.lock().get(&ino),
+            Some(node) if node.pinned.is_none() && node.parent == parent && node.name == name
+        );
+        if !known_by_it {
+            return Ok(());
+        }
+        let fd = self.fd(ino)?;
+        if let Some(node) = self.nodes.lock().get_mut(&ino) {
+            node.pinned = Some(fd);
+        }
+        self.open.lock().pop(&ino);
+        Ok(())
+    }
+
+    /// A rename moved `ino` to `name` in `parent`.
+    pub(super) fn moved(&self, ino: u64, parent: u64, name: &OsStr) {
+        if let Some(node) = self.nodes.lock().get_mut(&ino)
+            && node.pinned.is_none()
+        {
+            node.parent = parent;
+            node.name = name.to_owned();
+        }
+    }
+
+    /// One attempt: walks up to the nearest open ancestor, then opens the
+    /// names down from it.
+    fn reach(&self, ino: u64) -> Reply<Arc<OwnedFd>> {
+        let mut down = Vec::new();
+        let mut at = ino;
+        let mut fd = loop {
+            if let Some(fd) = self.open_fd(at) {
+                break fd;
+            }
+            let nodes = self.nodes.lock();
+            let node = nodes.get(&at).ok_or(Errno::ESTALE)?;
+            down.push((at, node.name.clone()));
+            at = node.parent;
+            if down.len() > MAX_DEPTH {
+                return Err(Errno::ESTALE);
+            }
+        };
+        for (ino, name) in down.into_iter().rev() {
+            fd = open_checked(&fd, &name, ino)?;
+            self.open.lock().put(ino, fd.clone());
+        }
+        Ok(fd)
+    }
+
+    /// The descriptor of `ino` if it is pinned or open.
+    fn open_fd(&self, ino: u64) -> Option<Arc<OwnedFd>> {
+        if let Some(fd) = self.open.lock().get(&ino) {
+            return Some(fd.clone());
+        }
+        self.nodes.lock().get(&ino)?.pinned.clone()
+    }
+}
+
+/// Opens `name` in `dir` as an `O_PATH` descriptor, if it is inode `ino`.
+/// A name that is gone or leads elsewhere makes ESTALE; other errors (such
+/// as EMFILE) are the client's to see.
+fn open_checked(dir: &OwnedFd, name: &OsStr, ino: u64) -> Reply<Arc<OwnedFd>> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, Mode::empty()).map_err(|err| match err {
+        rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR => Errno::ESTALE,
+        err => Errno::from(std::io::Error::from(err)),
+    })?;
+    let st = rustix::fs::fstat(&fd).map_err(|err| Errno::from(std::io::Error::from(err)))?;
+    if st.st_ino != ino {
+        return Err(Errno::ESTALE);
+    }
+    Ok(Arc::new(fd))
+}
