@@ -230,16 +230,16 @@ impl TreeFs {
     /// Registers a lookup of `name` in `dir` and returns its attributes.
     /// Directories get tracked: tracked entries may be moved into them.
     fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<FileAttr> {
-        let st = rustix::fs::statat(&*dir.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let st = self.nodes.look_up(dir.ino, &dir.fd, name)?;
         if kind_of(st.st_mode) == FileType::Directory
             && let Some(parent_entry) = dir.entry
             && self.namespace.entry_of_ino(st.st_ino).is_none()
+            && let Err(err) = self.namespace.track_dir(parent_entry, name, st.st_ino)
         {
-            self.namespace
-                .track_dir(parent_entry, name, st.st_ino)
-                .map_err(tree_errno)?;
+            // The kernel will not hear of this lookup.
+            self.nodes.forget(st.st_ino, 1);
+            return Err(tree_errno(err));
         }
-        self.nodes.looked_up(dir.ino, &dir.fd, name, st.st_ino)?;
         Ok(self.attr(&st))
     }
 
@@ -417,6 +417,7 @@ impl TreeFs {
         if let Some(ino) = replaced.filter(|_| !exchange) {
             self.nodes.losing_name(ino, new_dir.ino, new_name)?;
         }
+        let _renaming = self.nodes.renaming();
         let outcome = match (dir.entry, new_dir.entry) {
             (Some(from), Some(to)) => self
                 .namespace

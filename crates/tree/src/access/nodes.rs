@@ -23,14 +23,11 @@ use std::sync::Arc;
 
 use fuser::Errno;
 use lru::LruCache;
-use parking_lot::Mutex;
-use rustix::fs::{Mode, OFlags};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
 /// Deeper paths than this are taken for a corrupt parent chain.
 const MAX_DEPTH: usize = 4096;
-
-/// Attempts to reach a node whose name a concurrent rename may change.
-const ATTEMPTS: usize = 3;
 
 type Reply<T> = std::result::Result<T, Errno>;
 
@@ -52,6 +49,10 @@ pub(super) struct Nodes {
     nodes: Mutex<HashMap<u64, Node>>,
     /// The most recently used descriptors of unpinned nodes.
     open: Mutex<LruCache<u64, Arc<OwnedFd>>>,
+    /// Held for writing by a rename from before it acts until the moved
+    /// node's record says where it went, and for reading while names are
+    /// reopened, which so never follow a record a rename made stale.
+    renames: RwLock<()>,
 }
 
 impl Nodes {
@@ -67,37 +68,52 @@ impl Nodes {
         Nodes {
             nodes: Mutex::new(HashMap::from([(root_ino, root)])),
             open: Mutex::new(LruCache::new(capacity)),
+            renames: RwLock::new(()),
         }
     }
 
     /// An `O_PATH` descriptor of inode `ino`, reopened by its last known
-    /// name if it is not open. ESTALE if the kernel asks about an inode
-    /// it forgot, or one that cannot be found where it was last seen.
+    /// name if it is not open: walks up to the nearest open ancestor, then
+    /// opens the names down from it. ESTALE if the kernel asks about an
+    /// inode it forgot, or one that is not where it was last seen.
     pub(super) fn fd(&self, ino: u64) -> Reply<Arc<OwnedFd>> {
-        let mut result = self.reach(ino);
-        for _ in 1..ATTEMPTS {
-            if result.is_ok() {
-                break;
-            }
-            result = self.reach(ino);
+        if let Some(fd) = self.open_fd(ino) {
+            return Ok(fd);
         }
-        result
+        let _no_rename = self.renames.read();
+        let mut down = Vec::new();
+        let mut at = ino;
+        let mut fd = loop {
+            if let Some(fd) = self.open_fd(at) {
+                break fd;
+            }
+            let nodes = self.nodes.lock();
+            let node = nodes.get(&at).ok_or(Errno::ESTALE)?;
+            down.push((at, node.name.clone()));
+            at = node.parent;
+            if down.len() > MAX_DEPTH {
+                return Err(Errno::ESTALE);
+            }
+        };
+        for (ino, name) in down.into_iter().rev() {
+            fd = open_checked(&fd, &name, ino)?;
+            self.open.lock().put(ino, fd.clone());
+        }
+        Ok(fd)
     }
 
-    /// Records that a lookup found `ino` as `name` in directory `parent`
-    /// (whose descriptor is `parent_fd`); it is opened now, as the kernel
-    /// asks about what it looks up right away.
-    pub(super) fn looked_up(
-        &self,
-        parent: u64,
-        parent_fd: &OwnedFd,
-        name: &OsStr,
-        ino: u64,
-    ) -> Reply<()> {
-        let fd = open_checked(parent_fd, name, ino)?;
+    /// Looks up `name` in directory `parent` (whose descriptor is
+    /// `parent_fd`) and records what it found: the kernel holds one more
+    /// lookup of it. It is opened now, as the kernel asks about what it
+    /// looks up right away.
+    pub(super) fn look_up(&self, parent: u64, parent_fd: &OwnedFd, name: &OsStr) -> Reply<Stat> {
+        let _no_rename = self.renames.read();
+        let st = rustix::fs::statat(parent_fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|err| Errno::from(std::io::Error::from(err)))?;
+        let fd = open_checked(parent_fd, name, st.st_ino)?;
         {
             let mut nodes = self.nodes.lock();
-            let node = nodes.entry(ino).or_insert_with(|| Node {
+            let node = nodes.entry(st.st_ino).or_insert_with(|| Node {
                 parent,
                 name: OsString::new(),
                 lookups: 0,
@@ -109,8 +125,8 @@ impl Nodes {
                 node.name = name.to_owned();
             }
         }
-        self.open.lock().put(ino, fd);
-        Ok(())
+        self.open.lock().put(st.st_ino, fd);
+        Ok(st)
     }
 
     /// The kernel forgot `count` lookups of `ino`.
@@ -145,6 +161,12 @@ impl Nodes {
         Ok(())
     }
 
+    /// Holds back reopening by name while a rename acts; call after
+    /// `losing_name`, and `moved` before the guard drops.
+    pub(super) fn renaming(&self) -> RwLockWriteGuard<'_, ()> {
+        self.renames.write()
+    }
+
     /// A rename moved `ino` to `name` in `parent`.
     pub(super) fn moved(&self, ino: u64, parent: u64, name: &OsStr) {
         if let Some(node) = self.nodes.lock().get_mut(&ino)
@@ -153,30 +175,6 @@ impl Nodes {
             node.parent = parent;
             node.name = name.to_owned();
         }
-    }
-
-    /// One attempt: walks up to the nearest open ancestor, then opens the
-    /// names down from it.
-    fn reach(&self, ino: u64) -> Reply<Arc<OwnedFd>> {
-        let mut down = Vec::new();
-        let mut at = ino;
-        let mut fd = loop {
-            if let Some(fd) = self.open_fd(at) {
-                break fd;
-            }
-            let nodes = self.nodes.lock();
-            let node = nodes.get(&at).ok_or(Errno::ESTALE)?;
-            down.push((at, node.name.clone()));
-            at = node.parent;
-            if down.len() > MAX_DEPTH {
-                return Err(Errno::ESTALE);
-            }
-        };
-        for (ino, name) in down.into_iter().rev() {
-            fd = open_checked(&fd, &name, ino)?;
-            self.open.lock().put(ino, fd.clone());
-        }
-        Ok(fd)
     }
 
     /// The descriptor of `ino` if it is pinned or open.
