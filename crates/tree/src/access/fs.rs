@@ -26,6 +26,12 @@ use super::nodes::Nodes;
 use crate::error::{Error, ErrorKind, Result};
 use crate::namespace::{EntryId, Namespace};
 
+/// Regular files keep their page cache across opens: every byte the kernel
+/// caches came through a read, which fetched its segments first, or
+/// through a write, so the cache never holds a placeholder's hole. `flush`
+/// has nothing to do, so the kernel need not send it on close.
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
 /// How long the kernel may cache names and attributes. Only this file
 /// system changes the target's namespace while it is mounted.
 const TTL: Duration = Duration::from_secs(1);
@@ -177,13 +183,13 @@ impl TreeFs {
         {
             attr.ctime = attr.mtime;
         }
-        if attr.kind == FileType::Directory
-            && let Some(source) = tracked.and_then(|id| self.namespace.unpopulated_dir_meta(id))
-        {
+        if let Some(source) = tracked.and_then(|id| self.namespace.settling_source_meta(id)) {
             attr.atime = system_time(source.atime.seconds, source.atime.nanos.into());
             attr.mtime = system_time(source.mtime.seconds, source.mtime.nanos.into());
             attr.ctime = attr.mtime;
-            attr.nlink = source.nlink as u32;
+            if attr.kind == FileType::Directory {
+                attr.nlink = source.nlink as u32;
+            }
         }
         attr
     }
@@ -750,7 +756,7 @@ impl Filesystem for TreeFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.do_open(ino, flags.0) {
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+            Ok(handle) => reply.opened(FileHandle(handle), FILE_OPEN_FLAGS),
             Err(err) => reply.error(err),
         }
     }
@@ -965,7 +971,7 @@ impl Filesystem for TreeFs {
                 &attr,
                 Generation(0),
                 FileHandle(handle),
-                FopenFlags::empty(),
+                FILE_OPEN_FLAGS,
             ),
             Err(err) => reply.error(err),
         }

@@ -315,16 +315,21 @@ impl Namespace {
             .is_some_and(|e| !e.changed && e.source.is_some())
     }
 
-    /// The source's metadata of a directory not populated yet. Its
-    /// placeholder's times and link count move while it is populated, so
-    /// clients are shown the source's, which it ends with.
-    pub fn unpopulated_dir_meta(&self, id: EntryId) -> Option<crate::source::Meta> {
+    /// The source's metadata of an entry dmm is still filling in and no
+    /// client changed: a directory not populated yet, a file with data
+    /// still to copy. Their placeholders' times (and a directory's link
+    /// count) move while dmm works on them, so clients are shown the
+    /// source's, which they end with.
+    pub fn settling_source_meta(&self, id: EntryId) -> Option<crate::source::Meta> {
         let source = {
             let state = self.lock();
             let entry = state.entries.get(&id)?;
-            (entry.state == EntryState::Unpopulated)
-                .then(|| entry.source.clone())
-                .flatten()?
+            let settling = match entry.state {
+                EntryState::Unpopulated => true,
+                EntryState::Pending => !entry.changed,
+                EntryState::Populated | EntryState::Done => false,
+            };
+            settling.then(|| entry.source.clone()).flatten()?
         };
         self.source.stat(&source).ok()
     }
