@@ -201,3 +201,86 @@ fn open_checked(dir: &OwnedFd, name: &OsStr, ino: u64) -> Reply<Arc<OwnedFd>> {
     }
     Ok(Arc::new(fd))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    fn dir_fd(path: &Path) -> OwnedFd {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        rustix::fs::open(path, flags, Mode::empty()).unwrap()
+    }
+
+    fn ino(path: &Path) -> u64 {
+        fs::symlink_metadata(path).unwrap().ino()
+    }
+
+    /// Root, `a`, `a/b`, `a/b/file`, looked up in order, with room for one
+    /// open descriptor.
+    fn walked() -> (tempfile::TempDir, Nodes, [u64; 4]) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/file"), b"data").unwrap();
+        let root_ino = ino(root);
+        let nodes = Nodes::new(root_ino, dir_fd(root), NonZeroUsize::MIN);
+        let mut parent = (root_ino, nodes.fd(root_ino).unwrap());
+        for name in ["a", "b", "file"] {
+            let st = nodes
+                .look_up(parent.0, &parent.1, OsStr::new(name))
+                .unwrap();
+            parent = (st.st_ino, nodes.fd(st.st_ino).unwrap());
+        }
+        let inos = [
+            root_ino,
+            ino(&root.join("a")),
+            ino(&root.join("a/b")),
+            ino(&root.join("a/b/file")),
+        ];
+        (dir, nodes, inos)
+    }
+
+    fn fd_ino(fd: &OwnedFd) -> u64 {
+        rustix::fs::fstat(fd).unwrap().st_ino
+    }
+
+    #[test]
+    fn evicted_descriptors_are_reopened_after_a_rename_of_an_ancestor() {
+        let (dir, nodes, [root, a, _, file]) = walked();
+        fs::rename(dir.path().join("a"), dir.path().join("z")).unwrap();
+        nodes.moved(a, root, OsStr::new("z"));
+        nodes.open.lock().clear();
+        assert_eq!(fd_ino(&nodes.fd(file).unwrap()), file);
+    }
+
+    #[test]
+    fn a_stale_record_gives_estale_never_another_inode() {
+        let (dir, nodes, [_, _, _, file]) = walked();
+        let path = dir.path().join("a/b/file");
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"another file").unwrap();
+        nodes.open.lock().clear();
+        assert_eq!(nodes.fd(file).unwrap_err(), Errno::ESTALE);
+    }
+
+    #[test]
+    fn a_node_that_loses_its_name_keeps_its_descriptor() {
+        let (dir, nodes, [_, _, b, file]) = walked();
+        nodes.losing_name(file, b, OsStr::new("file")).unwrap();
+        fs::remove_file(dir.path().join("a/b/file")).unwrap();
+        nodes.open.lock().clear();
+        assert_eq!(fd_ino(&nodes.fd(file).unwrap()), file);
+    }
+
+    #[test]
+    fn forgotten_nodes_are_gone_and_the_root_stays() {
+        let (_dir, nodes, [root, _, _, file]) = walked();
+        nodes.forget(file, 1);
+        assert_eq!(nodes.fd(file).unwrap_err(), Errno::ESTALE);
+        nodes.forget(root, 1);
+        assert_eq!(fd_ino(&nodes.fd(root).unwrap()), root);
+    }
+}
