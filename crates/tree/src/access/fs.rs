@@ -68,9 +68,9 @@ pub(super) struct TreeFs {
     next_handle: AtomicU64,
 }
 
-type Reply<T> = std::result::Result<T, Errno>;
+pub(super) type Reply<T> = std::result::Result<T, Errno>;
 
-fn errno(err: impl Into<io::Error>) -> Errno {
+pub(super) fn errno(err: impl Into<io::Error>) -> Errno {
     Errno::from(err.into())
 }
 

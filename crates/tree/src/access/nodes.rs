@@ -26,10 +26,10 @@ use lru::LruCache;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
+use super::fs::{Reply, errno};
+
 /// Deeper paths than this are taken for a corrupt parent chain.
 const MAX_DEPTH: usize = 4096;
-
-type Reply<T> = std::result::Result<T, Errno>;
 
 /// One inode the kernel knows.
 struct Node {
@@ -108,8 +108,7 @@ impl Nodes {
     /// looks up right away.
     pub(super) fn look_up(&self, parent: u64, parent_fd: &OwnedFd, name: &OsStr) -> Reply<Stat> {
         let _no_rename = self.renames.read();
-        let st = rustix::fs::statat(parent_fd, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|err| Errno::from(std::io::Error::from(err)))?;
+        let st = rustix::fs::statat(parent_fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
         let fd = open_checked(parent_fd, name, st.st_ino)?;
         {
             let mut nodes = self.nodes.lock();
@@ -193,9 +192,9 @@ fn open_checked(dir: &OwnedFd, name: &OsStr, ino: u64) -> Reply<Arc<OwnedFd>> {
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = rustix::fs::openat(dir, name, flags, Mode::empty()).map_err(|err| match err {
         rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR => Errno::ESTALE,
-        err => Errno::from(std::io::Error::from(err)),
+        err => errno(err),
     })?;
-    let st = rustix::fs::fstat(&fd).map_err(|err| Errno::from(std::io::Error::from(err)))?;
+    let st = rustix::fs::fstat(&fd).map_err(errno)?;
     if st.st_ino != ino {
         return Err(Errno::ESTALE);
     }
