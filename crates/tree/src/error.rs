@@ -56,6 +56,14 @@ impl Error {
         }
     }
 
+    /// The same error, with `path` (a path dmm worked through, such as a
+    /// `/proc/self/fd` link) named as `shown` in its message.
+    pub fn at_path(mut self, path: &Path, shown: &Path) -> Error {
+        let (path, shown) = (path.to_string_lossy(), shown.to_string_lossy());
+        self.context = self.context.replace(&*path, &shown);
+        self
+    }
+
     /// The errno to hand a FUSE client for this error.
     pub fn errno(&self) -> i32 {
         self.source

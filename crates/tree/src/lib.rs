@@ -8,9 +8,11 @@
 pub mod access;
 pub mod error;
 pub mod fidelity;
+mod lock;
 pub mod migration;
 pub mod namespace;
 pub mod source;
+mod threads;
 pub mod verify;
 pub mod worker;
 

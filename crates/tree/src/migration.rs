@@ -210,6 +210,9 @@ impl TreeMigration {
                 outstanding.unpopulated, outstanding.pending, outstanding.errors
             )));
         }
+        if let Some(access) = self.access.lock().as_mut() {
+            access.unmount_unless_busy()?;
+        }
         self.shutdown()?;
         let root = fs::File::open(self.namespace.target_root()).map_err(on(
             ErrorKind::Target,
@@ -224,19 +227,23 @@ impl TreeMigration {
             .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))
     }
 
+    /// Stops everything, each wait bounded: no new request or worker step
+    /// starts, the access point is unmounted (detached if clients keep it
+    /// busy), the steps under way are cut short (population and fetches
+    /// are redone on the next start), the threads end, the journal is
+    /// flushed.
     fn shutdown(&self) -> Result<()> {
         self.controls.request_stop();
+        let mut access = self.access.lock().take();
+        let detached = access.as_mut().map_or(Ok(()), AccessPoint::detach);
+        self.namespace.close();
         let workers = self.workers.lock().take();
         if let Some(workers) = workers {
             workers.join();
         }
-        let access = self.access.lock().take();
-        let unmounted = match access {
-            Some(access) => access.unmount(),
-            None => Ok(()),
-        };
+        let joined = access.as_mut().map_or(Ok(()), AccessPoint::join);
         self.namespace.flush()?;
-        unmounted
+        detached.and(joined)
     }
 }
 

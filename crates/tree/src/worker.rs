@@ -14,15 +14,19 @@ use std::time::Duration;
 
 use dmm_volume::Controls;
 use dmm_volume::control::RateLimiter;
-use parking_lot::Mutex;
 
+use crate::lock::{Mutex, Rank};
 use crate::namespace::{EntryId, Namespace};
+use crate::threads::join_within;
 
 /// How often batched journal marks are written.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 /// How long an idle worker sleeps before looking for work again.
 const IDLE: Duration = Duration::from_millis(20);
+
+/// How long stopping waits for the workers to finish their step.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// The running workers of one migration.
 pub struct Workers {
@@ -51,7 +55,7 @@ impl Workers {
         let shared = Arc::new(Shared {
             namespace,
             controls,
-            limiter: Mutex::new(RateLimiter::default()),
+            limiter: Mutex::new(Rank::Limiter, RateLimiter::default()),
             busy: AtomicUsize::new(0),
             finished: AtomicBool::new(false),
         });
@@ -73,10 +77,12 @@ impl Workers {
         Workers { threads, shared }
     }
 
-    /// Waits for the workers to end.
+    /// Waits for the workers to end (bounded: a worker stuck in a system
+    /// call on a source that stopped answering is left behind, logged).
     pub fn join(self) {
-        for thread in self.threads {
-            let _ = thread.join();
+        let late = join_within(self.threads, STOP_WITHIN);
+        if late > 0 {
+            tracing::warn!("{late} migration workers still busy {STOP_WITHIN:?} after the stop");
         }
         let _ = self.shared.namespace.flush();
     }
@@ -163,10 +169,17 @@ impl Shared {
         }
     }
 
+    /// Sleeps as long as the rate limit asks, in slices, so that a stop
+    /// is not held up by a low rate.
     fn pace(&self, bytes: u64) {
         let wait = self.limiter.lock().spend(bytes, self.controls.rate());
-        if !wait.is_zero() {
-            thread::sleep(wait);
+        let until = std::time::Instant::now() + wait;
+        while !self.controls.stop_requested() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            thread::sleep(left.min(IDLE * 5));
         }
     }
 

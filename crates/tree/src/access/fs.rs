@@ -1,29 +1,31 @@
 //! The FUSE operations: a passthrough to the target with the migration's
-//! hooks in front.
+//! hooks in front. Namespace operations live here, open files in `files`,
+//! new objects are made as the caller (`caller`).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags as AtRenameFlags, Stat};
 
+use super::caller::Caller;
+use super::files::OpenFile;
 use super::nodes::Nodes;
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock::{Mutex, Rank};
 use crate::namespace::{EntryId, Namespace};
 
 /// Regular files keep their page cache across opens: every byte the kernel
@@ -36,18 +38,18 @@ const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlag
 /// system changes the target's namespace while it is mounted.
 const TTL: Duration = Duration::from_secs(1);
 
-/// A directory an operation works in.
-struct Dir {
-    /// Its target inode number.
-    ino: u64,
-    fd: Arc<OwnedFd>,
-    /// Its tracked entry, if the migration tracks it.
-    entry: Option<EntryId>,
-}
+/// What the kernel is asked to do for dmm: pass the caller's umask
+/// instead of applying it (a directory's default ACL replaces the umask,
+/// which only the target file system knows), and check permissions
+/// against POSIX ACLs as well as the mode.
+const WANTED: InitFlags = InitFlags::FUSE_DONT_MASK.union(InitFlags::FUSE_POSIX_ACL);
 
-/// An open regular file.
-struct OpenFile {
-    file: File,
+/// A directory an operation works in.
+pub(super) struct Dir {
+    /// Its target inode number.
+    pub(super) ino: u64,
+    pub(super) fd: Arc<OwnedFd>,
+    /// Its tracked entry, if the migration tracks it.
     entry: Option<EntryId>,
 }
 
@@ -59,11 +61,11 @@ struct DirItem {
 }
 
 pub(super) struct TreeFs {
-    namespace: Arc<Namespace>,
+    pub(super) namespace: Arc<Namespace>,
     /// Target inode number of the root (FUSE inode 1).
     root_ino: u64,
     nodes: Nodes,
-    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    pub(super) files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_handle: AtomicU64,
 }
@@ -74,12 +76,12 @@ pub(super) fn errno(err: impl Into<io::Error>) -> Errno {
     Errno::from(err.into())
 }
 
-fn tree_errno(err: Error) -> Errno {
+pub(super) fn tree_errno(err: Error) -> Errno {
     tracing::warn!("{err}");
     Errno::from_i32(err.errno())
 }
 
-fn proc_path(fd: &impl AsRawFd) -> PathBuf {
+pub(super) fn proc_path(fd: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
@@ -143,8 +145,8 @@ impl TreeFs {
             namespace,
             root_ino,
             nodes: Nodes::new(root_ino, fd, open_descriptor_budget()),
-            files: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
+            files: Mutex::new(Rank::Handles, HashMap::new()),
+            dirs: Mutex::new(Rank::Handles, HashMap::new()),
             next_handle: AtomicU64::new(1),
         })
     }
@@ -159,7 +161,7 @@ impl TreeFs {
         })
     }
 
-    fn to_target(&self, ino: INodeNo) -> u64 {
+    pub(super) fn to_target(&self, ino: INodeNo) -> u64 {
         match ino.0 {
             1 => self.root_ino,
             t if t == self.root_ino => 1,
@@ -167,7 +169,7 @@ impl TreeFs {
         }
     }
 
-    fn fd(&self, ino: INodeNo) -> Reply<Arc<OwnedFd>> {
+    pub(super) fn fd(&self, ino: INodeNo) -> Reply<Arc<OwnedFd>> {
         self.nodes.fd(self.to_target(ino))
     }
 
@@ -215,12 +217,12 @@ impl TreeFs {
     }
 
     /// The tracked entry of an inode.
-    fn entry(&self, ino: INodeNo) -> Option<EntryId> {
+    pub(super) fn entry(&self, ino: INodeNo) -> Option<EntryId> {
         self.namespace.entry_of_ino(self.to_target(ino))
     }
 
     /// The directory `parent`, populated.
-    fn populated_dir(&self, parent: INodeNo) -> Reply<Dir> {
+    pub(super) fn populated_dir(&self, parent: INodeNo) -> Reply<Dir> {
         let fd = self.fd(parent)?;
         let entry = self.entry(parent);
         if let Some(id) = entry {
@@ -235,7 +237,7 @@ impl TreeFs {
 
     /// Registers a lookup of `name` in `dir` and returns its attributes.
     /// Directories get tracked: tracked entries may be moved into them.
-    fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<FileAttr> {
+    pub(super) fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<FileAttr> {
         let st = self.nodes.look_up(dir.ino, &dir.fd, name)?;
         if kind_of(st.st_mode) == FileType::Directory
             && let Some(parent_entry) = dir.entry
@@ -256,31 +258,8 @@ impl TreeFs {
             .map(|st| st.st_ino)
     }
 
-    /// Gives a new object the requesting user's ownership (the group of a
-    /// setgid directory stays).
-    fn own(&self, req: &Request, parent: &OwnedFd, name: &OsStr) -> Reply<()> {
-        let dir = rustix::fs::fstat(parent).map_err(errno)?;
-        let gid = if dir.st_mode & 0o2000 != 0 {
-            dir.st_gid
-        } else {
-            req.gid()
-        };
-        rustix::fs::chownat(
-            parent,
-            name,
-            Some(rustix::fs::Uid::from_raw(req.uid())),
-            Some(rustix::fs::Gid::from_raw(gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(errno)
-    }
-
-    fn handle(&self) -> u64 {
+    pub(super) fn handle(&self) -> u64 {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn open_file(&self, fh: FileHandle) -> Reply<Arc<OpenFile>> {
-        self.files.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Reply<FileAttr> {
@@ -319,7 +298,7 @@ impl TreeFs {
                     .map_err(tree_errno)?;
             }
             match fh.and_then(|fh| self.open_file(fh).ok()) {
-                Some(open) => open.file.set_len(size).map_err(errno)?,
+                Some(open) => open.set_len(size).map_err(errno)?,
                 None => std::fs::OpenOptions::new()
                     .write(true)
                     .open(&path)
@@ -373,16 +352,17 @@ impl TreeFs {
         self.do_getattr(ino)
     }
 
+    /// Makes a new object (not a regular file: `files::do_create`) as the
+    /// caller, with the request's umask where it applies.
     fn do_create_node(
         &self,
         req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
+        (parent, name): (INodeNo, &OsStr),
+        umask: Option<u32>,
         make: impl FnOnce(&OwnedFd) -> rustix::io::Result<()>,
     ) -> Reply<FileAttr> {
         let dir = self.populated_dir(parent)?;
-        make(&dir.fd).map_err(errno)?;
-        self.own(req, &dir.fd, name)?;
+        Caller::of(req).create(umask, || make(&dir.fd))?;
         self.remember(&dir, name)
     }
 
@@ -404,26 +384,32 @@ impl TreeFs {
 
     fn do_rename(
         &self,
-        parent: INodeNo,
-        name: &OsStr,
-        new_parent: INodeNo,
-        new_name: &OsStr,
+        (parent, name): (INodeNo, &OsStr),
+        (new_parent, new_name): (INodeNo, &OsStr),
         flags: RenameFlags,
     ) -> Reply<()> {
         let dir = self.populated_dir(parent)?;
         let new_dir = self.populated_dir(new_parent)?;
-        let at_flags = AtRenameFlags::from_bits_retain(flags.bits());
-        let act = || {
-            rustix::fs::renameat_with(&*dir.fd, name, &*new_dir.fd, new_name, at_flags)
-                .map_err(io::Error::from)
-        };
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         let moving = Self::ino_at(&dir, name);
         let replaced = Self::ino_at(&new_dir, new_name).filter(|ino| Some(*ino) != moving);
         if let Some(ino) = replaced.filter(|_| !exchange) {
             self.nodes.losing_name(ino, new_dir.ino, new_name)?;
         }
-        let _renaming = self.nodes.renaming();
+        let at_flags = AtRenameFlags::from_bits_retain(flags.bits());
+        // Reopening by name waits while the rename acts, so that it never
+        // follows a record the rename is making stale.
+        let act = || {
+            let _renaming = self.nodes.renaming();
+            rustix::fs::renameat_with(&*dir.fd, name, &*new_dir.fd, new_name, at_flags)?;
+            if let Some(ino) = Self::ino_at(&new_dir, new_name) {
+                self.nodes.moved(ino, new_dir.ino, new_name);
+            }
+            if exchange && let Some(ino) = Self::ino_at(&dir, name) {
+                self.nodes.moved(ino, dir.ino, name);
+            }
+            Ok(())
+        };
         let outcome = match (dir.entry, new_dir.entry) {
             (Some(from), Some(to)) => self
                 .namespace
@@ -431,14 +417,7 @@ impl TreeFs {
                 .map_err(tree_errno)?,
             _ => act(),
         };
-        outcome.map_err(errno)?;
-        if let Some(ino) = moving {
-            self.nodes.moved(ino, new_dir.ino, new_name);
-        }
-        if let Some(ino) = replaced.filter(|_| exchange) {
-            self.nodes.moved(ino, dir.ino, name);
-        }
-        Ok(())
+        outcome.map_err(errno)
     }
 
     fn do_link(&self, ino: INodeNo, new_parent: INodeNo, new_name: &OsStr) -> Reply<FileAttr> {
@@ -463,93 +442,6 @@ impl TreeFs {
         };
         outcome.map_err(errno)?;
         self.remember(&dir, new_name)
-    }
-
-    fn do_open(&self, ino: INodeNo, flags: i32) -> Reply<u64> {
-        let fd = self.fd(ino)?;
-        let entry = self.entry(ino);
-        // The kernel resolved the name already; O_NOFOLLOW would refuse the
-        // /proc/self/fd link that stands for the file.
-        let oflags = OFlags::from_bits_retain(
-            flags as u32
-                & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::NOFOLLOW).bits(),
-        );
-        if oflags.contains(OFlags::TRUNC)
-            && let Some(id) = entry
-        {
-            self.namespace.prepare_truncate(id, 0).map_err(tree_errno)?;
-        }
-        let file = rustix::fs::open(proc_path(&*fd), oflags | OFlags::CLOEXEC, Mode::empty())
-            .map_err(errno)?;
-        let handle = self.handle();
-        let file = File::from(file);
-        self.files
-            .lock()
-            .insert(handle, Arc::new(OpenFile { file, entry }));
-        Ok(handle)
-    }
-
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Reply<Vec<u8>> {
-        let open = self.open_file(fh)?;
-        if let Some(id) = open.entry
-            && self.namespace.is_pending_file(id)
-        {
-            self.namespace.prioritise(id);
-            self.namespace
-                .fetch(id, offset..offset + u64::from(size))
-                .map_err(tree_errno)?;
-        }
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match open.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(errno(err)),
-            }
-        }
-        buf.truncate(done);
-        Ok(buf)
-    }
-
-    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Reply<u32> {
-        let open = self.open_file(fh)?;
-        if let Some(id) = open.entry {
-            self.namespace
-                .prepare_write(id, offset..offset + data.len() as u64)
-                .map_err(tree_errno)?;
-        }
-        open.file.write_all_at(data, offset).map_err(errno)?;
-        Ok(data.len() as u32)
-    }
-
-    fn do_create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        flags: i32,
-    ) -> Reply<(FileAttr, u64)> {
-        let dir = self.populated_dir(parent)?;
-        let oflags = OFlags::from_bits_retain(flags as u32 & !OFlags::NOCTTY.bits())
-            | OFlags::CREATE
-            | OFlags::CLOEXEC;
-        let file =
-            rustix::fs::openat(&*dir.fd, name, oflags, Mode::from_raw_mode(mode)).map_err(errno)?;
-        self.own(req, &dir.fd, name)?;
-        let attr = self.remember(&dir, name)?;
-        let handle = self.handle();
-        let entry = self.namespace.entry_of_ino(self.to_target(attr.ino));
-        self.files.lock().insert(
-            handle,
-            Arc::new(OpenFile {
-                file: File::from(file),
-                entry,
-            }),
-        );
-        Ok((attr, handle))
     }
 
     fn do_opendir(&self, ino: INodeNo) -> Reply<u64> {
@@ -627,6 +519,19 @@ fn reply_empty(reply: ReplyEmpty, result: Reply<()>) {
 }
 
 impl Filesystem for TreeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let wanted = WANTED & config.capabilities();
+        if wanted != WANTED {
+            tracing::warn!(
+                "the kernel lacks FUSE capabilities {:?}: new objects may get the wrong mode",
+                WANTED - wanted
+            );
+        }
+        // Only capabilities the kernel offers are asked for: this cannot fail.
+        let _ = config.add_capabilities(wanted);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         reply_entry(reply, self.do_lookup(parent, name));
     }
@@ -687,9 +592,12 @@ impl Filesystem for TreeFs {
         reply: ReplyEntry,
     ) {
         let file_type = rustix::fs::FileType::from_raw_mode(mode);
-        let perm = Mode::from_raw_mode(mode & !umask & 0o7777);
+        let perm = Mode::from_raw_mode(mode & 0o7777);
         let make = |dir: &OwnedFd| rustix::fs::mknodat(dir, name, file_type, perm, rdev.into());
-        reply_entry(reply, self.do_create_node(req, parent, name, make));
+        reply_entry(
+            reply,
+            self.do_create_node(req, (parent, name), Some(umask), make),
+        );
     }
 
     fn mkdir(
@@ -701,10 +609,12 @@ impl Filesystem for TreeFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let make = |dir: &OwnedFd| {
-            rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode & !umask & 0o7777))
-        };
-        reply_entry(reply, self.do_create_node(req, parent, name, make));
+        let make =
+            |dir: &OwnedFd| rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode & 0o7777));
+        reply_entry(
+            reply,
+            self.do_create_node(req, (parent, name), Some(umask), make),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -724,7 +634,10 @@ impl Filesystem for TreeFs {
         reply: ReplyEntry,
     ) {
         let make = |dir: &OwnedFd| rustix::fs::symlinkat(target, dir, link_name);
-        reply_entry(reply, self.do_create_node(req, parent, link_name, make));
+        reply_entry(
+            reply,
+            self.do_create_node(req, (parent, link_name), None, make),
+        );
     }
 
     fn rename(
@@ -739,7 +652,7 @@ impl Filesystem for TreeFs {
     ) {
         reply_empty(
             reply,
-            self.do_rename(parent, name, newparent, newname, flags),
+            self.do_rename((parent, name), (newparent, newname), flags),
         );
     }
 
@@ -817,7 +730,7 @@ impl Filesystem for TreeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.files.lock().remove(&fh.0);
+        self.close_file(fh);
         reply.ok();
     }
 
@@ -829,16 +742,7 @@ impl Filesystem for TreeFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let result = self.open_file(fh).and_then(|open| {
-            self.namespace.flush().map_err(tree_errno)?;
-            if datasync {
-                open.file.sync_data()
-            } else {
-                open.file.sync_all()
-            }
-            .map_err(errno)
-        });
-        reply_empty(reply, result);
+        reply_empty(reply, self.do_fsync(fh, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -965,7 +869,7 @@ impl Filesystem for TreeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, parent, name, mode & !umask & 0o7777, flags) {
+        match self.do_create(req, parent, name, (mode, umask), flags) {
             Ok((attr, handle)) => reply.created(
                 &TTL,
                 &attr,
@@ -973,6 +877,38 @@ impl Filesystem for TreeFs {
                 FileHandle(handle),
                 FILE_OPEN_FLAGS,
             ),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.do_fallocate(fh, offset, length, mode));
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self.do_copy_file_range((fh_in, offset_in), (fh_out, offset_out), len) {
+            Ok(copied) => reply.written(copied),
             Err(err) => reply.error(err),
         }
     }

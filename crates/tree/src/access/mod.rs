@@ -12,6 +12,8 @@
 //! Requests are served by several FUSE threads, so a client waiting for a
 //! fetch does not hold up the others.
 
+mod caller;
+mod files;
 mod fs;
 mod mount;
 mod nodes;

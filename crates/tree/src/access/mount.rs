@@ -5,19 +5,29 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{Config, MountOption, SessionACL, SessionUnmounter};
+use rustix::io::Errno;
+use rustix::mount::UnmountFlags;
 
 use super::fs::TreeFs;
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::namespace::Namespace;
+use crate::threads::join_within;
 
 /// FUSE threads serving requests.
 const THREADS: usize = 8;
 
+/// How long unmounting waits for the requests in flight to finish.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
+
 /// A mounted access point; unmounted by [`AccessPoint::unmount`] or on drop.
 pub struct AccessPoint {
-    session: Option<BackgroundSession>,
+    /// The thread running the FUSE session (it starts the others).
+    session: Option<JoinHandle<io::Result<()>>>,
+    unmounter: SessionUnmounter,
     path: PathBuf,
 }
 
@@ -39,40 +49,108 @@ impl AccessPoint {
         }
         config.n_threads = Some(THREADS);
         config.clone_fd = true;
-        let session = fuser::Session::new(filesystem, path, &config)
-            .and_then(fuser::Session::spawn)
-            .map_err(on(ErrorKind::Access, "mount the access point at", path))?;
+        let mounting = || on(ErrorKind::Access, "mount the access point at", path);
+        let mut session = fuser::Session::new(filesystem, path, &config).map_err(mounting())?;
+        let unmounter = session.unmount_callable();
+        let thread = std::thread::Builder::new()
+            .name("dmm-fuse".into())
+            .spawn(move || session.run())
+            .map_err(mounting())?;
         Ok(AccessPoint {
-            session: Some(session),
+            session: Some(thread),
+            unmounter,
             path: path.to_path_buf(),
         })
     }
 
-    /// Unmounts, waiting for the FUSE threads to end.
+    /// Unmounts, waiting (bounded) for the FUSE threads to end.
     pub fn unmount(mut self) -> Result<()> {
-        self.stop()
+        let detached = self.detach();
+        let joined = self.join();
+        detached.and(joined)
     }
 
-    fn stop(&mut self) -> Result<()> {
+    /// Unmounts: no new request can arrive. Clients that still hold files
+    /// open or work in the access point keep it busy: then the connection
+    /// is aborted (their requests fail with ENOTCONN, as when dmm dies) and
+    /// the mount detached, so that stopping never waits for a client.
+    pub fn detach(&mut self) -> Result<()> {
+        let unmounted = match self.unmounter.unmount() {
+            // Unmounted already (`unmount_unless_busy`).
+            Err(err) if err.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => Ok(()),
+            Err(err) if err.raw_os_error() == Some(Errno::BUSY.raw_os_error()) => {
+                tracing::warn!(
+                    "the access point {} is busy: aborting its clients' requests and detaching it",
+                    self.path.display()
+                );
+                force_unmount(&self.path)
+            }
+            other => other,
+        };
+        unmounted.map_err(on(
+            ErrorKind::Access,
+            "unmount the access point",
+            &self.path,
+        ))
+    }
+
+    /// Unmounts, unless clients still use the access point (files open,
+    /// working directories there): then it stays as it is, and the error
+    /// says so.
+    pub fn unmount_unless_busy(&mut self) -> Result<()> {
+        match rustix::mount::unmount(&self.path, UnmountFlags::empty()) {
+            Err(Errno::BUSY) => Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "the access point {} is in use (files open or working directories there): \
+                     stop the applications using it, then try again",
+                    self.path.display()
+                ),
+            )),
+            // Not root: `detach` unmounts through fusermount.
+            Ok(()) | Err(_) => self.detach(),
+        }
+    }
+
+    /// Waits (bounded) for the FUSE threads to finish the requests in
+    /// flight, after [`AccessPoint::detach`].
+    pub fn join(&mut self) -> Result<()> {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        session.umount_and_join().map_err(|err| {
-            let context = format!(
-                "cannot unmount the access point {} (are files still open there?)",
-                self.path.display()
-            );
-            Error::io(ErrorKind::Access, context, err)
-        })
+        if join_within(vec![session], STOP_WITHIN) > 0 {
+            return Err(Error::new(
+                ErrorKind::Access,
+                format!(
+                    "the access point {} still had requests in flight {} s after it was unmounted",
+                    self.path.display(),
+                    STOP_WITHIN.as_secs()
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
 impl Drop for AccessPoint {
     fn drop(&mut self) {
-        if let Err(err) = self.stop() {
+        if self.session.is_some()
+            && let Err(err) = self.detach().and_then(|()| self.join())
+        {
             tracing::warn!("{err}");
         }
     }
+}
+
+/// Aborts the FUSE connection at `path` (a forced unmount does, and fails
+/// while the mount is busy) and detaches the mount.
+fn force_unmount(path: &Path) -> io::Result<()> {
+    match rustix::mount::unmount(path, UnmountFlags::FORCE) {
+        Ok(()) => return Ok(()),
+        Err(Errno::BUSY) => {}
+        Err(err) => return Err(err.into()),
+    }
+    rustix::mount::unmount(path, UnmountFlags::DETACH).map_err(Into::into)
 }
 
 /// Clients may hold many files open through the access point, each one

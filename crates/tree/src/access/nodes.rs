@@ -23,10 +23,10 @@ use std::sync::Arc;
 
 use fuser::Errno;
 use lru::LruCache;
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
 use super::fs::{Reply, errno};
+use crate::lock::{Mutex, Rank, RwLock, RwLockGuard};
 
 /// Deeper paths than this are taken for a corrupt parent chain.
 const MAX_DEPTH: usize = 4096;
@@ -66,9 +66,9 @@ impl Nodes {
             pinned: Some(Arc::new(root)),
         };
         Nodes {
-            nodes: Mutex::new(HashMap::from([(root_ino, root)])),
-            open: Mutex::new(LruCache::new(capacity)),
-            renames: RwLock::new(()),
+            nodes: Mutex::new(Rank::Nodes, HashMap::from([(root_ino, root)])),
+            open: Mutex::new(Rank::Descriptors, LruCache::new(capacity)),
+            renames: RwLock::new(Rank::Renames, ()),
         }
     }
 
@@ -162,7 +162,7 @@ impl Nodes {
 
     /// Holds back reopening by name while a rename acts; call after
     /// `losing_name`, and `moved` before the guard drops.
-    pub(super) fn renaming(&self) -> RwLockWriteGuard<'_, ()> {
+    pub(super) fn renaming(&self) -> RwLockGuard<parking_lot::RwLockWriteGuard<'_, ()>> {
         self.renames.write()
     }
 

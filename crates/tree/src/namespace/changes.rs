@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use dmm_catalog::tree_journal::{Change, EntryState};
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, EntryId, Namespace, journal_error};
+use super::{Entry, EntryId, Namespace};
 use crate::error::{Error, ErrorKind, Result};
 
 /// A change under way, as journaled.
@@ -74,10 +74,7 @@ impl Namespace {
             progress: None,
         };
         let row = entry.row(id);
-        state.entries.insert(id, entry);
-        state.by_target_ino.insert(target_ino, id);
-        state.counts.dirs_total += 1;
-        state.counts.dirs_done += 1;
+        state.insert_entry(id, entry);
         let name_change = state.add_name(id, parent, name.to_os_string());
         state.batch.push(Change::Insert(row));
         state.batch.push(name_change);
@@ -101,14 +98,18 @@ impl Namespace {
             let at = |p: EntryId, n: &OsStr| state.names.get(&(p, n.to_os_string())).copied();
             (at(parent, name), at(new_parent, new_name))
         };
-        if let Some(dir) = replaced.filter(|_| !exchange) {
-            // A directory replaced by a rename must really be empty.
+        // A directory replaced by a rename must really be empty, and one
+        // being populated must not move under its population.
+        for dir in moved.into_iter().chain(replaced) {
             self.ensure_populated(dir)?;
         }
         if moved.is_none() && replaced.is_none() {
             return Ok(act());
         }
-        let ino = moved.map_or(0, |id| self.lock().entries[&id].target_ino);
+        let ino = match moved {
+            Some(id) => self.target_ino(id).unwrap_or(0),
+            None => 0,
+        };
         let intent = Intent::Rename {
             from: key(parent, name),
             to: key(new_parent, new_name),
@@ -148,7 +149,7 @@ impl Namespace {
         // rmdir of a directory not populated yet: its source entries
         // make it non-empty.
         self.ensure_populated(id)?;
-        let ino = self.lock().entries.get(&id).map_or(0, |e| e.target_ino);
+        let ino = self.target_ino(id).unwrap_or(0);
         let intent = Intent::Remove {
             at: key(parent, name),
             ino,
@@ -167,9 +168,8 @@ impl Namespace {
         (parent, name): (EntryId, &OsStr),
         act: impl FnOnce() -> io::Result<()>,
     ) -> Result<io::Result<()>> {
-        let ino = match self.lock().entries.get(&id) {
-            Some(entry) => entry.target_ino,
-            None => return Ok(act()),
+        let Some(ino) = self.target_ino(id) else {
+            return Ok(act());
         };
         let intent = Intent::Link {
             to: key(parent, name),
@@ -275,7 +275,7 @@ impl Namespace {
                 }
             }
             changes.push(Change::FinishIntent(id));
-            self.journal.apply(&changes).map_err(journal_error)?;
+            self.apply(&changes)?;
         }
         Ok(())
     }

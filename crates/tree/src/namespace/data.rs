@@ -1,24 +1,46 @@
 //! Copying file data segment by segment, for the background workers and
 //! on demand for the access point, with the marks journaled in the order
 //! `DESIGN.md` requires.
+//!
+//! A segment is copied by whoever claims it first (a worker, or a client's
+//! read or write); anyone else who needs it waits for that copy. A claim is
+//! a value ([`Claim`]) whose drop releases the segment, so a copy that
+//! fails, or a thread that unwinds, never leaves others waiting for it.
 
 use std::fs::{self, File};
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 use dmm_catalog::tree_journal::{Change, EntryState};
 
-use super::{EntryId, Namespace, serialize};
+use super::{EntryId, Namespace, State, serialize};
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::fidelity;
 
-/// What a caller may do with a segment.
-enum Claim {
-    /// Already in the target.
-    Fetched,
-    /// Claimed: the caller copies it (or declares it not needed) and
-    /// releases it.
-    Mine,
+/// How a claim on a segment ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The copy failed (or never ran): the segment is free again.
+    Failed,
+    /// The segment's bytes are in the target.
+    Copied,
+    /// A client's change (truncate, hole punch) makes the source's bytes
+    /// of the segment irrelevant.
+    NotNeeded,
+}
+
+/// A segment this thread claimed; released when dropped.
+struct Claim<'a> {
+    namespace: &'a Namespace,
+    id: EntryId,
+    segment: u32,
+    outcome: Outcome,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.namespace.release(self.id, self.segment, self.outcome);
+    }
 }
 
 impl Namespace {
@@ -29,20 +51,25 @@ impl Namespace {
         let segment = {
             let mut state = self.lock();
             let segsize = self.settings.segsize;
-            let Some(progress) = state.entries.get_mut(&id).and_then(|e| e.progress.as_mut())
-            else {
+            let free = state.update_progress(id, |progress| {
+                let segment = progress.first_free(segsize)?;
+                progress.busy.insert(segment);
+                Some(segment)
+            });
+            let Some(segment) = free.flatten() else {
                 return Ok(None);
             };
-            let count = segments(progress.limit, segsize);
-            let free =
-                (0..count).find(|s| !progress.fetched.contains(*s) && !progress.busy.contains(*s));
-            let Some(segment) = free else { return Ok(None) };
-            progress.busy.insert(segment);
             segment
         };
-        let result = self.copy_segment(id, segment);
-        self.release(id, segment, result.is_ok());
-        result.map(Some)
+        let mut claim = Claim {
+            namespace: self,
+            id,
+            segment,
+            outcome: Outcome::Failed,
+        };
+        let written = self.copy_segment(id, segment)?;
+        claim.outcome = Outcome::Copied;
+        Ok(Some(written))
     }
 
     /// Makes sure the bytes `range` of file `id` are in the target (a read
@@ -50,10 +77,10 @@ impl Namespace {
     /// thread.
     pub fn fetch(&self, id: EntryId, range: Range<u64>) -> Result<()> {
         for segment in self.segments_of(id, range) {
-            if let Claim::Mine = self.claim(id, segment) {
-                let result = self.copy_segment(id, segment);
-                self.release(id, segment, result.is_ok());
-                result?;
+            self.check_open()?;
+            if let Some(mut claim) = self.claim(id, segment)? {
+                self.copy_segment(id, segment)?;
+                claim.outcome = Outcome::Copied;
             }
         }
         Ok(())
@@ -71,29 +98,32 @@ impl Namespace {
     /// cut in two, declares the ones past `size` not needed, and journals
     /// it all.
     pub fn prepare_truncate(&self, id: EntryId, size: u64) -> Result<()> {
-        let segsize = self.settings.segsize;
-        let limit = match self
-            .lock()
-            .entries
-            .get(&id)
-            .and_then(|e| e.progress.as_ref())
-        {
-            Some(progress) => progress.limit,
-            None => return self.note_change(id),
-        };
-        if size < limit {
-            if !size.is_multiple_of(segsize) {
-                self.fetch(id, size..size + 1)?;
-            }
-            let first_dropped = size.div_ceil(segsize) as u32;
-            for segment in first_dropped..segments(limit, segsize) {
-                if let Claim::Mine = self.claim(id, segment) {
-                    self.release(id, segment, true);
-                }
-            }
-            let mut state = self.lock();
-            if let Some(progress) = state.entries.get_mut(&id).and_then(|e| e.progress.as_mut()) {
+        let limit = self.limit(id);
+        if let Some(limit) = limit.filter(|&limit| size < limit) {
+            self.prepare_zero(id, size..limit)?;
+            self.lock().update_progress(id, |progress| {
                 progress.limit = progress.limit.min(size);
+            });
+        }
+        self.note_change(id)
+    }
+
+    /// Before a client makes `range` of file `id` read as zeros (punches a
+    /// hole, zeroes a range): fetches the segments the range cuts, declares
+    /// the ones it covers whole not needed, and journals it all.
+    pub fn prepare_zero(&self, id: EntryId, range: Range<u64>) -> Result<()> {
+        let segsize = self.settings.segsize;
+        let Some(limit) = self.limit(id) else {
+            return self.note_change(id);
+        };
+        let end = range.end.min(limit);
+        for segment in self.segments_of(id, range.start..end) {
+            let start = u64::from(segment) * segsize;
+            let whole = range.start <= start && (start + segsize).min(limit) <= end;
+            if !whole {
+                self.fetch(id, start..start + 1)?;
+            } else if let Some(mut claim) = self.claim(id, segment)? {
+                claim.outcome = Outcome::NotNeeded;
             }
         }
         self.note_change(id)
@@ -104,26 +134,40 @@ impl Namespace {
     pub fn note_change(&self, id: EntryId) -> Result<()> {
         let must_flush = {
             let mut state = self.lock();
-            let Some(entry) = state.entries.get_mut(&id) else {
+            let State {
+                entries,
+                batch,
+                unflushed,
+                ..
+            } = &mut *state;
+            let Some(entry) = entries.get_mut(&id) else {
                 return Ok(());
             };
             if !entry.changed {
                 entry.changed = true;
-                state.batch.push(Change::Changed(id));
-                state.unflushed.insert(id);
+                batch.push(Change::Changed(id));
+                unflushed.insert(id);
             }
-            state.unflushed.contains(&id)
+            unflushed.contains(&id)
         };
         if must_flush { self.flush() } else { Ok(()) }
     }
 
+    /// The offset past which file `id` needs nothing from the source, if it
+    /// still has data to copy.
+    fn limit(&self, id: EntryId) -> Option<u64> {
+        let state = self.lock();
+        state.entries.get(&id)?.progress.as_ref().map(|p| p.limit)
+    }
+
+    /// The segments of file `id` that hold bytes of `range` the source
+    /// still has to provide.
     fn segments_of(&self, id: EntryId, range: Range<u64>) -> Range<u32> {
         let segsize = self.settings.segsize;
-        let state = self.lock();
-        let Some(progress) = state.entries.get(&id).and_then(|e| e.progress.as_ref()) else {
+        let Some(limit) = self.limit(id) else {
             return 0..0;
         };
-        let end = range.end.min(progress.limit);
+        let end = range.end.min(limit);
         if range.start >= end {
             return 0..0;
         }
@@ -131,43 +175,45 @@ impl Namespace {
     }
 
     /// Waits while someone else copies `segment`, then claims it unless it
-    /// is in the target already.
-    fn claim(&self, id: EntryId, segment: u32) -> Claim {
+    /// is in the target already (`None`).
+    fn claim(&self, id: EntryId, segment: u32) -> Result<Option<Claim<'_>>> {
         let mut state = self.lock();
         loop {
             let Some(progress) = state.entries.get_mut(&id).and_then(|e| e.progress.as_mut())
             else {
-                return Claim::Fetched;
+                return Ok(None);
             };
             if progress.fetched.contains(segment) {
-                return Claim::Fetched;
+                return Ok(None);
             }
             if !progress.busy.contains(segment) {
                 progress.busy.insert(segment);
-                return Claim::Mine;
+                return Ok(Some(Claim {
+                    namespace: self,
+                    id,
+                    segment,
+                    outcome: Outcome::Failed,
+                }));
             }
-            self.progress.wait(&mut state);
+            self.wait(&mut state)?;
         }
     }
 
     /// Copies one segment from the source to the target file.
     fn copy_segment(&self, id: EntryId, segment: u32) -> Result<u64> {
-        let (source_path, limit) = {
+        let (source_path, limit, target_ino) = {
             let state = self.lock();
             let entry = state
                 .entries
                 .get(&id)
                 .ok_or_else(|| Error::new(ErrorKind::Target, format!("entry {id} was deleted")))?;
             let limit = entry.progress.as_ref().map_or(0, |p| p.limit);
-            (entry.source.clone(), limit)
+            (entry.source.clone(), limit, entry.target_ino)
         };
-        let target_path = self
-            .target_path(id)
-            .ok_or_else(|| Error::new(ErrorKind::Target, format!("entry {id} has no name left")))?;
         let source_path =
             source_path.ok_or_else(|| Error::new(ErrorKind::Source, "file without a source"))?;
         let source = self.source.open_file(&source_path)?;
-        let target = open_for_write(&target_path)?;
+        let (target, target_path) = self.open_target(id, target_ino)?;
         let segsize = self.settings.segsize;
         let start = u64::from(segment) * segsize;
         let end = (start + segsize).min(limit);
@@ -177,10 +223,24 @@ impl Namespace {
             &self.source.path(&source_path),
         ))?;
         self.keep_source_times(id, &source, &target_path);
-        let mut state = self.lock();
-        state.counts.bytes_written += written;
-        state.counts.bytes_done += end - start;
+        self.lock().counts.bytes_written += written;
         Ok(written)
+    }
+
+    /// Opens file `id` in the target for writing. A client renaming it at
+    /// that moment can make its path stale: it is looked up again.
+    fn open_target(&self, id: EntryId, ino: u64) -> Result<(File, std::path::PathBuf)> {
+        let mut attempts = 0;
+        loop {
+            let path = self.target_path(id).ok_or_else(|| {
+                Error::new(ErrorKind::Target, format!("entry {id} has no name left"))
+            })?;
+            match open_for_write(&path, ino) {
+                Ok(file) => return Ok((file, path)),
+                Err(_) if attempts < 3 => attempts += 1,
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// Writing a segment moved the placeholder's times: clients must keep
@@ -197,66 +257,74 @@ impl Namespace {
         }
     }
 
-    /// Ends a claim: the segment is marked fetched (if `done`) and the file
-    /// completed when it was the last one.
-    fn release(&self, id: EntryId, segment: u32, done: bool) {
+    /// Ends a claim: the segment is marked fetched (unless the copy failed)
+    /// and the file completed when it was the last one.
+    fn release(&self, id: EntryId, segment: u32, outcome: Outcome) {
+        let segsize = self.settings.segsize;
         let mut state = self.lock();
-        let complete = {
-            let Some(progress) = state.entries.get_mut(&id).and_then(|e| e.progress.as_mut())
-            else {
-                self.progress.notify_all();
-                return;
-            };
+        let complete = state.update_progress(id, |progress| {
             progress.busy.remove(segment);
-            if done {
+            if outcome == Outcome::Failed {
+                progress.cursor = progress.cursor.min(segment);
+            } else {
                 progress.fetched.insert(segment);
             }
-            let count = segments(progress.limit, self.settings.segsize);
-            progress.fetched.range_cardinality(0..count) == u64::from(count)
-        };
-        if done {
-            let bits = serialize(
-                &state.entries[&id]
-                    .progress
-                    .as_ref()
-                    .expect("pending")
-                    .fetched,
-            );
-            state.batch.push(Change::Segments(id, bits));
+            progress.is_complete(segsize)
+        });
+        if let Some(complete) = complete
+            && outcome != Outcome::Failed
+        {
+            let bits = state.entries[&id]
+                .progress
+                .as_ref()
+                .map(|p| serialize(&p.fetched));
+            if let Some(bits) = bits {
+                state.batch.push(Change::Segments(id, bits));
+            }
             state.unflushed.insert(id);
-            super::Namespace::clear_failure(&mut state, id);
-        }
-        if complete {
-            self.complete_file(&mut state, id);
+            state.clear_failure(id);
+            if complete {
+                state.complete_file(id);
+            }
         }
         self.progress.notify_all();
     }
+}
 
+impl State {
     /// The last segment is in: the file leaves the pending set. (Its times
     /// are the source's already: `keep_source_times` ran after the copy,
     /// unless a client changed the file.)
-    fn complete_file(&self, state: &mut super::State, id: EntryId) {
-        let Some(entry) = state.entries.get_mut(&id) else {
-            return;
-        };
-        let limit = entry.progress.take().map_or(entry.size, |p| p.limit);
-        entry.state = EntryState::Done;
-        state.counts.files_done += 1;
-        // Bytes past a client truncation were never copied: count them done.
-        state.counts.bytes_done += state.entries[&id].size.saturating_sub(limit);
-        state.batch.push(Change::State(id, EntryState::Done));
-        state.unflushed.insert(id);
+    fn complete_file(&mut self, id: EntryId) {
+        let completed = self.update_entry(id, |entry| {
+            entry.progress = None;
+            entry.state = EntryState::Done;
+        });
+        if completed.is_some() {
+            self.batch.push(Change::State(id, EntryState::Done));
+            self.unflushed.insert(id);
+        }
     }
 }
 
-fn segments(limit: u64, segsize: u64) -> u32 {
-    limit.div_ceil(segsize) as u32
-}
-
-fn open_for_write(path: &std::path::Path) -> Result<File> {
-    fs::OpenOptions::new()
+/// Opens the target file to write a segment, if it still is inode `ino`: a
+/// client may have renamed it away and put another file in its place
+/// between the look-up of its path and the open.
+fn open_for_write(path: &std::path::Path, ino: u64) -> Result<File> {
+    let file = fs::OpenOptions::new()
         .write(true)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)
-        .map_err(on(ErrorKind::Target, "open", path))
+        .map_err(on(ErrorKind::Target, "open", path))?;
+    let found = file
+        .metadata()
+        .map_err(on(ErrorKind::Target, "stat", path))?
+        .ino();
+    if found != ino {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!("{} was replaced while dmm opened it", path.display()),
+        ));
+    }
+    Ok(file)
 }

@@ -21,19 +21,26 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dmm_catalog::tree_journal::{
     Change, EntryRow, EntryState, ErrorRow, NameRow, ROOT, TreeJournal,
 };
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::Condvar;
 use roaring::RoaringBitmap;
 
 pub use changes::Intent;
 pub use dmm_catalog::tree_journal::EntryId;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock::{self, Mutex, MutexGuard, Rank};
 use crate::source::Source;
+
+/// How long a thread waiting for another one (a population, a segment
+/// copy) sleeps before it looks again: notifications wake it sooner, and
+/// it gives up when the migration is closing.
+const WAIT_SLICE: Duration = Duration::from_millis(200);
 
 /// What to do when a source entry meets a target entry of the same name
 /// that is not a directory on both sides.
@@ -79,6 +86,58 @@ struct FileProgress {
     busy: RoaringBitmap,
     /// Bytes past this offset are not fetched (the client truncated).
     limit: u64,
+    /// Every segment below this one was fetched or busy when last looked
+    /// at: where the background copy looks for work first.
+    cursor: u32,
+}
+
+impl FileProgress {
+    fn new(limit: u64, fetched: RoaringBitmap) -> FileProgress {
+        FileProgress {
+            fetched,
+            busy: RoaringBitmap::new(),
+            limit,
+            cursor: 0,
+        }
+    }
+
+    /// Segments of the file (those past `limit` are not needed).
+    fn segments(&self, segsize: u64) -> u32 {
+        segments(self.limit, segsize)
+    }
+
+    fn is_complete(&self, segsize: u64) -> bool {
+        let count = self.segments(segsize);
+        self.fetched.range_cardinality(0..count) == u64::from(count)
+    }
+
+    /// Bytes of a file of `size` bytes that need no more copying: the
+    /// fetched segments, and everything past a client's truncation.
+    fn done_bytes(&self, size: u64, segsize: u64) -> u64 {
+        let count = self.segments(segsize);
+        let mut bytes = self.fetched.range_cardinality(0..count) * segsize;
+        if count > 0 && self.fetched.contains(count - 1) {
+            // The last segment ends at the limit.
+            bytes -= u64::from(count) * segsize - self.limit;
+        }
+        bytes + size.saturating_sub(self.limit)
+    }
+
+    /// The first segment nobody has copied or claimed.
+    fn first_free(&mut self, segsize: u64) -> Option<u32> {
+        let count = self.segments(segsize);
+        while self.cursor < count
+            && (self.fetched.contains(self.cursor) || self.busy.contains(self.cursor))
+        {
+            self.cursor += 1;
+        }
+        (self.cursor < count).then_some(self.cursor)
+    }
+}
+
+/// The number of `segsize` segments in `limit` bytes.
+fn segments(limit: u64, segsize: u64) -> u32 {
+    limit.div_ceil(segsize) as u32
 }
 
 /// One tracked entry.
@@ -97,6 +156,31 @@ struct Entry {
 }
 
 impl Entry {
+    /// What this entry adds to the progress counters.
+    fn counts(&self, segsize: u64) -> Counts {
+        match self.state {
+            EntryState::Unpopulated => Counts {
+                dirs_total: 1,
+                ..Counts::default()
+            },
+            EntryState::Populated => Counts {
+                dirs_total: 1,
+                dirs_done: 1,
+                ..Counts::default()
+            },
+            EntryState::Pending | EntryState::Done => Counts {
+                files_total: 1,
+                files_done: u64::from(self.progress.is_none()),
+                bytes_total: self.size,
+                bytes_done: self
+                    .progress
+                    .as_ref()
+                    .map_or(self.size, |p| p.done_bytes(self.size, segsize)),
+                ..Counts::default()
+            },
+        }
+    }
+
     fn row(&self, id: EntryId) -> EntryRow {
         EntryRow {
             id,
@@ -143,7 +227,27 @@ pub struct Counts {
     pub errors: u64,
 }
 
+impl Counts {
+    /// Adds (`sign` 1) or takes away (`sign` -1) one entry's counts.
+    fn apply(&mut self, other: Counts, sign: i8) {
+        let apply = |total: &mut u64, part: u64| {
+            *total = if sign > 0 {
+                *total + part
+            } else {
+                total.saturating_sub(part)
+            }
+        };
+        apply(&mut self.dirs_total, other.dirs_total);
+        apply(&mut self.dirs_done, other.dirs_done);
+        apply(&mut self.files_total, other.files_total);
+        apply(&mut self.files_done, other.files_done);
+        apply(&mut self.bytes_total, other.bytes_total);
+        apply(&mut self.bytes_done, other.bytes_done);
+    }
+}
+
 struct State {
+    segsize: u64,
     entries: HashMap<EntryId, Entry>,
     names: HashMap<(EntryId, OsString), EntryId>,
     by_target_ino: HashMap<u64, EntryId>,
@@ -166,19 +270,26 @@ struct State {
 }
 
 /// The tracked namespace of one tree migration.
+///
+/// Locks, in the order a thread may take them (`crate::lock`): `linking`,
+/// `flushing`, the journal's, `state`. None is held across source I/O, and
+/// `state` is never held across a journal call or a wait on another thread
+/// other than through `progress`.
 pub struct Namespace {
     source: Source,
     target: PathBuf,
     settings: Settings,
     journal: TreeJournal,
     state: Mutex<State>,
-    /// Signalled when a population or a segment copy ends.
+    /// Signalled when a population or a segment copy ends, and on close.
     progress: Condvar,
     /// Serialises journal flushes so batches land in order.
     flushing: Mutex<()>,
     /// Serialises recording populations that hold hard-linked files, so
     /// two names of one source inode never become two target files.
     linking: Mutex<()>,
+    /// Set by [`Namespace::close`]: long steps stop early and waits end.
+    closing: AtomicBool,
 }
 
 /// Retry delays for entries in error: 1 s doubling up to 5 min.
@@ -195,8 +306,12 @@ impl Namespace {
         journal: TreeJournal,
         settings: Settings,
     ) -> Result<Namespace> {
-        let snapshot = journal.load().map_err(journal_error)?;
+        let snapshot = {
+            let _journal = lock::enter(Rank::Journal);
+            journal.load().map_err(journal_error)?
+        };
         let mut state = State {
+            segsize: settings.segsize,
             entries: HashMap::new(),
             names: HashMap::new(),
             by_target_ino: HashMap::new(),
@@ -215,7 +330,7 @@ impl Namespace {
             counts: Counts::default(),
         };
         for row in snapshot.entries {
-            state.install(row, settings.segsize);
+            state.install(row);
         }
         for name in snapshot.names {
             let os = OsString::from_vec(name.name);
@@ -241,16 +356,17 @@ impl Namespace {
             target: target.to_path_buf(),
             settings,
             journal,
-            state: Mutex::new(state),
+            state: Mutex::new(Rank::State, state),
             progress: Condvar::new(),
-            flushing: Mutex::new(()),
-            linking: Mutex::new(()),
+            flushing: Mutex::new(Rank::Flushing, ()),
+            linking: Mutex::new(Rank::Linking, ()),
+            closing: AtomicBool::new(false),
         };
-        if !namespace.state.lock().entries.contains_key(&ROOT) {
+        if !namespace.lock().entries.contains_key(&ROOT) {
             namespace.record_root()?;
         }
         namespace.recover(snapshot.intents)?;
-        namespace.state.lock().queue_all();
+        namespace.lock().queue_all();
         Ok(namespace)
     }
 
@@ -271,12 +387,8 @@ impl Namespace {
             names: Vec::new(),
             progress: None,
         };
-        self.journal
-            .apply(&[Change::Insert(root.row(ROOT))])
-            .map_err(journal_error)?;
-        self.state
-            .lock()
-            .install(root.row(ROOT), self.settings.segsize);
+        self.apply(&[Change::Insert(root.row(ROOT))])?;
+        self.lock().install(root.row(ROOT));
         Ok(())
     }
 
@@ -292,15 +404,47 @@ impl Namespace {
         &self.journal
     }
 
+    /// Ends the waits of threads waiting for other threads and makes long
+    /// steps (populations, fetches of many segments) stop early: the
+    /// migration is being stopped. Their work is redone on the next start.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        let _state = self.lock();
+        self.progress.notify_all();
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Fails once the migration is closing (see [`Namespace::close`]).
+    fn check_open(&self) -> Result<()> {
+        if self.is_closing() {
+            return Err(Error::io(
+                ErrorKind::Access,
+                "the migration is stopping",
+                std::io::Error::from_raw_os_error(rustix::io::Errno::SHUTDOWN.raw_os_error()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded, see [`WAIT_SLICE`]) for a population or a segment
+    /// copy of another thread to make progress; fails when closing.
+    fn wait(&self, state: &mut MutexGuard<'_, State>) -> Result<()> {
+        self.check_open()?;
+        state.wait_for(&self.progress, WAIT_SLICE);
+        self.check_open()
+    }
+
     /// The entry the target object with inode `ino` is, if tracked.
     pub fn entry_of_ino(&self, ino: u64) -> Option<EntryId> {
-        self.state.lock().by_target_ino.get(&ino).copied()
+        self.lock().by_target_ino.get(&ino).copied()
     }
 
     /// The tracked entry at `name` in directory `parent`.
     pub fn child(&self, parent: EntryId, name: &OsStr) -> Option<EntryId> {
-        self.state
-            .lock()
+        self.lock()
             .names
             .get(&(parent, name.to_os_string()))
             .copied()
@@ -308,8 +452,7 @@ impl Namespace {
 
     /// Whether the entry came from the source and no client changed it.
     pub fn is_unchanged(&self, id: EntryId) -> bool {
-        self.state
-            .lock()
+        self.lock()
             .entries
             .get(&id)
             .is_some_and(|e| !e.changed && e.source.is_some())
@@ -336,8 +479,7 @@ impl Namespace {
 
     /// Whether the entry is a regular file with data still to copy.
     pub fn is_pending_file(&self, id: EntryId) -> bool {
-        self.state
-            .lock()
+        self.lock()
             .entries
             .get(&id)
             .is_some_and(|e| e.progress.is_some())
@@ -346,20 +488,22 @@ impl Namespace {
     /// The target path of a tracked entry now, or `None` once it has no
     /// name left.
     pub fn target_path(&self, id: EntryId) -> Option<PathBuf> {
-        self.state
-            .lock()
-            .path_of(id)
-            .map(|relative| self.target.join(relative))
+        let relative = self.lock().path_of(id)?;
+        Some(self.target.join(relative))
+    }
+
+    /// The target inode number of a tracked entry.
+    fn target_ino(&self, id: EntryId) -> Option<u64> {
+        self.lock().entries.get(&id).map(|e| e.target_ino)
     }
 
     pub fn counts(&self) -> Counts {
-        self.state.lock().counts
+        self.lock().counts
     }
 
     /// Errors recorded against entries, oldest first.
     pub fn errors(&self) -> Vec<ErrorRow> {
         let mut rows: Vec<ErrorRow> = self
-            .state
             .lock()
             .failures
             .values()
@@ -373,7 +517,7 @@ impl Namespace {
     /// copied, no entry in error. (Intents are resolved at open and
     /// finished before the operation that started them returns.)
     pub fn is_complete(&self) -> bool {
-        let state = self.state.lock();
+        let state = self.lock();
         let c = state.counts;
         state.failures.is_empty()
             && state.populating.is_empty()
@@ -384,7 +528,7 @@ impl Namespace {
     /// The next directory to populate: urgent first, entries in error
     /// when their retry is due.
     pub fn next_dir(&self) -> Option<EntryId> {
-        let mut state = self.state.lock();
+        let mut state = self.lock();
         state.requeue_due_failures();
         while let Some(id) = state
             .urgent_dirs
@@ -400,7 +544,7 @@ impl Namespace {
 
     /// The next file to copy: urgent first.
     pub fn next_file(&self) -> Option<EntryId> {
-        let mut state = self.state.lock();
+        let mut state = self.lock();
         state.requeue_due_failures();
         while let Some(id) = state
             .urgent_files
@@ -416,13 +560,13 @@ impl Namespace {
 
     /// Puts a file a worker gave up on (pause, stop) back in the queue.
     pub fn requeue(&self, id: EntryId) {
-        self.state.lock().files.push_front(id);
+        self.lock().files.push_front(id);
     }
 
     /// Puts an entry at the front of the workers' queues (a client waits
     /// on it).
     pub fn prioritise(&self, id: EntryId) {
-        let mut state = self.state.lock();
+        let mut state = self.lock();
         if state.needs_population(id) {
             state.urgent_dirs.push_back(id);
         } else if state.needs_copy(id) {
@@ -431,14 +575,18 @@ impl Namespace {
     }
 
     /// Records that a background step on `id` failed; it is retried with
-    /// backoff, and the rest of the migration goes on.
+    /// backoff, and the rest of the migration goes on. An entry that is
+    /// gone meanwhile (a client deleted it) has nothing left to retry.
     pub fn record_failure(&self, id: EntryId, err: &Error) {
-        let mut state = self.state.lock();
-        let path = state
+        let mut state = self.lock();
+        let Some(entry) = state
             .entries
             .get(&id)
-            .and_then(|e| e.source.clone())
-            .unwrap_or_default();
+            .filter(|e| !e.names.is_empty() || id == ROOT)
+        else {
+            return;
+        };
+        let path = entry.source.clone().unwrap_or_default();
         let attempts = state.failures.get(&id).map_or(0, |f| f.row.attempts) + 1;
         let row = ErrorRow {
             entry: id,
@@ -455,28 +603,27 @@ impl Namespace {
         state.failures.insert(id, Failure { row, retry_at });
     }
 
-    fn clear_failure(state: &mut State, id: EntryId) {
-        if state.failures.remove(&id).is_some() {
-            state.counts.errors -= 1;
-            state.batch.push(Change::ClearError(id));
-        }
-    }
-
     /// Writes the batched marks to the journal.
     pub fn flush(&self) -> Result<()> {
         let _order = self.flushing.lock();
         let batch = {
-            let mut state = self.state.lock();
+            let mut state = self.lock();
             state.unflushed.clear();
             std::mem::take(&mut state.batch)
         };
-        self.journal.apply(&batch).map_err(journal_error)
+        self.apply(&batch)
     }
 
     /// Commits `changes` at once, after whatever was batched before them.
     fn commit(&self, changes: Vec<Change>) -> Result<()> {
-        self.state.lock().batch.extend(changes);
+        self.lock().batch.extend(changes);
         self.flush()
+    }
+
+    /// One call into the journal.
+    fn apply(&self, changes: &[Change]) -> Result<()> {
+        let _journal = lock::enter(Rank::Journal);
+        self.journal.apply(changes).map_err(journal_error)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -485,56 +632,60 @@ impl Namespace {
 }
 
 impl State {
-    fn install(&mut self, row: EntryRow, segsize: u64) {
+    /// Loads an entry from its journal row.
+    fn install(&mut self, row: EntryRow) {
         let progress = (row.state == EntryState::Pending).then(|| {
             let fetched = row
                 .segments
                 .as_deref()
                 .and_then(|b| RoaringBitmap::deserialize_from(b).ok())
                 .unwrap_or_default();
-            FileProgress {
-                fetched,
-                busy: RoaringBitmap::new(),
-                limit: row.size,
-            }
+            FileProgress::new(row.size, fetched)
         });
-        match row.state {
-            EntryState::Unpopulated => self.counts.dirs_total += 1,
-            EntryState::Populated => {
-                self.counts.dirs_total += 1;
-                self.counts.dirs_done += 1;
-            }
-            EntryState::Pending | EntryState::Done => {
-                self.counts.files_total += 1;
-                self.counts.bytes_total += row.size;
-                match &progress {
-                    None => {
-                        self.counts.files_done += 1;
-                        self.counts.bytes_done += row.size;
-                    }
-                    Some(p) => self.counts.bytes_done += fetched_bytes(p, row.size, segsize),
-                }
-            }
-        }
-        if row.source_ino != 0 && matches!(row.state, EntryState::Pending | EntryState::Done) {
-            self.by_source_ino.entry(row.source_ino).or_insert(row.id);
-        }
-        self.by_target_ino.insert(row.target_ino, row.id);
+        let entry = Entry {
+            state: row.state,
+            source: row.source.map(|b| PathBuf::from(OsString::from_vec(b))),
+            size: row.size,
+            source_ino: row.source_ino,
+            target_ino: row.target_ino,
+            changed: row.changed,
+            merged: row.merged,
+            names: Vec::new(),
+            progress,
+        };
         self.next_id = self.next_id.max(row.id + 1);
-        self.entries.insert(
-            row.id,
-            Entry {
-                state: row.state,
-                source: row.source.map(|b| PathBuf::from(OsString::from_vec(b))),
-                size: row.size,
-                source_ino: row.source_ino,
-                target_ino: row.target_ino,
-                changed: row.changed,
-                merged: row.merged,
-                names: Vec::new(),
-                progress,
-            },
-        );
+        self.insert_entry(row.id, entry);
+    }
+
+    /// Takes an entry into the maps and the counters.
+    fn insert_entry(&mut self, id: EntryId, entry: Entry) {
+        self.counts.apply(entry.counts(self.segsize), 1);
+        if entry.source_ino != 0 && matches!(entry.state, EntryState::Pending | EntryState::Done) {
+            self.by_source_ino.entry(entry.source_ino).or_insert(id);
+        }
+        self.by_target_ino.insert(entry.target_ino, id);
+        self.entries.insert(id, entry);
+    }
+
+    /// Changes entry `id` through `change`, keeping the counters right.
+    fn update_entry<R>(&mut self, id: EntryId, change: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        let segsize = self.segsize;
+        let entry = self.entries.get_mut(&id)?;
+        self.counts.apply(entry.counts(segsize), -1);
+        let result = change(entry);
+        self.counts.apply(entry.counts(segsize), 1);
+        Some(result)
+    }
+
+    /// Changes the copy progress of file `id` (if it has data still to
+    /// copy), keeping the counters right.
+    fn update_progress<R>(
+        &mut self,
+        id: EntryId,
+        change: impl FnOnce(&mut FileProgress) -> R,
+    ) -> Option<R> {
+        self.update_entry(id, |entry| entry.progress.as_mut().map(change))
+            .flatten()
     }
 
     fn queue_all(&mut self) {
@@ -567,6 +718,13 @@ impl State {
             } else if self.needs_copy(id) {
                 self.files.push_back(id);
             }
+        }
+    }
+
+    fn clear_failure(&mut self, id: EntryId) {
+        if self.failures.remove(&id).is_some() {
+            self.counts.errors -= 1;
+            self.batch.push(Change::ClearError(id));
         }
     }
 
@@ -629,24 +787,10 @@ impl State {
     /// Forgets an entry that has no name left in the target.
     fn forget(&mut self, id: EntryId) -> Change {
         if let Some(entry) = self.entries.remove(&id) {
+            self.counts.apply(entry.counts(self.segsize), -1);
             self.by_target_ino.remove(&entry.target_ino);
             if self.by_source_ino.get(&entry.source_ino) == Some(&id) {
                 self.by_source_ino.remove(&entry.source_ino);
-            }
-            match entry.state {
-                EntryState::Unpopulated => self.counts.dirs_total -= 1,
-                EntryState::Populated => {
-                    self.counts.dirs_total -= 1;
-                    self.counts.dirs_done -= 1;
-                }
-                EntryState::Pending | EntryState::Done => {
-                    self.counts.files_total -= 1;
-                    self.counts.bytes_total -= entry.size;
-                    if entry.progress.is_none() {
-                        self.counts.files_done -= 1;
-                        self.counts.bytes_done -= entry.size;
-                    }
-                }
             }
         }
         if self.failures.remove(&id).is_some() {
@@ -654,14 +798,6 @@ impl State {
         }
         Change::Delete(id)
     }
-}
-
-fn fetched_bytes(progress: &FileProgress, size: u64, segsize: u64) -> u64 {
-    progress
-        .fetched
-        .iter()
-        .map(|seg| segsize.min(size.saturating_sub(u64::from(seg) * segsize)))
-        .sum()
 }
 
 fn journal_error(err: dmm_catalog::Error) -> Error {
@@ -678,7 +814,7 @@ impl Namespace {
     /// (source path, current target path) of every regular file copied
     /// from the source and not changed through the access point.
     pub fn unchanged_files(&self) -> Vec<(PathBuf, PathBuf)> {
-        let state = self.state.lock();
+        let state = self.lock();
         let mut files: Vec<(PathBuf, PathBuf)> = state
             .entries
             .iter()

@@ -6,11 +6,13 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use dmm_catalog::tree_journal::{Change, EntryState};
+use rustix::fs::{Mode, OFlags};
 
 use super::changes::Intent;
 use super::{Collision, Entry, EntryId, FileProgress, Namespace};
@@ -55,63 +57,98 @@ impl Namespace {
             if !state.populating.contains(&id) {
                 break;
             }
-            self.progress.wait(&mut state);
+            self.wait(&mut state)?;
         }
         state.populating.insert(id);
         drop(state);
+        let populating = Populating {
+            namespace: self,
+            id,
+        };
         let result = self.populate(id);
-        let mut state = self.lock();
-        state.populating.remove(&id);
-        if result.is_ok() {
-            Namespace::clear_failure(&mut state, id);
-        }
-        self.progress.notify_all();
-        drop(state);
-        if let Err(err) = &result {
-            self.record_failure(id, err);
+        drop(populating);
+        match &result {
+            Ok(()) => self.lock().clear_failure(id),
+            Err(err) => self.record_failure(id, err),
         }
         result
     }
 
     fn populate(&self, id: EntryId) -> Result<()> {
-        let (source_dir, target_dir, merged) = {
+        let (source_dir, merged, target_ino) = {
             let state = self.lock();
             let entry = &state.entries[&id];
-            let target = state.path_of(id).map(|p| self.target.join(p));
-            (entry.source.clone(), target, entry.merged)
+            (entry.source.clone(), entry.merged, entry.target_ino)
         };
-        let Some(target_dir) = target_dir else {
+        let Some((dir, shown)) = self.open_target_dir(id, target_ino)? else {
             return Ok(()); // deleted meanwhile
         };
         let Some(source_dir) = &source_dir else {
             // Made by a client: nothing to bring from the source.
             return self.record_population(id, Vec::new(), Vec::new());
         };
+        let target_dir = proc_path(&dir);
+        self.populate_in(id, source_dir, &target_dir, merged)
+            .map_err(|err| err.at_path(&target_dir, &shown))
+    }
+
+    /// Populates directory `id` of the target, reached at `target_dir`.
+    fn populate_in(
+        &self,
+        id: EntryId,
+        source_dir: &Path,
+        target_dir: &Path,
+        merged: bool,
+    ) -> Result<()> {
         let children = self.source.list(source_dir)?;
         let mut changes = Vec::new();
         let preexisting = if merged {
-            self.merge_list(id, &target_dir, &mut changes)?
+            self.merge_list(id, target_dir, &mut changes)?
         } else {
             HashSet::new()
         };
         let mut placed = Vec::new();
         for child in &children {
+            self.check_open()?;
             let was_there = preexisting.contains(&child.name);
-            placed.push(self.place(source_dir, &target_dir, child, was_there)?);
+            placed.push(self.place(source_dir, target_dir, child, was_there)?);
         }
         let _linking = placed
             .iter()
             .any(Placed::is_linked)
             .then(|| self.linking.lock());
-        self.link_duplicates(&target_dir, &mut placed)?;
+        self.link_duplicates(target_dir, &mut placed)?;
         // Last, as linking changes the directory's times.
         let meta = self.source.stat(source_dir)?;
-        fidelity::set_times(&target_dir, &meta).map_err(on(
+        fidelity::set_times(target_dir, &meta).map_err(on(
             ErrorKind::Target,
             "set times of",
-            &target_dir,
+            target_dir,
         ))?;
         self.record_population(id, placed, changes)
+    }
+
+    /// Opens directory `id` in the target (`None` once it has no name), and
+    /// checks it is the directory recorded: the population then works in
+    /// it through its descriptor, wherever clients move it meanwhile. Also
+    /// returns its path, for messages.
+    fn open_target_dir(&self, id: EntryId, ino: u64) -> Result<Option<(OwnedFd, PathBuf)>> {
+        let Some(path) = self.target_path(id) else {
+            return Ok(None);
+        };
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(&path, flags, Mode::empty())
+            .map_err(|e| on(ErrorKind::Target, "open", &path)(e.into()))?;
+        let found = rustix::fs::fstat(&fd)
+            .map_err(|e| on(ErrorKind::Target, "stat", &path)(e.into()))?
+            .st_ino;
+        if found != ino {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!("{} was replaced while dmm opened it", path.display()),
+            ));
+        }
+        Ok(Some((fd, path)))
     }
 
     /// The names the merged directory held before dmm put anything in it,
@@ -215,10 +252,8 @@ impl Namespace {
             changed: false,
             merged: merge,
             names: Vec::new(),
-            progress: (state == EntryState::Pending).then(|| FileProgress {
-                limit: child.meta.size,
-                ..FileProgress::default()
-            }),
+            progress: (state == EntryState::Pending)
+                .then(|| FileProgress::new(child.meta.size, Default::default())),
         };
         let id = self.lock().allocate();
         Ok(Placed::New {
@@ -266,8 +301,11 @@ impl Namespace {
     /// An entry already recorded for source inode `ino` of device `dev`
     /// (another name of this file).
     fn hard_link_of(&self, dev: u64, ino: u64) -> Option<EntryId> {
-        let existing = *self.lock().by_source_ino.get(&ino)?;
-        let source = self.lock().entries.get(&existing)?.source.clone()?;
+        let (existing, source) = {
+            let state = self.lock();
+            let existing = *state.by_source_ino.get(&ino)?;
+            (existing, state.entries.get(&existing)?.source.clone()?)
+        };
         // Same inode number on another file system is another file.
         let meta = self.source.stat(&source).ok()?;
         (meta.dev == dev && meta.ino == ino).then_some(existing)
@@ -336,10 +374,7 @@ impl Namespace {
         self.commit(rows)?;
         let mut state = self.lock();
         state.premerge.remove(&id);
-        if let Some(entry) = state.entries.get_mut(&id) {
-            entry.state = EntryState::Populated;
-        }
-        state.counts.dirs_done += 1;
+        state.update_entry(id, |entry| entry.state = EntryState::Populated);
         for item in placed {
             match item {
                 Placed::New {
@@ -356,6 +391,28 @@ impl Namespace {
         }
         Ok(())
     }
+}
+
+/// Ends a population when dropped, however it ended: the directory is no
+/// longer being populated, and whoever waits for it looks again.
+struct Populating<'a> {
+    namespace: &'a Namespace,
+    id: EntryId,
+}
+
+impl Drop for Populating<'_> {
+    fn drop(&mut self) {
+        let mut state = self.namespace.lock();
+        state.populating.remove(&self.id);
+        self.namespace.progress.notify_all();
+    }
+}
+
+/// A path that reaches the directory `fd` is open on. It ends in `/.`, so
+/// that calls which do not follow a final symbolic link act on the
+/// directory, not on the `/proc` link.
+fn proc_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}/.", fd.as_raw_fd()))
 }
 
 fn name_row(parent: EntryId, name: &OsString, entry: EntryId) -> Change {
@@ -379,25 +436,11 @@ impl super::State {
     /// Takes a newly placed entry into the in-memory maps and queues.
     fn adopt(&mut self, parent: EntryId, name: OsString, id: EntryId, entry: Entry) {
         match entry.state {
-            EntryState::Unpopulated => {
-                self.counts.dirs_total += 1;
-                self.dirs.push_back(id);
-            }
-            EntryState::Pending => {
-                self.counts.files_total += 1;
-                self.counts.bytes_total += entry.size;
-                self.files.push_back(id);
-            }
-            EntryState::Done | EntryState::Populated => {
-                self.counts.files_total += 1;
-                self.counts.files_done += 1;
-            }
+            EntryState::Unpopulated => self.dirs.push_back(id),
+            EntryState::Pending => self.files.push_back(id),
+            EntryState::Done | EntryState::Populated => {}
         }
-        if entry.source_ino != 0 {
-            self.by_source_ino.entry(entry.source_ino).or_insert(id);
-        }
-        self.by_target_ino.insert(entry.target_ino, id);
-        self.entries.insert(id, entry);
+        self.insert_entry(id, entry);
         self.add_name(id, parent, name);
     }
 }
