@@ -415,3 +415,93 @@ fn a_client_walks_more_files_than_the_daemon_may_open() {
     assert!(output.status.success());
     assert_eq!(String::from_utf8_lossy(&output.stdout), "");
 }
+
+/// SIGTERM while clients keep the access point busy: one holds a file open,
+/// one reads files not migrated yet, one lists a directory being populated
+/// on demand. `dmm stat` answers meanwhile, the daemon stops within
+/// seconds, the clients get an error rather than hang, and a restarted
+/// daemon carries on to a complete, correct migration.
+#[test]
+fn sigterm_stops_the_daemon_within_seconds_while_clients_use_the_access_point() {
+    const ENTRIES: usize = 20_000;
+    let d = dirs();
+    build_source(&d.source);
+    let huge = d.source.join("huge");
+    fs::create_dir(&huge).unwrap();
+    for i in 0..ENTRIES {
+        fs::write(huge.join(format!("entry-{i:05}")), i.to_string()).unwrap();
+    }
+    let daemon = Daemon::start(&d.state, &[]);
+    let migid = create(&daemon, &d, &["rate=1M"]);
+    daemon.ok(&["pause", &migid]);
+
+    let held = fs::File::open(d.access.join("keep/d0/f0")).unwrap();
+    let reader_access = d.access.clone();
+    let reader = std::thread::spawn(move || {
+        // Reads until the access point goes away under it.
+        for round in 0.. {
+            let name = format!("keep/big{}", round % 3);
+            if fs::read(reader_access.join(name)).is_err() {
+                return round;
+            }
+        }
+        unreachable!()
+    });
+    let mut lister = tool("ls")
+        .arg("-f")
+        .arg(d.access.join("huge"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let stat = daemon.ok(&["stat", &migid]);
+        let took = asked.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "dmm stat took {took:?}: {stat}"
+        );
+    }
+    let population_in_flight = lister.try_wait().unwrap().is_none();
+
+    let stopping = Instant::now();
+    let status = daemon.stop_within(Duration::from_secs(15));
+    let took = stopping.elapsed();
+    let status = status.unwrap_or_else(|| panic!("no exit {took:?} after SIGTERM"));
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(12),
+        "the daemon took {took:?} to stop"
+    );
+    assert!(!is_mountpoint(&d.access), "the access point is detached");
+    let listed = common::wait_with_timeout(&mut lister, Duration::from_secs(5));
+    assert!(listed.is_some(), "ls still hangs after the daemon stopped");
+    let rounds = reader.join().unwrap();
+    let mut buf = [0u8; 16];
+    let read = std::os::unix::fs::FileExt::read_at(&held, &mut buf, 0);
+    assert!(read.is_err(), "an open file fails once the daemon is gone");
+    drop(held);
+
+    let daemon = Daemon::start(&d.state, &[]);
+    daemon.ok(&["resume", &migid]);
+    daemon.ok(&["set", &migid, "-p", "rate=0"]);
+    let started = Instant::now();
+    while fs::read_dir(d.access.join("huge")).map_or(0, Iterator::count) != ENTRIES {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the huge directory is not back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(300));
+    daemon.ok(&["commit", &migid]);
+    assert!(daemon.stop().success());
+    let differences = rsync_differences(&d.source, &d.target);
+    assert!(differences.is_empty(), "{differences}");
+    eprintln!(
+        "stopped in {took:?}; population in flight at SIGTERM: {population_in_flight}; \
+         the reader read {rounds} large files"
+    );
+}

@@ -1,69 +1,19 @@
 //! Tree migrations through a real FUSE access point, checked with rsync
 //! and plain file system calls.
 
+mod common;
+
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmm_tree::{Collision, TreeConfig, TreeMigration};
+use common::{Setup, pattern, rsync_differences, wait_complete, within, write};
+use dmm_tree::{Collision, TreeMigration};
 use dmm_volume::{Controls, Priority};
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    config: TreeConfig,
-}
-
-impl Setup {
-    fn new(build: impl FnOnce(&Path)) -> Setup {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let path = |name: &str| dir.path().join(name);
-        for name in ["source", "target", "access", "state"] {
-            fs::create_dir(path(name)).unwrap();
-        }
-        build(&path("source"));
-        let config = TreeConfig {
-            migid: 1,
-            source: path("source"),
-            target: path("target"),
-            access: path("access"),
-            journal: path("state").join("journal.db"),
-            segsize: 1 << 20,
-            collision: Collision::Error,
-            rate: None,
-            priority: Priority::Normal,
-            dir_workers: 2,
-            file_workers: 2,
-        };
-        Setup { _dir: dir, config }
-    }
-
-    fn access(&self, relative: &str) -> PathBuf {
-        self.config.access.join(relative)
-    }
-
-    fn start(&self, paused: bool) -> TreeMigration {
-        dmm_tree::check(&self.config, true).unwrap();
-        let controls = Arc::new(Controls::new(None, 1, Priority::Normal));
-        if paused {
-            controls.pause();
-        }
-        TreeMigration::start(&self.config, controls).unwrap()
-    }
-}
-
-fn write(path: &Path, data: &[u8]) {
-    fs::write(path, data).unwrap();
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 /// A tree with every kind of object the migration must carry over.
 fn rich_tree(root: &Path) {
@@ -99,33 +49,6 @@ fn rich_tree(root: &Path) {
         .arg(root.join("a/small"))
         .status()
         .unwrap();
-}
-
-fn wait_complete(migration: &TreeMigration) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !migration.is_complete() {
-        assert!(
-            Instant::now() < deadline,
-            "not complete: {:?}",
-            migration.progress()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn rsync_differences(source: &Path, target: &Path) -> String {
-    let output = Command::new("rsync")
-        .args(["-aHAXn", "--checksum", "-i", "--delete"])
-        .arg(format!("{}/", source.display()))
-        .arg(format!("{}/", target.display()))
-        .output()
-        .expect("rsync runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]
@@ -458,4 +381,64 @@ fn every_name_of_a_hard_linked_file_stays_one_inode() {
         let first = setup.config.target.join(format!("d00/a{file}"));
         assert_eq!(fs::metadata(first).unwrap().nlink(), 24 * 2, "a{file}");
     }
+}
+
+#[test]
+fn truncating_migrated_and_pending_files_returns_at_once_and_keeps_the_right_bytes() {
+    let setup = Setup::new(|root| {
+        write(&root.join("small"), b"hello\n");
+        write(&root.join("echoed"), b"old content\n");
+        write(&root.join("big"), &pattern(64 << 20, 8));
+        write(&root.join("cut"), &pattern(8 << 20, 9));
+        write(&root.join("opened"), &pattern(3 << 20, 10));
+    });
+    let migration = setup.start(true);
+    let limit = Duration::from_secs(10);
+    // Fetched on demand, so complete on the target: the case that hung.
+    assert_eq!(fs::read(setup.access("small")).unwrap(), b"hello\n");
+    let small = setup.access("small");
+    within(limit, "truncate of a migrated file", move || {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(small)
+            .unwrap()
+            .set_len(0)
+            .unwrap()
+    });
+    assert_eq!(fs::read(setup.access("echoed")).unwrap(), b"old content\n");
+    let echoed = setup.access("echoed");
+    within(limit, "O_TRUNC open of a migrated file", move || {
+        fs::write(echoed, b"new\n").unwrap()
+    });
+    // Pending: cut in the middle of a segment, and O_TRUNC.
+    let cut = setup.access("cut");
+    within(limit, "truncate of a pending file", move || {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(cut)
+            .unwrap()
+            .set_len(1_500_000)
+            .unwrap()
+    });
+    let opened = setup.access("opened");
+    within(limit, "O_TRUNC open of a pending file", move || {
+        fs::write(opened, b"replaced").unwrap()
+    });
+    migration.controls().resume();
+    wait_complete(&migration);
+    let progress = migration.progress();
+    assert_eq!(
+        progress.counts.bytes_done, progress.counts.bytes_total,
+        "{progress:?}"
+    );
+    migration.commit().unwrap();
+    let target = &setup.config.target;
+    assert_eq!(fs::read(target.join("small")).unwrap(), b"");
+    assert_eq!(fs::read(target.join("echoed")).unwrap(), b"new\n");
+    assert_eq!(
+        fs::read(target.join("cut")).unwrap(),
+        pattern(8 << 20, 9)[..1_500_000]
+    );
+    assert_eq!(fs::read(target.join("opened")).unwrap(), b"replaced");
+    assert_eq!(fs::read(target.join("big")).unwrap(), pattern(64 << 20, 8));
 }

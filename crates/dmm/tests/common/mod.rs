@@ -222,9 +222,15 @@ impl Daemon {
             .arg("--state-dir")
             .arg(state)
             .args(extra);
+        // Its log, next to the state directory, for a test that fails.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.with_extension("log"))
+            .expect("daemon log");
         let child = wrap(command)
             .stdin(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start dmm daemon");
         let daemon = Daemon {
@@ -240,6 +246,11 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         daemon
+    }
+
+    /// The daemon's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
@@ -283,6 +294,11 @@ impl Daemon {
                 return state;
             }
             assert!(
+                state != "failed",
+                "migration {migid} failed: {}",
+                self.ok(&["log", migid])
+            );
+            assert!(
                 started.elapsed() < limit,
                 "migration {migid} stuck in {state}"
             );
@@ -297,10 +313,22 @@ impl Daemon {
         )
     }
 
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.stop_within(Duration::from_secs(30))
+            .expect("the daemon stops")
+    }
+
+    /// SIGTERM, then its exit status if it exits within `limit` (else it
+    /// is killed).
+    pub fn stop_within(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take().unwrap();
         terminate(&child);
-        wait_with_timeout(&mut child, Duration::from_secs(30)).expect("the daemon stops")
+        let status = wait_with_timeout(&mut child, limit);
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
     }
 
     pub fn kill(mut self) {
@@ -315,6 +343,15 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            // The test failed: what the daemon said is the first clue.
+            let log = std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- daemon log (last lines) ---");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
         }
     }
 }

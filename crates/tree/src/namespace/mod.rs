@@ -811,17 +811,31 @@ fn now_ms() -> i64 {
 }
 
 impl Namespace {
-    /// (source path, current target path) of every regular file copied
-    /// from the source and not changed through the access point.
-    pub fn unchanged_files(&self) -> Vec<(PathBuf, PathBuf)> {
+    /// Every regular file copied from the source and not changed through
+    /// the access point: its entry, source path and target inode.
+    pub fn unchanged_files(&self) -> Vec<UnchangedFile> {
         let state = self.lock();
-        let mut files: Vec<(PathBuf, PathBuf)> = state
+        let mut files: Vec<UnchangedFile> = state
             .entries
             .iter()
             .filter(|(_, e)| e.state == EntryState::Done && !e.changed)
-            .filter_map(|(&id, e)| Some((e.source.clone()?, self.target.join(state.path_of(id)?))))
+            .filter_map(|(&id, e)| {
+                Some(UnchangedFile {
+                    id,
+                    source: e.source.clone()?,
+                    target_ino: e.target_ino,
+                })
+            })
             .collect();
-        files.sort();
+        files.sort_by(|a, b| a.source.cmp(&b.source));
         files
     }
+}
+
+/// A file verification compares (see [`Namespace::unchanged_files`]).
+#[derive(Debug, Clone)]
+pub struct UnchangedFile {
+    pub id: EntryId,
+    pub source: PathBuf,
+    pub target_ino: u64,
 }
