@@ -442,3 +442,84 @@ fn truncating_migrated_and_pending_files_returns_at_once_and_keeps_the_right_byt
     assert_eq!(fs::read(target.join("opened")).unwrap(), b"replaced");
     assert_eq!(fs::read(target.join("big")).unwrap(), pattern(64 << 20, 8));
 }
+
+/// Runs `script` with `sh` as user and group 65534 (nobody), in `dir`.
+fn as_nobody(dir: &Path, script: &str) {
+    common::run(
+        common::tool("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+            ])
+            .current_dir(dir),
+    );
+}
+
+#[test]
+fn new_objects_get_the_owner_mode_and_acls_the_target_file_system_gives() {
+    let setup = Setup::new(|root| write(&root.join("f"), b"x"));
+    let scratch = setup.config.source.parent().unwrap();
+    for dir in [scratch, &setup.config.target] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let _migration = setup.start(true);
+    let access = &setup.config.access;
+    // A set-group-ID directory of group 1 that everyone may write to.
+    let shared = setup.access("shared");
+    fs::create_dir(&shared).unwrap();
+    std::os::unix::fs::chown(&shared, None, Some(1)).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o2777)).unwrap();
+    as_nobody(&shared, "umask 027 && mkdir d && echo data > f");
+    let mode_owner = |path: &Path| {
+        let meta = fs::symlink_metadata(path).unwrap();
+        (meta.mode() & 0o7777, meta.uid(), meta.gid())
+    };
+    assert_eq!(mode_owner(&shared.join("d")), (0o2750, 65534, 1));
+    assert_eq!(mode_owner(&shared.join("f")), (0o640, 65534, 1));
+    // A default ACL replaces the umask, an ACL entry grants access: as in
+    // the same directory made on the target's file system directly.
+    let plain = scratch.join("plain-acl");
+    for dir in [setup.access("acl"), plain.clone()] {
+        fs::create_dir(&dir).unwrap();
+        common::run(
+            common::tool("setfacl")
+                .args(["-m", "u:nobody:rwx", "-d", "-m", "u:nobody:rw"])
+                .arg(&dir),
+        );
+        as_nobody(&dir, "umask 077 && echo data > granted");
+    }
+    let granted = setup.access("acl/granted");
+    assert_eq!(mode_owner(&granted), mode_owner(&plain.join("granted")));
+    assert_eq!(
+        mode_owner(&granted).0,
+        0o664,
+        "the default ACL, not the umask"
+    );
+    let acls = |path: &Path| {
+        let listed = common::run(common::tool("getfacl").arg("-cp").arg(path));
+        String::from_utf8_lossy(&listed.stdout).into_owned()
+    };
+    assert_eq!(acls(&granted), acls(&plain.join("granted")));
+    assert!(acls(&granted).contains("user:nobody:rw-"));
+    // Set-user-ID kept at creation; cleared by a write from another user.
+    let suid = access.join("suid");
+    let file = rustix::fs::open(
+        &suid,
+        rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY,
+        rustix::fs::Mode::from_raw_mode(0o4777),
+    )
+    .unwrap();
+    drop(file);
+    fs::set_permissions(&suid, fs::Permissions::from_mode(0o4777)).unwrap();
+    assert_eq!(mode_owner(&suid).0, 0o4777);
+    as_nobody(access, "echo more >> suid");
+    assert_eq!(mode_owner(&suid).0, 0o777);
+    for name in ["shared/d", "shared/f", "acl/granted", "suid"] {
+        let (through, below) = (setup.access(name), setup.config.target.join(name));
+        assert_eq!(mode_owner(&through), mode_owner(&below), "{name}");
+    }
+}
