@@ -67,6 +67,8 @@ fn finish(migration: &TreeMigration) {
     migration.controls().set_rate(None);
     migration.controls().resume();
     wait_complete(migration);
+    let counts = migration.progress().counts;
+    assert_eq!(counts.bytes_done, counts.bytes_total, "{counts:?}");
     let (_, mismatches) = migration.verify();
     assert!(mismatches.is_empty(), "{mismatches:?}");
     migration.commit().unwrap();

@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 use dmm_catalog::tree_journal::{Change, EntryState};
 
-use super::{EntryId, Namespace, State, serialize};
+use super::{EntryId, Namespace, State};
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::fidelity;
 
@@ -117,16 +117,51 @@ impl Namespace {
             return self.note_change(id);
         };
         let end = range.end.min(limit);
-        for segment in self.segments_of(id, range.start..end) {
+        let segments = self.segments_of(id, range.start..end);
+        // The segments the range cuts keep part of their bytes: fetched.
+        for segment in [segments.start, segments.end.saturating_sub(1)] {
             let start = u64::from(segment) * segsize;
             let whole = range.start <= start && (start + segsize).min(limit) <= end;
-            if !whole {
+            if segments.contains(&segment) && !whole {
                 self.fetch(id, start..start + 1)?;
-            } else if let Some(mut claim) = self.claim(id, segment)? {
+            }
+        }
+        // The ones it covers whole: not needed, all at once; those being
+        // copied right now are waited for.
+        let first = u64::from(segments.start) * segsize;
+        let whole_from = segments.start + u32::from(first < range.start);
+        let busy = self.drop_segments(id, whole_from..segments.end);
+        for segment in busy {
+            if let Some(mut claim) = self.claim(id, segment)? {
                 claim.outcome = Outcome::NotNeeded;
             }
         }
         self.note_change(id)
+    }
+
+    /// Marks the segments of `range` of file `id` not needed, except those
+    /// being copied, which it returns. (The caller made sure the range's
+    /// last segment is covered whole or fetched.)
+    fn drop_segments(&self, id: EntryId, range: std::ops::Range<u32>) -> Vec<u32> {
+        let segsize = self.settings.segsize;
+        let mut state = self.lock();
+        let outcome = state.update_progress(id, |progress| {
+            let busy: Vec<u32> = progress.busy.range(range.clone()).collect();
+            let mut free = roaring::RoaringBitmap::new();
+            free.insert_range(range);
+            free -= &progress.busy;
+            progress.fetched |= free;
+            (busy, progress.is_complete(segsize))
+        });
+        let Some((busy, complete)) = outcome else {
+            return Vec::new();
+        };
+        state.unflushed.insert(id);
+        if complete {
+            state.complete_file(id);
+        }
+        self.progress.notify_all();
+        busy
     }
 
     /// Flags the file changed through the access point and journals every
@@ -274,13 +309,6 @@ impl Namespace {
         if let Some(complete) = complete
             && outcome != Outcome::Failed
         {
-            let bits = state.entries[&id]
-                .progress
-                .as_ref()
-                .map(|p| serialize(&p.fetched));
-            if let Some(bits) = bits {
-                state.batch.push(Change::Segments(id, bits));
-            }
             state.unflushed.insert(id);
             state.clear_failure(id);
             if complete {

@@ -263,7 +263,9 @@ struct State {
     urgent_dirs: VecDeque<EntryId>,
     urgent_files: VecDeque<EntryId>,
     failures: HashMap<EntryId, Failure>,
-    /// Entries with marks not yet in the journal.
+    /// Entries with marks (segments copied, the changed flag) not yet in
+    /// the journal. A file's segment bitmap is journaled once per flush,
+    /// however many segments were copied since the last one.
     unflushed: HashSet<EntryId>,
     batch: Vec<Change>,
     counts: Counts,
@@ -603,14 +605,10 @@ impl Namespace {
         state.failures.insert(id, Failure { row, retry_at });
     }
 
-    /// Writes the batched marks to the journal.
+    /// Writes the batched changes and marks to the journal.
     pub fn flush(&self) -> Result<()> {
         let _order = self.flushing.lock();
-        let batch = {
-            let mut state = self.lock();
-            state.unflushed.clear();
-            std::mem::take(&mut state.batch)
-        };
+        let batch = self.lock().take_batch();
         self.apply(&batch)
     }
 
@@ -719,6 +717,20 @@ impl State {
                 self.files.push_back(id);
             }
         }
+    }
+
+    /// The changes to journal next: the batch, then the segment bitmap of
+    /// every file whose marks changed (a file completed or deleted since
+    /// has its final row in the batch instead).
+    fn take_batch(&mut self) -> Vec<Change> {
+        let mut batch = std::mem::take(&mut self.batch);
+        for id in self.unflushed.drain() {
+            let progress = self.entries.get(&id).and_then(|e| e.progress.as_ref());
+            if let Some(progress) = progress {
+                batch.push(Change::Segments(id, serialize(&progress.fetched)));
+            }
+        }
+        batch
     }
 
     fn clear_failure(&mut self, id: EntryId) {
