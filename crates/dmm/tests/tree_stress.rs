@@ -16,6 +16,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -243,6 +244,27 @@ impl Client {
         result
     }
 
+    /// Runs `op` on `paths` (relative) through the access point, timed;
+    /// any error fails the test.
+    fn act<const N: usize, T>(
+        &mut self,
+        name: &'static str,
+        paths: [&Path; N],
+        op: impl FnOnce([PathBuf; N]) -> io::Result<T>,
+    ) -> T {
+        let through = paths.map(|p| self.at(p));
+        self.timed(name, || op(through))
+            .unwrap_or_else(|e| panic!("client {}: {name} {paths:?}: {e}", self.id))
+    }
+
+    /// One of the client's files, if it has any.
+    fn some_file(&mut self) -> Option<PathBuf> {
+        let picked = self
+            .model
+            .pick(&mut self.rng, |n| matches!(n, Node::File(_)));
+        picked.map(|(path, _)| path)
+    }
+
     fn step(&mut self) {
         match self.rng.below(100) {
             0..20 => self.create(),
@@ -264,29 +286,20 @@ impl Client {
         let path = self.some_dir().join(self.fresh_name("n"));
         let len = self.rng.below(200_000);
         let content = self.rng.bytes(len);
-        let target = self.at(&path);
-        self.timed("create", || fs::write(&target, &content))
-            .unwrap();
+        self.act("create", [&path], |[at]| fs::write(at, &content));
         self.model.new_file(path, content, 0o644);
     }
 
     fn write(&mut self) {
-        let Some((path, _)) = self
-            .model
-            .pick(&mut self.rng, |n| matches!(n, Node::File(_)))
-        else {
-            return;
-        };
+        let Some(path) = self.some_file() else { return };
         let len = self.model.file(&path).content.len();
         let offset = self.rng.below(len + 32_768);
         let data_len = 1 + self.rng.below(65_536);
         let data = self.rng.bytes(data_len);
-        let target = self.at(&path);
-        self.timed("write", || {
-            let file = fs::OpenOptions::new().write(true).open(&target)?;
+        self.act("write", [&path], |[at]| {
+            let file = fs::OpenOptions::new().write(true).open(at)?;
             file.write_all_at(&data, offset as u64)
-        })
-        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        });
         let content = &mut self.model.file(&path).content;
         if content.len() < offset + data.len() {
             content.resize(offset + data.len(), 0);
@@ -295,36 +308,21 @@ impl Client {
     }
 
     fn truncate(&mut self) {
-        let Some((path, _)) = self
-            .model
-            .pick(&mut self.rng, |n| matches!(n, Node::File(_)))
-        else {
-            return;
-        };
+        let Some(path) = self.some_file() else { return };
         let len = self.model.file(&path).content.len();
         let size = self.rng.below(len * 3 / 2 + 2);
-        let target = self.at(&path);
-        self.timed("truncate", || {
+        self.act("truncate", [&path], |[at]| {
             fs::OpenOptions::new()
                 .write(true)
-                .open(&target)?
+                .open(at)?
                 .set_len(size as u64)
-        })
-        .unwrap_or_else(|e| panic!("truncate {}: {e}", path.display()));
+        });
         self.model.file(&path).content.resize(size, 0);
     }
 
     fn read(&mut self) {
-        let Some((path, _)) = self
-            .model
-            .pick(&mut self.rng, |n| matches!(n, Node::File(_)))
-        else {
-            return;
-        };
-        let target = self.at(&path);
-        let data = self
-            .timed("read", || fs::read(&target))
-            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let Some(path) = self.some_file() else { return };
+        let data = self.act("read", [&path], |[at]| fs::read(at));
         let expected = &self.model.file(&path).content;
         assert!(
             &data == expected,
@@ -337,75 +335,46 @@ impl Client {
     }
 
     fn rename_file(&mut self) {
-        let Some((path, _)) = self
-            .model
-            .pick(&mut self.rng, |n| matches!(n, Node::File(_)))
-        else {
-            return;
-        };
+        let Some(path) = self.some_file() else { return };
         let to = self.some_dir().join(self.fresh_name("r"));
-        let (from_at, to_at) = (self.at(&path), self.at(&to));
-        self.timed("rename", || fs::rename(&from_at, &to_at))
-            .unwrap_or_else(|e| panic!("rename {} {}: {e}", path.display(), to.display()));
+        self.act("rename", [&path, &to], |[from, to]| fs::rename(from, to));
         self.model.rename(&path, &to);
     }
 
     fn unlink(&mut self) {
-        let Some((path, _)) = self
-            .model
-            .pick(&mut self.rng, |n| matches!(n, Node::File(_)))
-        else {
-            return;
-        };
-        let target = self.at(&path);
-        self.timed("unlink", || fs::remove_file(&target))
-            .unwrap_or_else(|e| panic!("unlink {}: {e}", path.display()));
+        let Some(path) = self.some_file() else { return };
+        self.act("unlink", [&path], |[at]| fs::remove_file(at));
         self.model.paths.remove(&path);
     }
 
     fn link(&mut self) {
-        let Some((path, node)) = self
-            .model
-            .pick(&mut self.rng, |n| matches!(n, Node::File(_)))
-        else {
-            return;
-        };
+        let Some(path) = self.some_file() else { return };
         let to = self.some_dir().join(self.fresh_name("l"));
-        let (from_at, to_at) = (self.at(&path), self.at(&to));
-        self.timed("link", || fs::hard_link(&from_at, &to_at))
-            .unwrap_or_else(|e| panic!("link {} {}: {e}", path.display(), to.display()));
+        self.act("link", [&path, &to], |[from, to]| fs::hard_link(from, to));
+        let node = self.model.paths[&path];
         self.model.paths.insert(to, node);
     }
 
     fn chmod(&mut self) {
-        let Some((path, _)) = self
-            .model
-            .pick(&mut self.rng, |n| matches!(n, Node::File(_)))
-        else {
-            return;
-        };
+        let Some(path) = self.some_file() else { return };
         let mode = [0o600, 0o640, 0o644, 0o664, 0o755][self.rng.below(5)];
-        let target = self.at(&path);
-        self.timed("chmod", || {
-            fs::set_permissions(&target, fs::Permissions::from_mode(mode))
-        })
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+        self.act("chmod", [&path], |[at]| {
+            fs::set_permissions(at, fs::Permissions::from_mode(mode))
+        });
         self.model.file(&path).mode = mode;
     }
 
     fn readdir(&mut self) {
         let dir = self.some_dir();
-        let target = self.at(&dir);
-        let listed = self
-            .timed("readdir", || {
-                fs::read_dir(&target)?.collect::<Result<Vec<_>, _>>()
-            })
-            .unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()));
+        let listed = self.act("readdir", [&dir], |[at]| {
+            fs::read_dir(at)?.collect::<Result<Vec<_>, _>>()
+        });
         let expected = self.model.names_in(&dir);
+        let prefix = format!("c{}-", self.id);
         let mine: BTreeSet<String> = listed
             .iter()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|name| expected.contains(name) || name.starts_with(&format!("c{}-", self.id)))
+            .filter(|name| expected.contains(name) || name.starts_with(&prefix))
             .collect();
         assert_eq!(
             mine,
@@ -418,9 +387,7 @@ impl Client {
 
     fn mkdir(&mut self) {
         let path = PathBuf::from(format!("s{}", self.rng.below(SHARED))).join(self.fresh_name("d"));
-        let target = self.at(&path);
-        self.timed("mkdir", || fs::create_dir(&target))
-            .unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        self.act("mkdir", [&path], |[at]| fs::create_dir(at));
         self.model.paths.insert(path, Node::Dir);
     }
 
@@ -429,9 +396,9 @@ impl Client {
             return;
         };
         let to = PathBuf::from(format!("s{}", self.rng.below(SHARED))).join(self.fresh_name("m"));
-        let (from_at, to_at) = (self.at(&path), self.at(&to));
-        self.timed("rename a directory", || fs::rename(&from_at, &to_at))
-            .unwrap_or_else(|e| panic!("rename {} {}: {e}", path.display(), to.display()));
+        self.act("rename a directory", [&path, &to], |[from, to]| {
+            fs::rename(from, to)
+        });
         self.model.rename(&path, &to);
     }
 
@@ -447,9 +414,7 @@ impl Client {
             return;
         }
         let path = empty[self.rng.below(empty.len())].clone();
-        let target = self.at(&path);
-        self.timed("rmdir", || fs::remove_dir(&target))
-            .unwrap_or_else(|e| panic!("rmdir {}: {e}", path.display()));
+        self.act("rmdir", [&path], |[at]| fs::remove_dir(at));
         self.model.paths.remove(&path);
     }
 }

@@ -10,37 +10,8 @@ use std::time::{Duration, Instant};
 
 pub const DMM: &str = env!("CARGO_BIN_EXE_dmm");
 
-/// A tool the test needs; a missing tool fails the test (the README's test
-/// command installs them all).
-pub fn tool(name: &str) -> Command {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{name} is not installed; run scripts/test, which installs it"
-    );
-    Command::new(name)
-}
-
-/// Runs a command, failing the test with its output unless it succeeds.
-pub fn run(command: &mut Command) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-pub fn stdout(command: &mut Command) -> String {
-    String::from_utf8(run(command).stdout).expect("UTF-8 output")
-}
+#[allow(unused_imports)] // Not every test binary uses every one.
+pub use dmm_testkit::{run, stdout, tool};
 
 /// A running `dmm serve`.
 pub struct Serve {

@@ -145,28 +145,24 @@ fn supplementary_groups(pid: u32) -> Option<Vec<u32>> {
     line.split_whitespace().map(|g| g.parse().ok()).collect()
 }
 
-/// `setfsuid` reports no error: it returns the previous value. Asking
-/// again with an invalid ID returns the current one, which must be `uid`.
 fn set_fs_uid(uid: u32) -> Reply<()> {
-    // SAFETY: plain system calls on the calling thread's credentials.
-    let now = unsafe {
-        libc::setfsuid(uid);
-        libc::setfsuid(u32::MAX)
-    };
-    if now as u32 == uid {
-        Ok(())
-    } else {
-        Err(Errno::EPERM)
-    }
+    set_fs_id(libc::setfsuid, uid)
 }
 
 fn set_fs_gid(gid: u32) -> Reply<()> {
-    // SAFETY: as in `set_fs_uid`.
+    set_fs_id(libc::setfsgid, gid)
+}
+
+/// `setfsuid` and `setfsgid` report no error: they return the previous
+/// value. Asking again with an invalid ID returns the current one, which
+/// must be `id`.
+fn set_fs_id(set: unsafe extern "C" fn(u32) -> libc::c_int, id: u32) -> Reply<()> {
+    // SAFETY: plain system calls on the calling thread's credentials.
     let now = unsafe {
-        libc::setfsgid(gid);
-        libc::setfsgid(u32::MAX)
+        set(id);
+        set(u32::MAX)
     };
-    if now as u32 == gid {
+    if now as u32 == id {
         Ok(())
     } else {
         Err(Errno::EPERM)

@@ -1,15 +1,17 @@
 //! What the tree tests share: a source, target, access point and journal
-//! in a scratch directory, data patterns, bounded waits, and the external
-//! tools that judge the result.
+//! in a scratch directory, data patterns, bounded waits; and the external
+//! tools that judge the result (from `dmm-testkit`).
 
 #![allow(dead_code)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)] // Not every test binary uses every one.
+pub use dmm_testkit::{run, tool};
 use dmm_tree::{Collision, TreeConfig, TreeMigration};
 use dmm_volume::{Controls, Priority};
 
@@ -114,31 +116,4 @@ pub fn within<T: Send + 'static>(
     result
         .recv_timeout(limit)
         .unwrap_or_else(|_| panic!("{what} did not return within {limit:?}"))
-}
-
-/// A tool the test needs; a missing one fails the test (the README's test
-/// command installs them all).
-pub fn tool(name: &str) -> Command {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()));
-    assert!(
-        found,
-        "{name} is not installed; run scripts/test, which installs it"
-    );
-    Command::new(name)
-}
-
-/// Runs a command, failing the test with its output unless it succeeds.
-pub fn run(command: &mut Command) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }

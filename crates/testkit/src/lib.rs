@@ -1,0 +1,37 @@
+//! What the end-to-end tests of several crates share: running the real
+//! tools that judge dmm's results (qemu-io, rsync, pjdfstest, fsx, fio...).
+//! A tool that is missing fails the test: the README's test command
+//! installs them all, and a test that skips is a test that cannot fail.
+
+use std::process::{Command, Output};
+
+/// A command running `name`, which must be installed.
+pub fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()));
+    assert!(
+        found,
+        "{name} is not installed; run scripts/test, which installs it"
+    );
+    Command::new(name)
+}
+
+/// Runs a command, failing the test with its output unless it succeeds.
+pub fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// The standard output of a command that must succeed.
+pub fn stdout(command: &mut Command) -> String {
+    String::from_utf8(run(command).stdout).expect("UTF-8 output")
+}
