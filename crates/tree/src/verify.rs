@@ -56,20 +56,18 @@ pub fn verify(namespace: &Namespace) -> (u64, Vec<Mismatch>) {
 
 fn verify_file(namespace: &Namespace, file: &UnchangedFile) -> Verdict {
     let source = namespace.source().path(&file.source);
+    let source_digest = digest(&source, None);
     let mut last = None;
     for _ in 0..ATTEMPTS {
         let Some(target) = namespace.target_path(file.id) else {
             return Verdict::Skipped;
         };
-        let digests = (
-            digest(&source, None),
-            digest(&target, Some(file.target_ino)),
-        );
+        let target_digest = digest(&target, Some(file.target_ino));
         if !namespace.is_unchanged(file.id) {
             return Verdict::Skipped;
         }
-        let reason = match digests {
-            (Ok(a), Ok(b)) if a == b => return Verdict::Same,
+        let reason = match (&source_digest, target_digest) {
+            (Ok(a), Ok(b)) if *a == b => return Verdict::Same,
             (Ok(_), Ok(_)) => "content differs".to_string(),
             (Err(err), _) => format!("cannot read the source: {err}"),
             // Renamed, or replaced by another file: look it up again.

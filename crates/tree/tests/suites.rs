@@ -327,6 +327,7 @@ fn fio_direct(file: &Path, size: usize) -> Command {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ]);
     fio
 }

@@ -47,7 +47,7 @@ const WANTED: InitFlags = InitFlags::FUSE_DONT_MASK.union(InitFlags::FUSE_POSIX_
 /// A directory an operation works in.
 pub(super) struct Dir {
     /// Its target inode number.
-    pub(super) ino: u64,
+    ino: u64,
     pub(super) fd: Arc<OwnedFd>,
     /// Its tracked entry, if the migration tracks it.
     entry: Option<EntryId>,

@@ -23,7 +23,8 @@ const THREADS: usize = 8;
 /// How long unmounting waits for the requests in flight to finish.
 const STOP_WITHIN: Duration = Duration::from_secs(10);
 
-/// A mounted access point; unmounted by [`AccessPoint::unmount`] or on drop.
+/// A mounted access point; unmounted by [`AccessPoint::detach`] then
+/// [`AccessPoint::join`], or on drop.
 pub struct AccessPoint {
     /// The thread running the FUSE session (it starts the others).
     session: Option<JoinHandle<io::Result<()>>>,
@@ -61,13 +62,6 @@ impl AccessPoint {
             unmounter,
             path: path.to_path_buf(),
         })
-    }
-
-    /// Unmounts, waiting (bounded) for the FUSE threads to end.
-    pub fn unmount(mut self) -> Result<()> {
-        let detached = self.detach();
-        let joined = self.join();
-        detached.and(joined)
     }
 
     /// Unmounts: no new request can arrive. Clients that still hold files

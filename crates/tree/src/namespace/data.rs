@@ -98,9 +98,8 @@ impl Namespace {
     /// cut in two, declares the ones past `size` not needed, and journals
     /// it all.
     pub fn prepare_truncate(&self, id: EntryId, size: u64) -> Result<()> {
-        let limit = self.limit(id);
-        if let Some(limit) = limit.filter(|&limit| size < limit) {
-            self.prepare_zero(id, size..limit)?;
+        if let Some(limit) = self.limit(id).filter(|&limit| size < limit) {
+            self.forget_range(id, size..limit)?;
             self.lock().update_progress(id, |progress| {
                 progress.limit = progress.limit.min(size);
             });
@@ -112,9 +111,17 @@ impl Namespace {
     /// hole, zeroes a range): fetches the segments the range cuts, declares
     /// the ones it covers whole not needed, and journals it all.
     pub fn prepare_zero(&self, id: EntryId, range: Range<u64>) -> Result<()> {
+        self.forget_range(id, range)?;
+        self.note_change(id)
+    }
+
+    /// The source's bytes of `range` of file `id` will not be needed: the
+    /// segments the range cuts are fetched (they keep part of their bytes),
+    /// the ones it covers whole are marked not needed.
+    fn forget_range(&self, id: EntryId, range: Range<u64>) -> Result<()> {
         let segsize = self.settings.segsize;
         let Some(limit) = self.limit(id) else {
-            return self.note_change(id);
+            return Ok(());
         };
         let end = range.end.min(limit);
         let segments = self.segments_of(id, range.start..end);
@@ -136,13 +143,16 @@ impl Namespace {
                 claim.outcome = Outcome::NotNeeded;
             }
         }
-        self.note_change(id)
+        Ok(())
     }
 
     /// Marks the segments of `range` of file `id` not needed, except those
     /// being copied, which it returns. (The caller made sure the range's
     /// last segment is covered whole or fetched.)
-    fn drop_segments(&self, id: EntryId, range: std::ops::Range<u32>) -> Vec<u32> {
+    fn drop_segments(&self, id: EntryId, range: Range<u32>) -> Vec<u32> {
+        if range.is_empty() {
+            return Vec::new();
+        }
         let segsize = self.settings.segsize;
         let mut state = self.lock();
         let outcome = state.update_progress(id, |progress| {
