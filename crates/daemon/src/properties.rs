@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use dmm_catalog::State;
+use dmm_control::parse_size;
 use dmm_volume::{MigrationConfig, Priority, Strategy, Verify};
 
 /// When a property may be changed.
@@ -77,7 +78,10 @@ fn collision(value: &str) -> Result<(), String> {
 }
 
 fn strategy(value: &str) -> Result<(), String> {
-    value.parse::<Strategy>().map(|_| ())
+    value
+        .parse::<Strategy>()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn switchover(value: &str) -> Result<(), String> {
@@ -85,7 +89,10 @@ fn switchover(value: &str) -> Result<(), String> {
 }
 
 fn priority(value: &str) -> Result<(), String> {
-    value.parse::<Priority>().map(|_| ())
+    value
+        .parse::<Priority>()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn verify(value: &str) -> Result<(), String> {
@@ -93,7 +100,7 @@ fn verify(value: &str) -> Result<(), String> {
 }
 
 fn segsize(value: &str) -> Result<(), String> {
-    let size = parse_size(value)?;
+    let size = parse_size(value).map_err(|e| e.to_string())?;
     if size.is_power_of_two() && (4096..=1 << 30).contains(&size) {
         Ok(())
     } else {
@@ -102,7 +109,7 @@ fn segsize(value: &str) -> Result<(), String> {
 }
 
 fn rate(value: &str) -> Result<(), String> {
-    parse_size(value).map(|_| ())
+    parse_size(value).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn count(value: &str) -> Result<(), String> {
@@ -378,38 +385,6 @@ pub fn rate_of(properties: &BTreeMap<String, String>) -> Option<u64> {
         .filter(|&r| r > 0)
 }
 
-/// Parses `N[.N][KMGTP][B]` (case-insensitive, powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let bad = || format!("{text:?} is not a size (examples: 4096, 64K, 1.5G, 2MiB)");
-    let lower = text.trim().to_ascii_lowercase();
-    let without_b = lower
-        .strip_suffix("ib")
-        .or_else(|| lower.strip_suffix('b'))
-        .unwrap_or(&lower);
-    let shift = match without_b.chars().last() {
-        Some('k') => 10,
-        Some('m') => 20,
-        Some('g') => 30,
-        Some('t') => 40,
-        Some('p') => 50,
-        _ => 0,
-    };
-    let number = if shift > 0 {
-        &without_b[..without_b.len() - 1]
-    } else {
-        without_b
-    };
-    if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        return Err(bad());
-    }
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let bytes = value * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(bytes.round() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,19 +394,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn sizes_parse_in_the_seed_format() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("64kb"), Ok(65536));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
-        assert_eq!(parse_size("256m"), Ok(256 << 20));
-        for bad in ["", "K", "1.2.3M", "12Q", "-5", "x"] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
-        }
     }
 
     #[test]

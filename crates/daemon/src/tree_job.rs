@@ -12,8 +12,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dmm_control::Controls;
 use dmm_tree::{TreeConfig, TreeMigration, TreeProgress};
-use dmm_volume::Controls;
 use parking_lot::Mutex;
 use serde::Serialize;
 

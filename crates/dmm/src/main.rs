@@ -7,7 +7,6 @@
 mod commands;
 mod listen;
 mod report;
-mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

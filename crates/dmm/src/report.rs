@@ -9,7 +9,7 @@ use dmm_volume::{Migration, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::units::human;
+use dmm_control::human;
 
 /// How progress is shown.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dmm_catalog::tree_journal::{ErrorRow, TreeJournal};
-use dmm_volume::{Controls, Priority};
+use dmm_control::{Controls, Priority};
 use parking_lot::Mutex;
 use serde::Serialize;
 

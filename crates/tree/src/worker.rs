@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use dmm_volume::Controls;
-use dmm_volume::control::RateLimiter;
+use dmm_control::{Controls, RateLimiter};
 
 use crate::lock::{Mutex, Rank};
 use crate::namespace::{EntryId, Namespace};

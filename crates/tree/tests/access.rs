@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Setup, pattern, rsync_differences, wait_complete, within, write};
+use dmm_control::{Controls, Priority};
 use dmm_tree::{Collision, TreeMigration};
-use dmm_volume::{Controls, Priority};
 
 /// A tree with every kind of object the migration must carry over.
 fn rich_tree(root: &Path) {

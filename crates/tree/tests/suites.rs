@@ -26,8 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Setup, pattern, run, tool, wait_complete, write};
+use dmm_control::{Controls, Priority};
 use dmm_tree::TreeMigration;
-use dmm_volume::{Controls, Priority};
 
 /// The unprivileged user fsx runs as (pjdfstest switches users itself).
 const NOBODY: u32 = 65534;

@@ -12,7 +12,6 @@
 
 pub mod aio;
 pub mod chunks;
-pub mod control;
 pub mod copy;
 pub mod device;
 pub mod locks;
@@ -22,8 +21,8 @@ pub mod progress;
 pub mod strategy;
 
 pub use chunks::{ChunkMap, ChunkState};
-pub use control::{Controls, Priority};
 pub use device::VirtualDevice;
+pub use dmm_control::{Controls, Priority};
 pub use migration::{Migration, MigrationConfig, MigrationError, Verify, negotiate};
 pub use persist::Phase;
 pub use progress::{Activity, Progress};

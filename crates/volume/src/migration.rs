@@ -27,11 +27,11 @@ use parking_lot::Mutex;
 
 use crate::aio::AioQueue;
 use crate::chunks::{ChunkMap, ChunkState};
-use crate::control::{Controls, Priority, RateLimiter};
 use crate::device::{CLIENT_QUIET, VirtualDevice};
 use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir};
 use crate::progress::{Activity, Progress, RateMeter};
 use crate::strategy::{Mode, Strategy};
+use dmm_control::{Controls, Priority, RateLimiter, ValueError};
 
 /// Largest pause the precopy final copy aims for.
 const FINAL_PAUSE_TARGET: Duration = Duration::from_millis(5);
@@ -49,6 +49,22 @@ pub enum Verify {
     None,
     #[default]
     Full,
+}
+
+impl std::str::FromStr for Verify {
+    type Err = ValueError;
+
+    fn from_str(text: &str) -> Result<Verify, ValueError> {
+        match text {
+            "none" => Ok(Verify::None),
+            "full" => Ok(Verify::Full),
+            _ => Err(ValueError::new(
+                "a verification",
+                text,
+                "choose none or full",
+            )),
+        }
+    }
 }
 
 /// How to run a migration.

@@ -7,6 +7,7 @@
 //! `Destination` after the switchover. The per-chunk rules are in
 //! [`Mode::read_from`] and [`Mode::plan_write`]; DESIGN.md has the table.
 
+use dmm_control::ValueError;
 use std::fmt;
 use std::str::FromStr;
 
@@ -78,17 +79,18 @@ impl fmt::Display for Strategy {
 }
 
 impl FromStr for Strategy {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(text: &str) -> Result<Strategy, String> {
+    fn from_str(text: &str) -> Result<Strategy, ValueError> {
         Strategy::ALL
             .into_iter()
             .find(|s| s.to_string().eq_ignore_ascii_case(text))
             .ok_or_else(|| {
                 let names: Vec<String> = Strategy::ALL.iter().map(|s| s.to_string()).collect();
-                format!(
-                    "unknown strategy {text:?} (choose one of {})",
-                    names.join(", ")
+                ValueError::new(
+                    "a strategy",
+                    text,
+                    format!("choose one of {}", names.join(", ")),
                 )
             })
     }
@@ -246,7 +248,7 @@ mod tests {
     #[test]
     fn strategies_parse_case_insensitively() {
         assert_eq!("LR".parse::<Strategy>(), Ok(Strategy::Lr));
-        let err = "fast".parse::<Strategy>().unwrap_err();
+        let err = "fast".parse::<Strategy>().unwrap_err().to_string();
         assert!(
             err.contains("precopy, mirror, aio, slr, lr, redirect, auto"),
             "{err}"

@@ -11,7 +11,7 @@ use dmm_daemon::client::{Client, ClientError, Endpoint};
 use serde_json::{Value, json};
 
 use crate::Global;
-use crate::units::human;
+use dmm_control::human;
 
 /// `-p name=value`.
 fn property(text: &str) -> Result<(String, String), String> {

@@ -21,8 +21,8 @@ use tokio::sync::watch;
 
 use crate::commands::migrate::allocated_bytes;
 use crate::report;
-use crate::units::human;
-use dmm_daemon::properties::parse_size;
+use dmm_control::human;
+use dmm_control::parse_size;
 
 /// Run a live migration of a sample volume and print a report.
 #[derive(Args)]

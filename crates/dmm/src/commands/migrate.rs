@@ -12,8 +12,7 @@ use dmm_volume::{Migration, MigrationConfig, MigrationError, Phase, Priority, St
 use crate::Global;
 use crate::listen::{ExportArgs, Listeners, termination};
 use crate::report::{self, Style};
-use crate::units::human;
-use dmm_daemon::properties::parse_size;
+use dmm_control::{human, parse_size};
 use dmm_daemon::stores;
 
 /// Migrate a volume from SRC to DST while clients keep using it.
@@ -38,7 +37,7 @@ pub struct MigrateArgs {
 
     /// precopy, mirror, aio, slr, lr, redirect or auto (precopy that
     /// escalates to mirror when the dirty set stops shrinking).
-    #[arg(long, default_value = "auto", value_parser = parse_strategy)]
+    #[arg(long, default_value = "auto")]
     strategy: Strategy,
 
     // Without --socket or --listen: nbd.sock in the state directory.
@@ -58,7 +57,7 @@ pub struct MigrateArgs {
     in_flight: usize,
 
     /// low, normal or high: how hard the copy competes with clients.
-    #[arg(long, default_value = "normal", value_parser = parse_priority)]
+    #[arg(long, default_value = "normal")]
     priority: Priority,
 
     /// Exit once the destination holds the whole volume and the source is
@@ -69,31 +68,13 @@ pub struct MigrateArgs {
 
     /// none or full: compare both stores chunk by chunk (BLAKE3) before
     /// committing.
-    #[arg(long, default_value = "full", value_parser = parse_verify)]
+    #[arg(long, default_value = "full")]
     verify: Verify,
 
     /// Roll the migration back instead: copy destination-only chunks back
     /// so that the source is complete and current, and serve the source.
     #[arg(long)]
     rollback: bool,
-}
-
-fn parse_strategy(text: &str) -> Result<Strategy, String> {
-    text.parse()
-}
-
-fn parse_priority(text: &str) -> Result<Priority, String> {
-    text.parse()
-}
-
-fn parse_verify(text: &str) -> Result<Verify, String> {
-    match text {
-        "none" => Ok(Verify::None),
-        "full" => Ok(Verify::Full),
-        _ => Err(format!(
-            "unknown verification {text:?} (choose none or full)"
-        )),
-    }
 }
 
 /// Bytes of the store that hold data (not holes or known zeroes).

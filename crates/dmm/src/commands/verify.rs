@@ -9,8 +9,8 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::Global;
-use crate::units::human;
-use dmm_daemon::properties::parse_size;
+use dmm_control::human;
+use dmm_control::parse_size;
 use dmm_daemon::stores;
 
 /// Compare two stores chunk by chunk; exit 1 naming the first differing

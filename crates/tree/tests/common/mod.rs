@@ -10,10 +10,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dmm_control::{Controls, Priority};
 #[allow(unused_imports)] // Not every test binary uses every one.
 pub use dmm_testkit::{run, tool};
 use dmm_tree::{Collision, TreeConfig, TreeMigration};
-use dmm_volume::{Controls, Priority};
 
 /// A scratch directory (in /var/tmp: a real file system, not tmpfs) with
 /// `source`, `target`, `access` and `state`, and the migration's config.

@@ -1,5 +1,6 @@
-//! Knobs an admin turns while a migration runs: pause and resume, the
-//! bandwidth limit, copies in flight, priority, and the rollback request.
+//! Knobs an admin turns while a migration runs: pause and resume, stop,
+//! the bandwidth limit, copies in flight, priority, and (for volumes) the
+//! switchover hold and the rollback request.
 //!
 //! Each is a watch channel, so a change is seen by the copier at its next
 //! chunk without restarting anything.
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use crate::ValueError;
 
 /// How hard the copier competes with client I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -45,15 +48,17 @@ impl fmt::Display for Priority {
 }
 
 impl FromStr for Priority {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(text: &str) -> Result<Priority, String> {
+    fn from_str(text: &str) -> Result<Priority, ValueError> {
         match text.to_ascii_lowercase().as_str() {
             "low" => Ok(Priority::Low),
             "normal" => Ok(Priority::Normal),
             "high" => Ok(Priority::High),
-            _ => Err(format!(
-                "unknown priority {text:?} (choose low, normal or high)"
+            _ => Err(ValueError::new(
+                "a priority",
+                text,
+                "choose low, normal or high",
             )),
         }
     }
