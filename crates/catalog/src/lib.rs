@@ -12,13 +12,12 @@
 //! their versions.
 
 mod database;
+mod lifecycle;
 mod schema;
 pub mod tree_journal;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -26,77 +25,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::database::Database;
 
+pub use lifecycle::{
+    Kind, Leads, RULES, Recovery, Refused, Reopen, Rule, State, UnknownName, Verb, markdown_table,
+    valid_verbs,
+};
+
 /// A migration's identifier.
 pub type MigrationId = i64;
 
-/// Where a migration stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum State {
-    Created,
-    Running,
-    Paused,
-    Stopped,
-    SwitchedOver,
-    Verifying,
-    Committed,
-    Halted,
-    RolledBack,
-    Failed,
-}
-
-impl State {
-    pub const ALL: [State; 10] = [
-        State::Created,
-        State::Running,
-        State::Paused,
-        State::Stopped,
-        State::SwitchedOver,
-        State::Verifying,
-        State::Committed,
-        State::Halted,
-        State::RolledBack,
-        State::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Created => "created",
-            State::Running => "running",
-            State::Paused => "paused",
-            State::Stopped => "stopped",
-            State::SwitchedOver => "switched-over",
-            State::Verifying => "verifying",
-            State::Committed => "committed",
-            State::Halted => "halted",
-            State::RolledBack => "rolled-back",
-            State::Failed => "failed",
-        }
-    }
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for State {
-    type Err = String;
-
-    fn from_str(text: &str) -> std::result::Result<State, String> {
-        State::ALL
-            .into_iter()
-            .find(|s| s.as_str() == text)
-            .ok_or_else(|| format!("unknown state {text:?}"))
-    }
-}
-
 /// A migration as recorded.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationRecord {
     pub id: MigrationId,
-    pub kind: String,
+    pub kind: Kind,
     pub state: State,
     pub properties: BTreeMap<String, String>,
     /// Milliseconds since the Unix epoch.
@@ -109,18 +50,36 @@ pub struct MigrationRecord {
 }
 
 /// A state transition that was started and not yet finished.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
     pub id: i64,
     pub migration: MigrationId,
-    pub operation: String,
+    /// The verb under way, as the CLI spells it (`halt --remove`).
+    #[serde(with = "verb_text")]
+    pub verb: Verb,
     pub from: State,
     pub to: State,
     pub created_at: i64,
 }
 
+/// An intent's verb as text in the API, as in the catalog.
+mod verb_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::Verb;
+
+    pub fn serialize<S: Serializer>(verb: &Verb, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(verb)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Verb, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// One entry of a migration's event log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub id: i64,
     pub migration: MigrationId,
@@ -142,14 +101,15 @@ pub enum ErrorKind {
     Incompatible,
 }
 
-/// A catalog error: kind, what was being done, and the cause.
+/// A catalog error: kind, what was being done, and the cause (shown by
+/// the error's `source()` chain, not repeated in its message).
 #[derive(Debug, thiserror::Error)]
 #[error("{context}")]
 pub struct Error {
     pub kind: ErrorKind,
     pub context: String,
     #[source]
-    pub source: Option<rusqlite::Error>,
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl Error {
@@ -167,8 +127,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 fn storage(context: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
     move |source| Error {
         kind: ErrorKind::Storage,
-        context: format!("catalog: {context}: {source}"),
-        source: Some(source),
+        context: format!("catalog: cannot {context}"),
+        source: Some(Box::new(source)),
     }
 }
 
@@ -179,8 +139,9 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn parse_state(text: String) -> rusqlite::Result<State> {
-    text.parse().map_err(|e: String| {
+/// Reads a typed name (state, verb, kind) from a text column.
+fn parse<T: std::str::FromStr<Err = UnknownName>>(text: String) -> rusqlite::Result<T> {
+    text.parse().map_err(|e: UnknownName| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
     })
 }
@@ -208,7 +169,7 @@ impl Catalog {
     /// Records a new migration.
     pub fn create(
         &self,
-        kind: &str,
+        kind: Kind,
         state: State,
         properties: &BTreeMap<String, String>,
     ) -> Result<MigrationRecord> {
@@ -217,7 +178,7 @@ impl Catalog {
             let at = now_ms();
             tx.execute(
                 "INSERT INTO migrations (kind, state, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
-                params![kind, state.as_str(), at],
+                params![kind.as_str(), state.as_str(), at],
             )
             .map_err(storage("create"))?;
             let id = tx.last_insert_rowid();
@@ -291,9 +252,9 @@ impl Catalog {
         })
     }
 
-    /// Phase one of a state change: records that `operation` is taking the
+    /// Phase one of a state change: records that `verb` is taking the
     /// migration to `to`. Refused while another transition is under way.
-    pub fn begin(&self, id: MigrationId, operation: &str, to: State) -> Result<Intent> {
+    pub fn begin(&self, id: MigrationId, verb: Verb, to: State) -> Result<Intent> {
         self.with(|c| {
             let tx = c.transaction().map_err(storage("begin"))?;
             let from: Option<String> = tx
@@ -305,7 +266,7 @@ impl Catalog {
                 .optional()
                 .map_err(storage("begin"))?;
             let from = match from {
-                Some(text) => parse_state(text).map_err(storage("begin"))?,
+                Some(text) => parse::<State>(text).map_err(storage("begin"))?,
                 None => {
                     return Err(Error::new(
                         ErrorKind::NotFound,
@@ -331,13 +292,13 @@ impl Catalog {
             tx.execute(
                 "INSERT INTO intents (migration_id, operation, from_state, to_state, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, operation, from.as_str(), to.as_str(), at],
+                params![id, verb.to_string(), from.as_str(), to.as_str(), at],
             )
             .map_err(storage("begin"))?;
             let intent = Intent {
                 id: tx.last_insert_rowid(),
                 migration: id,
-                operation: operation.to_owned(),
+                verb,
                 from,
                 to,
                 created_at: at,
@@ -447,40 +408,15 @@ impl Catalog {
                 .map_err(storage("events"))
         })
     }
-
-    /// A configuration value.
-    pub fn config(&self, key: &str) -> Result<Option<String>> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT value FROM config WHERE key = ?1",
-                params![key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(storage("config"))
-        })
-    }
-
-    pub fn set_config(&self, key: &str, value: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO config (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![key, value],
-            )
-            .map(|_| ())
-            .map_err(storage("config"))
-        })
-    }
 }
 
 fn read_intent(row: &rusqlite::Row<'_>) -> rusqlite::Result<Intent> {
     Ok(Intent {
         id: row.get(0)?,
         migration: row.get(1)?,
-        operation: row.get(2)?,
-        from: parse_state(row.get(3)?)?,
-        to: parse_state(row.get(4)?)?,
+        verb: parse::<Verb>(row.get(2)?)?,
+        from: parse::<State>(row.get(3)?)?,
+        to: parse::<State>(row.get(4)?)?,
         created_at: row.get(5)?,
     })
 }
@@ -492,8 +428,8 @@ fn read_migration(c: &mut Connection, id: MigrationId) -> Result<Option<Migratio
             params![id],
             |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    parse_state(r.get(1)?)?,
+                    parse::<Kind>(r.get(0)?)?,
+                    parse::<State>(r.get(1)?)?,
                     r.get(2)?,
                     r.get(3)?,
                     r.get(4)?,
@@ -556,13 +492,13 @@ mod tests {
         let (_dir, catalog) = catalog();
         let first = catalog
             .create(
-                "volume",
+                Kind::Volume,
                 State::Created,
                 &props(&[("source", "/a"), ("target", "/b")]),
             )
             .unwrap();
         let second = catalog
-            .create("volume", State::Halted, &props(&[]))
+            .create(Kind::Volume, State::Halted, &props(&[]))
             .unwrap();
         assert_eq!((first.id, second.id), (1, 2));
         assert_eq!(first.properties["source"], "/a");
@@ -585,22 +521,33 @@ mod tests {
         {
             let catalog = Catalog::open(&path).unwrap();
             catalog
-                .create("volume", State::Created, &props(&[]))
+                .create(Kind::Volume, State::Created, &props(&[]))
                 .unwrap();
-            let intent = catalog.begin(1, "start", State::Running).unwrap();
+            let intent = catalog.begin(1, Verb::Start, State::Running).unwrap();
             assert_eq!(intent.from, State::Created);
+            catalog
+                .create(Kind::Tree, State::Stopped, &props(&[]))
+                .unwrap();
+            catalog
+                .begin(2, Verb::Halt { remove: true }, State::Halted)
+                .unwrap();
             assert_eq!(
-                catalog.begin(1, "halt", State::Halted).unwrap_err().kind,
+                catalog
+                    .begin(1, Verb::Halt { remove: true }, State::Halted)
+                    .unwrap_err()
+                    .kind,
                 ErrorKind::Busy
             );
         }
         let catalog = Catalog::open(&path).unwrap();
         let pending = catalog.pending().unwrap();
-        assert_eq!(pending.len(), 1);
-        assert_eq!(pending[0].operation, "start");
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0].verb, Verb::Start);
+        assert_eq!(pending[1].verb, Verb::Halt { remove: true });
+        assert_eq!(catalog.get(2).unwrap().kind, Kind::Tree);
         assert_eq!(catalog.get(1).unwrap().pending.as_ref(), Some(&pending[0]));
         catalog.finish(&pending[0], State::Running, None).unwrap();
-        assert!(catalog.pending().unwrap().is_empty());
+        assert_eq!(catalog.pending().unwrap(), [pending[1].clone()]);
         assert_eq!(catalog.get(1).unwrap().state, State::Running);
     }
 
@@ -608,10 +555,10 @@ mod tests {
     fn events_are_kept_per_migration_in_order() {
         let (_dir, catalog) = catalog();
         catalog
-            .create("volume", State::Created, &props(&[]))
+            .create(Kind::Volume, State::Created, &props(&[]))
             .unwrap();
         catalog
-            .create("volume", State::Created, &props(&[]))
+            .create(Kind::Volume, State::Created, &props(&[]))
             .unwrap();
         let a = catalog.log(1, "info", "created").unwrap();
         catalog.log(2, "info", "other").unwrap();
@@ -622,14 +569,5 @@ mod tests {
         assert_eq!(catalog.events(1, a.id).unwrap().len(), 1);
         catalog.delete(1).unwrap();
         assert!(catalog.events(1, 0).is_err());
-    }
-
-    #[test]
-    fn config_values_round_trip() {
-        let (_dir, catalog) = catalog();
-        assert_eq!(catalog.config("token").unwrap(), None);
-        catalog.set_config("token", "x").unwrap();
-        catalog.set_config("token", "y").unwrap();
-        assert_eq!(catalog.config("token").unwrap().as_deref(), Some("y"));
     }
 }

@@ -19,14 +19,16 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use dmm_catalog::{MigrationId, MigrationRecord};
+use dmm_catalog::{MigrationId, MigrationRecord, Verb};
 use futures::stream::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 
+use crate::engine::Report;
+use crate::error::{Error, ErrorKind};
 use crate::properties;
-use crate::supervisor::{ErrorKind, OpError, Report, Supervisor};
+use crate::supervisor::{Notice, Supervisor};
 
 /// The OpenAPI description of this router.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -36,15 +38,21 @@ type Shared = State<Arc<Supervisor>>;
 /// A failure as an HTTP response.
 pub struct ApiError(StatusCode, String);
 
-impl From<OpError> for ApiError {
-    fn from(err: OpError) -> ApiError {
+impl From<Error> for ApiError {
+    fn from(err: Error) -> ApiError {
         let status = match err.kind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, err.message)
+        ApiError(status, err.line())
+    }
+}
+
+impl From<dmm_catalog::Error> for ApiError {
+    fn from(err: dmm_catalog::Error) -> ApiError {
+        Error::from(err).into()
     }
 }
 
@@ -70,7 +78,7 @@ pub struct View {
 async fn view(supervisor: &Supervisor, record: MigrationRecord) -> Result<View, ApiError> {
     let progress = supervisor.progress(record.id).await?;
     Ok(View {
-        effective: properties::effective(&record.properties),
+        effective: properties::effective(&record.properties, record.kind),
         record,
         progress,
     })
@@ -105,7 +113,7 @@ async fn create(
 }
 
 async fn list(State(supervisor): Shared) -> Reply<Vec<View>> {
-    let records = supervisor.catalog().list().map_err(OpError::from)?;
+    let records = supervisor.catalog().list()?;
     let mut views = Vec::with_capacity(records.len());
     for record in records {
         views.push(view(&supervisor, record).await?);
@@ -114,10 +122,7 @@ async fn list(State(supervisor): Shared) -> Reply<Vec<View>> {
 }
 
 async fn show(State(supervisor): Shared, Path(id): Path<String>) -> Reply<View> {
-    let record = supervisor
-        .catalog()
-        .get(migid(&id)?)
-        .map_err(OpError::from)?;
+    let record = supervisor.catalog().get(migid(&id)?)?;
     Ok(Json(view(&supervisor, record).await?))
 }
 
@@ -132,7 +137,8 @@ async fn delete(
     Path(id): Path<String>,
     Query(query): Query<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
-    supervisor.delete(migid(&id)?, query.force).await?;
+    let verb = Verb::Delete { force: query.force };
+    supervisor.apply(migid(&id)?, verb).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -148,36 +154,43 @@ async fn verb(
     Query(halt): Query<HaltQuery>,
 ) -> Reply<View> {
     let id = migid(&id)?;
-    let record = match verb.as_str() {
-        "start" => supervisor.start(id).await?,
-        "pause" => supervisor.pause(id).await?,
-        "resume" => supervisor.resume(id).await?,
-        "stop" => supervisor.stop(id).await?,
-        "halt" => supervisor.halt(id, halt.remove).await?,
-        "switchover" => supervisor.switchover(id).await?,
-        "commit" => supervisor.commit(id).await?,
-        "rollback" => supervisor.rollback(id).await?,
-        other => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "unknown verb {other:?} (start, pause, resume, stop, halt, switchover, commit, rollback)"
-                ),
-            ));
-        }
+    let Some(verb) = path_verb(&verb, halt.remove) else {
+        let names: Vec<&str> = PATH_VERBS.iter().map(|v| v.name()).collect();
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("unknown verb {verb:?} ({})", names.join(", ")),
+        ));
     };
+    let record = supervisor.apply(id, verb).await?;
     Ok(Json(view(&supervisor, record).await?))
+}
+
+/// The verbs of `POST /api/migrations/{id}/{verb}` (set and delete have
+/// their own methods).
+const PATH_VERBS: [Verb; 8] = [
+    Verb::Start,
+    Verb::Pause,
+    Verb::Resume,
+    Verb::Stop,
+    Verb::Halt { remove: false },
+    Verb::Switchover,
+    Verb::Commit,
+    Verb::Rollback,
+];
+
+fn path_verb(name: &str, remove: bool) -> Option<Verb> {
+    match PATH_VERBS.into_iter().find(|v| v.name() == name)? {
+        Verb::Halt { .. } => Some(Verb::Halt { remove }),
+        verb => Some(verb),
+    }
 }
 
 async fn get_properties(
     State(supervisor): Shared,
     Path(id): Path<String>,
 ) -> Reply<BTreeMap<String, String>> {
-    let record = supervisor
-        .catalog()
-        .get(migid(&id)?)
-        .map_err(OpError::from)?;
-    Ok(Json(properties::effective(&record.properties)))
+    let record = supervisor.catalog().get(migid(&id)?)?;
+    Ok(Json(properties::effective(&record.properties, record.kind)))
 }
 
 async fn set_properties(
@@ -200,10 +213,7 @@ async fn log(
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> Reply<Vec<dmm_catalog::Event>> {
-    let events = supervisor
-        .catalog()
-        .events(migid(&id)?, query.after)
-        .map_err(OpError::from)?;
+    let events = supervisor.catalog().events(migid(&id)?, query.after)?;
     Ok(Json(events))
 }
 
@@ -211,9 +221,9 @@ async fn events(State(supervisor): Shared) -> Sse<impl Stream<Item = Result<Even
     let stream = BroadcastStream::new(supervisor.subscribe()).filter_map(|notice| async move {
         let notice = notice.ok()?;
         let kind = match &notice {
-            crate::supervisor::Notice::State { .. } => "state",
-            crate::supervisor::Notice::Log { .. } => "log",
-            crate::supervisor::Notice::Progress { .. } => "progress",
+            Notice::State { .. } => "state",
+            Notice::Log { .. } => "log",
+            Notice::Progress { .. } => "progress",
         };
         Event::default().event(kind).json_data(&notice).ok().map(Ok)
     });

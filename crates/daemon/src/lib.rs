@@ -9,13 +9,14 @@
 //! the transitions that were under way and resumes every migration where it
 //! was.
 
-pub mod api;
+mod api;
 pub mod client;
-pub mod layout;
-pub mod properties;
-pub mod stores;
-pub mod supervisor;
-pub mod tree_job;
+mod engine;
+mod error;
+mod layout;
+mod properties;
+mod spec;
+mod supervisor;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -26,8 +27,12 @@ use anyhow::{Context, Result, bail};
 use dmm_catalog::Catalog;
 use dmm_nbd::{ExportTable, Server, ServerConfig};
 
+pub use api::OPENAPI;
+pub use engine::{Report, TreeReport};
+pub use error::{Error, ErrorKind};
 pub use layout::Layout;
-pub use supervisor::Supervisor;
+pub use properties::{PROPERTIES, Property, PropertyError, lookup as lookup_property};
+pub use supervisor::{CRASH_AFTER_INTENT, Notice, Supervisor};
 
 /// How to run the daemon.
 #[derive(Debug, Clone)]

@@ -1,19 +1,22 @@
-//! Migration properties: names, defaults, valid values, and when each may
-//! change.
+//! Migration properties: names, defaults, valid values, which kinds each
+//! applies to, and when each may change.
 //!
 //! Volume and tree migrations share one property table: each property says
-//! which kinds it applies to, and one that does not apply is refused by
+//! which kind it applies to, and one that does not apply is refused by
 //! name rather than silently ignored.
 //!
 //! Properties are stored as the user typed them (so `dmm get` shows
 //! `64K`, not `65536`) and validated on the way in: an unknown name or a bad
-//! value is refused with the valid choices before anything is written.
+//! value is refused with the valid choices before anything is written. The
+//! engines never see them as text: [`crate::spec`] parses them once into a
+//! typed specification per kind.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 
-use dmm_catalog::State;
-use dmm_control::parse_size;
-use dmm_volume::{MigrationConfig, Priority, Strategy, Verify};
+use dmm_catalog::{Kind, State, UnknownName};
+use dmm_control::{Priority, ValueError, parse_size};
+use dmm_volume::{Strategy, Verify};
 
 /// When a property may be changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,97 +28,118 @@ pub enum Change {
     BeforeStart,
 }
 
-/// Which kinds of migration a property applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applies {
-    Both,
-    Volume,
-    Tree,
-}
-
-impl Applies {
-    fn to(self, kind: &str) -> bool {
-        match self {
-            Applies::Both => true,
-            Applies::Volume => kind == "volume",
-            Applies::Tree => kind == "tree",
-        }
-    }
-}
-
 /// One property.
 pub struct Property {
     pub name: &'static str,
     pub default: Option<&'static str>,
     pub change: Change,
-    pub applies: Applies,
+    /// The kind it applies to (`None`: every kind).
+    pub applies: Option<Kind>,
     pub help: &'static str,
-    check: fn(&str) -> Result<(), String>,
+    check: fn(&str) -> Result<(), ValueError>,
 }
 
-fn non_empty(value: &str) -> Result<(), String> {
+/// Why a property was refused: one line naming it and the valid choices.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PropertyError {
+    #[error("unknown property {name:?} (valid: {valid})")]
+    Unknown { name: String, valid: String },
+    #[error("bad value {:?} for {name}: not {} ({})", why.text, why.what, why.expected)]
+    BadValue { name: String, why: ValueError },
+    #[error("missing property {name} (-p {name}=…)")]
+    Missing { name: &'static str },
+    #[error("{name} applies to {meant} migrations only, not to a {kind} migration")]
+    NotForKind {
+        name: &'static str,
+        meant: Kind,
+        kind: Kind,
+    },
+    #[error(
+        "{name} can only change before the migration starts (it is {state}; halt it with --remove first)"
+    )]
+    NotNow { name: &'static str, state: State },
+}
+
+impl PropertyError {
+    /// Whether the property is fine but the migration's state is not.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, PropertyError::NotNow { .. })
+    }
+}
+
+fn non_empty(value: &str) -> Result<(), ValueError> {
     if value.trim().is_empty() {
-        Err("must not be empty".into())
+        Err(ValueError::new("a path or URI", value, "must not be empty"))
     } else {
         Ok(())
     }
 }
 
-fn one_of(value: &str, choices: &[&str]) -> Result<(), String> {
-    if choices.contains(&value) {
-        Ok(())
-    } else {
-        Err(format!("must be one of {}", choices.join(", ")))
+/// Checks a value by parsing it as the type the engines use.
+fn parsed<T: FromStr>(value: &str) -> Result<(), ValueError>
+where
+    T::Err: Into<ValueError>,
+{
+    value.parse::<T>().map(|_| ()).map_err(Into::into)
+}
+
+fn kind(value: &str) -> Result<(), ValueError> {
+    parse_kind(value).map(|_| ())
+}
+
+fn parse_kind(value: &str) -> Result<Kind, ValueError> {
+    value
+        .parse()
+        .map_err(|e: UnknownName| ValueError::new("a kind", value, format!("choose {}", e.valid)))
+}
+
+fn collision(value: &str) -> Result<(), ValueError> {
+    match value {
+        "error" | "overwrite" | "rename" => Ok(()),
+        _ => Err(ValueError::new(
+            "a collision policy",
+            value,
+            "choose error, overwrite or rename",
+        )),
     }
 }
 
-fn kind(value: &str) -> Result<(), String> {
-    one_of(value, &["volume", "tree"])
+fn switchover(value: &str) -> Result<(), ValueError> {
+    match value {
+        "auto" | "manual" => Ok(()),
+        _ => Err(ValueError::new(
+            "a switchover mode",
+            value,
+            "choose auto or manual",
+        )),
+    }
 }
 
-fn collision(value: &str) -> Result<(), String> {
-    value.parse::<dmm_tree::Collision>().map(|_| ())
-}
-
-fn strategy(value: &str) -> Result<(), String> {
-    value
-        .parse::<Strategy>()
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-fn switchover(value: &str) -> Result<(), String> {
-    one_of(value, &["auto", "manual"])
-}
-
-fn priority(value: &str) -> Result<(), String> {
-    value
-        .parse::<Priority>()
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-fn verify(value: &str) -> Result<(), String> {
-    one_of(value, &["none", "full"])
-}
-
-fn segsize(value: &str) -> Result<(), String> {
-    let size = parse_size(value).map_err(|e| e.to_string())?;
+fn segsize(value: &str) -> Result<(), ValueError> {
+    let size = parse_size(value)?;
     if size.is_power_of_two() && (4096..=1 << 30).contains(&size) {
         Ok(())
     } else {
-        Err("must be a power of two from 4K to 1G".into())
+        Err(ValueError::new(
+            "a power of two from 4K to 1G",
+            value,
+            "e.g. 64K, 1M",
+        ))
     }
 }
 
-fn rate(value: &str) -> Result<(), String> {
-    parse_size(value).map(|_| ()).map_err(|e| e.to_string())
+fn rate(value: &str) -> Result<(), ValueError> {
+    parse_size(value).map(|_| ())
 }
 
-fn count(value: &str) -> Result<(), String> {
+fn count(value: &str) -> Result<(), ValueError> {
     match value.parse::<usize>() {
         Ok(1..=1024) => Ok(()),
-        _ => Err("must be a whole number from 1 to 1024".into()),
+        _ => Err(ValueError::new(
+            "a whole number from 1 to 1024",
+            value,
+            "e.g. 4",
+        )),
     }
 }
 
@@ -123,7 +147,7 @@ fn count(value: &str) -> Result<(), String> {
 pub const PROPERTIES: &[Property] = &[
     Property {
         name: "kind",
-        applies: Applies::Both,
+        applies: None,
         default: Some("volume"),
         change: Change::BeforeStart,
         help: "what is migrated: volume or tree (a directory tree)",
@@ -131,7 +155,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "source",
-        applies: Applies::Both,
+        applies: None,
         default: None,
         change: Change::BeforeStart,
         help: "volume: image file, block device or NBD URI; tree: a directory (read-only)",
@@ -139,7 +163,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "target",
-        applies: Applies::Both,
+        applies: None,
         default: None,
         change: Change::BeforeStart,
         help: "volume: image file, block device or NBD URI, at least as large as the \
@@ -148,15 +172,15 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "strategy",
-        applies: Applies::Volume,
+        applies: Some(Kind::Volume),
         default: Some("auto"),
         change: Change::BeforeStart,
         help: "precopy, mirror, aio, slr, lr, redirect or auto",
-        check: strategy,
+        check: parsed::<Strategy>,
     },
     Property {
         name: "export",
-        applies: Applies::Volume,
+        applies: Some(Kind::Volume),
         default: None,
         change: Change::BeforeStart,
         help: "NBD export name (default: the migid)",
@@ -164,7 +188,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "switchover",
-        applies: Applies::Volume,
+        applies: Some(Kind::Volume),
         default: Some("auto"),
         change: Change::Live,
         help: "auto: switch as soon as the strategy allows; manual: wait for `dmm switchover`",
@@ -172,7 +196,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "segsize",
-        applies: Applies::Both,
+        applies: None,
         default: Some("1M"),
         change: Change::BeforeStart,
         help: "chunk (volume) or file segment (tree) size, N[.N][KMGTP][B]",
@@ -180,7 +204,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "rate",
-        applies: Applies::Both,
+        applies: None,
         default: Some("0"),
         change: Change::Live,
         help: "copy bandwidth limit in bytes per second (0: none), N[.N][KMGTP][B]",
@@ -188,15 +212,15 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "priority",
-        applies: Applies::Both,
+        applies: None,
         default: Some("normal"),
         change: Change::Live,
         help: "low, normal or high",
-        check: priority,
+        check: parsed::<Priority>,
     },
     Property {
         name: "copies",
-        applies: Applies::Volume,
+        applies: Some(Kind::Volume),
         default: Some("8"),
         change: Change::Live,
         help: "chunks copied at once",
@@ -204,16 +228,16 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "verify",
-        applies: Applies::Both,
+        applies: None,
         default: Some("full"),
         change: Change::BeforeStart,
         help: "none or full (BLAKE3 comparison of every chunk, or of every file not \
                changed through the access point, before commit)",
-        check: verify,
+        check: parsed::<Verify>,
     },
     Property {
         name: "logfile",
-        applies: Applies::Both,
+        applies: None,
         default: None,
         change: Change::Live,
         help: "file that receives the migration's log lines",
@@ -221,7 +245,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "access",
-        applies: Applies::Tree,
+        applies: Some(Kind::Tree),
         default: None,
         change: Change::BeforeStart,
         help: "empty directory where the FUSE access point is mounted",
@@ -229,7 +253,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "collision",
-        applies: Applies::Tree,
+        applies: Some(Kind::Tree),
         default: Some("error"),
         change: Change::BeforeStart,
         help: "a name in both source and target: error, overwrite or rename",
@@ -237,7 +261,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "maxnsproc",
-        applies: Applies::Tree,
+        applies: Some(Kind::Tree),
         default: Some("2"),
         change: Change::BeforeStart,
         help: "directory workers",
@@ -245,7 +269,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "maxdfproc",
-        applies: Applies::Tree,
+        applies: Some(Kind::Tree),
         default: Some("4"),
         change: Change::BeforeStart,
         help: "file workers",
@@ -254,63 +278,83 @@ pub const PROPERTIES: &[Property] = &[
 ];
 
 /// A property by name.
-pub fn lookup(name: &str) -> Result<&'static Property, String> {
-    PROPERTIES.iter().find(|p| p.name == name).ok_or_else(|| {
-        let names: Vec<&str> = PROPERTIES.iter().map(|p| p.name).collect();
-        format!("unknown property {name:?} (valid: {})", names.join(", "))
-    })
+pub fn lookup(name: &str) -> Result<&'static Property, PropertyError> {
+    PROPERTIES
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| PropertyError::Unknown {
+            name: name.to_owned(),
+            valid: PROPERTIES
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// Checks one `name=value`.
-pub fn check(name: &str, value: &str) -> Result<(), String> {
+pub fn check(name: &str, value: &str) -> Result<(), PropertyError> {
     let property = lookup(name)?;
-    (property.check)(value).map_err(|why| format!("bad value {value:?} for {name}: {why}"))
+    (property.check)(value).map_err(|why| PropertyError::BadValue {
+        name: name.to_owned(),
+        why,
+    })
+}
+
+/// The kind the properties describe.
+pub fn kind_of(properties: &BTreeMap<String, String>) -> Result<Kind, PropertyError> {
+    let text = value(properties, "kind").unwrap_or_default();
+    parse_kind(text).map_err(|why| PropertyError::BadValue {
+        name: "kind".into(),
+        why,
+    })
 }
 
 /// Checks a set of properties for a new migration: each one valid and
 /// meant for its kind, `source` and `target` (and a tree's `access`)
 /// present.
-pub fn check_new(properties: &BTreeMap<String, String>) -> Result<(), String> {
-    let kind = value(properties, "kind").unwrap_or("volume");
+pub fn check_new(properties: &BTreeMap<String, String>) -> Result<(), PropertyError> {
     for (name, value) in properties {
         check(name, value)?;
+    }
+    let kind = kind_of(properties)?;
+    for name in properties.keys() {
         check_applies(name, kind)?;
     }
-    let required: &[&str] = match kind {
-        "tree" => &["source", "target", "access"],
-        _ => &["source", "target"],
+    let required: &[&'static str] = match kind {
+        Kind::Tree => &["source", "target", "access"],
+        Kind::Volume => &["source", "target"],
     };
-    for required in required {
-        if !properties.contains_key(*required) {
-            return Err(format!("missing property {required} (-p {required}=…)"));
-        }
+    match required
+        .iter()
+        .find(|name| !properties.contains_key(**name))
+    {
+        Some(name) => Err(PropertyError::Missing { name }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Refuses a property that does not apply to a kind of migration.
-pub fn check_applies(name: &str, kind: &str) -> Result<(), String> {
+pub fn check_applies(name: &str, kind: Kind) -> Result<(), PropertyError> {
     let property = lookup(name)?;
-    if property.applies.to(kind) {
-        return Ok(());
+    match property.applies {
+        Some(meant) if meant != kind => Err(PropertyError::NotForKind {
+            name: property.name,
+            meant,
+            kind,
+        }),
+        _ => Ok(()),
     }
-    let meant = match property.applies {
-        Applies::Volume => "volume",
-        _ => "tree",
-    };
-    Err(format!(
-        "{name} applies to {meant} migrations only, not to a {kind} migration"
-    ))
 }
 
 /// Checks that `name` may change in `state`.
-pub fn check_change(name: &str, state: State) -> Result<(), String> {
+pub fn check_change(name: &str, state: State) -> Result<(), PropertyError> {
     let property = lookup(name)?;
-    let before_start = matches!(state, State::Created | State::Halted);
-    if property.change == Change::BeforeStart && !before_start {
-        return Err(format!(
-            "{name} can only change before the migration starts (it is {state}; halt it with --remove first)"
-        ));
+    if property.change == Change::BeforeStart && !state.before_start() {
+        return Err(PropertyError::NotNow {
+            name: property.name,
+            state,
+        });
     }
     Ok(())
 }
@@ -325,64 +369,12 @@ pub fn value<'a>(properties: &'a BTreeMap<String, String>, name: &str) -> Option
 
 /// Every property of the migration's kind with its effective value
 /// (defaults filled in).
-pub fn effective(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    let kind = value(properties, "kind").unwrap_or("volume");
+pub fn effective(properties: &BTreeMap<String, String>, kind: Kind) -> BTreeMap<String, String> {
     PROPERTIES
         .iter()
-        .filter(|p| p.applies.to(kind))
+        .filter(|p| p.applies.is_none_or(|k| k == kind))
         .filter_map(|p| value(properties, p.name).map(|v| (p.name.to_owned(), v.to_owned())))
         .collect()
-}
-
-/// The engine configuration the properties describe.
-pub fn config(properties: &BTreeMap<String, String>) -> MigrationConfig {
-    let get = |name| value(properties, name).unwrap_or_default();
-    MigrationConfig {
-        strategy: get("strategy").parse().unwrap_or(Strategy::Auto),
-        chunk_size: parse_size(get("segsize")).unwrap_or(1 << 20),
-        rate: rate_of(properties),
-        in_flight: get("copies").parse().unwrap_or(8),
-        priority: get("priority").parse().unwrap_or_default(),
-        verify: if get("verify") == "none" {
-            Verify::None
-        } else {
-            Verify::Full
-        },
-        ..MigrationConfig::default()
-    }
-}
-
-/// The tree engine configuration the properties describe; `journal` is
-/// where the migration keeps its state.
-pub fn tree_config(
-    migid: i64,
-    properties: &BTreeMap<String, String>,
-    journal: std::path::PathBuf,
-) -> dmm_tree::TreeConfig {
-    let get = |name| value(properties, name).unwrap_or_default();
-    let config = config(properties);
-    dmm_tree::TreeConfig {
-        migid,
-        source: get("source").into(),
-        target: get("target").into(),
-        access: get("access").into(),
-        journal,
-        segsize: config.chunk_size,
-        collision: get("collision")
-            .parse()
-            .unwrap_or(dmm_tree::Collision::Error),
-        rate: config.rate,
-        priority: config.priority,
-        dir_workers: get("maxnsproc").parse().unwrap_or(2),
-        file_workers: get("maxdfproc").parse().unwrap_or(4),
-    }
-}
-
-/// The bandwidth limit, `None` for unlimited.
-pub fn rate_of(properties: &BTreeMap<String, String>) -> Option<u64> {
-    value(properties, "rate")
-        .and_then(|r| parse_size(r).ok())
-        .filter(|&r| r > 0)
 }
 
 #[cfg(test)]
@@ -398,33 +390,48 @@ mod tests {
 
     #[test]
     fn bad_input_names_the_problem_and_the_choices() {
-        let err = check("speed", "1").unwrap_err();
+        let err = check("speed", "1").unwrap_err().to_string();
         assert!(
             err.contains("unknown property") && err.contains("rate"),
             "{err}"
         );
-        let err = check("strategy", "fast").unwrap_err();
+        let err = check("strategy", "fast").unwrap_err().to_string();
         assert!(err.contains("precopy, mirror"), "{err}");
-        let err = check("segsize", "3K").unwrap_err();
+        let err = check("segsize", "3K").unwrap_err().to_string();
         assert!(err.contains("power of two"), "{err}");
-        let err = check_new(&props(&[("source", "/a")])).unwrap_err();
+        let err = check("rate", "fast").unwrap_err().to_string();
+        assert!(
+            err.contains("not a size") || err.contains("must be a size"),
+            "{err}"
+        );
+        let err = check_new(&props(&[("source", "/a")]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("target"), "{err}");
+        let err = check_new(&props(&[("kind", "disk")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("volume, tree"), "{err}");
         let err = check_change("segsize", State::Running).unwrap_err();
-        assert!(err.contains("before the migration starts"), "{err}");
+        assert!(err.is_conflict());
+        assert!(
+            err.to_string().contains("before the migration starts"),
+            "{err}"
+        );
         assert!(check_change("rate", State::Running).is_ok());
+        let err = check_applies("access", Kind::Volume)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tree migrations only"), "{err}");
     }
 
     #[test]
-    fn the_config_follows_the_properties() {
-        let config = config(&props(&[
-            ("strategy", "lr"),
-            ("segsize", "256K"),
-            ("rate", "10M"),
-        ]));
-        assert_eq!(config.strategy, Strategy::Lr);
-        assert_eq!(config.chunk_size, 256 << 10);
-        assert_eq!(config.rate, Some(10 << 20));
-        assert_eq!(config.verify, Verify::Full);
-        assert_eq!(rate_of(&props(&[("rate", "0")])), None);
+    fn effective_properties_are_those_of_the_kind_with_defaults() {
+        let tree = effective(&props(&[("kind", "tree")]), Kind::Tree);
+        assert_eq!(tree["collision"], "error");
+        assert!(!tree.contains_key("strategy"));
+        let volume = effective(&props(&[]), Kind::Volume);
+        assert_eq!(volume["strategy"], "auto");
+        assert!(!volume.contains_key("access"));
     }
 }

@@ -175,7 +175,7 @@ fn main() -> ExitCode {
         }
     };
     let global = Global {
-        state_dir: dmm_daemon::stores::state_dir(cli.state_dir.as_deref()),
+        state_dir: dmm_daemon::Layout::state_dir(cli.state_dir.as_deref()),
         json: cli.json,
     };
     let result = runtime.block_on(run(cli.command, &global));

@@ -370,3 +370,53 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
     assert!(stderr.contains("another dmm daemon"), "{stderr}");
     assert!(daemon.stop().success());
 }
+
+/// `dmm halt --remove` killed between its intent and its act: the
+/// restarted daemon finishes removing the copy state, and the next start
+/// begins from zero.
+#[test]
+fn halt_remove_cut_by_kill_9_after_its_intent_finishes_on_restart() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let daemon = Daemon::start_with(&state, &[], |mut command| {
+        command.env(dmm_daemon::CRASH_AFTER_INTENT, "halt --remove");
+        command
+    });
+    let source = source_image(dir.path(), "source.raw", 16 * MIB, 7);
+    let target = image_with(dir.path(), "target.raw", 16 * MIB, &[]);
+    daemon.ok(&[
+        "create",
+        "-p",
+        &format!("source={}", path(&source)),
+        "-p",
+        &format!("target={}", path(&target)),
+        "-p",
+        "rate=4M",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    daemon.ok(&["stop", "1"]);
+    let copy_state = state.join("volumes/1");
+    assert!(copy_state.exists(), "the migration has copy state");
+    let output = daemon.cli(&["halt", "--remove", "1"]);
+    assert!(!output.status.success(), "the daemon died during the verb");
+    daemon.kill();
+    assert!(copy_state.exists(), "killed before the act");
+
+    let daemon = Daemon::start(&state, &[]);
+    assert_eq!(daemon.state_of("1"), "halted");
+    assert!(!copy_state.exists(), "the restart finished removing it");
+    let log = daemon.ok(&["log", "1"]);
+    assert!(
+        log.contains("finishing halt --remove interrupted by a daemon restart"),
+        "{log}"
+    );
+    daemon.ok(&["set", "-p", "rate=0", "1"]);
+    daemon.ok(&["start", "1"]);
+    daemon.wait_state("1", &["switched-over"], Duration::from_secs(60));
+    daemon.ok(&["commit", "1"]);
+    assert!(daemon.stop().success());
+    run(tool("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&source)
+        .arg(&target));
+}

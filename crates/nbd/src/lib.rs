@@ -9,9 +9,11 @@
 //! remote export.
 
 pub mod client;
+mod open;
 pub mod proto;
 pub mod server;
 mod writer;
 
 pub use client::{NbdAddress, NbdStore};
+pub use open::{Access, OpenedStore, open_store};
 pub use server::{Export, ExportTable, Server, ServerConfig, bind_unix};

@@ -188,7 +188,7 @@ pub async fn get(args: GetArgs, global: &Global) -> Result<()> {
         None => list_all(global).await?,
     };
     for name in &args.names {
-        dmm_daemon::properties::lookup(name).map_err(anyhow::Error::msg)?;
+        dmm_daemon::lookup_property(name)?;
     }
     let mut rows = Vec::new();
     for migration in &migrations {

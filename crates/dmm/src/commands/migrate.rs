@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use dmm_nbd::{Export, ExportTable, Server, ServerConfig};
+use dmm_nbd::{Access, Export, ExportTable, Server, ServerConfig, open_store};
 use dmm_store::BlockStore;
 use dmm_volume::{Migration, MigrationConfig, MigrationError, Phase, Priority, Strategy, Verify};
 
@@ -13,7 +13,6 @@ use crate::Global;
 use crate::listen::{ExportArgs, Listeners, termination};
 use crate::report::{self, Style};
 use dmm_control::{human, parse_size};
-use dmm_daemon::stores;
 
 /// Migrate a volume from SRC to DST while clients keep using it.
 ///
@@ -105,8 +104,12 @@ fn blake3_hex(text: &str) -> String {
 }
 
 pub async fn run(args: MigrateArgs, global: &Global) -> Result<()> {
-    let source = stores::open(&args.source, false, args.strategy == Strategy::Redirect).await?;
-    let destination = stores::open(&args.destination, false, false).await?;
+    let source_access = Access {
+        read_only: false,
+        fall_back_to_read_only: args.strategy == Strategy::Redirect,
+    };
+    let source = open_store(&args.source, source_access).await?;
+    let destination = open_store(&args.destination, Access::default()).await?;
     let base = &global.state_dir;
     let dir = migration_dir(base, &source.name, &destination.name);
     let allocated = allocated_bytes(&*source.store).await.unwrap_or(0);

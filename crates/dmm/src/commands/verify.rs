@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::Global;
 use dmm_control::human;
 use dmm_control::parse_size;
-use dmm_daemon::stores;
+use dmm_nbd::{Access, open_store};
 
 /// Compare two stores chunk by chunk; exit 1 naming the first differing
 /// offsets if they differ.
@@ -61,8 +61,12 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Result<()> {
     if !args.segsize.is_power_of_two() || args.segsize < 4096 {
         bail!("segsize must be a power of two of at least 4 KiB");
     }
-    let a = stores::open(&args.a, true, false).await?.store;
-    let b = stores::open(&args.b, true, false).await?.store;
+    let read_only = Access {
+        read_only: true,
+        fall_back_to_read_only: false,
+    };
+    let a = open_store(&args.a, read_only).await?.store;
+    let b = open_store(&args.b, read_only).await?.store;
     if b.size() < a.size() {
         bail!(
             "{} is smaller than {} ({} < {} bytes)",

@@ -1,0 +1,114 @@
+//! One interface for every kind of migration engine: what the supervisor
+//! drives, whatever the kind moves.
+//!
+//! The supervisor's verbs call only [`Engine`]; each kind implements it in
+//! its own file ([`volume`], [`tree`]) and is opened from its typed
+//! [`Spec`] by [`open`]. A new kind is a new file here, a variant of
+//! [`Spec`] and of [`Report`], and nothing in the supervisor.
+
+mod tree;
+mod volume;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use dmm_catalog::State;
+use dmm_control::Controls;
+use dmm_store::BlockStore;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::spec::Spec;
+
+pub use tree::TreeReport;
+
+/// A running migration's progress, as its kind reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    Tree(Box<TreeReport>),
+    Volume(Box<dmm_volume::Progress>),
+}
+
+/// An engine's progress and the catalog state it corresponds to.
+pub struct Snapshot {
+    pub state: State,
+    pub report: Report,
+}
+
+/// How a run ended without failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ran {
+    /// The engine needs the admin (ready to commit, rolled back); the
+    /// message goes to the migration's log.
+    Done(&'static str),
+    /// Stopped on request; the state on disk resumes it.
+    Stopped,
+}
+
+/// A migration engine the supervisor has open.
+#[async_trait]
+pub trait Engine: Send + Sync {
+    /// Pause, stop, bandwidth and priority.
+    fn controls(&self) -> &Controls;
+
+    /// Moves the data until the engine needs the admin, it is stopped, or
+    /// it fails.
+    async fn run(&self) -> Result<Ran>;
+
+    async fn snapshot(&self) -> Snapshot;
+
+    /// Per-item errors not reported yet, as log lines.
+    fn take_news(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The device clients use, when the kind is served over NBD.
+    fn export(&self) -> Option<(String, Arc<dyn BlockStore>)> {
+        None
+    }
+
+    /// Applies the live properties of a changed specification.
+    fn apply(&self, spec: &Spec);
+
+    /// Lets a migration that waits for the admin switch over.
+    async fn switchover(&self) -> Result<()>;
+
+    /// Starts bringing the source back to holding everything.
+    async fn rollback(&self) -> Result<()>;
+
+    /// Chunks of data that exist only on the destination (a halt that
+    /// removes the copy state would lose them).
+    async fn destination_only(&self) -> Result<u64>;
+
+    /// Ends the migration for good; returns the log line saying so.
+    async fn commit(&self) -> Result<&'static str>;
+
+    /// Frees the engine's resources once it is stopped, keeping its state
+    /// resumable.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Opens the engine of `spec`, resuming from the state in `dir`.
+pub async fn open(spec: &Spec, dir: &Path) -> Result<Arc<dyn Engine>> {
+    match spec {
+        Spec::Volume(volume) => Ok(Arc::new(volume::VolumeEngine::open(volume, dir).await?)),
+        Spec::Tree(tree) => Ok(Arc::new(tree::TreeEngine::open(tree, dir).await?)),
+    }
+}
+
+/// Checks that a new migration can work (stores open, sizes and formats
+/// agree, directories usable) without recording anything.
+pub async fn check(spec: &Spec) -> Result<()> {
+    match spec {
+        Spec::Volume(volume) => volume::check(volume).await,
+        Spec::Tree(tree) => tree::check(tree),
+    }
+}
+
+/// Whether the kind ever writes to its source (so that a halt that removes
+/// the copy state must first be sure the source is complete).
+pub fn writes_source(spec: &Spec) -> bool {
+    matches!(spec, Spec::Volume(_))
+}

@@ -1,0 +1,531 @@
+//! The supervisor: every migration's lifecycle, from the verbs of the CLI
+//! to the engine and back to the catalog.
+//!
+//! Each verb is checked against the lifecycle table
+//! ([`dmm_catalog::RULES`]), records its intent in the catalog, acts, and
+//! records the outcome (phased commits), so that a daemon killed in the
+//! middle knows on restart what it was doing ([`Supervisor::recover`]).
+//! An open migration is an [`Engine`] of its kind plus the task that
+//! drives it (and, for a kind served over NBD, its export in the daemon's
+//! shared export table); the task mirrors the engine's state in the
+//! catalog as it changes. Nothing here knows what a kind moves.
+
+mod recovery;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmm_catalog::{Catalog, Event, Intent, Leads, MigrationId, MigrationRecord, State, Verb};
+use dmm_nbd::{Export, ExportTable};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::engine::{self, Engine, Ran, Report};
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::Layout;
+use crate::properties;
+use crate::spec::Spec;
+
+/// How often a running engine's progress is mirrored and published.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+/// The environment variable that makes the daemon kill itself with
+/// SIGKILL right after recording the intent of the verb it names (as the
+/// catalog spells it, e.g. `halt --remove`): how the tests interrupt a
+/// verb between its intent and its act.
+pub const CRASH_AFTER_INTENT: &str = "DMM_CRASH_AFTER_INTENT";
+
+/// What subscribers of the event stream receive.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Notice {
+    State {
+        migration: MigrationId,
+        state: State,
+        error: Option<String>,
+    },
+    Log {
+        event: Event,
+    },
+    Progress {
+        migration: MigrationId,
+        progress: Report,
+    },
+}
+
+/// A migration whose engine is open.
+struct Open {
+    engine: Arc<dyn Engine>,
+    /// The NBD export, for a kind served over NBD.
+    export: Option<String>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The daemon's migrations.
+pub struct Supervisor {
+    catalog: Arc<Catalog>,
+    layout: Layout,
+    exports: Arc<ExportTable>,
+    open: Mutex<HashMap<MigrationId, Open>>,
+    notices: broadcast::Sender<Notice>,
+}
+
+impl Supervisor {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        layout: &Layout,
+        exports: Arc<ExportTable>,
+    ) -> Arc<Supervisor> {
+        let (notices, _) = broadcast::channel(1024);
+        Arc::new(Supervisor {
+            catalog,
+            layout: layout.clone(),
+            exports,
+            open: Mutex::new(HashMap::new()),
+            notices,
+        })
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Receives state changes, log lines and progress.
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    /// Records a line in the migration's log (catalog, logfile, stream).
+    fn note(&self, id: MigrationId, level: &str, message: &str) {
+        match level {
+            "error" => tracing::error!(migration = id, "{message}"),
+            _ => tracing::info!(migration = id, "{message}"),
+        }
+        let Ok(event) = self.catalog.log(id, level, message) else {
+            return;
+        };
+        if let Ok(record) = self.catalog.get(id)
+            && let Some(path) = record.properties.get("logfile")
+        {
+            append_line(id, path, &format!("{} {level} {message}\n", event.at));
+        }
+        let _ = self.notices.send(Notice::Log { event });
+    }
+
+    fn announce(&self, id: MigrationId, state: State, error: Option<String>) {
+        let _ = self.notices.send(Notice::State {
+            migration: id,
+            state,
+            error,
+        });
+    }
+
+    /// Records the end of a transition and tells subscribers.
+    fn conclude(
+        &self,
+        intent: &Intent,
+        state: State,
+        error: Option<&str>,
+    ) -> Result<MigrationRecord> {
+        self.catalog.finish(intent, state, error)?;
+        self.announce(intent.migration, state, error.map(str::to_owned));
+        Ok(self.catalog.get(intent.migration)?)
+    }
+
+    /// Where a migration's engine keeps its state.
+    fn state_dir(&self, record: &MigrationRecord) -> PathBuf {
+        self.layout.engine_state(record.kind, record.id)
+    }
+
+    /// Creates a migration; starts it unless `halted`. The stores are opened
+    /// and checked first: a request that cannot work records nothing.
+    pub async fn create(
+        self: &Arc<Self>,
+        properties: BTreeMap<String, String>,
+        halted: bool,
+    ) -> Result<MigrationRecord> {
+        properties::check_new(&properties)?;
+        let spec = Spec::parse(0, &properties)?;
+        engine::check(&spec).await?;
+        let state = match halted {
+            true => State::Halted,
+            false => State::Created,
+        };
+        let record = self.catalog.create(spec.kind(), state, &properties)?;
+        self.note(record.id, "info", &format!("created ({state})"));
+        if halted {
+            return Ok(record);
+        }
+        self.apply(record.id, Verb::Start).await
+    }
+
+    /// Applies a verb (every verb but `set`, which carries its changes:
+    /// [`Supervisor::set`]): checked against the lifecycle table, its
+    /// intent recorded, its act done, its outcome recorded.
+    pub async fn apply(self: &Arc<Self>, id: MigrationId, verb: Verb) -> Result<MigrationRecord> {
+        let what = verb.name();
+        let record = self.catalog.get(id)?;
+        let rule = verb.rule();
+        rule.check(record.state)
+            .map_err(|e| Error::from(e).of(id, what))?;
+        self.prepare(&record, verb)
+            .await
+            .map_err(|e| e.of(id, what))?;
+        let to = match rule.leads {
+            Leads::To(state) => state,
+            Leads::Gone => record.state,
+            Leads::Stays => {
+                self.act(&record, verb).await.map_err(|e| e.of(id, what))?;
+                return Ok(self.catalog.get(id)?);
+            }
+        };
+        let intent = self.catalog.begin(id, verb, to)?;
+        crash_if_asked(verb);
+        match self.act(&record, verb).await {
+            Ok(()) if rule.leads == Leads::Gone => Ok(record),
+            Ok(()) => self.conclude(&intent, to, None),
+            Err(err) => Err(self.undo(&intent, err.of(id, what))?),
+        }
+    }
+
+    /// A verb's act failed: a verb that would have set the migration
+    /// running leaves it failed with the reason; any other leaves it as it
+    /// was. Returns the error to report.
+    fn undo(&self, intent: &Intent, err: Error) -> Result<Error> {
+        let id = intent.migration;
+        if intent.to == State::Running && intent.verb != Verb::Rollback {
+            let line = err.line();
+            self.note(id, "error", &line);
+            self.conclude(intent, State::Failed, Some(&line))?;
+        } else {
+            self.catalog.abandon(intent)?;
+        }
+        Ok(err)
+    }
+
+    /// What a verb checks before its intent is recorded (the act would
+    /// fail or lose data).
+    async fn prepare(self: &Arc<Self>, record: &MigrationRecord, verb: Verb) -> Result<()> {
+        match verb {
+            Verb::Halt { remove: true } => self.check_source_complete(record).await,
+            Verb::Pause | Verb::Switchover => self.engine(record.id).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The act of a verb, which recovery may repeat after a crash: each
+    /// brings the engine (and its files) where the verb leads, whatever
+    /// part of it was done before.
+    async fn act(self: &Arc<Self>, record: &MigrationRecord, verb: Verb) -> Result<()> {
+        let id = record.id;
+        match verb {
+            Verb::Start | Verb::Resume => {
+                let engine = self.ensure_driven(record).await?;
+                engine.controls().resume();
+                self.note(
+                    id,
+                    "info",
+                    if verb == Verb::Start {
+                        "started"
+                    } else {
+                        "resumed"
+                    },
+                );
+            }
+            Verb::Pause => {
+                self.engine(id)?.controls().pause();
+                self.note(id, "info", "paused");
+            }
+            Verb::Stop => {
+                self.close(id).await;
+                self.note(id, "info", "stopped; its state is kept");
+            }
+            Verb::Halt { remove } => {
+                self.close(id).await;
+                if remove {
+                    self.remove_state(record)?;
+                }
+                let how = if remove {
+                    "its state was removed"
+                } else {
+                    "its state is kept"
+                };
+                self.note(id, "info", &format!("halted; {how}"));
+            }
+            Verb::Switchover => {
+                self.engine(id)?.switchover().await?;
+                self.note(id, "info", "switchover allowed");
+            }
+            Verb::Commit => {
+                let engine = self.ensure_open(record).await?;
+                let message = engine.commit().await?;
+                self.close(id).await;
+                self.note(id, "info", message);
+            }
+            Verb::Rollback => {
+                let engine = self.ensure_open(record).await?;
+                engine.rollback().await?;
+                self.ensure_driven(record).await?;
+                self.note(id, "info", "rolling back");
+            }
+            Verb::Delete { .. } => {
+                self.close(id).await;
+                if let Err(err) = self.remove_state(record) {
+                    tracing::warn!(migration = id, "{}", err.line());
+                }
+                self.catalog.delete(id)?;
+            }
+            Verb::Set => {}
+        }
+        Ok(())
+    }
+
+    /// Deletes the engine's copy state (the next start begins from zero).
+    fn remove_state(&self, record: &MigrationRecord) -> Result<()> {
+        let dir = self.state_dir(record);
+        match std::fs::remove_dir_all(&dir) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                let context = format!("cannot remove {}", dir.display());
+                Err(Error::caused(ErrorKind::Failed, context, err))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses when destination-only data exists (a rollback is needed to
+    /// bring it back to the source first).
+    async fn check_source_complete(self: &Arc<Self>, record: &MigrationRecord) -> Result<()> {
+        let spec = Spec::parse(record.id, &record.properties)?;
+        if !engine::writes_source(&spec) || !self.state_dir(record).exists() {
+            return Ok(());
+        }
+        let only_on_destination = match self.engine(record.id) {
+            Ok(engine) => engine.destination_only().await?,
+            Err(_) => {
+                let engine = self.ensure_open(record).await?;
+                let count = engine.destination_only().await;
+                self.close(record.id).await;
+                count?
+            }
+        };
+        if only_on_destination > 0 {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{only_on_destination} chunks exist only on the destination; \
+                     roll back first (dmm rollback {})",
+                    record.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Changes properties; live ones reach a running migration at once.
+    pub async fn set(
+        self: &Arc<Self>,
+        id: MigrationId,
+        changes: BTreeMap<String, String>,
+    ) -> Result<MigrationRecord> {
+        let record = self.catalog.get(id)?;
+        Verb::Set
+            .rule()
+            .check(record.state)
+            .map_err(|e| Error::from(e).of(id, "set"))?;
+        for (name, value) in &changes {
+            properties::check(name, value)?;
+            properties::check_applies(name, record.kind)?;
+            properties::check_change(name, record.state)?;
+        }
+        let mut properties = record.properties.clone();
+        properties.extend(changes.clone());
+        let spec = Spec::parse(id, &properties)?;
+        self.catalog.set_properties(id, &changes)?;
+        if let Ok(engine) = self.engine(id) {
+            engine.apply(&spec);
+        }
+        let shown: Vec<String> = changes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.note(id, "info", &format!("set {}", shown.join(" ")));
+        Ok(self.catalog.get(id)?)
+    }
+
+    /// A migration's progress, if its engine is open.
+    pub async fn progress(&self, id: MigrationId) -> Result<Option<Report>> {
+        self.catalog.get(id)?;
+        match self.engine(id) {
+            Ok(engine) => Ok(Some(engine.snapshot().await.report)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The open engine of a migration.
+    fn engine(&self, id: MigrationId) -> Result<Arc<dyn Engine>> {
+        self.open
+            .lock()
+            .get(&id)
+            .map(|open| open.engine.clone())
+            .ok_or_else(|| Error::new(ErrorKind::Failed, "it has no open engine"))
+    }
+
+    /// The engine of a migration, opened (resuming its saved state) and
+    /// exported if it was not.
+    async fn ensure_open(self: &Arc<Self>, record: &MigrationRecord) -> Result<Arc<dyn Engine>> {
+        if let Ok(engine) = self.engine(record.id) {
+            return Ok(engine);
+        }
+        let spec = Spec::parse(record.id, &record.properties)?;
+        let engine = engine::open(&spec, &self.state_dir(record)).await?;
+        let export = engine.export();
+        if let Some((name, device)) = &export
+            && let Err(err) = self
+                .exports
+                .insert(Export::new(name.clone(), device.clone()))
+        {
+            let _ = engine.close().await;
+            return Err(Error::caused(ErrorKind::Conflict, "cannot export it", err));
+        }
+        let open = Open {
+            engine: engine.clone(),
+            export: export.map(|(name, _)| name),
+            task: None,
+        };
+        self.open.lock().insert(record.id, open);
+        Ok(engine)
+    }
+
+    /// The engine of a migration, open and driven by its task.
+    async fn ensure_driven(self: &Arc<Self>, record: &MigrationRecord) -> Result<Arc<dyn Engine>> {
+        let engine = self.ensure_open(record).await?;
+        let mut open = self.open.lock();
+        if let Some(slot) = open.get_mut(&record.id)
+            && slot.task.as_ref().is_none_or(|task| task.is_finished())
+        {
+            let supervisor = self.clone();
+            let driven = engine.clone();
+            let id = record.id;
+            slot.task = Some(tokio::spawn(
+                async move { supervisor.drive(id, driven).await },
+            ));
+        }
+        Ok(engine)
+    }
+
+    /// Runs the engine to its end, mirroring its progress in the catalog.
+    async fn drive(self: Arc<Self>, id: MigrationId, engine: Arc<dyn Engine>) {
+        let running = engine.run();
+        tokio::pin!(running);
+        let mut last = None;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut running => break outcome,
+                () = tokio::time::sleep(FOLLOW_EVERY) => self.follow(id, &*engine, &mut last).await,
+            }
+        };
+        self.follow(id, &*engine, &mut last).await;
+        match outcome {
+            Ok(Ran::Done(message)) => self.note(id, "info", message),
+            Ok(Ran::Stopped) => {}
+            Err(err) => {
+                let line = err.line();
+                self.note(id, "error", &line);
+                if self
+                    .catalog
+                    .set_state(id, State::Failed, Some(&line))
+                    .is_ok()
+                {
+                    self.announce(id, State::Failed, Some(line));
+                }
+            }
+        }
+    }
+
+    /// Mirrors the engine's state in the catalog, logs its new per-item
+    /// errors, and publishes progress.
+    async fn follow(&self, id: MigrationId, engine: &dyn Engine, last: &mut Option<State>) {
+        let snapshot = engine.snapshot().await;
+        for line in engine.take_news() {
+            self.note(id, "error", &line);
+        }
+        let _ = self.notices.send(Notice::Progress {
+            migration: id,
+            progress: snapshot.report,
+        });
+        let Ok(record) = self.catalog.get(id) else {
+            return;
+        };
+        let state = snapshot.state;
+        // A verb in progress owns the state; a failure is final until a
+        // verb; an engine being closed keeps the state it had (a paused
+        // migration stopped by a shutdown is paused after the restart).
+        let closing = engine.controls().stop_requested();
+        if record.pending.is_some()
+            || record.state == State::Failed
+            || closing
+            || *last == Some(state)
+        {
+            return;
+        }
+        *last = Some(state);
+        if record.state != state && self.catalog.set_state(id, state, None).is_ok() {
+            if state != State::Running {
+                self.note(id, "info", &format!("now {state}"));
+            }
+            self.announce(id, state, None);
+        }
+    }
+
+    /// Stops the engine resumably and frees its resources (the export
+    /// goes away).
+    async fn close(&self, id: MigrationId) {
+        let open = self.open.lock().remove(&id);
+        let Some(open) = open else {
+            return;
+        };
+        open.engine.controls().request_stop();
+        if let Some(task) = open.task {
+            let _ = task.await;
+        }
+        if let Some(export) = &open.export {
+            self.exports.remove(export);
+        }
+        if let Err(err) = open.engine.close().await {
+            self.note(id, "error", &format!("closing the engine: {}", err.line()));
+        }
+    }
+
+    /// Stops every engine resumably (daemon shutdown). Catalog states stay
+    /// as they are, so a restarted daemon resumes them.
+    pub async fn shutdown(&self) {
+        let ids: Vec<MigrationId> = self.open.lock().keys().copied().collect();
+        for id in ids {
+            self.close(id).await;
+        }
+    }
+}
+
+/// Appends a line to a migration's log file.
+fn append_line(id: MigrationId, path: &str, line: &str) {
+    use std::io::Write;
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(err) = appended {
+        tracing::warn!(migration = id, "cannot write the log file {path}: {err}");
+    }
+}
+
+/// Dies as a power cut or kill -9 would, right after the intent of the
+/// verb named in [`CRASH_AFTER_INTENT`] is recorded.
+fn crash_if_asked(verb: Verb) {
+    if std::env::var(CRASH_AFTER_INTENT).is_ok_and(|named| named == verb.to_string()) {
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    }
+}
