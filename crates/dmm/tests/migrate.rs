@@ -126,6 +126,11 @@ impl Migrate {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+
+    /// Its exit status if it exits by itself within `limit`.
+    fn exits_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_with_timeout(self.child.as_mut().unwrap(), limit)
+    }
 }
 
 impl Drop for Migrate {
@@ -690,4 +695,94 @@ fn lr_with_a_failing_destination_returns_errors_never_wrong_data() {
     drop(migrate);
     let _ = kit.kill();
     let _ = kit.wait();
+}
+
+/// An interactive qemu-io: one client that stays connected until it quits.
+struct Client {
+    child: Child,
+}
+
+impl Client {
+    fn connect(uri: &str) -> Client {
+        let child = tool("qemu-io")
+            .args(["-f", "raw", uri])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start qemu-io");
+        Client { child }
+    }
+
+    fn send(&mut self, command: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Quits (qemu-io reads its input to the end before it exits).
+    fn quit(mut self) {
+        self.send("quit");
+        drop(self.child.stdin.take());
+        assert!(
+            wait_with_timeout(&mut self.child, Duration::from_secs(10)).is_some(),
+            "qemu-io quits"
+        );
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--exit-when-done` with a client connected keeps serving it from the
+/// destination until it disconnects; `=force` exits at once.
+#[test]
+fn exit_when_done_waits_for_the_last_client() {
+    let dir = scratch();
+    let source = source_image(dir.path());
+    let destination = image_with(dir.path(), "destination.raw", SIZE, &[]);
+    let (src, dst) = (source.to_str().unwrap(), destination.to_str().unwrap());
+    let mut migrate = Migrate::start(src, dst, dir.path(), &["--exit-when-done", "--rate", "32M"]);
+    let mut client = Client::connect(&migrate.uri());
+    client.send("write -P 0x5a 1M 64k");
+    migrate.wait_for(&["committed"], Duration::from_secs(60));
+    let waiting = migrate.wait_for(&["waiting-for-clients"], Duration::from_secs(10));
+    assert_eq!(waiting["clients"], 1);
+    assert!(
+        migrate.exits_within(Duration::from_secs(2)).is_none(),
+        "dmm keeps serving the connected client"
+    );
+    // Still served: a write after the commit lands on the destination.
+    client.send("write -P 0x6b 3M 64k");
+    client.quit();
+    let status = migrate
+        .exits_within(Duration::from_secs(10))
+        .expect("dmm exits once the last client is gone");
+    assert!(status.success());
+    migrate.wait_for(&["clients-gone"], Duration::from_secs(1));
+    common::qemu_io_checks(
+        dst,
+        true,
+        &["read -P 0x5a 1M 64k".into(), "read -P 0x6b 3M 64k".into()],
+        "a client's write is missing from the destination",
+    );
+
+    // Once committed, a second run finds nothing to do; with =force it
+    // exits although a client is connected.
+    let mut migrate = Migrate::start(
+        src,
+        dst,
+        &dir.path().join("again"),
+        &["--exit-when-done=force"],
+    );
+    let client = Client::connect(&migrate.uri());
+    let status = migrate
+        .exits_within(Duration::from_secs(30))
+        .expect("=force exits");
+    assert!(status.success());
+    drop(client);
 }

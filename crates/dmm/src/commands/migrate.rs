@@ -60,10 +60,13 @@ pub struct MigrateArgs {
     priority: Priority,
 
     /// Exit once the destination holds the whole volume and the source is
-    /// no longer needed (by default dmm keeps serving the volume until
-    /// SIGINT or SIGTERM).
-    #[arg(long)]
-    exit_when_done: bool,
+    /// no longer needed, as soon as no client is connected (clients still
+    /// connected keep being served from the destination until the last one
+    /// disconnects); `=force` exits at once, failing the I/O of connected
+    /// clients. Without it dmm keeps serving the volume until SIGINT or
+    /// SIGTERM.
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "idle")]
+    exit_when_done: Option<ExitWhenDone>,
 
     /// none or full: compare both stores chunk by chunk (BLAKE3) before
     /// committing.
@@ -91,6 +94,49 @@ pub async fn allocated_bytes(store: &dyn BlockStore) -> Result<u64> {
         at = last.end();
     }
     Ok(data)
+}
+
+/// When `--exit-when-done` exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExitWhenDone {
+    /// Once the last client has disconnected.
+    Idle,
+    /// At once, whoever is connected.
+    Force,
+}
+
+/// How often the number of connected clients is looked at while dmm
+/// waits for the last one to go.
+const CLIENTS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// After the migration is done: serves the connected clients until the
+/// last one disconnects (or a signal comes), saying so.
+async fn serve_remaining_clients(server: &Server, style: Style) -> Result<()> {
+    let clients = server.clients();
+    if clients == 0 {
+        return Ok(());
+    }
+    if style == Style::Json {
+        let line = serde_json::json!({ "event": "waiting-for-clients", "clients": clients });
+        println!("{line}");
+    } else {
+        eprintln!(
+            "dmm: done; {clients} client(s) still connected: serving the volume from the              destination until the last one disconnects (--exit-when-done=force exits at once)"
+        );
+    }
+    let gone = async {
+        while server.clients() > 0 {
+            tokio::time::sleep(CLIENTS_EVERY).await;
+        }
+    };
+    tokio::select! {
+        () = gone => {}
+        signal = termination() => signal?,
+    }
+    if style == Style::Json {
+        println!("{}", serde_json::json!({ "event": "clients-gone" }));
+    }
+    Ok(())
 }
 
 /// The directory of one migration, named after its stores.
@@ -166,12 +212,17 @@ pub async fn run(args: MigrateArgs, global: &Global) -> Result<()> {
     let result = finish(&migration, outcome, style, allocated).await;
     if let Err(err) = &result
         && !stopped
-        && !args.exit_when_done
+        && args.exit_when_done.is_none()
     {
         eprintln!("dmm: {err:#}; still serving the volume until SIGINT or SIGTERM");
     }
-    if !stopped && !args.exit_when_done {
-        termination().await?;
+    match args.exit_when_done {
+        _ if stopped => {}
+        None => termination().await?,
+        Some(ExitWhenDone::Idle) if result.is_ok() => {
+            serve_remaining_clients(&server, style).await?
+        }
+        Some(_) => {}
     }
     server.shutdown().await;
     serving.await?;

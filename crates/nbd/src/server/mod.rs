@@ -143,6 +143,11 @@ impl Server {
         self.connections.wait().await;
     }
 
+    /// Connections open now (handshaking or transmitting).
+    pub fn clients(&self) -> usize {
+        self.connections.len()
+    }
+
     /// Resolves once shutdown has begun.
     pub async fn stopping(&self) {
         self.shutdown.cancelled().await
