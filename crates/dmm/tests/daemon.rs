@@ -420,3 +420,42 @@ fn halt_remove_cut_by_kill_9_after_its_intent_finishes_on_restart() {
         .arg(&source)
         .arg(&target));
 }
+
+/// Runs a CLI verb and returns how long it took.
+fn timed(daemon: &Daemon, args: &[&str]) -> Duration {
+    let started = std::time::Instant::now();
+    daemon.ok(args);
+    started.elapsed()
+}
+
+/// A migration throttled to 256 KiB/s answers stop, halt and delete -f
+/// within 2 s: a copy waiting for its bandwidth is dropped, not awaited.
+#[test]
+fn verbs_answer_within_2s_whatever_the_rate_limit() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let daemon = Daemon::start(&state, &[]);
+    let source = source_image(dir.path(), "source.raw", 64 * MIB, 3);
+    let target = image_with(dir.path(), "target.raw", 64 * MIB, &[]);
+    daemon.ok(&[
+        "create",
+        "-p",
+        &format!("source={}", path(&source)),
+        "-p",
+        &format!("target={}", path(&target)),
+        "-p",
+        "rate=256K",
+    ]);
+    let limit = Duration::from_secs(2);
+    for verb in [&["stop", "1"][..], &["halt", "--keep", "1"], &["delete", "-f", "1"]] {
+        std::thread::sleep(Duration::from_millis(1500));
+        let took = timed(&daemon, verb);
+        assert!(took < limit, "{verb:?} took {took:?}");
+        if verb[0] != "delete" {
+            daemon.ok(&["start", "1"]);
+        }
+    }
+    let list = daemon.json(&["--json", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    assert!(daemon.stop().success());
+}
