@@ -13,7 +13,6 @@
 
 mod database;
 mod schema;
-pub mod tree_journal;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::database::Database;
+pub use crate::database::{Database, Layout};
 
 /// A migration's identifier.
 pub type MigrationId = i64;

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod error;
 pub mod fidelity;
+pub mod journal;
 mod lock;
 pub mod migration;
 pub mod namespace;

@@ -26,7 +26,8 @@ pub(crate) enum Rank {
     Linking,
     /// `namespace`: journal flushes, one batch at a time.
     Flushing,
-    /// The journal's SQLite connection (in `dmm-catalog`).
+    /// The journal's SQLite connection (`journal`; the lock is inside
+    /// `dmm-catalog`'s `Database`).
     Journal,
     /// `namespace`: the in-memory state.
     State,

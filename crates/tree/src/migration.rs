@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use dmm_catalog::tree_journal::{ErrorRow, TreeJournal};
+use crate::journal::{ErrorRow, Journal};
 use dmm_control::{Controls, Priority};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -199,11 +199,7 @@ impl TreeMigration {
     /// access point and leaves the target a plain directory tree, flushed.
     pub fn commit(&self) -> Result<()> {
         self.namespace.flush()?;
-        let outstanding = self
-            .namespace
-            .journal()
-            .outstanding()
-            .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))?;
+        let outstanding = self.namespace.journal().outstanding()?;
         if !self.namespace.is_complete() || !outstanding.is_complete() {
             return Err(invalid(format!(
                 "cannot commit: {} directories and {} files still pending, {} in error",
@@ -221,10 +217,7 @@ impl TreeMigration {
         ))?;
         rustix::fs::syncfs(&root)
             .map_err(|e| on(ErrorKind::Target, "sync", self.namespace.target_root())(e.into()))?;
-        self.namespace
-            .journal()
-            .sync()
-            .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))
+        self.namespace.journal().sync()
     }
 
     /// Stops everything, each wait bounded: no new request or worker step
@@ -257,8 +250,7 @@ impl Drop for TreeMigration {
 
 fn open_namespace(config: &TreeConfig) -> Result<Namespace> {
     let source = Source::open(&config.source)?;
-    let journal = TreeJournal::open(&config.journal)
-        .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))?;
+    let journal = Journal::open(&config.journal)?;
     let settings = Settings {
         migid: config.migid,
         segsize: config.segsize,

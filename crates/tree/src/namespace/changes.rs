@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 
-use dmm_catalog::tree_journal::{Change, EntryState};
+use crate::journal::{Change, EntryState};
 use serde::{Deserialize, Serialize};
 
 use super::{Entry, EntryId, Namespace};

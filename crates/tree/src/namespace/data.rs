@@ -11,7 +11,7 @@ use std::fs::{self, File};
 use std::ops::Range;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
-use dmm_catalog::tree_journal::{Change, EntryState};
+use crate::journal::{Change, EntryState};
 
 use super::{EntryId, Namespace, State};
 use crate::error::{Error, ErrorKind, Result, on};

@@ -4,7 +4,7 @@
 //! (directories, regular files), the names under which the target shows
 //! them, which directories are populated and which file segments are
 //! copied, plus the queues the background workers take work from. Every
-//! change is written to the [`TreeJournal`] in the order `DESIGN.md`
+//! change is written to the [`Journal`] in the order `DESIGN.md`
 //! prescribes: population and namespace changes before they are visible,
 //! segment marks in batches (or at once, before a client write depends on
 //! them).
@@ -24,14 +24,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use dmm_catalog::tree_journal::{
-    Change, EntryRow, EntryState, ErrorRow, NameRow, ROOT, TreeJournal,
-};
+use crate::journal::{Change, EntryRow, EntryState, ErrorRow, Journal, NameRow, ROOT};
 use parking_lot::Condvar;
 use roaring::RoaringBitmap;
 
+pub use crate::journal::EntryId;
 pub use changes::Intent;
-pub use dmm_catalog::tree_journal::EntryId;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::{self, Mutex, MutexGuard, Rank};
@@ -281,7 +279,7 @@ pub struct Namespace {
     source: Source,
     target: PathBuf,
     settings: Settings,
-    journal: TreeJournal,
+    journal: Journal,
     state: Mutex<State>,
     /// Signalled when a population or a segment copy ends, and on close.
     progress: Condvar,
@@ -305,12 +303,12 @@ impl Namespace {
     pub fn open(
         source: Source,
         target: &Path,
-        journal: TreeJournal,
+        journal: Journal,
         settings: Settings,
     ) -> Result<Namespace> {
         let snapshot = {
             let _journal = lock::enter(Rank::Journal);
-            journal.load().map_err(journal_error)?
+            journal.load()?
         };
         let mut state = State {
             segsize: settings.segsize,
@@ -402,7 +400,7 @@ impl Namespace {
         &self.target
     }
 
-    pub fn journal(&self) -> &TreeJournal {
+    pub fn journal(&self) -> &Journal {
         &self.journal
     }
 
@@ -621,7 +619,7 @@ impl Namespace {
     /// One call into the journal.
     fn apply(&self, changes: &[Change]) -> Result<()> {
         let _journal = lock::enter(Rank::Journal);
-        self.journal.apply(changes).map_err(journal_error)
+        self.journal.apply(changes)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -810,10 +808,6 @@ impl State {
         }
         Change::Delete(id)
     }
-}
-
-fn journal_error(err: dmm_catalog::Error) -> Error {
-    Error::new(ErrorKind::Journal, err.to_string())
 }
 
 fn now_ms() -> i64 {

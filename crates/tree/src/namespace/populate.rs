@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use dmm_catalog::tree_journal::{Change, EntryState};
+use crate::journal::{Change, EntryState};
 use rustix::fs::{Mode, OFlags};
 
 use super::changes::Intent;
@@ -416,7 +416,7 @@ fn proc_path(fd: &OwnedFd) -> PathBuf {
 }
 
 fn name_row(parent: EntryId, name: &OsString, entry: EntryId) -> Change {
-    Change::AddName(dmm_catalog::tree_journal::NameRow {
+    Change::AddName(crate::journal::NameRow {
         parent,
         name: name.clone().into_vec(),
         entry,

@@ -2,15 +2,19 @@
 //! target, under which names, what of each is still missing, the namespace
 //! changes under way, and the per-entry errors. One SQLite file per
 //! migration (WAL mode) next to the migration's other state, written in
-//! batches by the tree engine through [`TreeJournal::apply`]; see
-//! `crates/tree/DESIGN.md` for the ordering rules that make it crash-safe.
+//! batches by the namespace through [`Journal::apply`]; `DESIGN.md` gives
+//! its tables and the ordering rules that make it crash-safe.
+//!
+//! The file is opened, versioned and locked by `dmm-catalog`'s
+//! [`Database`], like the catalog: this module owns only its tables and
+//! rows.
 
 use std::path::Path;
 
+use dmm_catalog::{Database, Layout};
 use rusqlite::{Connection, params};
 
-use crate::database::{Database, Layout};
-use crate::{Result, storage};
+use crate::error::{Error, ErrorKind, Result};
 
 /// An entry's identifier; the root of the tree is [`ROOT`].
 pub type EntryId = i64;
@@ -97,7 +101,7 @@ pub struct ErrorRow {
     pub at: i64,
 }
 
-/// One change to the journal; [`TreeJournal::apply`] writes a batch of
+/// One change to the journal; [`Journal::apply`] writes a batch of
 /// them in one transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -149,7 +153,7 @@ impl Outstanding {
 
 /// The journal file: WAL with `synchronous = NORMAL`, so a commit survives
 /// a crash of dmm (the WAL is in the page cache) without an fsync per
-/// batch; [`TreeJournal::sync`] makes everything durable.
+/// batch; [`Journal::sync`] makes everything durable.
 const JOURNAL: Layout = Layout {
     what: "the tree journal",
     pragmas: "PRAGMA journal_mode = WAL;
@@ -189,15 +193,26 @@ const JOURNAL: Layout = Layout {
 };
 
 /// The journal of one tree migration.
-pub struct TreeJournal {
+pub struct Journal {
     database: Database,
 }
 
-impl TreeJournal {
+/// A failed SQL statement, as a journal error saying what was being done.
+fn storage(context: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |err| {
+        Error::new(
+            ErrorKind::Journal,
+            format!("cannot {context} the tree journal: {err}"),
+        )
+    }
+}
+
+impl Journal {
     /// Opens (creating) the journal at `path`.
-    pub fn open(path: &Path) -> Result<TreeJournal> {
-        let database = Database::open(path, &JOURNAL)?;
-        Ok(TreeJournal { database })
+    pub fn open(path: &Path) -> Result<Journal> {
+        let database = Database::open(path, &JOURNAL)
+            .map_err(|err| Error::new(ErrorKind::Journal, err.to_string()))?;
+        Ok(Journal { database })
     }
 
     fn with<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
@@ -210,11 +225,11 @@ impl TreeJournal {
             return Ok(());
         }
         self.with(|c| {
-            let tx = c.transaction().map_err(storage("journal"))?;
+            let tx = c.transaction().map_err(storage("write"))?;
             for change in changes {
-                apply_one(&tx, change).map_err(storage("journal"))?;
+                apply_one(&tx, change).map_err(storage("write"))?;
             }
-            tx.commit().map_err(storage("journal"))
+            tx.commit().map_err(storage("write"))
         })
     }
 
@@ -222,13 +237,13 @@ impl TreeJournal {
     pub fn sync(&self) -> Result<()> {
         self.with(|c| {
             c.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
-                .map_err(storage("journal checkpoint"))
+                .map_err(storage("checkpoint"))
         })
     }
 
     /// The whole journal.
     pub fn load(&self) -> Result<Snapshot> {
-        self.with(|c| load(c).map_err(storage("cannot load the tree journal")))
+        self.with(|c| load(c).map_err(storage("load")))
     }
 
     /// What keeps the migration from being complete, counted from the
@@ -247,7 +262,7 @@ impl TreeJournal {
                     errors: count("SELECT count(*) FROM errors")?,
                 })
             };
-            read().map_err(storage("journal"))
+            read().map_err(storage("read"))
         })
     }
 }
@@ -379,7 +394,7 @@ mod tests {
     fn changes_survive_reopening_and_count_outstanding_work() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("journal.db");
-        let journal = TreeJournal::open(&path).unwrap();
+        let journal = Journal::open(&path).unwrap();
         journal
             .apply(&[
                 Change::Insert(dir(ROOT, EntryState::Populated)),
@@ -404,7 +419,7 @@ mod tests {
             ])
             .unwrap();
         drop(journal);
-        let journal = TreeJournal::open(&path).unwrap();
+        let journal = Journal::open(&path).unwrap();
         assert!(journal.outstanding().unwrap().is_complete());
         let snapshot = journal.load().unwrap();
         assert_eq!(snapshot.entries.len(), 2);
