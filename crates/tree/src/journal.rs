@@ -197,26 +197,24 @@ pub struct Journal {
     database: Database,
 }
 
-/// A failed SQL statement, as a journal error saying what was being done.
-fn storage(context: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
-    move |err| {
-        Error::new(
-            ErrorKind::Journal,
-            format!("cannot {context} the tree journal: {err}"),
-        )
-    }
-}
-
 impl Journal {
     /// Opens (creating) the journal at `path`.
     pub fn open(path: &Path) -> Result<Journal> {
         let database = Database::open(path, &JOURNAL)
-            .map_err(|err| Error::new(ErrorKind::Journal, err.to_string()))?;
+            .map_err(|err| Error::on(ErrorKind::Journal, "open", path).with_source(err))?;
         Ok(Journal { database })
     }
 
-    fn with<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        self.database.with(work)
+    /// Runs `work` with the connection; its SQL errors become journal
+    /// errors saying what was being done (`operation`).
+    fn with<T>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        self.database.with(work).map_err(|err| {
+            Error::on(ErrorKind::Journal, operation, self.database.path()).with_source(err)
+        })
     }
 
     /// Writes `changes` in one transaction, in order.
@@ -224,45 +222,41 @@ impl Journal {
         if changes.is_empty() {
             return Ok(());
         }
-        self.with(|c| {
-            let tx = c.transaction().map_err(storage("write"))?;
+        self.with("write", |c| {
+            let tx = c.transaction()?;
             for change in changes {
-                apply_one(&tx, change).map_err(storage("write"))?;
+                apply_one(&tx, change)?;
             }
-            tx.commit().map_err(storage("write"))
+            tx.commit()
         })
     }
 
     /// Makes every committed change durable (fsync of the WAL).
     pub fn sync(&self) -> Result<()> {
-        self.with(|c| {
+        self.with("checkpoint", |c| {
             c.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
-                .map_err(storage("checkpoint"))
         })
     }
 
     /// The whole journal.
     pub fn load(&self) -> Result<Snapshot> {
-        self.with(|c| load(c).map_err(storage("load")))
+        self.with("load", |c| load(c))
     }
 
     /// What keeps the migration from being complete, counted from the
     /// journal itself.
     pub fn outstanding(&self) -> Result<Outstanding> {
-        self.with(|c| {
+        self.with("read", |c| {
             let count = |sql: &str| -> rusqlite::Result<u64> {
                 c.query_row(sql, [], |r| r.get::<_, i64>(0))
                     .map(|n| n as u64)
             };
-            let read = || -> rusqlite::Result<Outstanding> {
-                Ok(Outstanding {
-                    unpopulated: count("SELECT count(*) FROM entries WHERE state = 'unpopulated'")?,
-                    pending: count("SELECT count(*) FROM entries WHERE state = 'pending'")?,
-                    intents: count("SELECT count(*) FROM intents")?,
-                    errors: count("SELECT count(*) FROM errors")?,
-                })
-            };
-            read().map_err(storage("read"))
+            Ok(Outstanding {
+                unpopulated: count("SELECT count(*) FROM entries WHERE state = 'unpopulated'")?,
+                pending: count("SELECT count(*) FROM entries WHERE state = 'pending'")?,
+                intents: count("SELECT count(*) FROM intents")?,
+                errors: count("SELECT count(*) FROM errors")?,
+            })
         })
     }
 }

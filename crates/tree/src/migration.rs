@@ -79,10 +79,10 @@ pub fn check(config: &TreeConfig, fresh: bool) -> Result<()> {
         &config.target,
     ))?;
     if !target.is_dir() {
-        return Err(invalid(format!(
-            "the target {} is not a directory",
-            config.target.display()
-        )));
+        return Err(
+            Error::on(ErrorKind::Invalid, "use the target", &config.target)
+                .with_detail("not a directory"),
+        );
     }
     let source =
         config
@@ -102,10 +102,10 @@ pub fn check(config: &TreeConfig, fresh: bool) -> Result<()> {
         )));
     }
     if fresh && config.collision == Collision::Error && !is_empty(&config.target)? {
-        return Err(invalid(format!(
-            "the target {} is not empty (set collision=overwrite or collision=rename to merge)",
-            config.target.display()
-        )));
+        return Err(
+            Error::on(ErrorKind::Invalid, "use the target", &config.target)
+                .with_detail("not empty: set collision=overwrite or collision=rename to merge"),
+        );
     }
     if fresh {
         access::check_mountpoint(&config.access)?;
@@ -125,6 +125,7 @@ fn is_empty(dir: &Path) -> Result<bool> {
 /// A running tree migration. Shared by whoever watches it: stopping and
 /// committing take `&self`.
 pub struct TreeMigration {
+    migid: i64,
     namespace: Arc<Namespace>,
     controls: Arc<Controls>,
     access: Mutex<Option<AccessPoint>>,
@@ -137,6 +138,10 @@ impl TreeMigration {
     /// Opens the journal (resolving what a crash interrupted), mounts the
     /// access point and starts the workers.
     pub fn start(config: &TreeConfig, controls: Arc<Controls>) -> Result<TreeMigration> {
+        TreeMigration::mount(config, controls).map_err(|err| err.in_migration(config.migid))
+    }
+
+    fn mount(config: &TreeConfig, controls: Arc<Controls>) -> Result<TreeMigration> {
         let namespace = Arc::new(open_namespace(config)?);
         access::clear_stale_mount(&config.access)?;
         access::check_mountpoint(&config.access)?;
@@ -149,6 +154,7 @@ impl TreeMigration {
         );
         let bytes_at_start = namespace.counts().bytes_done;
         Ok(TreeMigration {
+            migid: config.migid,
             namespace,
             controls,
             access: Mutex::new(Some(access)),
@@ -192,12 +198,16 @@ impl TreeMigration {
 
     /// Stops the workers and unmounts; the journal keeps the position.
     pub fn stop(&self) -> Result<()> {
-        self.shutdown()
+        self.shutdown().map_err(|err| err.in_migration(self.migid))
     }
 
     /// Ends the migration: refused while anything is pending; unmounts the
     /// access point and leaves the target a plain directory tree, flushed.
     pub fn commit(&self) -> Result<()> {
+        self.finish().map_err(|err| err.in_migration(self.migid))
+    }
+
+    fn finish(&self) -> Result<()> {
         self.namespace.flush()?;
         let outstanding = self.namespace.journal().outstanding()?;
         if !self.namespace.is_complete() || !outstanding.is_complete() {
@@ -243,7 +253,7 @@ impl TreeMigration {
 impl Drop for TreeMigration {
     fn drop(&mut self) {
         if let Err(err) = self.shutdown() {
-            tracing::warn!("{err}");
+            tracing::warn!("{}", err.in_migration(self.migid).report());
         }
     }
 }

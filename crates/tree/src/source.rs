@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::{ErrorKind, Result, on};
+use crate::error::{Error, ErrorKind, Result, on};
 
 /// The type of a file system object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,10 +120,8 @@ impl Source {
         let metadata =
             fs::metadata(root).map_err(on(ErrorKind::Invalid, "open the source", root))?;
         if !metadata.is_dir() {
-            return Err(crate::Error::new(
-                ErrorKind::Invalid,
-                format!("the source {} is not a directory", root.display()),
-            ));
+            return Err(Error::on(ErrorKind::Invalid, "use the source", root)
+                .with_detail("not a directory"));
         }
         fs::read_dir(root).map_err(on(ErrorKind::Invalid, "list the source", root))?;
         Ok(Source {

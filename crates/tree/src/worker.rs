@@ -160,7 +160,7 @@ impl Shared {
                 Ok(Some(written)) => self.pace(written),
                 Ok(None) => return,
                 Err(err) => {
-                    tracing::warn!("{err}");
+                    tracing::warn!("{}", err.report());
                     self.namespace.record_failure(id, &err);
                     return;
                 }
@@ -186,7 +186,7 @@ impl Shared {
         while !self.done() {
             thread::sleep(FLUSH_EVERY);
             if let Err(err) = self.namespace.flush() {
-                tracing::error!("{err}");
+                tracing::error!("{}", err.report());
             }
         }
     }

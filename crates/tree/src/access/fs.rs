@@ -24,7 +24,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags as AtRenameFlags, Stat};
 use super::caller::Caller;
 use super::files::OpenFile;
 use super::nodes::Nodes;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, on};
 use crate::lock::{Mutex, Rank};
 use crate::namespace::{EntryId, Namespace};
 
@@ -77,7 +77,7 @@ pub(super) fn errno(err: impl Into<io::Error>) -> Errno {
 }
 
 pub(super) fn tree_errno(err: Error) -> Errno {
-    tracing::warn!("{err}");
+    tracing::warn!("{}", err.report());
     Errno::from_i32(err.errno())
 }
 
@@ -125,21 +125,9 @@ impl TreeFs {
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| {
-            Error::io(
-                ErrorKind::Target,
-                format!("cannot open {}", root.display()),
-                e.into(),
-            )
-        })?;
+        .map_err(|e| on(ErrorKind::Target, "open", &root)(e.into()))?;
         let root_ino = rustix::fs::fstat(&fd)
-            .map_err(|e| {
-                Error::io(
-                    ErrorKind::Target,
-                    format!("cannot stat {}", root.display()),
-                    e.into(),
-                )
-            })?
+            .map_err(|e| on(ErrorKind::Target, "stat", &root)(e.into()))?
             .st_ino;
         Ok(TreeFs {
             namespace,

@@ -209,7 +209,7 @@ impl Namespace {
     pub(super) fn recover(&self, intents: Vec<(i64, String)>) -> Result<()> {
         for (id, body) in intents {
             let intent: Intent = serde_json::from_str(&body).map_err(|e| {
-                Error::new(ErrorKind::Journal, format!("unreadable intent {id}: {e}"))
+                Error::new(ErrorKind::Journal, format!("unreadable intent {id}")).with_source(e)
             })?;
             let mut changes = Vec::new();
             match intent {

@@ -359,10 +359,9 @@ fn open_for_write(path: &std::path::Path, ino: u64) -> Result<File> {
         .map_err(on(ErrorKind::Target, "stat", path))?
         .ino();
     if found != ino {
-        return Err(Error::new(
-            ErrorKind::Target,
-            format!("{} was replaced while dmm opened it", path.display()),
-        ));
+        return Err(
+            Error::on(ErrorKind::Target, "open", path).with_detail("replaced while dmm opened it")
+        );
     }
     Ok(file)
 }

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::journal::{Change, EntryRow, EntryState, ErrorRow, Journal, NameRow, ROOT};
+use dmm_control::ValueError;
 use parking_lot::Condvar;
 use roaring::RoaringBitmap;
 
@@ -53,15 +54,17 @@ pub enum Collision {
 }
 
 impl std::str::FromStr for Collision {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(text: &str) -> std::result::Result<Collision, String> {
+    fn from_str(text: &str) -> std::result::Result<Collision, ValueError> {
         match text.to_ascii_lowercase().as_str() {
             "error" => Ok(Collision::Error),
             "overwrite" => Ok(Collision::Overwrite),
             "rename" => Ok(Collision::Rename),
-            _ => Err(format!(
-                "unknown collision policy {text:?} (choose error, overwrite or rename)"
+            _ => Err(ValueError::new(
+                "a collision policy",
+                text,
+                "choose error, overwrite or rename",
             )),
         }
     }
@@ -420,11 +423,9 @@ impl Namespace {
     /// Fails once the migration is closing (see [`Namespace::close`]).
     fn check_open(&self) -> Result<()> {
         if self.is_closing() {
-            return Err(Error::io(
-                ErrorKind::Access,
-                "the migration is stopping",
-                std::io::Error::from_raw_os_error(rustix::io::Errno::SHUTDOWN.raw_os_error()),
-            ));
+            let shutdown = rustix::io::Errno::SHUTDOWN.raw_os_error();
+            return Err(Error::new(ErrorKind::Access, "the migration is stopping")
+                .with_source(std::io::Error::from_raw_os_error(shutdown)));
         }
         Ok(())
     }
@@ -591,7 +592,7 @@ impl Namespace {
         let row = ErrorRow {
             entry: id,
             path: path.as_os_str().as_bytes().to_vec(),
-            message: err.to_string(),
+            message: err.report(),
             attempts,
             at: now_ms(),
         };

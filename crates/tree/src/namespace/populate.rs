@@ -143,10 +143,8 @@ impl Namespace {
             .map_err(|e| on(ErrorKind::Target, "stat", &path)(e.into()))?
             .st_ino;
         if found != ino {
-            return Err(Error::new(
-                ErrorKind::Target,
-                format!("{} was replaced while dmm opened it", path.display()),
-            ));
+            return Err(Error::on(ErrorKind::Target, "open", &path)
+                .with_detail("replaced while dmm opened it"));
         }
         Ok(Some((fd, path)))
     }
@@ -281,13 +279,8 @@ impl Namespace {
             return remove(target).map(|()| false);
         }
         match self.settings.collision {
-            Collision::Error => Err(Error::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{} already exists in the target (collision=error)",
-                    target.display()
-                ),
-            )),
+            Collision::Error => Err(Error::on(ErrorKind::Invalid, "create", target)
+                .with_detail("it already exists in the target, collision=error")),
             Collision::Overwrite => remove(target).map(|()| false),
             Collision::Rename => {
                 let mut aside = target.as_os_str().to_os_string();
