@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use dmm_control::{Controls, RateLimiter};
 
+use crate::journal::EntryId;
 use crate::lock::{Mutex, Rank};
-use crate::namespace::{EntryId, Namespace};
+use crate::namespace::Namespace;
 use crate::threads::join_within;
 
 /// How often batched journal marks are written.

@@ -21,7 +21,7 @@ use rustix::fs::{FallocateFlags, Mode, OFlags};
 
 use super::caller::Caller;
 use super::fs::{Reply, TreeFs, errno, proc_path, tree_errno};
-use crate::namespace::EntryId;
+use crate::journal::EntryId;
 
 /// Alignment of direct I/O buffers: enough for any logical block size.
 const DIRECT_ALIGN: usize = 4096;

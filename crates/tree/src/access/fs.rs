@@ -25,8 +25,9 @@ use super::caller::Caller;
 use super::files::OpenFile;
 use super::nodes::Nodes;
 use crate::error::{Error, ErrorKind, Result, on};
+use crate::journal::EntryId;
 use crate::lock::{Mutex, Rank};
-use crate::namespace::{EntryId, Namespace};
+use crate::namespace::Namespace;
 
 /// Regular files keep their page cache across opens: every byte the kernel
 /// caches came through a read, which fetched its segments first, or
