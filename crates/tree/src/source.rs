@@ -9,8 +9,11 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::io::Errno;
 
 use crate::error::{Error, ErrorKind, Result, on};
 
@@ -197,6 +200,45 @@ impl Source {
     /// Every extended attribute (POSIX ACLs included) with its value.
     pub fn xattrs(&self, relative: &Path) -> Result<Vec<(OsString, Vec<u8>)>> {
         let path = self.path(relative);
-        crate::fidelity::read_xattrs(&path).map_err(on(ErrorKind::Source, "read xattrs of", &path))
+        read_xattrs(&path).map_err(on(ErrorKind::Source, "read xattrs of", &path))
+    }
+}
+
+/// Every extended attribute of `path` (not following links) with its value.
+fn read_xattrs(path: &Path) -> io::Result<Vec<(OsString, Vec<u8>)>> {
+    let names = match grow(|buf| rustix::fs::llistxattr(path, buf)) {
+        Ok(names) => names,
+        Err(err) if err.raw_os_error() == Some(Errno::NOTSUP.raw_os_error()) => {
+            return Ok(Vec::new());
+        }
+        Err(err) => return Err(err),
+    };
+    let mut attributes = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = std::ffi::OsStr::from_bytes(name);
+        match grow(|buf| rustix::fs::lgetxattr(path, name, buf)) {
+            Ok(value) => attributes.push((name.to_os_string(), value)),
+            // Removed between list and get.
+            Err(err) if err.raw_os_error() == Some(Errno::NODATA.raw_os_error()) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(attributes)
+}
+
+/// Calls a size-probing xattr function with a buffer that grows until the
+/// value fits.
+fn grow(mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>) -> io::Result<Vec<u8>> {
+    let mut size = 256;
+    loop {
+        let mut buf = vec![0u8; size];
+        match call(&mut buf) {
+            Ok(len) => {
+                buf.truncate(len);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) if size < 1 << 20 => size *= 4,
+            Err(err) => return Err(err.into()),
+        }
     }
 }
