@@ -108,7 +108,6 @@ pub enum Change {
     Insert(EntryRow),
     State(EntryId, EntryState),
     Segments(EntryId, Vec<u8>),
-    TargetIno(EntryId, u64),
     Changed(EntryId),
     Delete(EntryId),
     AddName(NameRow),
@@ -286,10 +285,6 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
         Change::Segments(id, bits) => tx.execute(
             "UPDATE entries SET segments = ?2 WHERE id = ?1",
             params![id, bits],
-        ),
-        Change::TargetIno(id, ino) => tx.execute(
-            "UPDATE entries SET target_ino = ?2 WHERE id = ?1",
-            params![id, *ino as i64],
         ),
         Change::Changed(id) => tx.execute("UPDATE entries SET changed = 1 WHERE id = ?1", [id]),
         Change::Delete(id) => {
