@@ -114,9 +114,10 @@ impl Error {
     pub fn at_path(mut self, path: &Path, shown: &Path) -> Error {
         let inside = self.path.as_deref().and_then(|p| p.strip_prefix(path).ok());
         if let Some(rest) = inside {
-            self.path = Some(match rest.as_os_str().is_empty() {
-                true => shown.to_path_buf(),
-                false => shown.join(rest),
+            self.path = Some(if rest.as_os_str().is_empty() {
+                shown.to_path_buf()
+            } else {
+                shown.join(rest)
             });
         }
         self

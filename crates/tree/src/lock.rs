@@ -35,7 +35,7 @@ pub(crate) enum Rank {
     Nodes,
     /// `access::nodes`: the open descriptors.
     Descriptors,
-    /// `access::fs`: open files and directories.
+    /// `access::files` and `access::fs`: open files and directories.
     Handles,
     /// `worker`: the rate limiter.
     Limiter,

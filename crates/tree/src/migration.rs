@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::journal::{ErrorRow, Journal};
 use dmm_control::{Controls, Priority};
 use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::access::{self, AccessPoint};
 use crate::error::{Error, ErrorKind, Result, on};
+use crate::journal::{ErrorRow, Journal};
 use crate::namespace::{Collision, Counts, Namespace, Settings};
 use crate::source::Source;
 use crate::verify::{self, Mismatch};

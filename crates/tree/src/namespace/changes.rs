@@ -10,12 +10,12 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 
-use crate::journal::{Change, EntryId, EntryState};
 use serde::{Deserialize, Serialize};
 
 use super::Namespace;
 use super::state::{Entry, State};
 use crate::error::{Error, ErrorKind, Result};
+use crate::journal::{Change, EntryId, EntryState};
 
 /// A change under way, as journaled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,12 +11,11 @@ use std::fs::{self, File};
 use std::ops::Range;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
-use crate::journal::EntryId;
-
 use super::Namespace;
 use super::progress::Segment;
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::fidelity;
+use crate::journal::EntryId;
 
 /// How a claim on a segment ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

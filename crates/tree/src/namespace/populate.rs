@@ -11,7 +11,6 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::journal::{Change, EntryId, EntryState, NameRow};
 use rustix::fs::{Mode, OFlags};
 
 use super::changes::Intent;
@@ -20,6 +19,7 @@ use super::state::Entry;
 use super::{Collision, Namespace};
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::fidelity;
+use crate::journal::{Change, EntryId, EntryState, NameRow};
 use crate::source::{Child, Kind};
 
 /// A child placed in the target, to be recorded.
