@@ -1,8 +1,9 @@
 //! One SQLite file opened the way dmm needs it: WAL, the durability the
 //! caller asks for, a busy timeout, and its tables brought up to date by
 //! numbered steps (the version lives in SQLite's `user_version`; each step
-//! runs in its own transaction). The catalog and every tree journal are
-//! such files.
+//! runs in its own transaction). The catalog is such a file, and so is
+//! every tree journal (`dmm-tree` opens them through this, with its own
+//! [`Layout`]): one way to open, version and lock an SQLite file in dmm.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -12,7 +13,7 @@ use rusqlite::Connection;
 use crate::{Error, ErrorKind, Result, storage};
 
 /// What a database file holds and how it is opened.
-pub(crate) struct Layout {
+pub struct Layout {
     /// How error messages name the file ("the catalog").
     pub what: &'static str,
     /// `PRAGMA`s run at every open.
@@ -21,14 +22,16 @@ pub(crate) struct Layout {
     pub steps: &'static [&'static str],
 }
 
-/// An open database file.
-pub(crate) struct Database {
+/// An open database file: one connection, used by one caller at a time.
+pub struct Database {
     connection: Mutex<Connection>,
     path: PathBuf,
 }
 
 impl Database {
-    /// Opens (creating or upgrading) the file at `path`.
+    /// Opens (creating or upgrading) the file at `path`. A file whose
+    /// version is newer than `layout` knows is refused
+    /// ([`ErrorKind::Incompatible`]).
     pub fn open(path: &Path, layout: &Layout) -> Result<Database> {
         let context = format!("cannot open {} {}", layout.what, path.display());
         let mut connection = Connection::open(path).map_err(storage(&context))?;
@@ -42,12 +45,17 @@ impl Database {
         })
     }
 
+    /// The file it was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Runs `work` with the connection (one user at a time).
-    pub fn with<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    /// Runs `work` with the connection (one user at a time); its errors
+    /// are the caller's own.
+    pub fn with<T, E>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
         let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
         work(&mut connection)
     }

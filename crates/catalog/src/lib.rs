@@ -14,7 +14,6 @@
 mod database;
 mod lifecycle;
 mod schema;
-pub mod tree_journal;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::database::Database;
+pub use crate::database::{Database, Layout};
 
 pub use lifecycle::{
     Kind, Leads, RULES, Recovery, Refused, Reopen, Rule, State, UnknownName, Verb, markdown_table,

@@ -1,7 +1,8 @@
 //! Making a target object a faithful copy of its source: placeholders of
 //! every type, owner, mode, nanosecond times, extended attributes (POSIX
 //! ACLs are the `system.posix_acl_*` attributes), and file data copied
-//! extent by extent so that holes stay holes.
+//! extent by extent so that holes stay holes. What it copies is read by
+//! `source`.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -82,45 +83,6 @@ pub fn set_times(path: &Path, meta: &Meta) -> io::Result<()> {
         last_modification: timespec(meta.mtime),
     };
     rustix::fs::utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from)
-}
-
-/// Every extended attribute of `path` (not following links) with its value.
-pub fn read_xattrs(path: &Path) -> io::Result<Vec<(OsString, Vec<u8>)>> {
-    let names = match grow(|buf| rustix::fs::llistxattr(path, buf)) {
-        Ok(names) => names,
-        Err(err) if err.raw_os_error() == Some(Errno::NOTSUP.raw_os_error()) => {
-            return Ok(Vec::new());
-        }
-        Err(err) => return Err(err),
-    };
-    let mut attributes = Vec::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let name = std::ffi::OsStr::from_bytes(name);
-        match grow(|buf| rustix::fs::lgetxattr(path, name, buf)) {
-            Ok(value) => attributes.push((name.to_os_string(), value)),
-            // Removed between list and get.
-            Err(err) if err.raw_os_error() == Some(Errno::NODATA.raw_os_error()) => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(attributes)
-}
-
-/// Calls a size-probing xattr function with a buffer that grows until the
-/// value fits.
-fn grow(mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>) -> io::Result<Vec<u8>> {
-    let mut size = 256;
-    loop {
-        let mut buf = vec![0u8; size];
-        match call(&mut buf) {
-            Ok(len) => {
-                buf.truncate(len);
-                return Ok(buf);
-            }
-            Err(Errno::RANGE) if size < 1 << 20 => size *= 4,
-            Err(err) => return Err(err.into()),
-        }
-    }
 }
 
 /// Copies the data of `source` in `start..end` to the same offsets of

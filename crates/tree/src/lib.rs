@@ -4,18 +4,24 @@
 //! fetched when first read or written, the rest migrated in the
 //! background; every namespace change is journaled so that nothing is lost
 //! or brought back. `DESIGN.md` next to this crate explains the rules.
+//!
+//! The daemon drives a migration through [`TreeMigration`], configured by
+//! a [`TreeConfig`] that [`check`] validates first; everything else is the
+//! engine's own.
 
-pub mod access;
-pub mod error;
-pub mod fidelity;
+mod access;
+mod error;
+mod fidelity;
+mod journal;
 mod lock;
-pub mod migration;
-pub mod namespace;
-pub mod source;
+mod migration;
+mod namespace;
+mod source;
 mod threads;
-pub mod verify;
-pub mod worker;
+mod verify;
+mod worker;
 
 pub use error::{Error, ErrorKind, Result};
-pub use migration::{TreeConfig, TreeMigration, TreeProgress, check};
-pub use namespace::Collision;
+pub use migration::{ErrorReport, TreeConfig, TreeMigration, TreeProgress, check};
+pub use namespace::{Collision, Counts};
+pub use verify::Mismatch;

@@ -26,7 +26,8 @@ pub(crate) enum Rank {
     Linking,
     /// `namespace`: journal flushes, one batch at a time.
     Flushing,
-    /// The journal's SQLite connection (in `dmm-catalog`).
+    /// The journal's SQLite connection (`journal`; the lock is inside
+    /// `dmm-catalog`'s `Database`).
     Journal,
     /// `namespace`: the in-memory state.
     State,
@@ -34,7 +35,7 @@ pub(crate) enum Rank {
     Nodes,
     /// `access::nodes`: the open descriptors.
     Descriptors,
-    /// `access::fs`: open files and directories.
+    /// `access::files` and `access::fs`: open files and directories.
     Handles,
     /// `worker`: the rate limiter.
     Limiter,

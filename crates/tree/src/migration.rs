@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use dmm_catalog::tree_journal::{ErrorRow, TreeJournal};
 use dmm_control::{Controls, Priority};
 use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::access::{self, AccessPoint};
 use crate::error::{Error, ErrorKind, Result, on};
+use crate::journal::{ErrorRow, Journal};
 use crate::namespace::{Collision, Counts, Namespace, Settings};
 use crate::source::Source;
 use crate::verify::{self, Mismatch};
@@ -79,10 +79,10 @@ pub fn check(config: &TreeConfig, fresh: bool) -> Result<()> {
         &config.target,
     ))?;
     if !target.is_dir() {
-        return Err(invalid(format!(
-            "the target {} is not a directory",
-            config.target.display()
-        )));
+        return Err(
+            Error::on(ErrorKind::Invalid, "use the target", &config.target)
+                .with_detail("not a directory"),
+        );
     }
     let source =
         config
@@ -102,10 +102,10 @@ pub fn check(config: &TreeConfig, fresh: bool) -> Result<()> {
         )));
     }
     if fresh && config.collision == Collision::Error && !is_empty(&config.target)? {
-        return Err(invalid(format!(
-            "the target {} is not empty (set collision=overwrite or collision=rename to merge)",
-            config.target.display()
-        )));
+        return Err(
+            Error::on(ErrorKind::Invalid, "use the target", &config.target)
+                .with_detail("not empty: set collision=overwrite or collision=rename to merge"),
+        );
     }
     if fresh {
         access::check_mountpoint(&config.access)?;
@@ -125,6 +125,7 @@ fn is_empty(dir: &Path) -> Result<bool> {
 /// A running tree migration. Shared by whoever watches it: stopping and
 /// committing take `&self`.
 pub struct TreeMigration {
+    migid: i64,
     namespace: Arc<Namespace>,
     controls: Arc<Controls>,
     access: Mutex<Option<AccessPoint>>,
@@ -137,6 +138,10 @@ impl TreeMigration {
     /// Opens the journal (resolving what a crash interrupted), mounts the
     /// access point and starts the workers.
     pub fn start(config: &TreeConfig, controls: Arc<Controls>) -> Result<TreeMigration> {
+        TreeMigration::mount(config, controls).map_err(|err| err.in_migration(config.migid))
+    }
+
+    fn mount(config: &TreeConfig, controls: Arc<Controls>) -> Result<TreeMigration> {
         let namespace = Arc::new(open_namespace(config)?);
         access::clear_stale_mount(&config.access)?;
         access::check_mountpoint(&config.access)?;
@@ -149,6 +154,7 @@ impl TreeMigration {
         );
         let bytes_at_start = namespace.counts().bytes_done;
         Ok(TreeMigration {
+            migid: config.migid,
             namespace,
             controls,
             access: Mutex::new(Some(access)),
@@ -192,18 +198,18 @@ impl TreeMigration {
 
     /// Stops the workers and unmounts; the journal keeps the position.
     pub fn stop(&self) -> Result<()> {
-        self.shutdown()
+        self.shutdown().map_err(|err| err.in_migration(self.migid))
     }
 
     /// Ends the migration: refused while anything is pending; unmounts the
     /// access point and leaves the target a plain directory tree, flushed.
     pub fn commit(&self) -> Result<()> {
+        self.finish().map_err(|err| err.in_migration(self.migid))
+    }
+
+    fn finish(&self) -> Result<()> {
         self.namespace.flush()?;
-        let outstanding = self
-            .namespace
-            .journal()
-            .outstanding()
-            .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))?;
+        let outstanding = self.namespace.journal().outstanding()?;
         if !self.namespace.is_complete() || !outstanding.is_complete() {
             return Err(invalid(format!(
                 "cannot commit: {} directories and {} files still pending, {} in error",
@@ -221,10 +227,7 @@ impl TreeMigration {
         ))?;
         rustix::fs::syncfs(&root)
             .map_err(|e| on(ErrorKind::Target, "sync", self.namespace.target_root())(e.into()))?;
-        self.namespace
-            .journal()
-            .sync()
-            .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))
+        self.namespace.journal().sync()
     }
 
     /// Stops everything, each wait bounded: no new request or worker step
@@ -250,15 +253,14 @@ impl TreeMigration {
 impl Drop for TreeMigration {
     fn drop(&mut self) {
         if let Err(err) = self.shutdown() {
-            tracing::warn!("{err}");
+            tracing::warn!("{}", err.in_migration(self.migid).report());
         }
     }
 }
 
 fn open_namespace(config: &TreeConfig) -> Result<Namespace> {
     let source = Source::open(&config.source)?;
-    let journal = TreeJournal::open(&config.journal)
-        .map_err(|e| Error::new(ErrorKind::Journal, e.to_string()))?;
+    let journal = Journal::open(&config.journal)?;
     let settings = Settings {
         migid: config.migid,
         segsize: config.segsize,

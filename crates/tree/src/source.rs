@@ -9,10 +9,13 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::{ErrorKind, Result, on};
+use rustix::io::Errno;
+
+use crate::error::{Error, ErrorKind, Result, on};
 
 /// The type of a file system object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,10 +123,8 @@ impl Source {
         let metadata =
             fs::metadata(root).map_err(on(ErrorKind::Invalid, "open the source", root))?;
         if !metadata.is_dir() {
-            return Err(crate::Error::new(
-                ErrorKind::Invalid,
-                format!("the source {} is not a directory", root.display()),
-            ));
+            return Err(Error::on(ErrorKind::Invalid, "use the source", root)
+                .with_detail("not a directory"));
         }
         fs::read_dir(root).map_err(on(ErrorKind::Invalid, "list the source", root))?;
         Ok(Source {
@@ -199,6 +200,45 @@ impl Source {
     /// Every extended attribute (POSIX ACLs included) with its value.
     pub fn xattrs(&self, relative: &Path) -> Result<Vec<(OsString, Vec<u8>)>> {
         let path = self.path(relative);
-        crate::fidelity::read_xattrs(&path).map_err(on(ErrorKind::Source, "read xattrs of", &path))
+        read_xattrs(&path).map_err(on(ErrorKind::Source, "read xattrs of", &path))
+    }
+}
+
+/// Every extended attribute of `path` (not following links) with its value.
+fn read_xattrs(path: &Path) -> io::Result<Vec<(OsString, Vec<u8>)>> {
+    let names = match grow(|buf| rustix::fs::llistxattr(path, buf)) {
+        Ok(names) => names,
+        Err(err) if err.raw_os_error() == Some(Errno::NOTSUP.raw_os_error()) => {
+            return Ok(Vec::new());
+        }
+        Err(err) => return Err(err),
+    };
+    let mut attributes = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = std::ffi::OsStr::from_bytes(name);
+        match grow(|buf| rustix::fs::lgetxattr(path, name, buf)) {
+            Ok(value) => attributes.push((name.to_os_string(), value)),
+            // Removed between list and get.
+            Err(err) if err.raw_os_error() == Some(Errno::NODATA.raw_os_error()) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(attributes)
+}
+
+/// Calls a size-probing xattr function with a buffer that grows until the
+/// value fits.
+fn grow(mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>) -> io::Result<Vec<u8>> {
+    let mut size = 256;
+    loop {
+        let mut buf = vec![0u8; size];
+        match call(&mut buf) {
+            Ok(len) => {
+                buf.truncate(len);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) if size < 1 << 20 => size *= 4,
+            Err(err) => return Err(err.into()),
+        }
     }
 }

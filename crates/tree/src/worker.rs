@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use dmm_control::{Controls, RateLimiter};
 
+use crate::journal::EntryId;
 use crate::lock::{Mutex, Rank};
-use crate::namespace::{EntryId, Namespace};
+use crate::namespace::Namespace;
 use crate::threads::join_within;
 
 /// How often batched journal marks are written.
@@ -160,7 +161,7 @@ impl Shared {
                 Ok(Some(written)) => self.pace(written),
                 Ok(None) => return,
                 Err(err) => {
-                    tracing::warn!("{err}");
+                    tracing::warn!("{}", err.report());
                     self.namespace.record_failure(id, &err);
                     return;
                 }
@@ -186,7 +187,7 @@ impl Shared {
         while !self.done() {
             thread::sleep(FLUSH_EVERY);
             if let Err(err) = self.namespace.flush() {
-                tracing::error!("{err}");
+                tracing::error!("{}", err.report());
             }
         }
     }

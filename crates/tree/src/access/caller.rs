@@ -22,7 +22,7 @@ use fuser::{Errno, Request};
 use rustix::fs::Mode;
 use rustix::process::Gid;
 
-use super::fs::{Reply, errno};
+use super::reply::{Reply, errno};
 
 /// The identity of the process a request came from.
 #[derive(Debug, Clone, Copy)]

@@ -10,18 +10,20 @@
 //! buffers FUSE hands dmm have no alignment, so direct I/O goes through an
 //! aligned bounce buffer.
 
-use std::ffi::OsStr;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
-use fuser::{Errno, FileAttr, FileHandle, INodeNo, Request};
+use fuser::{Errno, FileHandle};
 use rustix::fs::{FallocateFlags, Mode, OFlags};
 
-use super::caller::Caller;
-use super::fs::{Reply, TreeFs, errno, proc_path, tree_errno};
-use crate::namespace::EntryId;
+use super::reply::{Reply, errno, proc_path, tree_errno};
+use crate::journal::EntryId;
+use crate::lock::{Mutex, Rank};
+use crate::namespace::Namespace;
 
 /// Alignment of direct I/O buffers: enough for any logical block size.
 const DIRECT_ALIGN: usize = 4096;
@@ -34,7 +36,7 @@ pub(super) struct OpenFile {
 }
 
 impl OpenFile {
-    fn new(file: File, entry: Option<EntryId>, flags: OFlags) -> OpenFile {
+    pub(super) fn new(file: File, entry: Option<EntryId>, flags: OFlags) -> OpenFile {
         OpenFile {
             file,
             entry,
@@ -43,7 +45,7 @@ impl OpenFile {
     }
 
     /// Reads up to `size` bytes at `offset` (fewer at the end of the file).
-    fn read(&self, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+    fn read_at(&self, offset: u64, size: u32) -> io::Result<Vec<u8>> {
         let mut buffer = Buffer::new(size as usize, self.direct);
         let buf = buffer.as_mut();
         let mut done = 0;
@@ -58,7 +60,7 @@ impl OpenFile {
         Ok(buf[..done].to_vec())
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         if !self.direct {
             return self.file.write_all_at(data, offset);
         }
@@ -71,7 +73,7 @@ impl OpenFile {
         self.file.set_len(size)
     }
 
-    pub(super) fn sync(&self, data_only: bool) -> io::Result<()> {
+    fn sync(&self, data_only: bool) -> io::Result<()> {
         if data_only {
             self.file.sync_data()
         } else {
@@ -113,65 +115,49 @@ fn reopen_flags(flags: i32) -> OFlags {
     OFlags::from_bits_retain(flags as u32 & !dropped.bits())
 }
 
-impl TreeFs {
-    pub(super) fn do_open(&self, ino: INodeNo, flags: i32) -> Reply<u64> {
-        let fd = self.fd(ino)?;
-        let entry = self.entry(ino);
+/// The hooks in front of each operation on an open file: what the
+/// migration must do before the client's operation reaches the target.
+impl OpenFile {
+    /// Opens `fd` (an `O_PATH` descriptor of tracked `entry`, if any) with
+    /// FUSE's open `flags`; a truncating open is prepared as a truncate.
+    pub(super) fn open(
+        namespace: &Namespace,
+        fd: &OwnedFd,
+        entry: Option<EntryId>,
+        flags: i32,
+    ) -> Reply<OpenFile> {
         let oflags = reopen_flags(flags);
         if oflags.contains(OFlags::TRUNC)
             && let Some(id) = entry
         {
-            self.namespace.prepare_truncate(id, 0).map_err(tree_errno)?;
+            namespace.prepare_truncate(id, 0).map_err(tree_errno)?;
         }
-        let file = rustix::fs::open(proc_path(&*fd), oflags | OFlags::CLOEXEC, Mode::empty())
+        let file = rustix::fs::open(proc_path(fd), oflags | OFlags::CLOEXEC, Mode::empty())
             .map_err(errno)?;
-        Ok(self.add_file(OpenFile::new(File::from(file), entry, oflags)))
+        Ok(OpenFile::new(File::from(file), entry, oflags))
     }
 
-    /// Creates and opens a regular file, as the caller.
-    pub(super) fn do_create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        (mode, umask): (u32, u32),
-        flags: i32,
-    ) -> Reply<(FileAttr, u64)> {
-        let dir = self.populated_dir(parent)?;
-        let oflags =
-            OFlags::from_bits_retain(flags as u32 & !(OFlags::NOCTTY | OFlags::APPEND).bits())
-                | OFlags::CREATE
-                | OFlags::CLOEXEC;
-        let file = Caller::of(req).create(Some(umask), || {
-            rustix::fs::openat(&*dir.fd, name, oflags, Mode::from_raw_mode(mode & 0o7777))
-        })?;
-        let attr = self.remember(&dir, name)?;
-        let entry = self.namespace.entry_of_ino(self.to_target(attr.ino));
-        let handle = self.add_file(OpenFile::new(File::from(file), entry, oflags));
-        Ok((attr, handle))
-    }
-
-    pub(super) fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Reply<Vec<u8>> {
-        let open = self.open_file(fh)?;
-        if let Some(id) = open.entry
-            && self.namespace.is_pending_file(id)
+    /// Reads, after fetching the segments the read covers.
+    pub(super) fn read(&self, namespace: &Namespace, offset: u64, size: u32) -> Reply<Vec<u8>> {
+        if let Some(id) = self.entry
+            && namespace.is_pending_file(id)
         {
-            self.namespace.prioritise(id);
-            self.namespace
+            namespace.prioritise(id);
+            namespace
                 .fetch(id, offset..offset + u64::from(size))
                 .map_err(tree_errno)?;
         }
-        open.read(offset, size).map_err(errno)
+        self.read_at(offset, size).map_err(errno)
     }
 
-    pub(super) fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Reply<u32> {
-        let open = self.open_file(fh)?;
-        if let Some(id) = open.entry {
-            self.namespace
+    /// Writes, after the segments it touches are fetched and marked.
+    pub(super) fn write(&self, namespace: &Namespace, offset: u64, data: &[u8]) -> Reply<u32> {
+        if let Some(id) = self.entry {
+            namespace
                 .prepare_write(id, offset..offset + data.len() as u64)
                 .map_err(tree_errno)?;
         }
-        open.write(offset, data).map_err(errno)?;
+        self.write_at(offset, data).map_err(errno)?;
         Ok(data.len() as u32)
     }
 
@@ -179,53 +165,50 @@ impl TreeFs {
     /// changed); punching a hole or zeroing a range replaces the source's
     /// bytes there, so the segments it cuts are fetched first and the ones
     /// it covers are not copied any more.
-    pub(super) fn do_fallocate(
+    pub(super) fn allocate(
         &self,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
+        namespace: &Namespace,
+        (offset, length): (u64, u64),
         mode: i32,
     ) -> Reply<()> {
-        let open = self.open_file(fh)?;
         let flags = FallocateFlags::from_bits_retain(mode as u32);
-        if let Some(id) = open.entry {
+        if let Some(id) = self.entry {
             let end = offset.saturating_add(length);
             let prepared =
                 if flags.intersects(FallocateFlags::PUNCH_HOLE | FallocateFlags::ZERO_RANGE) {
-                    self.namespace.prepare_zero(id, offset..end)
+                    namespace.prepare_zero(id, offset..end)
                 } else {
-                    self.namespace.note_change(id)
+                    namespace.note_change(id)
                 };
             prepared.map_err(tree_errno)?;
         }
-        rustix::fs::fallocate(open.file.as_fd(), flags, offset, length).map_err(errno)
+        rustix::fs::fallocate(self.file.as_fd(), flags, offset, length).map_err(errno)
     }
 
-    /// `copy_file_range` between two open files: the source range is
+    /// `copy_file_range` from this file to `output`: the source range is
     /// fetched and the destination range prepared as for a write, then the
     /// target file system copies (or clones) it.
-    pub(super) fn do_copy_file_range(
+    pub(super) fn copy_to(
         &self,
-        (fh_in, offset_in): (FileHandle, u64),
-        (fh_out, offset_out): (FileHandle, u64),
+        namespace: &Namespace,
+        offset_in: u64,
+        (output, offset_out): (&OpenFile, u64),
         len: u64,
     ) -> Reply<u32> {
-        let input = self.open_file(fh_in)?;
-        let output = self.open_file(fh_out)?;
         let len = len.min(u64::from(u32::MAX));
-        if let Some(id) = input.entry {
-            self.namespace
+        if let Some(id) = self.entry {
+            namespace
                 .fetch(id, offset_in..offset_in.saturating_add(len))
                 .map_err(tree_errno)?;
         }
         if let Some(id) = output.entry {
-            self.namespace
+            namespace
                 .prepare_write(id, offset_out..offset_out.saturating_add(len))
                 .map_err(tree_errno)?;
         }
         let (mut at_in, mut at_out) = (offset_in, offset_out);
         let copied = rustix::fs::copy_file_range(
-            input.file.as_fd(),
+            self.file.as_fd(),
             Some(&mut at_in),
             output.file.as_fd(),
             Some(&mut at_out),
@@ -235,23 +218,35 @@ impl TreeFs {
         Ok(copied as u32)
     }
 
-    pub(super) fn do_fsync(&self, fh: FileHandle, data_only: bool) -> Reply<()> {
-        let open = self.open_file(fh)?;
-        self.namespace.flush().map_err(tree_errno)?;
-        open.sync(data_only).map_err(errno)
+    /// `fsync`: the journal first, so that the marks of what the client
+    /// makes durable are durable too.
+    pub(super) fn fsync(&self, namespace: &Namespace, data_only: bool) -> Reply<()> {
+        namespace.flush().map_err(tree_errno)?;
+        self.sync(data_only).map_err(errno)
+    }
+}
+
+/// The open files, by handle.
+pub(super) struct OpenFiles {
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+}
+
+impl OpenFiles {
+    pub(super) fn new() -> OpenFiles {
+        OpenFiles {
+            files: Mutex::new(Rank::Handles, HashMap::new()),
+        }
     }
 
-    pub(super) fn open_file(&self, fh: FileHandle) -> Reply<std::sync::Arc<OpenFile>> {
+    pub(super) fn get(&self, fh: FileHandle) -> Reply<Arc<OpenFile>> {
         self.files.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
-    fn add_file(&self, file: OpenFile) -> u64 {
-        let handle = self.handle();
-        self.files.lock().insert(handle, std::sync::Arc::new(file));
-        handle
+    pub(super) fn insert(&self, handle: u64, file: OpenFile) {
+        self.files.lock().insert(handle, Arc::new(file));
     }
 
-    pub(super) fn close_file(&self, fh: FileHandle) {
+    pub(super) fn remove(&self, fh: FileHandle) {
         self.files.lock().remove(&fh.0);
     }
 }

@@ -1,14 +1,15 @@
 //! The FUSE operations: a passthrough to the target with the migration's
-//! hooks in front. Namespace operations live here, open files in `files`,
-//! new objects are made as the caller (`caller`).
+//! hooks in front. Namespace operations live here; what an open file does
+//! is in `files`, how new objects are made as the caller in `caller`, how
+//! inodes are found again in `nodes`.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirEntryExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,11 +23,13 @@ use fuser::{
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags as AtRenameFlags, Stat};
 
 use super::caller::Caller;
-use super::files::OpenFile;
+use super::files::{OpenFile, OpenFiles};
 use super::nodes::Nodes;
-use crate::error::{Error, ErrorKind, Result};
+use super::reply::{Reply, errno, proc_path, tree_errno};
+use crate::error::{ErrorKind, Result, on};
+use crate::journal::EntryId;
 use crate::lock::{Mutex, Rank};
-use crate::namespace::{EntryId, Namespace};
+use crate::namespace::Namespace;
 
 /// Regular files keep their page cache across opens: every byte the kernel
 /// caches came through a read, which fetched its segments first, or
@@ -45,10 +48,10 @@ const TTL: Duration = Duration::from_secs(1);
 const WANTED: InitFlags = InitFlags::FUSE_DONT_MASK.union(InitFlags::FUSE_POSIX_ACL);
 
 /// A directory an operation works in.
-pub(super) struct Dir {
+struct Dir {
     /// Its target inode number.
     ino: u64,
-    pub(super) fd: Arc<OwnedFd>,
+    fd: Arc<OwnedFd>,
     /// Its tracked entry, if the migration tracks it.
     entry: Option<EntryId>,
 }
@@ -61,28 +64,13 @@ struct DirItem {
 }
 
 pub(super) struct TreeFs {
-    pub(super) namespace: Arc<Namespace>,
+    namespace: Arc<Namespace>,
     /// Target inode number of the root (FUSE inode 1).
     root_ino: u64,
     nodes: Nodes,
-    pub(super) files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    files: OpenFiles,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_handle: AtomicU64,
-}
-
-pub(super) type Reply<T> = std::result::Result<T, Errno>;
-
-pub(super) fn errno(err: impl Into<io::Error>) -> Errno {
-    Errno::from(err.into())
-}
-
-pub(super) fn tree_errno(err: Error) -> Errno {
-    tracing::warn!("{err}");
-    Errno::from_i32(err.errno())
-}
-
-pub(super) fn proc_path(fd: &impl AsRawFd) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// How many `O_PATH` descriptors of known inodes stay open: a quarter of
@@ -125,27 +113,15 @@ impl TreeFs {
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| {
-            Error::io(
-                ErrorKind::Target,
-                format!("cannot open {}", root.display()),
-                e.into(),
-            )
-        })?;
+        .map_err(|e| on(ErrorKind::Target, "open", &root)(e.into()))?;
         let root_ino = rustix::fs::fstat(&fd)
-            .map_err(|e| {
-                Error::io(
-                    ErrorKind::Target,
-                    format!("cannot stat {}", root.display()),
-                    e.into(),
-                )
-            })?
+            .map_err(|e| on(ErrorKind::Target, "stat", &root)(e.into()))?
             .st_ino;
         Ok(TreeFs {
             namespace,
             root_ino,
             nodes: Nodes::new(root_ino, fd, open_descriptor_budget()),
-            files: Mutex::new(Rank::Handles, HashMap::new()),
+            files: OpenFiles::new(),
             dirs: Mutex::new(Rank::Handles, HashMap::new()),
             next_handle: AtomicU64::new(1),
         })
@@ -161,7 +137,7 @@ impl TreeFs {
         })
     }
 
-    pub(super) fn to_target(&self, ino: INodeNo) -> u64 {
+    fn to_target(&self, ino: INodeNo) -> u64 {
         match ino.0 {
             1 => self.root_ino,
             t if t == self.root_ino => 1,
@@ -169,7 +145,7 @@ impl TreeFs {
         }
     }
 
-    pub(super) fn fd(&self, ino: INodeNo) -> Reply<Arc<OwnedFd>> {
+    fn fd(&self, ino: INodeNo) -> Reply<Arc<OwnedFd>> {
         self.nodes.fd(self.to_target(ino))
     }
 
@@ -217,12 +193,12 @@ impl TreeFs {
     }
 
     /// The tracked entry of an inode.
-    pub(super) fn entry(&self, ino: INodeNo) -> Option<EntryId> {
+    fn entry(&self, ino: INodeNo) -> Option<EntryId> {
         self.namespace.entry_of_ino(self.to_target(ino))
     }
 
     /// The directory `parent`, populated.
-    pub(super) fn populated_dir(&self, parent: INodeNo) -> Reply<Dir> {
+    fn populated_dir(&self, parent: INodeNo) -> Reply<Dir> {
         let fd = self.fd(parent)?;
         let entry = self.entry(parent);
         if let Some(id) = entry {
@@ -237,7 +213,7 @@ impl TreeFs {
 
     /// Registers a lookup of `name` in `dir` and returns its attributes.
     /// Directories get tracked: tracked entries may be moved into them.
-    pub(super) fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<FileAttr> {
+    fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<FileAttr> {
         let st = self.nodes.look_up(dir.ino, &dir.fd, name)?;
         if kind_of(st.st_mode) == FileType::Directory
             && let Some(parent_entry) = dir.entry
@@ -258,7 +234,7 @@ impl TreeFs {
             .map(|st| st.st_ino)
     }
 
-    pub(super) fn handle(&self) -> u64 {
+    fn handle(&self) -> u64 {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -297,7 +273,7 @@ impl TreeFs {
                     .prepare_truncate(id, size)
                     .map_err(tree_errno)?;
             }
-            match fh.and_then(|fh| self.open_file(fh).ok()) {
+            match fh.and_then(|fh| self.files.get(fh).ok()) {
                 Some(open) => open.set_len(size).map_err(errno)?,
                 None => std::fs::OpenOptions::new()
                     .write(true)
@@ -352,7 +328,7 @@ impl TreeFs {
         self.do_getattr(ino)
     }
 
-    /// Makes a new object (not a regular file: `files::do_create`) as the
+    /// Makes a new object (not a regular file: `do_create`) as the
     /// caller, with the request's umask where it applies.
     fn do_create_node(
         &self,
@@ -442,6 +418,40 @@ impl TreeFs {
         };
         outcome.map_err(errno)?;
         self.remember(&dir, new_name)
+    }
+
+    fn do_open(&self, ino: INodeNo, flags: i32) -> Reply<u64> {
+        let fd = self.fd(ino)?;
+        let file = OpenFile::open(&self.namespace, &fd, self.entry(ino), flags)?;
+        Ok(self.add_file(file))
+    }
+
+    /// Creates and opens a regular file, as the caller.
+    fn do_create(
+        &self,
+        req: &Request,
+        (parent, name): (INodeNo, &OsStr),
+        (mode, umask): (u32, u32),
+        flags: i32,
+    ) -> Reply<(FileAttr, u64)> {
+        let dir = self.populated_dir(parent)?;
+        let oflags =
+            OFlags::from_bits_retain(flags as u32 & !(OFlags::NOCTTY | OFlags::APPEND).bits())
+                | OFlags::CREATE
+                | OFlags::CLOEXEC;
+        let file = Caller::of(req).create(Some(umask), || {
+            rustix::fs::openat(&*dir.fd, name, oflags, Mode::from_raw_mode(mode & 0o7777))
+        })?;
+        let attr = self.remember(&dir, name)?;
+        let entry = self.namespace.entry_of_ino(self.to_target(attr.ino));
+        let handle = self.add_file(OpenFile::new(std::fs::File::from(file), entry, oflags));
+        Ok((attr, handle))
+    }
+
+    fn add_file(&self, file: OpenFile) -> u64 {
+        let handle = self.handle();
+        self.files.insert(handle, file);
+        handle
     }
 
     fn do_opendir(&self, ino: INodeNo) -> Reply<u64> {
@@ -685,7 +695,11 @@ impl Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.do_read(fh, offset, size) {
+        match self
+            .files
+            .get(fh)
+            .and_then(|f| f.read(&self.namespace, offset, size))
+        {
             Ok(data) => reply.data(&data),
             Err(err) => reply.error(err),
         }
@@ -703,7 +717,11 @@ impl Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh, offset, data) {
+        match self
+            .files
+            .get(fh)
+            .and_then(|f| f.write(&self.namespace, offset, data))
+        {
             Ok(written) => reply.written(written),
             Err(err) => reply.error(err),
         }
@@ -730,7 +748,7 @@ impl Filesystem for TreeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.close_file(fh);
+        self.files.remove(fh);
         reply.ok();
     }
 
@@ -742,7 +760,11 @@ impl Filesystem for TreeFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.do_fsync(fh, datasync));
+        let result = self
+            .files
+            .get(fh)
+            .and_then(|f| f.fsync(&self.namespace, datasync));
+        reply_empty(reply, result);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -869,7 +891,7 @@ impl Filesystem for TreeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, parent, name, (mode, umask), flags) {
+        match self.do_create(req, (parent, name), (mode, umask), flags) {
             Ok((attr, handle)) => reply.created(
                 &TTL,
                 &attr,
@@ -891,7 +913,11 @@ impl Filesystem for TreeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.do_fallocate(fh, offset, length, mode));
+        let result = self
+            .files
+            .get(fh)
+            .and_then(|f| f.allocate(&self.namespace, (offset, length), mode));
+        reply_empty(reply, result);
     }
 
     fn copy_file_range(
@@ -907,7 +933,11 @@ impl Filesystem for TreeFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self.do_copy_file_range((fh_in, offset_in), (fh_out, offset_out), len) {
+        let copied = self.files.get(fh_in).and_then(|input| {
+            let output = self.files.get(fh_out)?;
+            input.copy_to(&self.namespace, offset_in, (&output, offset_out), len)
+        });
+        match copied {
             Ok(copied) => reply.written(copied),
             Err(err) => reply.error(err),
         }

@@ -17,5 +17,6 @@ mod files;
 mod fs;
 mod mount;
 mod nodes;
+mod reply;
 
 pub use mount::{AccessPoint, check_mountpoint, clear_stale_mount};

@@ -93,14 +93,15 @@ impl AccessPoint {
     /// says so.
     pub fn unmount_unless_busy(&mut self) -> Result<()> {
         match rustix::mount::unmount(&self.path, UnmountFlags::empty()) {
-            Err(Errno::BUSY) => Err(Error::new(
-                ErrorKind::Invalid,
-                format!(
-                    "the access point {} is in use (files open or working directories there): \
-                     stop the applications using it, then try again",
-                    self.path.display()
-                ),
-            )),
+            Err(Errno::BUSY) => {
+                Err(
+                    Error::on(ErrorKind::Invalid, "unmount the access point", &self.path)
+                        .with_detail(
+                            "in use, files open or working directories there: \
+                 stop the applications using it, then try again",
+                        ),
+                )
+            }
             // Not root: `detach` unmounts through fusermount.
             Ok(()) | Err(_) => self.detach(),
         }
@@ -113,14 +114,14 @@ impl AccessPoint {
             return Ok(());
         };
         if join_within(vec![session], STOP_WITHIN) > 0 {
-            return Err(Error::new(
-                ErrorKind::Access,
-                format!(
-                    "the access point {} still had requests in flight {} s after it was unmounted",
-                    self.path.display(),
-                    STOP_WITHIN.as_secs()
+            return Err(
+                Error::on(ErrorKind::Access, "stop the access point", &self.path).with_detail(
+                    format!(
+                        "requests still in flight {} s after it was unmounted",
+                        STOP_WITHIN.as_secs()
+                    ),
                 ),
-            ));
+            );
         }
         Ok(())
     }
@@ -131,7 +132,7 @@ impl Drop for AccessPoint {
         if self.session.is_some()
             && let Err(err) = self.detach().and_then(|()| self.join())
         {
-            tracing::warn!("{err}");
+            tracing::warn!("{}", err.report());
         }
     }
 }
@@ -184,11 +185,8 @@ pub fn clear_stale_mount(path: &Path) -> Result<()> {
 
 /// The access point must be an empty directory that nothing is mounted on.
 pub fn check_mountpoint(path: &Path) -> Result<()> {
-    let invalid = |why: &str| {
-        Error::new(
-            ErrorKind::Invalid,
-            format!("the access point {}: {why}", path.display()),
-        )
+    let invalid = |why: &'static str| {
+        Error::on(ErrorKind::Invalid, "use the access point", path).with_detail(why)
     };
     let meta = fs::metadata(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => invalid("no such directory"),

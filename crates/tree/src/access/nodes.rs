@@ -25,7 +25,7 @@ use fuser::Errno;
 use lru::LruCache;
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
-use super::fs::{Reply, errno};
+use super::reply::{Reply, errno};
 use crate::lock::{Mutex, Rank, RwLock, RwLockGuard};
 
 /// Deeper paths than this are taken for a corrupt parent chain.

@@ -10,11 +10,12 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 
-use dmm_catalog::tree_journal::{Change, EntryState};
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, EntryId, Namespace};
+use super::Namespace;
+use super::state::{Entry, State};
 use crate::error::{Error, ErrorKind, Result};
+use crate::journal::{Change, EntryId, EntryState};
 
 /// A change under way, as journaled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +59,7 @@ impl Namespace {
     /// access point): it may become the parent of tracked entries.
     pub fn track_dir(&self, parent: EntryId, name: &OsStr, target_ino: u64) -> Result<EntryId> {
         let mut state = self.lock();
-        if let Some(&id) = state.by_target_ino.get(&target_ino) {
+        if let Some(id) = state.entry_of_ino(target_ino) {
             return Ok(id);
         }
         let id = state.allocate();
@@ -76,8 +77,7 @@ impl Namespace {
         let row = entry.row(id);
         state.insert_entry(id, entry);
         let name_change = state.add_name(id, parent, name.to_os_string());
-        state.batch.push(Change::Insert(row));
-        state.batch.push(name_change);
+        state.journal([Change::Insert(row), name_change]);
         drop(state);
         self.flush()?;
         Ok(id)
@@ -95,8 +95,7 @@ impl Namespace {
     ) -> Result<io::Result<()>> {
         let (moved, replaced) = {
             let state = self.lock();
-            let at = |p: EntryId, n: &OsStr| state.names.get(&(p, n.to_os_string())).copied();
-            (at(parent, name), at(new_parent, new_name))
+            (state.child(parent, name), state.child(new_parent, new_name))
         };
         // A directory replaced by a rename must really be empty, and one
         // being populated must not move under its population.
@@ -186,13 +185,9 @@ impl Namespace {
         &self,
         intent: Intent,
         act: impl FnOnce() -> io::Result<()>,
-        finish: impl FnOnce(&mut super::State) -> Vec<Change>,
+        finish: impl FnOnce(&mut State) -> Vec<Change>,
     ) -> Result<io::Result<()>> {
-        let intent_id = {
-            let mut state = self.lock();
-            state.next_intent += 1;
-            state.next_intent - 1
-        };
+        let intent_id = self.lock().next_intent();
         self.commit(vec![intent.begin(intent_id)])?;
         let outcome = act();
         let mut changes = match outcome {
@@ -209,13 +204,13 @@ impl Namespace {
     pub(super) fn recover(&self, intents: Vec<(i64, String)>) -> Result<()> {
         for (id, body) in intents {
             let intent: Intent = serde_json::from_str(&body).map_err(|e| {
-                Error::new(ErrorKind::Journal, format!("unreadable intent {id}: {e}"))
+                Error::new(ErrorKind::Journal, format!("unreadable intent {id}")).with_source(e)
             })?;
             let mut changes = Vec::new();
             match intent {
                 Intent::Populate { dir, preexisting } => {
                     let names = preexisting.into_iter().map(OsString::from_vec).collect();
-                    self.lock().premerge.insert(dir, (id, names));
+                    self.lock().set_premerge(dir, id, names);
                     continue; // finished by the population redone later
                 }
                 Intent::Rename {
@@ -226,14 +221,8 @@ impl Namespace {
                 } => {
                     if ino != 0 && self.inode_at(&to) == Some(ino) {
                         let mut state = self.lock();
-                        let moved = state
-                            .names
-                            .get(&(from.0, OsString::from_vec(from.1.clone())))
-                            .copied();
-                        let replaced = state
-                            .names
-                            .get(&(to.0, OsString::from_vec(to.1.clone())))
-                            .copied();
+                        let moved = state.child(from.0, OsStr::from_bytes(&from.1));
+                        let replaced = state.child(to.0, OsStr::from_bytes(&to.1));
                         changes.extend(state.remove_name(from.0, OsStr::from_bytes(&from.1)));
                         changes.extend(state.remove_name(to.0, OsStr::from_bytes(&to.1)));
                         if let Some(moved) = moved {
@@ -255,10 +244,7 @@ impl Namespace {
                 Intent::Remove { at, ino } => {
                     if self.inode_at(&at) != Some(ino) {
                         let mut state = self.lock();
-                        let gone = state
-                            .names
-                            .get(&(at.0, OsString::from_vec(at.1.clone())))
-                            .copied();
+                        let gone = state.child(at.0, OsStr::from_bytes(&at.1));
                         changes.extend(state.remove_name(at.0, OsStr::from_bytes(&at.1)));
                         if let Some(gone) = gone {
                             changes.extend(state.forget_if_nameless(gone));
@@ -268,7 +254,7 @@ impl Namespace {
                 Intent::Link { to, ino } => {
                     if self.inode_at(&to) == Some(ino) {
                         let mut state = self.lock();
-                        if let Some(&entry) = state.by_target_ino.get(&ino) {
+                        if let Some(entry) = state.entry_of_ino(ino) {
                             changes.push(state.add_name(entry, to.0, OsString::from_vec(to.1)));
                         }
                     }
@@ -287,13 +273,5 @@ impl Namespace {
         fs::symlink_metadata(dir.join(OsStr::from_bytes(name)))
             .ok()
             .map(|m| m.ino())
-    }
-}
-
-impl super::State {
-    /// Forgets `id` if its last name is gone.
-    fn forget_if_nameless(&mut self, id: EntryId) -> Option<Change> {
-        let nameless = self.entries.get(&id).is_some_and(|e| e.names.is_empty());
-        nameless.then(|| self.forget(id))
     }
 }

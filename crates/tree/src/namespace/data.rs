@@ -11,11 +11,11 @@ use std::fs::{self, File};
 use std::ops::Range;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
-use dmm_catalog::tree_journal::{Change, EntryState};
-
-use super::{EntryId, Namespace, State};
+use super::Namespace;
+use super::progress::Segment;
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::fidelity;
+use crate::journal::EntryId;
 
 /// How a claim on a segment ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,18 +48,8 @@ impl Namespace {
     /// copied or claimed. Returns the bytes written, or `None` when no
     /// segment is left to claim.
     pub fn copy_next_segment(&self, id: EntryId) -> Result<Option<u64>> {
-        let segment = {
-            let mut state = self.lock();
-            let segsize = self.settings.segsize;
-            let free = state.update_progress(id, |progress| {
-                let segment = progress.first_free(segsize)?;
-                progress.busy.insert(segment);
-                Some(segment)
-            });
-            let Some(segment) = free.flatten() else {
-                return Ok(None);
-            };
-            segment
+        let Some(segment) = self.lock().claim_free_segment(id) else {
+            return Ok(None);
         };
         let mut claim = Claim {
             namespace: self,
@@ -100,9 +90,7 @@ impl Namespace {
     pub fn prepare_truncate(&self, id: EntryId, size: u64) -> Result<()> {
         if let Some(limit) = self.limit(id).filter(|&limit| size < limit) {
             self.forget_range(id, size..limit)?;
-            self.lock().update_progress(id, |progress| {
-                progress.limit = progress.limit.min(size);
-            });
+            self.lock().truncate(id, size);
         }
         self.note_change(id)
     }
@@ -153,56 +141,24 @@ impl Namespace {
         if range.is_empty() {
             return Vec::new();
         }
-        let segsize = self.settings.segsize;
-        let mut state = self.lock();
-        let outcome = state.update_progress(id, |progress| {
-            let busy: Vec<u32> = progress.busy.range(range.clone()).collect();
-            let mut free = roaring::RoaringBitmap::new();
-            free.insert_range(range);
-            free -= &progress.busy;
-            progress.fetched |= free;
-            (busy, progress.is_complete(segsize))
-        });
-        let Some((busy, complete)) = outcome else {
-            return Vec::new();
-        };
-        state.unflushed.insert(id);
-        if complete {
-            state.complete_file(id);
+        let busy = self.lock().drop_segments(id, range);
+        if busy.is_some() {
+            self.progress.notify_all();
         }
-        self.progress.notify_all();
-        busy
+        busy.unwrap_or_default()
     }
 
     /// Flags the file changed through the access point and journals every
     /// mark it has, before the client's change goes through.
     pub fn note_change(&self, id: EntryId) -> Result<()> {
-        let must_flush = {
-            let mut state = self.lock();
-            let State {
-                entries,
-                batch,
-                unflushed,
-                ..
-            } = &mut *state;
-            let Some(entry) = entries.get_mut(&id) else {
-                return Ok(());
-            };
-            if !entry.changed {
-                entry.changed = true;
-                batch.push(Change::Changed(id));
-                unflushed.insert(id);
-            }
-            unflushed.contains(&id)
-        };
+        let must_flush = self.lock().note_change(id);
         if must_flush { self.flush() } else { Ok(()) }
     }
 
     /// The offset past which file `id` needs nothing from the source, if it
     /// still has data to copy.
     fn limit(&self, id: EntryId) -> Option<u64> {
-        let state = self.lock();
-        state.entries.get(&id)?.progress.as_ref().map(|p| p.limit)
+        self.lock().limit(id)
     }
 
     /// The segments of file `id` that hold bytes of `range` the source
@@ -224,23 +180,18 @@ impl Namespace {
     fn claim(&self, id: EntryId, segment: u32) -> Result<Option<Claim<'_>>> {
         let mut state = self.lock();
         loop {
-            let Some(progress) = state.entries.get_mut(&id).and_then(|e| e.progress.as_mut())
-            else {
-                return Ok(None);
-            };
-            if progress.fetched.contains(segment) {
-                return Ok(None);
+            match state.claim_segment(id, segment) {
+                Segment::Fetched => return Ok(None),
+                Segment::Claimed => {
+                    return Ok(Some(Claim {
+                        namespace: self,
+                        id,
+                        segment,
+                        outcome: Outcome::Failed,
+                    }));
+                }
+                Segment::Busy => self.wait(&mut state)?,
             }
-            if !progress.busy.contains(segment) {
-                progress.busy.insert(segment);
-                return Ok(Some(Claim {
-                    namespace: self,
-                    id,
-                    segment,
-                    outcome: Outcome::Failed,
-                }));
-            }
-            self.wait(&mut state)?;
         }
     }
 
@@ -249,10 +200,9 @@ impl Namespace {
         let (source_path, limit, target_ino) = {
             let state = self.lock();
             let entry = state
-                .entries
-                .get(&id)
+                .entry(id)
                 .ok_or_else(|| Error::new(ErrorKind::Target, format!("entry {id} was deleted")))?;
-            let limit = entry.progress.as_ref().map_or(0, |p| p.limit);
+            let limit = entry.progress.as_ref().map_or(0, |p| p.limit());
             (entry.source.clone(), limit, entry.target_ino)
         };
         let source_path =
@@ -268,7 +218,7 @@ impl Namespace {
             &self.source.path(&source_path),
         ))?;
         self.keep_source_times(id, &source, &target_path);
-        self.lock().counts.bytes_written += written;
+        self.lock().add_written(written);
         Ok(written)
     }
 
@@ -292,7 +242,7 @@ impl Namespace {
     /// seeing the source's (a reader such as tar checks them), unless they
     /// changed the file themselves.
     fn keep_source_times(&self, id: EntryId, source: &File, target: &std::path::Path) {
-        let changed = self.lock().entries.get(&id).is_none_or(|e| e.changed);
+        let changed = self.lock().entry(id).is_none_or(|e| e.changed);
         if changed {
             return;
         }
@@ -305,43 +255,9 @@ impl Namespace {
     /// Ends a claim: the segment is marked fetched (unless the copy failed)
     /// and the file completed when it was the last one.
     fn release(&self, id: EntryId, segment: u32, outcome: Outcome) {
-        let segsize = self.settings.segsize;
         let mut state = self.lock();
-        let complete = state.update_progress(id, |progress| {
-            progress.busy.remove(segment);
-            if outcome == Outcome::Failed {
-                progress.cursor = progress.cursor.min(segment);
-            } else {
-                progress.fetched.insert(segment);
-            }
-            progress.is_complete(segsize)
-        });
-        if let Some(complete) = complete
-            && outcome != Outcome::Failed
-        {
-            state.unflushed.insert(id);
-            state.clear_failure(id);
-            if complete {
-                state.complete_file(id);
-            }
-        }
+        state.release_segment(id, segment, outcome != Outcome::Failed);
         self.progress.notify_all();
-    }
-}
-
-impl State {
-    /// The last segment is in: the file leaves the pending set. (Its times
-    /// are the source's already: `keep_source_times` ran after the copy,
-    /// unless a client changed the file.)
-    fn complete_file(&mut self, id: EntryId) {
-        let completed = self.update_entry(id, |entry| {
-            entry.progress = None;
-            entry.state = EntryState::Done;
-        });
-        if completed.is_some() {
-            self.batch.push(Change::State(id, EntryState::Done));
-            self.unflushed.insert(id);
-        }
     }
 }
 
@@ -359,10 +275,9 @@ fn open_for_write(path: &std::path::Path, ino: u64) -> Result<File> {
         .map_err(on(ErrorKind::Target, "stat", path))?
         .ino();
     if found != ino {
-        return Err(Error::new(
-            ErrorKind::Target,
-            format!("{} was replaced while dmm opened it", path.display()),
-        ));
+        return Err(
+            Error::on(ErrorKind::Target, "open", path).with_detail("replaced while dmm opened it")
+        );
     }
     Ok(file)
 }

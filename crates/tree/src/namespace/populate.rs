@@ -11,13 +11,15 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use dmm_catalog::tree_journal::{Change, EntryState};
 use rustix::fs::{Mode, OFlags};
 
 use super::changes::Intent;
-use super::{Collision, Entry, EntryId, FileProgress, Namespace};
+use super::progress::FileProgress;
+use super::state::Entry;
+use super::{Collision, Namespace};
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::fidelity;
+use crate::journal::{Change, EntryId, EntryState, NameRow};
 use crate::source::{Child, Kind};
 
 /// A child placed in the target, to be recorded.
@@ -50,16 +52,15 @@ impl Namespace {
     pub fn ensure_populated(&self, id: EntryId) -> Result<()> {
         let mut state = self.lock();
         loop {
-            match state.entries.get(&id) {
-                Some(entry) if entry.state == EntryState::Unpopulated => {}
-                _ => return Ok(()),
+            if !state.is_unpopulated(id) {
+                return Ok(());
             }
-            if !state.populating.contains(&id) {
+            if !state.is_populating(id) {
                 break;
             }
             self.wait(&mut state)?;
         }
-        state.populating.insert(id);
+        state.begin_population(id);
         drop(state);
         let populating = Populating {
             namespace: self,
@@ -77,7 +78,9 @@ impl Namespace {
     fn populate(&self, id: EntryId) -> Result<()> {
         let (source_dir, merged, target_ino) = {
             let state = self.lock();
-            let entry = &state.entries[&id];
+            let Some(entry) = state.entry(id) else {
+                return Ok(()); // forgotten meanwhile
+            };
             (entry.source.clone(), entry.merged, entry.target_ino)
         };
         let Some((dir, shown)) = self.open_target_dir(id, target_ino)? else {
@@ -143,10 +146,8 @@ impl Namespace {
             .map_err(|e| on(ErrorKind::Target, "stat", &path)(e.into()))?
             .st_ino;
         if found != ino {
-            return Err(Error::new(
-                ErrorKind::Target,
-                format!("{} was replaced while dmm opened it", path.display()),
-            ));
+            return Err(Error::on(ErrorKind::Target, "open", &path)
+                .with_detail("replaced while dmm opened it"));
         }
         Ok(Some((fd, path)))
     }
@@ -160,7 +161,7 @@ impl Namespace {
         target_dir: &Path,
         changes: &mut Vec<Change>,
     ) -> Result<HashSet<OsString>> {
-        if let Some((_, names)) = self.lock().premerge.get(&id) {
+        if let Some(names) = self.lock().premerge(id) {
             return Ok(names.clone());
         }
         let listing =
@@ -179,9 +180,8 @@ impl Namespace {
         };
         let intent_id = {
             let mut state = self.lock();
-            let intent_id = state.next_intent;
-            state.next_intent += 1;
-            state.premerge.insert(id, (intent_id, names.clone()));
+            let intent_id = state.next_intent();
+            state.set_premerge(id, intent_id, names.clone());
             intent_id
         };
         self.commit(vec![intent.begin(intent_id)])?;
@@ -281,13 +281,8 @@ impl Namespace {
             return remove(target).map(|()| false);
         }
         match self.settings.collision {
-            Collision::Error => Err(Error::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{} already exists in the target (collision=error)",
-                    target.display()
-                ),
-            )),
+            Collision::Error => Err(Error::on(ErrorKind::Invalid, "create", target)
+                .with_detail("it already exists in the target, collision=error")),
             Collision::Overwrite => remove(target).map(|()| false),
             Collision::Rename => {
                 let mut aside = target.as_os_str().to_os_string();
@@ -303,8 +298,8 @@ impl Namespace {
     fn hard_link_of(&self, dev: u64, ino: u64) -> Option<EntryId> {
         let (existing, source) = {
             let state = self.lock();
-            let existing = *state.by_source_ino.get(&ino)?;
-            (existing, state.entries.get(&existing)?.source.clone()?)
+            let existing = state.entry_of_source_ino(ino)?;
+            (existing, state.entry(existing)?.source.clone()?)
         };
         // Same inode number on another file system is another file.
         let meta = self.source.stat(&source).ok()?;
@@ -373,8 +368,7 @@ impl Namespace {
         rows.append(&mut changes);
         self.commit(rows)?;
         let mut state = self.lock();
-        state.premerge.remove(&id);
-        state.update_entry(id, |entry| entry.state = EntryState::Populated);
+        state.mark_populated(id);
         for item in placed {
             match item {
                 Placed::New {
@@ -403,7 +397,7 @@ struct Populating<'a> {
 impl Drop for Populating<'_> {
     fn drop(&mut self) {
         let mut state = self.namespace.lock();
-        state.populating.remove(&self.id);
+        state.end_population(self.id);
         self.namespace.progress.notify_all();
     }
 }
@@ -416,7 +410,7 @@ fn proc_path(fd: &OwnedFd) -> PathBuf {
 }
 
 fn name_row(parent: EntryId, name: &OsString, entry: EntryId) -> Change {
-    Change::AddName(dmm_catalog::tree_journal::NameRow {
+    Change::AddName(NameRow {
         parent,
         name: name.clone().into_vec(),
         entry,
@@ -430,17 +424,4 @@ fn remove(path: &Path) -> Result<()> {
         Err(err) => Err(err),
     };
     result.map_err(on(ErrorKind::Target, "remove", path))
-}
-
-impl super::State {
-    /// Takes a newly placed entry into the in-memory maps and queues.
-    fn adopt(&mut self, parent: EntryId, name: OsString, id: EntryId, entry: Entry) {
-        match entry.state {
-            EntryState::Unpopulated => self.dirs.push_back(id),
-            EntryState::Pending => self.files.push_back(id),
-            EntryState::Done | EntryState::Populated => {}
-        }
-        self.insert_entry(id, entry);
-        self.add_name(id, parent, name);
-    }
 }

@@ -2,15 +2,19 @@
 //! target, under which names, what of each is still missing, the namespace
 //! changes under way, and the per-entry errors. One SQLite file per
 //! migration (WAL mode) next to the migration's other state, written in
-//! batches by the tree engine through [`TreeJournal::apply`]; see
-//! `crates/tree/DESIGN.md` for the ordering rules that make it crash-safe.
+//! batches by the namespace through [`Journal::apply`]; `DESIGN.md` gives
+//! its tables and the ordering rules that make it crash-safe.
+//!
+//! The file is opened, versioned and locked by `dmm-catalog`'s
+//! [`Database`], like the catalog: this module owns only its tables and
+//! rows.
 
 use std::path::Path;
 
+use dmm_catalog::{Database, Layout};
 use rusqlite::{Connection, params};
 
-use crate::database::{Database, Layout};
-use crate::{Result, storage};
+use crate::error::{Error, ErrorKind, Result};
 
 /// An entry's identifier; the root of the tree is [`ROOT`].
 pub type EntryId = i64;
@@ -97,14 +101,13 @@ pub struct ErrorRow {
     pub at: i64,
 }
 
-/// One change to the journal; [`TreeJournal::apply`] writes a batch of
+/// One change to the journal; [`Journal::apply`] writes a batch of
 /// them in one transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Insert(EntryRow),
     State(EntryId, EntryState),
     Segments(EntryId, Vec<u8>),
-    TargetIno(EntryId, u64),
     Changed(EntryId),
     Delete(EntryId),
     AddName(NameRow),
@@ -149,7 +152,7 @@ impl Outstanding {
 
 /// The journal file: WAL with `synchronous = NORMAL`, so a commit survives
 /// a crash of dmm (the WAL is in the page cache) without an fsync per
-/// batch; [`TreeJournal::sync`] makes everything durable.
+/// batch; [`Journal::sync`] makes everything durable.
 const JOURNAL: Layout = Layout {
     what: "the tree journal",
     pragmas: "PRAGMA journal_mode = WAL;
@@ -189,19 +192,28 @@ const JOURNAL: Layout = Layout {
 };
 
 /// The journal of one tree migration.
-pub struct TreeJournal {
+pub struct Journal {
     database: Database,
 }
 
-impl TreeJournal {
+impl Journal {
     /// Opens (creating) the journal at `path`.
-    pub fn open(path: &Path) -> Result<TreeJournal> {
-        let database = Database::open(path, &JOURNAL)?;
-        Ok(TreeJournal { database })
+    pub fn open(path: &Path) -> Result<Journal> {
+        let database = Database::open(path, &JOURNAL)
+            .map_err(|err| Error::on(ErrorKind::Journal, "open", path).with_source(err))?;
+        Ok(Journal { database })
     }
 
-    fn with<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        self.database.with(work)
+    /// Runs `work` with the connection; its SQL errors become journal
+    /// errors saying what was being done (`operation`).
+    fn with<T>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        self.database.with(work).map_err(|err| {
+            Error::on(ErrorKind::Journal, operation, self.database.path()).with_source(err)
+        })
     }
 
     /// Writes `changes` in one transaction, in order.
@@ -209,45 +221,41 @@ impl TreeJournal {
         if changes.is_empty() {
             return Ok(());
         }
-        self.with(|c| {
-            let tx = c.transaction().map_err(storage("journal"))?;
+        self.with("write", |c| {
+            let tx = c.transaction()?;
             for change in changes {
-                apply_one(&tx, change).map_err(storage("journal"))?;
+                apply_one(&tx, change)?;
             }
-            tx.commit().map_err(storage("journal"))
+            tx.commit()
         })
     }
 
     /// Makes every committed change durable (fsync of the WAL).
     pub fn sync(&self) -> Result<()> {
-        self.with(|c| {
+        self.with("checkpoint", |c| {
             c.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
-                .map_err(storage("journal checkpoint"))
         })
     }
 
     /// The whole journal.
     pub fn load(&self) -> Result<Snapshot> {
-        self.with(|c| load(c).map_err(storage("cannot load the tree journal")))
+        self.with("load", |c| load(c))
     }
 
     /// What keeps the migration from being complete, counted from the
     /// journal itself.
     pub fn outstanding(&self) -> Result<Outstanding> {
-        self.with(|c| {
+        self.with("read", |c| {
             let count = |sql: &str| -> rusqlite::Result<u64> {
                 c.query_row(sql, [], |r| r.get::<_, i64>(0))
                     .map(|n| n as u64)
             };
-            let read = || -> rusqlite::Result<Outstanding> {
-                Ok(Outstanding {
-                    unpopulated: count("SELECT count(*) FROM entries WHERE state = 'unpopulated'")?,
-                    pending: count("SELECT count(*) FROM entries WHERE state = 'pending'")?,
-                    intents: count("SELECT count(*) FROM intents")?,
-                    errors: count("SELECT count(*) FROM errors")?,
-                })
-            };
-            read().map_err(storage("journal"))
+            Ok(Outstanding {
+                unpopulated: count("SELECT count(*) FROM entries WHERE state = 'unpopulated'")?,
+                pending: count("SELECT count(*) FROM entries WHERE state = 'pending'")?,
+                intents: count("SELECT count(*) FROM intents")?,
+                errors: count("SELECT count(*) FROM errors")?,
+            })
         })
     }
 }
@@ -277,10 +285,6 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
         Change::Segments(id, bits) => tx.execute(
             "UPDATE entries SET segments = ?2 WHERE id = ?1",
             params![id, bits],
-        ),
-        Change::TargetIno(id, ino) => tx.execute(
-            "UPDATE entries SET target_ino = ?2 WHERE id = ?1",
-            params![id, *ino as i64],
         ),
         Change::Changed(id) => tx.execute("UPDATE entries SET changed = 1 WHERE id = ?1", [id]),
         Change::Delete(id) => {
@@ -379,7 +383,7 @@ mod tests {
     fn changes_survive_reopening_and_count_outstanding_work() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("journal.db");
-        let journal = TreeJournal::open(&path).unwrap();
+        let journal = Journal::open(&path).unwrap();
         journal
             .apply(&[
                 Change::Insert(dir(ROOT, EntryState::Populated)),
@@ -404,7 +408,7 @@ mod tests {
             ])
             .unwrap();
         drop(journal);
-        let journal = TreeJournal::open(&path).unwrap();
+        let journal = Journal::open(&path).unwrap();
         assert!(journal.outstanding().unwrap().is_complete());
         let snapshot = journal.load().unwrap();
         assert_eq!(snapshot.entries.len(), 2);
