@@ -13,23 +13,17 @@ source "$(dirname "$0")/lib.sh"
 ROUNDS=${1:-3}
 bench_prepare qemu-img nbdcopy cp
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/dmm-bench.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+bench_workdir
 size=$((4 << 30))
 source_image=$work/source.raw
 echo "creating a 4 GiB image with 2 GiB of random data in $work" >&2
-truncate -s "$size" "$source_image"
 # 64 MiB of data, then 64 MiB of hole, across the image.
-for ((i = 0; i < 64; i += 2)); do
-    head -c $((64 << 20)) /dev/urandom |
-        dd of="$source_image" bs=1M seek=$((i * 64)) conv=notrunc status=none
-done
+random_image "$source_image" "$size" $((64 << 20)) $((64 << 20))
 sync
 
 destination=$work/destination.raw
 fresh_destination() {
-    rm -f "$destination"
-    truncate -s "$size" "$destination"
+    empty_image "$destination" "$size"
     rm -rf "$work/state"
     sync
 }
@@ -48,11 +42,10 @@ declare -A seconds
 for round in $(seq "$ROUNDS"); do
     for tool in "${tools[@]}"; do
         fresh_destination
-        start=$(date +%s.%N)
+        start=$(now)
         ${commands[$tool]} >/dev/null 2>&1
         sync -f "$destination"
-        end=$(date +%s.%N)
-        took=$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.3f", b - a}')
+        took=$(since "$start")
         seconds[$tool]+="$took "
         qemu-img compare -q -f raw -F raw "$source_image" "$destination" ||
             { echo "$tool produced a different image" >&2; exit 1; }
@@ -60,8 +53,7 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-body=$(mktemp)
-{
+report() {
     echo "## Cold copy: dmm migrate vs qemu-img, nbdcopy, cp"
     echo
     echo "\`bench/cold-copy.sh $ROUNDS\` on $(machine_line)."
@@ -71,26 +63,12 @@ body=$(mktemp)
     echo "\`dmm\` is \`dmm migrate --exit-when-done --verify none\` (the default auto strategy, 1 MiB chunks, 8 in flight);"
     echo "\`dmm-verified\` adds the BLAKE3 comparison of every chunk (\`--verify full\`, the default), which the peers do not do."
     echo
-    echo "| tool | seconds (median) | volume MiB/s | dmm ÷ tool (time ratio, > 1 = dmm faster) |"
-    echo "|---|---:|---:|---:|"
-    # shellcheck disable=SC2086
-    dmm_median=$(median ${seconds[dmm]})
-    for tool in "${tools[@]}"; do
-        # shellcheck disable=SC2086
-        m=$(median ${seconds[$tool]})
-        awk -v t="$tool" -v m="$m" -v d="$dmm_median" -v s="$size" 'BEGIN {
-            printf "| %s | %.2f | %.0f | %.2f |\n", t, m, s / 1048576 / m, m / d
-        }'
-    done
+    time_ratio_table --volume "$size" seconds "${tools[@]}"
     echo
     echo "All samples (seconds):"
     echo
     echo '```'
-    for tool in "${tools[@]}"; do
-        printf '%-13s %s\n' "$tool" "${seconds[$tool]}"
-    done
+    sample_lines seconds "${tools[@]}"
     echo '```'
-} >"$body"
-publish_section cold-copy "$body"
-cat "$body"
-rm -f "$body"
+}
+publish_report cold-copy report

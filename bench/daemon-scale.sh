@@ -10,94 +10,67 @@
 source "$(dirname "$0")/lib.sh"
 
 COUNT=${1:-16}
+# shellcheck disable=SC2119 # no peer tools to check
 bench_prepare
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/dmm-bench.XXXXXX")
-daemon_pid=
-cleanup() {
-    [[ -n $daemon_pid ]] && kill "$daemon_pid" 2>/dev/null
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir
 
 size=$((256 << 20))
 echo "creating $COUNT images of 256 MiB (128 MiB of data each) in $work" >&2
 for i in $(seq "$COUNT"); do
-    truncate -s "$size" "$work/source$i.raw"
-    for ((m = 0; m < 8; m += 2)); do
-        head -c $((32 << 20)) /dev/urandom |
-            dd of="$work/source$i.raw" bs=1M seek=$((m * 32)) conv=notrunc status=none
-    done
+    # 32 MiB of data, then 32 MiB of hole, across the image.
+    random_image "$work/source$i.raw" "$size" $((32 << 20)) $((32 << 20))
 done
 sync
 allocated=$((COUNT * (128 << 20)))
 
-dmm() { "$DMM" --state-dir "$work/state" "$@"; }
-
 fresh_targets() {
     for i in $(seq "$COUNT"); do
-        rm -f "$work/target$i.raw"
-        truncate -s "$size" "$work/target$i.raw"
+        empty_image "$work/target$i.raw" "$size"
     done
     sync
 }
 
-# Waits until every listed migration is switched-over.
-wait_switched() {
-    for id in "$@"; do
-        until [[ $(dmm --json stat "$id" | sed -n 's/.*"state": *"\([a-z-]*\)".*/\1/p' | head -1) == switched-over ]]; do
-            sleep 0.05
-        done
-    done
-}
-
 create() {
-    dmm create -p "source=$work/source$1.raw" -p "target=$work/target$1.raw" -p verify=none
+    dmm_cli create -p "source=$work/source$1.raw" -p "target=$work/target$1.raw" -p verify=none
 }
 
-"$DMM" daemon --state-dir "$work/state" 2>/dev/null &
-daemon_pid=$!
-until dmm list >/dev/null 2>&1; do sleep 0.05; done
-idle_rss=$(rss_kib "$daemon_pid")
+start_daemon "$work/state"
+idle_rss=$(rss_kib "$DAEMON_PID")
 
 # Concurrent: all at once.
 fresh_targets
-start=$(date +%s.%N)
+start=$(now)
 ids=()
 for i in $(seq "$COUNT"); do ids+=("$(create "$i")"); done
 sleep 0.5
-busy_rss=$(rss_kib "$daemon_pid")
+busy_rss=$(rss_kib "$DAEMON_PID")
 stat_ms=()
 for _ in $(seq 40); do
     t0=$(date +%s%N)
-    dmm stat "${ids[0]}" >/dev/null
+    dmm_cli stat "${ids[0]}" >/dev/null
     t1=$(date +%s%N)
     stat_ms+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", (b - a) / 1e6}')")
 done
-wait_switched "${ids[@]}"
-end=$(date +%s.%N)
-concurrent=$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.2f", b - a}')
-peak_rss=$(awk '/^VmHWM:/ {print $2}' "/proc/$daemon_pid/status")
-for id in "${ids[@]}"; do dmm delete -f "$id" >/dev/null; done
+for id in "${ids[@]}"; do wait_state "$id" switched-over; done
+concurrent=$(since "$start")
+peak_rss=$(awk '/^VmHWM:/ {print $2}' "/proc/$DAEMON_PID/status")
+for id in "${ids[@]}"; do dmm_cli delete -f "$id" >/dev/null; done
 
 # Sequential: one after another, same daemon.
 fresh_targets
-start=$(date +%s.%N)
+start=$(now)
 for i in $(seq "$COUNT"); do
     id=$(create "$i")
-    wait_switched "$id"
-    dmm delete -f "$id" >/dev/null
+    wait_state "$id" switched-over
+    dmm_cli delete -f "$id" >/dev/null
 done
-end=$(date +%s.%N)
-sequential=$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.2f", b - a}')
+sequential=$(since "$start")
 
-# shellcheck disable=SC2086
 stat_median=$(median "${stat_ms[@]}")
 stat_p95=$(printf '%s\n' "${stat_ms[@]}" | sort -g | awk '{v[NR] = $1} END {print v[int(NR * 0.95)]}')
 
-body=$(mktemp)
-{
+report() {
     echo "## The daemon under $COUNT migrations"
     echo
     echo "\`bench/daemon-scale.sh $COUNT\` on $(machine_line)."
@@ -117,7 +90,5 @@ body=$(mktemp)
     echo "$((peak_rss / 1024)) MiB at most (VmHWM)."
     echo "\`dmm stat\` while $COUNT migrations run (40 calls, each a new process and API connection):"
     echo "median $stat_median ms, 95th percentile $stat_p95 ms."
-} >"$body"
-publish_section daemon-scale "$body"
-cat "$body"
-rm -f "$body"
+}
+publish_report daemon-scale report

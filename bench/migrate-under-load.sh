@@ -19,28 +19,13 @@ SECONDS_PER_RUN=${1:-20}
 IOPS=${2:-4000}
 bench_prepare fio qemu-img
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/dmm-bench.XXXXXX")
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir
 
 size=$((1 << 30))
 source_image=$work/source.raw
 echo "creating a 1 GiB image with 512 MiB of random data in $work" >&2
-truncate -s "$size" "$source_image"
-for ((i = 0; i < 16; i += 2)); do
-    head -c $((64 << 20)) /dev/urandom |
-        dd of="$source_image" bs=1M seek=$((i * 64)) conv=notrunc status=none
-done
-# Bytes of an image that hold data.
-allocated_bytes() {
-    qemu-img map --output=json -f raw "$1" |
-        awk -F'[:,]' '/"data": true/ {for (i = 1; i <= NF; i++) if ($i ~ /"length"/) s += $(i + 1)} END {print s + 0}'
-}
+# 64 MiB of data, then 64 MiB of hole, across the image.
+random_image "$source_image" "$size" $((64 << 20)) $((64 << 20))
 allocated=$(allocated_bytes "$source_image")
 sync
 
@@ -54,33 +39,28 @@ run_fio() {
         awk -F';' 'NF > 80 { split($71, p, "="); print $49, p[2], $80 }'
 }
 
-wait_socket_or_die() {
-    wait_socket "$1"
-}
-
 # Baseline: the same load on dmm serve, no migration.
 "$DMM" serve "$source_image" --socket "$work/serve.sock" 2>/dev/null &
-pids+=($!)
-wait_socket_or_die "$work/serve.sock"
+pid=$!
+bench_track "$pid"
+wait_socket "$work/serve.sock"
 read -r base_iops base_p99 base_max < <(run_fio "$work/serve.sock")
-kill "${pids[-1]}"
-wait "${pids[-1]}" 2>/dev/null || true
+bench_stop "$pid"
 echo "baseline: $base_iops IOPS, p99 ${base_p99} us, max ${base_max} us" >&2
 
 rows=()
 for strategy in precopy mirror aio slr lr redirect auto; do
     destination=$work/destination.raw
-    rm -f "$destination" && truncate -s "$size" "$destination"
+    empty_image "$destination" "$size"
     rm -rf "$work/state"
     sync
     "$DMM" migrate "$source_image" "$destination" --strategy "$strategy" --json \
         --socket "$work/migrate.sock" --state-dir "$work/state" >"$work/events" 2>/dev/null &
     pid=$!
-    pids+=("$pid")
-    wait_socket_or_die "$work/migrate.sock"
+    bench_track "$pid"
+    wait_socket "$work/migrate.sock"
     read -r iops p99 max < <(run_fio "$work/migrate.sock")
-    kill "$pid"
-    wait "$pid" 2>/dev/null || true
+    bench_stop "$pid"
     rm -f "$work/migrate.sock"
     # The last event: committed, or failed (with the reason).
     last=$(grep -E '"event":"(committed|failed)"' "$work/events" | tail -1)
@@ -107,8 +87,7 @@ for strategy in precopy mirror aio slr lr redirect auto; do
     echo "$strategy: $outcome, $iops IOPS, p99 $p99 us, max $max us" >&2
 done
 
-body=$(mktemp)
-{
+report() {
     echo "## Live migration under load, every strategy"
     echo
     echo "\`bench/migrate-under-load.sh $SECONDS_PER_RUN $IOPS\` on $(machine_line)."
@@ -125,7 +104,5 @@ body=$(mktemp)
     echo "| strategy | outcome | copy redundancy | destination writes ÷ allocated | client IOPS (÷ baseline) | p99 ms (÷ baseline) | longest request ms | switchover pause ms |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${rows[@]}"
-} >"$body"
-publish_section migrate-under-load "$body"
-cat "$body"
-rm -f "$body"
+}
+publish_report migrate-under-load report

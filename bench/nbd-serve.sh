@@ -17,26 +17,19 @@ ROUNDS=${1:-5}
 SECONDS_PER_JOB=${2:-10}
 bench_prepare fio qemu-nbd nbdkit
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/dmm-bench.XXXXXX")
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir
 
 image=$work/image.raw
 echo "creating a 1 GiB image of random data in $work" >&2
-head -c $((1 << 30)) /dev/urandom >"$image"
+random_image "$image" $((1 << 30))
 
 "$DMM" serve "$image" --socket "$work/dmm.sock" 2>/dev/null &
 dmm_pid=$!
-pids+=("$dmm_pid")
+bench_track "$dmm_pid"
 qemu-nbd -f raw --cache=writeback --aio=threads -t -k "$work/qemu-nbd.sock" "$image" &
-pids+=($!)
+bench_track $!
 nbdkit -f -U "$work/nbdkit.sock" file "$image" &
-pids+=($!)
+bench_track $!
 for server in dmm qemu-nbd nbdkit; do wait_socket "$work/$server.sock"; done
 sleep 1
 idle_rss_start=$(rss_kib "$dmm_pid")
@@ -77,8 +70,12 @@ done
 sleep 2
 idle_rss_after=$(rss_kib "$dmm_pid")
 
-body=$(mktemp)
-{
+report() {
+    local job name unit server rows=()
+    for job in "${jobs[@]}"; do
+        read -r name _ _ unit <<<"$job"
+        rows+=("$name $unit")
+    done
     echo "## NBD serving: dmm vs qemu-nbd vs nbdkit"
     echo
     echo "\`bench/nbd-serve.sh $ROUNDS $SECONDS_PER_JOB\` on $(machine_line)."
@@ -86,21 +83,7 @@ body=$(mktemp)
     echo "median of $ROUNDS interleaved rounds of ${SECONDS_PER_JOB} s each."
     echo "qemu-nbd: \`-f raw --cache=writeback --aio=threads\`; nbdkit: \`file\` plugin, default threads."
     echo
-    echo "| job | unit | dmm | qemu-nbd | nbdkit | dmm ÷ qemu-nbd | dmm ÷ nbdkit | dmm ÷ faster peer |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|"
-    for job in "${jobs[@]}"; do
-        read -r name _ _ unit <<<"$job"
-        # shellcheck disable=SC2086
-        d=$(median ${results[$name/dmm]})
-        # shellcheck disable=SC2086
-        q=$(median ${results[$name/qemu-nbd]})
-        # shellcheck disable=SC2086
-        k=$(median ${results[$name/nbdkit]})
-        awk -v n="$name" -v u="$unit" -v d="$d" -v q="$q" -v k="$k" 'BEGIN {
-            best = (q > k ? q : k)
-            printf "| %s | %s | %d | %d | %d | %.2f | %.2f | **%.2f** |\n", n, u, d, q, k, d/q, d/k, d/best
-        }'
-    done
+    rate_ratio_table results "${servers[*]}" "${rows[@]}"
     echo
     echo "Resident memory of \`dmm serve\`: $((idle_rss_start / 1024)) MiB idle after start," \
         "$((idle_rss_after / 1024)) MiB idle after the runs (target ≤ 20 MiB)."
@@ -115,7 +98,5 @@ body=$(mktemp)
         done
     done
     echo '```'
-} >"$body"
-publish_section nbd-serve "$body"
-cat "$body"
-rm -f "$body"
+}
+publish_report nbd-serve report

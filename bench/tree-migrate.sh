@@ -23,21 +23,12 @@ LARGE=${3:-20}
 LARGE_MIB=${4:-256}
 bench_prepare rsync cp
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/dmm-tree-bench.XXXXXX")
+bench_workdir
 source_dir=$work/source
 target=$work/target
 access=$work/access
 state=$work/state
-daemon_pid=
-cleanup() {
-    [[ -n $daemon_pid ]] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
-    mountpoint -q "$access" 2>/dev/null && umount -l "$access"
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.3f", b - a}'; }
+bench_unmount_at_exit "$access"
 
 echo "building the tree in $work: $SMALL small files, $LARGE x $LARGE_MIB MiB" >&2
 mkdir -p "$source_dir/small" "$source_dir/large" "$target" "$access"
@@ -57,13 +48,13 @@ awk -v root="$source_dir/small" -v n="$SMALL" -v dirs="$dirs" 'BEGIN {
         close(file)
     }
 }'
-head -c $((LARGE_MIB << 20)) /dev/urandom >"$work/large.base"
+random_image "$work/large.base" $((LARGE_MIB << 20))
 for ((i = 0; i < LARGE; i++)); do
     cp "$work/large.base" "$source_dir/large/f$i"
     head -c 4096 /dev/urandom | dd of="$source_dir/large/f$i" conv=notrunc status=none
 done
 rm "$work/large.base"
-head -c $((1 << 30)) /dev/urandom >"$work/one-gib"
+random_image "$work/one-gib" $((1 << 30))
 sync
 
 fresh_target() {
@@ -73,29 +64,18 @@ fresh_target() {
     sync
 }
 
-"$DMM" daemon --state-dir "$state" 2>"$work/daemon.log" &
-daemon_pid=$!
-wait_socket "$state/api.sock"
-cli() { "$DMM" --state-dir "$state" "$@"; }
-state_of() { cli --json stat "$1" | sed -n 's/.*"state":"\([^"]*\)".*/\1/p'; }
-wait_state() {
-    local now_in
-    while now_in=$(state_of "$1") && [[ $now_in != "$2" ]]; do
-        [[ $now_in == failed ]] && { cli log "$1" >&2; exit 1; }
-        sleep 0.05
-    done
-}
+start_daemon "$state" "$work/daemon.log"
 
 # One dmm tree migration from create to commit; prints the seconds.
 dmm_migration() {
     local verify=$1 start id
     start=$(now)
-    id=$(cli create -p kind=tree -p "source=$source_dir" -p "target=$target" \
+    id=$(dmm_cli create -p kind=tree -p "source=$source_dir" -p "target=$target" \
         -p "access=$access" -p "verify=$verify" | awk '{print $NF}')
     wait_state "$id" switched-over
-    cli commit "$id" >/dev/null
+    dmm_cli commit "$id" >/dev/null
     since "$start"
-    cli delete "$id" >/dev/null
+    dmm_cli delete "$id" >/dev/null
 }
 
 declare -A seconds
@@ -139,13 +119,13 @@ for round in $(seq "$ROUNDS"); do
     # Pause at once; if a worker got to the file first, try again (the
     # measure is of a file with nothing migrated).
     for _ in $(seq 10); do
-        id=$(cli create -p kind=tree -p "source=$work/ttfb-source" -p "target=$target" \
+        id=$(dmm_cli create -p kind=tree -p "source=$work/ttfb-source" -p "target=$target" \
             -p "access=$access" -p rate=1M | awk '{print $NF}')
-        cli pause "$id" >/dev/null
-        done_bytes=$(cli --json stat "$id" | sed -n 's/.*"bytes_done":\([0-9]*\).*/\1/p')
+        dmm_cli pause "$id" >/dev/null
+        done_bytes=$(dmm_cli --json stat "$id" | sed -n 's/.*"bytes_done":\([0-9]*\).*/\1/p')
         ((done_bytes <= 1 << 20)) && break
-        cli halt --remove "$id" >/dev/null
-        cli delete "$id" >/dev/null
+        dmm_cli halt --remove "$id" >/dev/null
+        dmm_cli delete "$id" >/dev/null
         fresh_target
     done
     ((done_bytes <= 1 << 20)) || { echo "the workers always got to the file first" >&2; exit 1; }
@@ -155,15 +135,15 @@ for round in $(seq "$ROUNDS"); do
     start=$(now)
     dd if="$access/dir/one-gib" bs=4096 count=1 skip=$((768 << 8)) status=none >/dev/null
     ttfb_middle+=("$(since "$start")")
-    cli halt --remove "$id" >/dev/null
-    cli delete "$id" >/dev/null
+    dmm_cli halt --remove "$id" >/dev/null
+    dmm_cli delete "$id" >/dev/null
     echo "round $round ttfb ${ttfb_start[-1]}s / ${ttfb_middle[-1]}s" >&2
 done
 
 # Small-file reads: through the access point of a finished migration vs
 # the target natively (warm caches, the second of two passes).
 fresh_target
-id=$(cli create -p kind=tree -p "source=$source_dir/small" -p "target=$target" \
+id=$(dmm_cli create -p kind=tree -p "source=$source_dir/small" -p "target=$target" \
     -p "access=$access" -p verify=none | awk '{print $NF}')
 wait_state "$id" switched-over
 read_all() { (cd "$1" && find . -type f -print0 | xargs -0 cat >/dev/null); }
@@ -179,10 +159,10 @@ for round in $(seq "$ROUNDS"); do
     native+=("$(since "$start")")
     echo "round $round small reads ${through[-1]}s via access, ${native[-1]}s native" >&2
 done
-cli commit "$id" >/dev/null
+dmm_cli commit "$id" >/dev/null
 
-body=$(mktemp)
-{
+report() {
+    local large_gib
     large_gib=$(awk -v n="$LARGE" -v m="$LARGE_MIB" 'BEGIN {printf "%.1f", n * m / 1024}')
     echo "## Tree migration: dmm vs rsync -aHAX and cp -a"
     echo
@@ -194,15 +174,7 @@ body=$(mktemp)
     echo "(no output). Median of $ROUNDS interleaved rounds."
     echo "\`dmm\` uses verify=none like the peers; \`dmm-verified\` adds the default BLAKE3 comparison of every file."
     echo
-    echo "| tool | seconds (median) | dmm ÷ tool (time ratio, > 1 = dmm faster) |"
-    echo "|---|---:|---:|"
-    # shellcheck disable=SC2086
-    dmm_median=$(median ${seconds[dmm]})
-    for tool in "${tools[@]}"; do
-        # shellcheck disable=SC2086
-        m=$(median ${seconds[$tool]})
-        awk -v t="$tool" -v m="$m" -v d="$dmm_median" 'BEGIN { printf "| %s | %.2f | %.2f |\n", t, m, m / d }'
-    done
+    time_ratio_table seconds "${tools[@]}"
     echo
     awk -v a="$(median "${ttfb_start[@]}")" -v b="$(median "${ttfb_middle[@]}")" 'BEGIN {
         printf "Time to first byte of regions not migrated yet of a 1 GiB file (migration paused), through the access point,\n"
@@ -217,15 +189,11 @@ body=$(mktemp)
     echo "All samples (seconds):"
     echo
     echo '```'
-    for tool in "${tools[@]}"; do
-        printf '%-13s %s\n' "$tool" "${seconds[$tool]}"
-    done
+    sample_lines seconds "${tools[@]}"
     printf '%-13s %s\n' "ttfb-256M" "${ttfb_start[*]}"
     printf '%-13s %s\n' "ttfb-768M" "${ttfb_middle[*]}"
     printf '%-13s %s\n' "read-access" "${through[*]}"
     printf '%-13s %s\n' "read-native" "${native[*]}"
     echo '```'
-} >"$body"
-publish_section tree-migrate "$body"
-cat "$body"
-rm -f "$body"
+}
+publish_report tree-migrate report
