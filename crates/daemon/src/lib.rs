@@ -28,7 +28,7 @@ use dmm_catalog::Catalog;
 use dmm_nbd::{ExportTable, Server, ServerConfig};
 
 pub use api::OPENAPI;
-pub use engine::{Report, TreeReport};
+pub use engine::Report;
 pub use error::{Error, ErrorKind};
 pub use layout::Layout;
 pub use properties::{PROPERTIES, Property, PropertyError, lookup as lookup_property};

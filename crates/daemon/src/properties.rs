@@ -93,17 +93,6 @@ fn parse_kind(value: &str) -> Result<Kind, ValueError> {
         .map_err(|e: UnknownName| ValueError::new("a kind", value, format!("choose {}", e.valid)))
 }
 
-fn collision(value: &str) -> Result<(), ValueError> {
-    match value {
-        "error" | "overwrite" | "rename" => Ok(()),
-        _ => Err(ValueError::new(
-            "a collision policy",
-            value,
-            "choose error, overwrite or rename",
-        )),
-    }
-}
-
 fn switchover(value: &str) -> Result<(), ValueError> {
     match value {
         "auto" | "manual" => Ok(()),
@@ -257,7 +246,7 @@ pub const PROPERTIES: &[Property] = &[
         default: Some("error"),
         change: Change::BeforeStart,
         help: "a name in both source and target: error, overwrite or rename",
-        check: collision,
+        check: parsed::<dmm_tree::Collision>,
     },
     Property {
         name: "maxnsproc",

@@ -99,18 +99,6 @@ impl Reader<'_> {
             },
         })
     }
-
-    fn collision(&self) -> Result<dmm_tree::Collision, PropertyError> {
-        let text = self.text("collision");
-        text.parse().map_err(|_| PropertyError::BadValue {
-            name: "collision".into(),
-            why: ValueError::new(
-                "a collision policy",
-                text,
-                "choose error, overwrite or rename",
-            ),
-        })
-    }
 }
 
 impl Spec {
@@ -149,7 +137,7 @@ impl Spec {
                     access: read.text("access").into(),
                     journal: PathBuf::new(),
                     segsize: read.size("segsize")?,
-                    collision: read.collision()?,
+                    collision: read.typed("collision")?,
                     rate: live.rate,
                     priority: live.priority,
                     dir_workers: read.count("maxnsproc")?,

@@ -447,7 +447,11 @@ fn verbs_answer_within_2s_whatever_the_rate_limit() {
         "rate=256K",
     ]);
     let limit = Duration::from_secs(2);
-    for verb in [&["stop", "1"][..], &["halt", "--keep", "1"], &["delete", "-f", "1"]] {
+    for verb in [
+        &["stop", "1"][..],
+        &["halt", "--keep", "1"],
+        &["delete", "-f", "1"],
+    ] {
         std::thread::sleep(Duration::from_millis(1500));
         let took = timed(&daemon, verb);
         assert!(took < limit, "{verb:?} took {took:?}");

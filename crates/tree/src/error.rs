@@ -27,6 +27,8 @@ pub enum ErrorKind {
     Invalid,
     /// Mounting or serving the access point failed.
     Access,
+    /// Verification found target files that differ from the source.
+    Mismatch,
 }
 
 impl ErrorKind {
@@ -37,6 +39,7 @@ impl ErrorKind {
             ErrorKind::Journal => "tree journal",
             ErrorKind::Invalid => "invalid configuration",
             ErrorKind::Access => "access point",
+            ErrorKind::Mismatch => "verification",
         }
     }
 }

@@ -5,13 +5,14 @@
 //! background; every namespace change is journaled so that nothing is lost
 //! or brought back. `DESIGN.md` next to this crate explains the rules.
 //!
-//! The daemon drives a migration through [`TreeMigration`], configured by
-//! a [`TreeConfig`] that [`check`] validates first; everything else is the
-//! engine's own.
+//! The daemon drives a migration through [`TreeJob`] (a [`TreeMigration`]
+//! watched to its end and verified), configured by a [`TreeConfig`] that
+//! [`check`] validates first; everything else is the engine's own.
 
 mod access;
 mod error;
 mod fidelity;
+mod job;
 mod journal;
 mod lock;
 mod migration;
@@ -22,6 +23,7 @@ mod verify;
 mod worker;
 
 pub use error::{Error, ErrorKind, Result};
+pub use job::{Finished, TreeJob, TreeKind, TreePhase, TreeReport};
 pub use migration::{ErrorReport, TreeConfig, TreeMigration, TreeProgress, check};
 pub use namespace::{Collision, Counts};
 pub use verify::Mismatch;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use dmm_control::{Controls, Priority};
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::access::{self, AccessPoint};
 use crate::error::{Error, ErrorKind, Result, on};
@@ -38,7 +38,7 @@ pub struct TreeConfig {
 }
 
 /// A progress report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TreeProgress {
     #[serde(flatten)]
     pub counts: Counts,
@@ -50,7 +50,7 @@ pub struct TreeProgress {
 }
 
 /// One entry in error, for `dmm stat` and `dmm log`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorReport {
     pub path: String,
     pub message: String,

@@ -16,18 +16,16 @@ use async_trait::async_trait;
 use dmm_catalog::State;
 use dmm_control::Controls;
 use dmm_store::BlockStore;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::spec::Spec;
 
-pub use tree::TreeReport;
-
 /// A running migration's progress, as its kind reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Report {
-    Tree(Box<TreeReport>),
+    Tree(Box<dmm_tree::TreeReport>),
     Volume(Box<dmm_volume::Progress>),
 }
 

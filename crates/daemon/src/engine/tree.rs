@@ -1,77 +1,27 @@
-//! The tree engine ([`dmm_tree::TreeMigration`]) behind the [`Engine`]
-//! interface.
-//!
-//! The tree engine runs on its own threads once opened: the access point
-//! is mounted and the workers copy. This wraps it in the shape the
-//! supervisor drives every migration in: open (mount, resuming from the
-//! journal), run (watch until everything is migrated, then verify),
-//! progress, close (workers stopped, access point unmounted, resumable),
-//! commit (unmounted for good, the target a plain tree).
+//! The tree engine ([`dmm_tree::TreeJob`]) behind the [`Engine`]
+//! interface: its blocking calls run off the event loop, its phases map to
+//! catalog states.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use dmm_catalog::{Kind, State};
+use dmm_catalog::State;
 use dmm_control::Controls;
-use dmm_tree::{TreeMigration, TreeProgress};
-use parking_lot::Mutex;
-use serde::Serialize;
+use dmm_tree::{Finished, TreeJob, TreePhase, TreeReport};
 
 use super::{Engine, Ran, Report, Snapshot};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::{Spec, TreeSpec};
 
-/// How often the run loop looks at the engine.
-const WATCH_EVERY: Duration = Duration::from_millis(200);
-
-/// Where a tree migration stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TreePhase {
-    /// Entries still to migrate (background workers and on demand).
-    Migrating,
-    /// Everything is migrated; checksums being compared.
-    Verifying,
-    /// Everything is migrated and verified: ready to commit.
-    Verified,
-}
-
-/// What `dmm stat` shows for a tree migration.
-#[derive(Debug, Clone, Serialize)]
-pub struct TreeReport {
-    pub kind: Kind,
-    pub phase: TreePhase,
-    pub paused: bool,
-    #[serde(flatten)]
-    pub progress: TreeProgress,
-    /// Files whose checksums were compared, once verified.
-    pub verified_files: u64,
-    /// Files whose target copy differs from the source.
-    pub mismatches: Vec<String>,
-}
-
 /// An open tree migration.
 pub struct TreeEngine {
-    engine: Arc<TreeMigration>,
-    verify: bool,
-    phase: Mutex<TreePhase>,
-    verified_files: Mutex<u64>,
-    mismatches: Mutex<Vec<String>>,
-    /// Per-file errors already written to the migration's log.
-    logged_errors: Mutex<HashSet<(String, u32)>>,
-}
-
-fn failed(err: dmm_tree::Error) -> Error {
-    Error::caused(ErrorKind::Failed, "the tree engine failed", err)
+    job: Arc<TreeJob>,
 }
 
 /// Checks source, target and access point of a new migration.
 pub fn check(spec: &TreeSpec) -> Result<()> {
-    dmm_tree::check(&spec.config, true)
-        .map_err(|err| Error::new(ErrorKind::Invalid, err.to_string()))
+    dmm_tree::check(&spec.config, true).map_err(|err| Error::new(ErrorKind::Invalid, err.report()))
 }
 
 impl TreeEngine {
@@ -84,53 +34,18 @@ impl TreeEngine {
         })?;
         let mut config = spec.config.clone();
         config.journal = dir.join("journal.db");
-        let controls = Arc::new(Controls::new(config.rate, 1, config.priority));
-        let engine = blocking(move || TreeMigration::start(&config, controls)).await?;
-        Ok(TreeEngine {
-            engine: Arc::new(engine),
-            verify: spec.verify,
-            phase: Mutex::new(TreePhase::Migrating),
-            verified_files: Mutex::new(0),
-            mismatches: Mutex::new(Vec::new()),
-            logged_errors: Mutex::new(HashSet::new()),
-        })
+        let verify = spec.verify;
+        let job = blocking(move || TreeJob::open(&config, verify)).await?;
+        Ok(TreeEngine { job: Arc::new(job) })
     }
 
-    fn report(&self) -> TreeReport {
-        TreeReport {
-            kind: Kind::Tree,
-            phase: *self.phase.lock(),
-            paused: self.controls().is_paused(),
-            progress: self.engine.progress(),
-            verified_files: *self.verified_files.lock(),
-            mismatches: self.mismatches.lock().clone(),
-        }
-    }
-
-    /// Compares checksums; `Err` names the files that differ.
-    async fn verify(&self) -> Result<()> {
-        let engine = self.engine.clone();
-        let (files, mismatches) = tokio::task::spawn_blocking(move || engine.verify())
-            .await
-            .unwrap_or_default();
-        *self.verified_files.lock() = files;
-        let found: Vec<String> = mismatches
-            .iter()
-            .map(|m| format!("{} ({})", m.target.display(), m.reason))
-            .collect();
-        *self.mismatches.lock() = found.clone();
-        if found.is_empty() {
-            return Ok(());
-        }
-        let shown: Vec<String> = found.iter().take(8).cloned().collect();
-        Err(Error::new(
-            ErrorKind::Failed,
-            format!(
-                "verification found {} files that differ from the source: {}",
-                found.len(),
-                shown.join(", ")
-            ),
-        ))
+    /// Runs a blocking call of the job on a thread of its own.
+    async fn call<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&TreeJob) -> dmm_tree::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let job = self.job.clone();
+        blocking(move || work(&job)).await
     }
 }
 
@@ -150,32 +65,20 @@ fn state_of(report: &TreeReport) -> State {
 #[async_trait]
 impl Engine for TreeEngine {
     fn controls(&self) -> &Controls {
-        self.engine.controls()
+        self.job.controls()
     }
 
-    /// Waits until every entry is migrated, then compares checksums.
     async fn run(&self) -> Result<Ran> {
-        while !self.engine.is_complete() {
-            if self.controls().stop_requested() {
-                return Ok(Ran::Stopped);
-            }
-            tokio::time::sleep(WATCH_EVERY).await;
+        match self.call(TreeJob::run).await? {
+            Finished::Verified => Ok(Ran::Done(
+                "every entry is migrated and verified; ready to commit",
+            )),
+            Finished::Stopped => Ok(Ran::Stopped),
         }
-        *self.phase.lock() = TreePhase::Verifying;
-        if self.verify
-            && let Err(err) = self.verify().await
-        {
-            *self.phase.lock() = TreePhase::Migrating;
-            return Err(err);
-        }
-        *self.phase.lock() = TreePhase::Verified;
-        Ok(Ran::Done(
-            "every entry is migrated and verified; ready to commit",
-        ))
     }
 
     async fn snapshot(&self) -> Snapshot {
-        let report = self.report();
+        let report = self.job.report();
         Snapshot {
             state: state_of(&report),
             report: Report::Tree(Box::new(report)),
@@ -183,18 +86,7 @@ impl Engine for TreeEngine {
     }
 
     fn take_news(&self) -> Vec<String> {
-        let errors = self.engine.progress().errors;
-        let mut logged = self.logged_errors.lock();
-        errors
-            .into_iter()
-            .filter(|e| logged.insert((e.path.clone(), e.attempts)))
-            .map(|e| {
-                format!(
-                    "cannot migrate {}: {} (attempt {}; retried with backoff)",
-                    e.path, e.message, e.attempts
-                )
-            })
-            .collect()
+        self.job.take_news()
     }
 
     fn apply(&self, spec: &Spec) {
@@ -224,32 +116,28 @@ impl Engine for TreeEngine {
         Ok(0)
     }
 
-    /// Refused while anything is pending; otherwise unmounts for good and
-    /// leaves the target a plain directory tree, synced.
     async fn commit(&self) -> Result<&'static str> {
-        let engine = self.engine.clone();
-        blocking(move || engine.commit())
-            .await
-            .map_err(|err| Error {
-                kind: ErrorKind::Conflict,
-                ..err
-            })?;
+        self.call(TreeJob::commit).await.map_err(|err| Error {
+            kind: ErrorKind::Conflict,
+            ..err
+        })?;
         Ok("committed: the access point is unmounted; the target is a plain tree")
     }
 
-    /// Stops the workers and unmounts; the journal keeps the position.
     async fn close(&self) -> Result<()> {
-        let engine = self.engine.clone();
-        blocking(move || engine.stop()).await
+        self.call(TreeJob::close).await
     }
 }
 
-/// Runs engine work that blocks (mounts, joins, syncs) off the event loop.
+/// Runs blocking engine work (mounts, joins, syncs, hashing) off the event
+/// loop.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> dmm_tree::Result<T> + Send + 'static,
 ) -> Result<T> {
     match tokio::task::spawn_blocking(work).await {
-        Ok(done) => done.map_err(failed),
+        Ok(done) => {
+            done.map_err(|err| Error::caused(ErrorKind::Failed, "the tree engine failed", err))
+        }
         Err(err) => Err(Error::caused(
             ErrorKind::Failed,
             "the tree engine's thread failed",

@@ -100,7 +100,7 @@ impl Entry {
 }
 
 /// Counters for progress reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counts {
     pub dirs_total: u64,
     pub dirs_done: u64,
