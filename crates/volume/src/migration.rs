@@ -547,7 +547,9 @@ impl Migration {
         // A checkpoint runs alongside the copies, never in their way.
         let mut checkpointing: Option<Pin<Box<dyn Future<Output = Outcome> + Send + '_>>> = None;
         loop {
-            let throttled = tokio::time::Instant::now() < resume_at;
+            // A stop or rollback request ends the wait for bandwidth: the
+            // chunks not started yet stay to be copied, resumably.
+            let throttled = !self.controls.interrupted() && tokio::time::Instant::now() < resume_at;
             while failure.is_none()
                 && !throttled
                 && running.len() < self.controls.copies_in_flight()
@@ -563,12 +565,10 @@ impl Migration {
                 let Some(chunk) = chunks.next_in(state, next) else {
                     break;
                 };
-                next = chunk + 1;
-                if self.controls.priority() == Priority::Low
-                    && self.device.idle_ms() < CLIENT_QUIET.as_millis() as u64
-                {
-                    tokio::time::sleep(CLIENT_QUIET).await;
+                if !self.yield_to_clients().await {
+                    break;
                 }
+                next = chunk + 1;
                 active.insert(chunk);
                 let job = tokio::spawn(work(chunk));
                 running.push(async move { (chunk, job.await) });
@@ -579,6 +579,7 @@ impl Migration {
             let event = tokio::select! {
                 done = running.next(), if !running.is_empty() => Event::Done(done),
                 () = tokio::time::sleep_until(resume_at), if throttled => Event::Throttled,
+                () = self.controls.until_interrupted(), if throttled => Event::Throttled,
                 saved = async { checkpointing.as_mut().expect("checked").await },
                     if checkpointing.is_some() => Event::Checkpointed(saved),
             };
@@ -629,6 +630,20 @@ impl Migration {
             });
         }
         Ok(total)
+    }
+
+    /// At low priority, waits a moment while clients are active; false if
+    /// a stop or rollback request ended the wait (nothing more to start).
+    async fn yield_to_clients(&self) -> bool {
+        if self.controls.priority() == Priority::Low
+            && self.device.idle_ms() < CLIENT_QUIET.as_millis() as u64
+        {
+            tokio::select! {
+                () = tokio::time::sleep(CLIENT_QUIET) => {}
+                () = self.controls.until_interrupted() => {}
+            }
+        }
+        !self.controls.interrupted()
     }
 
     /// Counts copied bytes; returns how long to wait before the next copy
