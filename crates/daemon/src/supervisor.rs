@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use dmm_catalog::{Catalog, Event, Intent, MigrationId, MigrationRecord, State};
 use dmm_nbd::{Export, ExportTable};
-use dmm_volume::{Activity, ChunkState, Migration, MigrationError, Phase, Progress};
+use dmm_volume::{Activity, Migration, MigrationError, Phase, Progress};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -662,7 +662,7 @@ impl Supervisor {
             }
         };
         let engine = job.volume("check", record.id)?;
-        let only_on_destination = engine.device().chunks().count(ChunkState::Destination);
+        let only_on_destination = engine.destination_only_chunks();
         if only_on_destination > 0 {
             return Err(OpError::new(
                 ErrorKind::Conflict,

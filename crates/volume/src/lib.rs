@@ -14,6 +14,7 @@ pub mod aio;
 pub mod chunks;
 pub mod copy;
 pub mod device;
+pub mod ledger;
 pub mod locks;
 pub mod migration;
 pub mod persist;

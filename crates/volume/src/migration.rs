@@ -25,9 +25,8 @@ use dmm_store::BlockStore;
 use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::Mutex;
 
-use crate::aio::AioQueue;
 use crate::chunks::{ChunkMap, ChunkState};
-use crate::device::{CLIENT_QUIET, VirtualDevice};
+use crate::device::VirtualDevice;
 use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir};
 use crate::progress::{Activity, Progress, RateMeter};
 use crate::strategy::{Mode, Strategy};
@@ -35,6 +34,10 @@ use dmm_control::{Controls, Priority, RateLimiter, ValueError};
 
 /// Largest pause the precopy final copy aims for.
 const FINAL_PAUSE_TARGET: Duration = Duration::from_millis(5);
+
+/// How long a client may have been idle before a low-priority copier runs
+/// at full speed.
+const CLIENT_QUIET: Duration = Duration::from_millis(10);
 
 /// What a sweep waits for.
 enum Event<T> {
@@ -205,14 +208,6 @@ pub fn negotiate(
     Ok(())
 }
 
-/// Flushes `store` if `wrote`.
-async fn flush_if(wrote: bool, store: &Arc<dyn BlockStore>) -> dmm_store::Result<()> {
-    match wrote {
-        true => store.flush().await,
-        false => Ok(()),
-    }
-}
-
 /// The routing mode a phase implies.
 fn mode_of(phase: Phase, copy_mode: Mode) -> Mode {
     match phase {
@@ -322,6 +317,12 @@ impl Migration {
         self.position.lock().phase
     }
 
+    /// How many chunks only the destination holds: what a rollback would
+    /// have to copy back before the source is the volume again.
+    pub fn destination_only_chunks(&self) -> u64 {
+        self.device.chunks().count(ChunkState::Destination)
+    }
+
     /// Waits a while for the admin to allow the switchover.
     async fn wait_for_switchover(&self) -> Outcome {
         self.set_activity(Activity::WaitingForSwitchover);
@@ -399,7 +400,7 @@ impl Migration {
             self.position.lock().mode = Mode::TrackDirty;
         }
         drop(mode);
-        self.device.attach_aio(None);
+        self.device.detach_aio();
     }
 
     async fn copy_phase(&self) -> Outcome {
@@ -425,8 +426,7 @@ impl Migration {
                 self.switch_over().await
             }
             Strategy::Aio => {
-                let queue = AioQueue::start(self.device.clone());
-                self.device.attach_aio(Some(queue.clone()));
+                let queue = self.device.start_aio();
                 self.pass().await?;
                 queue.drained().await;
                 self.pass().await?;
@@ -618,7 +618,7 @@ impl Migration {
         if let Some(err) = failure {
             return Err(err);
         }
-        if let Some(err) = self.device.take_destination_failure() {
+        if let Some(err) = self.device.ledger().take_destination_failure() {
             return Err(err.into());
         }
         if self.controls.interrupted() {
@@ -658,31 +658,24 @@ impl Migration {
     /// snapshot: a copy is durable before the checkpoint that records it.
     pub async fn checkpoint(&self) -> Outcome {
         let _one_at_a_time = self.checkpointing.lock().await;
-        let generation = self.device.journal_generation() + 1;
+        let ledger = self.device.ledger();
+        let generation = ledger.generation() + 1;
         let journal = self.state.journal(generation)?;
-        self.device.rotate_journal(journal);
-        let (both, destination) = self.device.chunks().to_bitmaps();
+        let (both, destination) = ledger.begin_checkpoint(journal);
         let position = {
             let mut position = self.position.lock();
             position.generation = generation;
             position.clone()
         };
-        // Flush what the copier (or a fill) wrote to since the last
-        // checkpoint: those copies are what the snapshot relies on.
-        let (into_source, into_destination) = self.device.take_copied_into();
-        tokio::try_join!(
-            flush_if(into_source, self.device.source()),
-            flush_if(into_destination, self.device.destination())
-        )?;
-        self.device.settle_flushed()?;
-        self.device.sync_journal().await?;
+        // The copies the snapshot relies on become durable.
+        ledger.settle_checkpoint().await?;
         let checkpoint = Checkpoint {
             position,
             both,
             destination,
         };
         self.state.save_checkpoint(&checkpoint)?;
-        self.device.retire_previous_journal();
+        ledger.retire_previous_journal();
         self.state.prune_journals(generation)?;
         *self.last_checkpoint.lock() = Instant::now();
         Ok(())
@@ -742,7 +735,7 @@ impl Migration {
         self.longest_pause_us
             .fetch_max(paused.as_micros() as u64, Ordering::Relaxed);
         tracing::info!(pause_ms = paused.as_secs_f64() * 1e3, "switched over");
-        self.device.attach_aio(None);
+        self.device.detach_aio();
         self.position.lock().phase = Phase::SwitchedOver;
         self.checkpoint().await
     }
@@ -807,8 +800,8 @@ impl Migration {
             )));
         }
         let mut mode = self.device.pause_clients().await;
-        self.device.journal(Record::Phase(Phase::Committed))?;
-        self.device.sync_journal().await?;
+        self.device.ledger().record_phase(Phase::Committed)?;
+        self.device.ledger().sync_journal().await?;
         *mode = Mode::Destination { tracking: false };
         drop(mode);
         self.position.lock().phase = Phase::Committed;
@@ -831,11 +824,11 @@ impl Migration {
         if let Some(queue) = self.device.aio_attached() {
             queue.drained().await;
         }
-        self.device.journal(Record::Phase(Phase::RollingBack))?;
-        self.device.sync_journal().await?;
+        self.device.ledger().record_phase(Phase::RollingBack)?;
+        self.device.ledger().sync_journal().await?;
         *mode = Mode::RollingBack;
         drop(mode);
-        self.device.attach_aio(None);
+        self.device.detach_aio();
         {
             let mut position = self.position.lock();
             position.phase = Phase::RollingBack;
@@ -867,8 +860,8 @@ impl Migration {
                 .await?;
         }
         self.device.source().flush().await?;
-        self.device.journal(Record::Phase(Phase::RolledBack))?;
-        self.device.sync_journal().await?;
+        self.device.ledger().record_phase(Phase::RolledBack)?;
+        self.device.ledger().sync_journal().await?;
         *mode = Mode::Source;
         drop(mode);
         self.position.lock().phase = Phase::RolledBack;
