@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use dmm_catalog::{Catalog, Event, Intent, MigrationId, MigrationRecord, State};
 use dmm_nbd::{Export, ExportTable};
-use dmm_volume::{Activity, Migration, MigrationError, Phase, Progress};
+use dmm_volume::{Activity, Migration, Phase, Progress};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -155,8 +155,8 @@ async fn run_job(job: &Job) -> Result<Option<&'static str>, String> {
             )),
             Ok(Phase::RolledBack) => Ok(Some("rolled back: the source holds the whole volume")),
             Ok(_) => Ok(Some("done")),
-            Err(MigrationError::Stopped) => Ok(None),
-            Err(err) => Err(err.to_string()),
+            Err(err) if err.kind() == dmm_volume::ErrorKind::Stopped => Ok(None),
+            Err(err) => Err(err.report()),
         },
         Job::Tree(tree) => match tree.run().await {
             Ok(()) => Ok(Some(

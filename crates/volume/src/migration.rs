@@ -27,6 +27,7 @@ use parking_lot::Mutex;
 
 use crate::chunks::{ChunkMap, ChunkState};
 use crate::device::VirtualDevice;
+use crate::error::{Context, ErrorKind, MigrationError, Operation};
 use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir};
 use crate::progress::{Activity, Progress, RateMeter};
 use crate::strategy::{Mode, Strategy};
@@ -103,31 +104,7 @@ impl Default for MigrationConfig {
     }
 }
 
-/// Why a migration cannot go on.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrationError {
-    #[error("cannot migrate: {0}")]
-    Refused(String),
-    #[error(transparent)]
-    Store(#[from] dmm_store::Error),
-    #[error("migration state: {0}")]
-    State(#[from] std::io::Error),
-    #[error(
-        "precopy does not converge: {dirty} chunks still dirty after {passes} passes \
-         (clients write faster than the copy); use --strategy auto or mirror"
-    )]
-    NotConverging { passes: u32, dirty: u64 },
-    #[error("verification found {} mismatching chunks, at offsets {}", .0.len(), offsets(.0))]
-    Mismatch(Vec<u64>),
-    #[error("{0}")]
-    InvalidState(String),
-    #[error("stopped; run the same migration again to resume")]
-    Stopped,
-    /// The copier stopped for a rollback request (handled by `run`).
-    #[error("interrupted for a rollback")]
-    Interrupted,
-}
-
+/// The first few offsets of a list, for a message.
 fn offsets(list: &[u64]) -> String {
     let shown: Vec<String> = list.iter().take(8).map(|o| o.to_string()).collect();
     let more = if list.len() > 8 { ", …" } else { "" };
@@ -162,7 +139,9 @@ pub fn negotiate(
     destination: &dyn BlockStore,
     config: &MigrationConfig,
 ) -> Outcome {
-    let refuse = |reason: String| Err(MigrationError::Refused(reason));
+    let refuse = |reason: String| {
+        Err(MigrationError::new(ErrorKind::Refused, Operation::Negotiate).with_detail(reason))
+    };
     if destination.size() < source.size() {
         return refuse(format!(
             "the destination {} holds {} bytes, less than the source {} ({} bytes)",
@@ -329,13 +308,28 @@ impl Migration {
         self.controls
             .wait_switchover(Duration::from_millis(500))
             .await;
+        match self.interruption() {
+            Some(kind) => Err(MigrationError::new(kind, Operation::SwitchOver)),
+            None => Ok(()),
+        }
+    }
+
+    /// The error kind a pending stop or rollback request ends a step with.
+    fn interruption(&self) -> Option<ErrorKind> {
         if self.controls.stop_requested() {
-            return Err(MigrationError::Stopped);
+            Some(ErrorKind::Stopped)
+        } else if self.controls.rollback_requested() {
+            Some(ErrorKind::Interrupted)
+        } else {
+            None
         }
-        if self.controls.rollback_requested() {
-            return Err(MigrationError::Interrupted);
-        }
-        Ok(())
+    }
+
+    /// Journals a phase change and makes it durable.
+    async fn record_phase(&self, phase: Phase, operation: Operation) -> Outcome {
+        let ledger = self.device.ledger();
+        ledger.record_phase(phase).during(operation)?;
+        ledger.sync_journal().await.during(operation)
     }
 
     fn set_activity(&self, activity: Activity) {
@@ -349,10 +343,10 @@ impl Migration {
         let result = self.drive().await;
         match &result {
             Ok(_) => self.set_activity(Activity::Idle),
-            Err(MigrationError::Stopped) => self.set_activity(Activity::Idle),
+            Err(err) if err.kind() == ErrorKind::Stopped => self.set_activity(Activity::Idle),
             Err(err) => {
                 self.set_activity(Activity::Failed);
-                *self.error.lock() = Some(err.to_string());
+                *self.error.lock() = Some(err.report());
                 self.fall_back().await;
                 // Keep whatever progress was made.
                 let _ = self.checkpoint().await;
@@ -375,7 +369,7 @@ impl Migration {
                 continue;
             }
             if self.controls.stop_requested() {
-                return Err(MigrationError::Stopped);
+                return Err(MigrationError::new(ErrorKind::Stopped, Operation::Run));
             }
             let step = match phase {
                 Phase::Copying => self.copy_phase().await,
@@ -384,7 +378,7 @@ impl Migration {
                 Phase::Verified | Phase::Committed | Phase::RolledBack => return Ok(phase),
             };
             match step {
-                Err(MigrationError::Interrupted) => continue,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
                 other => other?,
             }
         }
@@ -486,7 +480,8 @@ impl Migration {
                 );
                 self.set_mode(Mode::Mirror).await?;
             } else {
-                return Err(MigrationError::NotConverging { passes, dirty });
+                let kind = ErrorKind::NotConverging { passes, dirty };
+                return Err(MigrationError::new(kind, Operation::Copy));
             }
         }
     }
@@ -509,12 +504,7 @@ impl Migration {
         let copied = self
             .sweep(ChunkState::Source, |chunk| {
                 let device = device.clone();
-                async move {
-                    let done = device
-                        .copy_chunk(chunk, ChunkState::Source, ChunkState::Both)
-                        .await?;
-                    Ok(done.map_or(0, |c| c.data))
-                }
+                async move { copy_chunk(&device, chunk, ChunkState::Source, Operation::Copy).await }
             })
             .await?;
         let mut position = self.position.lock();
@@ -605,8 +595,12 @@ impl Migration {
                     failure.get_or_insert(err);
                 }
                 Err(panicked) => {
-                    let message = format!("a copy task failed: {panicked}");
-                    failure.get_or_insert(MigrationError::InvalidState(message));
+                    let (offset, len) = chunks.bytes(chunk);
+                    let err = MigrationError::new(ErrorKind::Internal, sweep_operation(state))
+                        .at(offset, len)
+                        .with_detail("a copy task failed")
+                        .with_source(panicked);
+                    failure.get_or_insert(err);
                 }
             }
             self.position.lock().cursor = active.first().copied().unwrap_or(next);
@@ -619,15 +613,11 @@ impl Migration {
             return Err(err);
         }
         if let Some(err) = self.device.ledger().take_destination_failure() {
-            return Err(err.into());
+            return Err(err).during(Operation::Mirror);
         }
-        if self.controls.interrupted() {
+        if let Some(kind) = self.interruption() {
             self.checkpoint().await?;
-            return Err(if self.controls.stop_requested() {
-                MigrationError::Stopped
-            } else {
-                MigrationError::Interrupted
-            });
+            return Err(MigrationError::new(kind, sweep_operation(state)));
         }
         Ok(total)
     }
@@ -668,7 +658,10 @@ impl Migration {
             position.clone()
         };
         // The copies the snapshot relies on become durable.
-        ledger.settle_checkpoint().await?;
+        ledger
+            .settle_checkpoint()
+            .await
+            .during(Operation::Checkpoint)?;
         let checkpoint = Checkpoint {
             position,
             both,
@@ -715,15 +708,16 @@ impl Migration {
                     break;
                 };
                 next = chunk + 1;
-                copies.push(
-                    self.device
-                        .copy_chunk(chunk, ChunkState::Source, ChunkState::Both),
-                );
+                copies.push(copy_chunk(
+                    &self.device,
+                    chunk,
+                    ChunkState::Source,
+                    Operation::SwitchOver,
+                ));
             }
             match copies.next().await {
                 Some(copied) => {
-                    let bytes = copied?.map_or(0, |c| c.data);
-                    self.position.lock().copied_bytes += bytes;
+                    self.position.lock().copied_bytes += copied?;
                 }
                 None => break,
             }
@@ -749,11 +743,10 @@ impl Migration {
                 let device = device.clone();
                 let (verified, position) = (self.verified_chunks.clone(), self.position.clone());
                 async move {
-                    if device.verify_chunk(chunk).await? == Some(false) {
-                        position
-                            .lock()
-                            .mismatches
-                            .push(device.chunks().bytes(chunk).0);
+                    let bytes = device.chunks().bytes(chunk);
+                    let same = device.verify_chunk(chunk).await;
+                    if same.during_chunk(Operation::Verify, bytes)? == Some(false) {
+                        position.lock().mismatches.push(bytes.0);
                     }
                     verified.fetch_add(1, Ordering::Relaxed);
                     Ok(0)
@@ -768,7 +761,10 @@ impl Migration {
             };
             if !found.is_empty() {
                 self.checkpoint().await?;
-                return Err(MigrationError::Mismatch(found));
+                let detail = format!("{} chunks, at offsets {}", found.len(), offsets(&found));
+                return Err(
+                    MigrationError::new(ErrorKind::Mismatch, Operation::Verify).with_detail(detail)
+                );
             }
         }
         self.position.lock().phase = Phase::Verified;
@@ -787,21 +783,19 @@ impl Migration {
             return Ok(());
         }
         if !ready || mismatches > 0 {
-            return Err(MigrationError::InvalidState(format!(
-                "cannot commit while the migration is {}: {}",
-                serde_json::to_string(&phase)
-                    .unwrap_or_default()
-                    .trim_matches('"'),
-                if mismatches > 0 {
-                    format!("{mismatches} chunks failed verification")
-                } else {
-                    "the destination does not hold the whole volume yet".into()
-                }
-            )));
+            let why = match mismatches {
+                0 => "the destination does not hold the whole volume yet".to_owned(),
+                _ => format!("{mismatches} chunks failed verification"),
+            };
+            let phase = serde_json::to_string(&phase).unwrap_or_default();
+            let detail = format!("the migration is {}: {why}", phase.trim_matches('"'));
+            return Err(
+                MigrationError::new(ErrorKind::InvalidState, Operation::Commit).with_detail(detail),
+            );
         }
         let mut mode = self.device.pause_clients().await;
-        self.device.ledger().record_phase(Phase::Committed)?;
-        self.device.ledger().sync_journal().await?;
+        self.record_phase(Phase::Committed, Operation::Commit)
+            .await?;
         *mode = Mode::Destination { tracking: false };
         drop(mode);
         self.position.lock().phase = Phase::Committed;
@@ -811,9 +805,11 @@ impl Migration {
     /// Asks the migration to roll back; [`Migration::run`] does it.
     pub fn request_rollback(&self) -> Outcome {
         if self.phase() == Phase::Committed {
-            return Err(MigrationError::InvalidState(
-                "cannot roll back a committed migration: the source has been released".into(),
-            ));
+            let detail = "the migration is committed: the source has been released";
+            return Err(
+                MigrationError::new(ErrorKind::InvalidState, Operation::Rollback)
+                    .with_detail(detail),
+            );
         }
         self.controls.request_rollback();
         Ok(())
@@ -824,8 +820,8 @@ impl Migration {
         if let Some(queue) = self.device.aio_attached() {
             queue.drained().await;
         }
-        self.device.ledger().record_phase(Phase::RollingBack)?;
-        self.device.ledger().sync_journal().await?;
+        self.record_phase(Phase::RollingBack, Operation::Rollback)
+            .await?;
         *mode = Mode::RollingBack;
         drop(mode);
         self.device.detach_aio();
@@ -845,23 +841,25 @@ impl Migration {
         self.sweep(ChunkState::Destination, |chunk| {
             let device = device.clone();
             async move {
-                let done = device
-                    .copy_chunk(chunk, ChunkState::Destination, ChunkState::Both)
-                    .await?;
-                Ok(done.map_or(0, |c| c.data))
+                copy_chunk(&device, chunk, ChunkState::Destination, Operation::CopyBack).await
             }
         })
         .await?;
         let mut mode = self.device.pause_clients().await;
         let chunks = self.device.chunks().clone();
         while let Some(chunk) = chunks.next_in(ChunkState::Destination, 0) {
-            self.device
-                .copy_chunk(chunk, ChunkState::Destination, ChunkState::Both)
-                .await?;
+            copy_chunk(
+                &self.device,
+                chunk,
+                ChunkState::Destination,
+                Operation::CopyBack,
+            )
+            .await?;
         }
-        self.device.source().flush().await?;
-        self.device.ledger().record_phase(Phase::RolledBack)?;
-        self.device.ledger().sync_journal().await?;
+        let flushed = self.device.source().flush().await;
+        flushed.during(Operation::Rollback)?;
+        self.record_phase(Phase::RolledBack, Operation::Rollback)
+            .await?;
         *mode = Mode::Source;
         drop(mode);
         self.position.lock().phase = Phase::RolledBack;
@@ -914,14 +912,37 @@ impl Migration {
     }
 }
 
+/// Copies one chunk from `from` to both stores; the data bytes written.
+async fn copy_chunk(
+    device: &VirtualDevice,
+    chunk: u64,
+    from: ChunkState,
+    operation: Operation,
+) -> Outcome<u64> {
+    let copied = device.copy_chunk(chunk, from, ChunkState::Both).await;
+    let copied = copied.during_chunk(operation, device.chunks().bytes(chunk))?;
+    Ok(copied.map_or(0, |c| c.data))
+}
+
+/// What a sweep over chunks in `state` does.
+fn sweep_operation(state: ChunkState) -> Operation {
+    match state {
+        ChunkState::Source => Operation::Copy,
+        ChunkState::Both => Operation::Verify,
+        ChunkState::Destination => Operation::CopyBack,
+    }
+}
+
 /// Resuming is only allowed with the same volume and strategy.
 fn check_resume(saved: &Meta, wanted: &Meta, dir: &Path) -> Outcome<Meta> {
     let mismatch = |what: &str, saved: String, wanted: String| {
-        Err(MigrationError::Refused(format!(
-            "{} holds a migration with {what} {saved}, not {wanted}; \
-             resume it with the same settings or use another --state-dir",
-            dir.display()
-        )))
+        let detail = format!(
+            "it holds a migration with {what} {saved}, not {wanted}; \
+             resume it with the same settings or use another --state-dir"
+        );
+        Err(MigrationError::new(ErrorKind::Refused, Operation::Resume)
+            .on(dir.display().to_string())
+            .with_detail(detail))
     };
     if saved.source != wanted.source || saved.destination != wanted.destination {
         let pair = |m: &Meta| format!("{} -> {}", m.source, m.destination);
