@@ -90,7 +90,7 @@ pub struct VirtualDevice {
 }
 
 impl VirtualDevice {
-    pub fn new(
+    pub(crate) fn new(
         source: Arc<dyn BlockStore>,
         destination: Arc<dyn BlockStore>,
         chunks: Arc<ChunkMap>,
@@ -120,46 +120,42 @@ impl VirtualDevice {
         }
     }
 
-    pub fn source(&self) -> &Arc<dyn BlockStore> {
+    pub(crate) fn source(&self) -> &Arc<dyn BlockStore> {
         &self.source
     }
 
-    pub fn destination(&self) -> &Arc<dyn BlockStore> {
-        &self.destination
-    }
-
-    pub fn chunks(&self) -> &Arc<ChunkMap> {
+    pub(crate) fn chunks(&self) -> &Arc<ChunkMap> {
         self.ledger.chunks()
     }
 
     /// The chunk states and their crash-safe record.
-    pub fn ledger(&self) -> &Arc<Ledger> {
+    pub(crate) fn ledger(&self) -> &Arc<Ledger> {
         &self.ledger
     }
 
-    pub fn stats(&self) -> &ClientStats {
+    pub(crate) fn stats(&self) -> &ClientStats {
         &self.stats
     }
 
-    pub async fn mode(&self) -> Mode {
+    pub(crate) async fn mode(&self) -> Mode {
         *self.gate.read().await
     }
 
     /// Holds client requests back while the returned guard lives: requests
     /// in flight finish first.
-    pub async fn pause_clients(&self) -> tokio::sync::RwLockWriteGuard<'_, Mode> {
+    pub(crate) async fn pause_clients(&self) -> tokio::sync::RwLockWriteGuard<'_, Mode> {
         self.gate.write().await
     }
 
     /// Milliseconds since the last client request arrived.
-    pub fn idle_ms(&self) -> u64 {
+    pub(crate) fn idle_ms(&self) -> u64 {
         let now = self.born.elapsed().as_millis() as u64;
         now.saturating_sub(self.stats.last_request_ms.load(Ordering::Relaxed))
     }
 
     /// Starts asynchronous mirroring: client writes to copied chunks are
     /// queued for the destination until [`VirtualDevice::detach_aio`].
-    pub fn start_aio(&self) -> Arc<AioQueue> {
+    pub(crate) fn start_aio(&self) -> Arc<AioQueue> {
         let queue = AioQueue::start(MirrorTarget {
             destination: self.destination.clone(),
             ledger: self.ledger.clone(),
@@ -171,12 +167,12 @@ impl VirtualDevice {
     }
 
     /// Stops queueing writes for the destination (the queue's worker ends).
-    pub fn detach_aio(&self) {
+    pub(crate) fn detach_aio(&self) {
         self.aio.lock().take();
     }
 
     /// The aio queue, while an aio copy phase runs.
-    pub fn aio_attached(&self) -> Option<Arc<AioQueue>> {
+    pub(crate) fn aio_attached(&self) -> Option<Arc<AioQueue>> {
         self.aio.lock().clone()
     }
 
@@ -188,7 +184,7 @@ impl VirtualDevice {
     /// to the other store, and only if no client changed the chunk while it
     /// was read (otherwise the read is redone). Clients wait at most for
     /// one chunk write, not for a whole copy.
-    pub async fn copy_chunk(
+    pub(crate) async fn copy_chunk(
         &self,
         chunk: u64,
         from: ChunkState,
@@ -247,7 +243,7 @@ impl VirtualDevice {
     /// is still in `Both` after both reads was not written in between (a
     /// write records leaving `Both` before its data goes out). Only a
     /// mismatch is looked at again, under an exclusive lock.
-    pub async fn verify_chunk(&self, chunk: u64) -> Result<Option<bool>> {
+    pub(crate) async fn verify_chunk(&self, chunk: u64) -> Result<Option<bool>> {
         if self.chunks().get(chunk) != ChunkState::Both {
             return Ok(None);
         }

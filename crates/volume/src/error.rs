@@ -110,7 +110,7 @@ pub struct MigrationError {
 
 impl MigrationError {
     /// An error of `kind` during `operation`.
-    pub fn new(kind: ErrorKind, operation: Operation) -> MigrationError {
+    pub(crate) fn new(kind: ErrorKind, operation: Operation) -> MigrationError {
         MigrationError {
             kind,
             operation,
@@ -122,25 +122,25 @@ impl MigrationError {
     }
 
     /// Names what the operation worked on (a state file, a directory).
-    pub fn on(mut self, target: impl Into<String>) -> MigrationError {
+    pub(crate) fn on(mut self, target: impl Into<String>) -> MigrationError {
         self.target = Some(target.into());
         self
     }
 
     /// Records the byte range of the volume the operation covered.
-    pub fn at(mut self, offset: u64, len: u64) -> MigrationError {
+    pub(crate) fn at(mut self, offset: u64, len: u64) -> MigrationError {
         self.range = Some((offset, len));
         self
     }
 
     /// Adds a human explanation (for errors that have no source).
-    pub fn with_detail(mut self, detail: impl Into<String>) -> MigrationError {
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> MigrationError {
         self.detail = Some(detail.into());
         self
     }
 
     /// Attaches the underlying cause.
-    pub fn with_source(
+    pub(crate) fn with_source(
         mut self,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> MigrationError {

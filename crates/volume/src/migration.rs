@@ -288,10 +288,6 @@ impl Migration {
         &self.controls
     }
 
-    pub fn meta(&self) -> &Meta {
-        &self.meta
-    }
-
     pub fn phase(&self) -> Phase {
         self.position.lock().phase
     }

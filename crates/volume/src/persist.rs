@@ -25,7 +25,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use roaring::RoaringBitmap;
@@ -198,10 +197,6 @@ impl StateDir {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn load_meta(&self) -> Result<Option<Meta>, MigrationError> {
         let path = self.path.join(META);
         let Some(bytes) = read_if_present(&path)? else {
@@ -267,7 +262,6 @@ impl StateDir {
         Ok(Journal {
             file: std::sync::Arc::new(file),
             generation,
-            unsynced: false,
         })
     }
 
@@ -315,7 +309,6 @@ impl StateDir {
 pub struct Journal {
     file: std::sync::Arc<File>,
     generation: u64,
-    unsynced: bool,
 }
 
 impl Journal {
@@ -325,39 +318,12 @@ impl Journal {
 
     /// Appends a record (one `write`, no fsync).
     pub fn append(&mut self, record: Record) -> io::Result<()> {
-        (&*self.file).write_all(&record.encode().to_le_bytes())?;
-        self.unsynced = true;
-        Ok(())
-    }
-
-    /// Makes every appended record durable.
-    pub fn sync(&mut self) -> io::Result<()> {
-        if self.unsynced {
-            self.file.sync_data()?;
-            self.unsynced = false;
-        }
-        Ok(())
+        (&*self.file).write_all(&record.encode().to_le_bytes())
     }
 
     /// The file, to fsync without holding the journal.
     pub fn handle(&self) -> std::sync::Arc<File> {
         self.file.clone()
-    }
-
-    /// Bytes in the journal (for tests and progress).
-    pub fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
-    }
-
-    pub fn is_empty(&self) -> io::Result<bool> {
-        Ok(self.len()? == 0)
-    }
-
-    /// Reads back the record at `index` (tests).
-    pub fn record_at(&self, index: u64) -> io::Result<Option<Record>> {
-        let mut word = [0u8; 8];
-        self.file.read_exact_at(&mut word, index * 8)?;
-        Ok(Record::decode(u64::from_le_bytes(word)))
     }
 }
 
@@ -456,7 +422,6 @@ mod tests {
                 state: ChunkState::Destination,
             })
             .unwrap();
-        second.sync().unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(dir.path().join("journal.2"))
