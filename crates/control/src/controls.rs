@@ -189,6 +189,19 @@ impl Controls {
         self.stop_requested() || self.rollback_requested()
     }
 
+    /// Resolves once a stop or a rollback is requested (at once if one
+    /// already is), so that any wait of the copier can end on it.
+    pub async fn until_interrupted(&self) {
+        let mut stop = self.stop.subscribe();
+        let mut rollback = self.rollback.subscribe();
+        while !self.interrupted() {
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = rollback.changed() => {}
+            }
+        }
+    }
+
     /// Waits while paused; returns early when interrupted.
     pub async fn wait_unpaused(&self) {
         let mut paused = self.paused.subscribe();
@@ -246,6 +259,28 @@ mod tests {
         let second = limiter.spend(1_000_000, rate);
         assert!(second >= Duration::from_millis(900), "{second:?}");
         assert_eq!(limiter.spend(1_000_000, None), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn until_interrupted_waits_for_a_stop_or_a_rollback() {
+        let controls = Controls::new(None, 1, Priority::Normal);
+        let short = Duration::from_millis(20);
+        let waiting = tokio::time::timeout(short, controls.until_interrupted());
+        assert!(waiting.await.is_err(), "nothing requested yet");
+        controls.request_rollback();
+        tokio::time::timeout(short, controls.until_interrupted())
+            .await
+            .expect("a rollback request ends the wait");
+        controls.take_rollback_request();
+        let stopping = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            controls.request_stop();
+        };
+        let waited = async {
+            tokio::time::timeout(Duration::from_secs(5), controls.until_interrupted()).await
+        };
+        let ((), waited) = tokio::join!(stopping, waited);
+        waited.expect("a stop request during the wait ends it");
     }
 
     #[test]

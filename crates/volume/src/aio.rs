@@ -16,12 +16,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use dmm_store::Result;
+use dmm_store::{BlockStore, Result};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::chunks::ChunkState;
-use crate::device::VirtualDevice;
+use crate::ledger::Ledger;
+use crate::locks::ChunkLocks;
+use crate::progress::ClientStats;
 
 /// Queued bytes at most (in KiB permits).
 const BUDGET_KIB: usize = 64 * 1024;
@@ -36,17 +38,29 @@ struct Entry {
     _budget: OwnedSemaphorePermit,
 }
 
+/// What the queue knows per chunk, beyond its state in the ledger.
 #[derive(Default)]
-struct Ledger {
+struct Pending {
     /// Queued (or reserved) destination writes per chunk.
-    pending: HashMap<u64, u32>,
+    writes: HashMap<u64, u32>,
     /// Chunks changed on the source without a queued copy of the change.
     tainted: HashSet<u64>,
 }
 
+/// Where the queue's writes go, and what they take part in: the chunk
+/// locks client writes take, the ledger whose states they settle, the
+/// counters of destination bytes.
+pub struct MirrorTarget {
+    pub destination: Arc<dyn BlockStore>,
+    pub ledger: Arc<Ledger>,
+    pub locks: Arc<ChunkLocks>,
+    pub stats: Arc<ClientStats>,
+}
+
 /// The queue of destination writes, and its worker.
 pub struct AioQueue {
-    ledger: Mutex<Ledger>,
+    ledger: Arc<Ledger>,
+    book: Mutex<Pending>,
     sender: mpsc::UnboundedSender<Entry>,
     budget: Arc<Semaphore>,
     queued: AtomicUsize,
@@ -54,56 +68,59 @@ pub struct AioQueue {
 }
 
 impl AioQueue {
-    /// Starts the worker that applies queued writes to `device`'s
-    /// destination. It stops when the queue is detached from the device.
-    pub fn start(device: Arc<VirtualDevice>) -> Arc<AioQueue> {
+    /// Starts the worker that applies queued writes to the target's
+    /// destination. It stops when the queue is dropped (detached from the
+    /// device).
+    pub fn start(target: MirrorTarget) -> Arc<AioQueue> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let queue = Arc::new(AioQueue {
-            ledger: Mutex::new(Ledger::default()),
+            ledger: target.ledger.clone(),
+            book: Mutex::new(Pending::default()),
             sender,
             budget: Arc::new(Semaphore::new(BUDGET_KIB)),
             queued: AtomicUsize::new(0),
             drained: Notify::new(),
         });
         let worker = Arc::downgrade(&queue);
-        tokio::spawn(apply(device, worker, receiver));
+        tokio::spawn(apply(target, worker, receiver));
         queue
     }
 
     /// Decides, under the write's shared chunk lock and before the source
     /// write, whether this write's change to `chunk` will be queued for
     /// the destination; a clean chunk becomes dirty (journaled).
-    pub fn reserve(&self, device: &VirtualDevice, chunk: u64, queue: bool) -> Result<bool> {
-        let mut ledger = self.ledger.lock();
-        let pending = ledger.pending.get(&chunk).copied().unwrap_or(0);
-        let state = device.chunks().get(chunk);
+    pub fn reserve(&self, chunk: u64, queue: bool) -> Result<bool> {
+        let mut book = self.book.lock();
+        let pending = book.writes.get(&chunk).copied().unwrap_or(0);
+        let state = self.ledger.get(chunk);
         if state == ChunkState::Both {
-            device.change_state(chunk, ChunkState::Both, ChunkState::Source)?;
+            self.ledger
+                .change_state(chunk, ChunkState::Both, ChunkState::Source)?;
         }
         let queued = queue && (state == ChunkState::Both || pending > 0);
         if queued {
-            *ledger.pending.entry(chunk).or_default() += 1;
+            *book.writes.entry(chunk).or_default() += 1;
         } else {
-            ledger.tainted.insert(chunk);
+            book.tainted.insert(chunk);
         }
         Ok(queued)
     }
 
     /// Gives back a reservation whose source write failed.
     pub fn release(&self, chunk: u64) {
-        let mut ledger = self.ledger.lock();
-        ledger.tainted.insert(chunk);
-        Self::landed(&mut ledger, chunk);
+        let mut book = self.book.lock();
+        book.tainted.insert(chunk);
+        Self::landed(&mut book, chunk);
     }
 
-    fn landed(ledger: &mut Ledger, chunk: u64) -> bool {
-        match ledger.pending.get_mut(&chunk) {
+    fn landed(book: &mut Pending, chunk: u64) -> bool {
+        match book.writes.get_mut(&chunk) {
             Some(count) if *count > 1 => {
                 *count -= 1;
                 false
             }
             Some(_) => {
-                ledger.pending.remove(&chunk);
+                book.writes.remove(&chunk);
                 true
             }
             None => false,
@@ -135,7 +152,7 @@ impl AioQueue {
 
     /// The copier made the chunk equal on both stores.
     pub fn copied(&self, chunk: u64) {
-        self.ledger.lock().tainted.remove(&chunk);
+        self.book.lock().tainted.remove(&chunk);
     }
 
     /// Waits until every queued write has landed.
@@ -151,22 +168,18 @@ impl AioQueue {
         }
     }
 
-    fn finish(&self, device: &VirtualDevice, entry: &Entry, landed: bool) {
+    fn finish(&self, entry: &Entry, landed: bool) {
         {
-            let mut ledger = self.ledger.lock();
+            let mut book = self.book.lock();
             for &chunk in &entry.reserved {
                 if !landed {
-                    ledger.tainted.insert(chunk);
+                    book.tainted.insert(chunk);
                 }
-                if Self::landed(&mut ledger, chunk) && !ledger.tainted.contains(&chunk) {
+                if Self::landed(&mut book, chunk) && !book.tainted.contains(&chunk) {
                     // Not journaled: like a copy, it is made durable by the
                     // next checkpoint, and redone after a crash.
-                    if device
-                        .chunks()
-                        .transition(chunk, ChunkState::Source, ChunkState::Both)
-                    {
-                        device.copied(chunk);
-                    }
+                    self.ledger
+                        .copy_landed(chunk, ChunkState::Source, ChunkState::Both);
                 }
             }
         }
@@ -177,7 +190,7 @@ impl AioQueue {
 }
 
 async fn apply(
-    device: Arc<VirtualDevice>,
+    target: MirrorTarget,
     queue: std::sync::Weak<AioQueue>,
     mut receiver: mpsc::UnboundedReceiver<Entry>,
 ) {
@@ -185,24 +198,28 @@ async fn apply(
         let Some(queue) = queue.upgrade() else {
             return;
         };
-        let landed = {
-            let _guard = device.locks().shared(entry.span.clone()).await;
-            let written = device
-                .destination()
-                .write(entry.offset, entry.data.clone(), false)
-                .await;
-            device
-                .stats()
-                .destination_bytes
-                .fetch_add(entry.data.len() as u64, Ordering::Relaxed);
-            match written {
-                Ok(()) => true,
-                Err(err) => {
-                    device.destination_failed(err);
-                    false
-                }
-            }
-        };
-        queue.finish(&device, &entry, landed);
+        let landed = land(&target, &entry).await;
+        queue.finish(&entry, landed);
+    }
+}
+
+/// Writes one queued entry to the destination under its chunks' shared
+/// locks; false if the destination refused it (the failure is recorded).
+async fn land(target: &MirrorTarget, entry: &Entry) -> bool {
+    let _guard = target.locks.shared(entry.span.clone()).await;
+    let written = target
+        .destination
+        .write(entry.offset, entry.data.clone(), false)
+        .await;
+    target
+        .stats
+        .destination_bytes
+        .fetch_add(entry.data.len() as u64, Ordering::Relaxed);
+    match written {
+        Ok(()) => true,
+        Err(err) => {
+            target.ledger.destination_failed(err);
+            false
+        }
     }
 }

@@ -85,10 +85,6 @@ impl ChunkMap {
         self.states.len() as u64
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.states.is_empty()
-    }
-
     /// The chunks a byte range touches.
     pub fn span(&self, offset: u64, len: u64) -> Range<u64> {
         if len == 0 {

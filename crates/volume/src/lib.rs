@@ -4,26 +4,30 @@
 //! destination while clients keep using it through a [`VirtualDevice`]
 //! (which the NBD server exports under one name for the whole migration).
 //! The strategy decides how client writes are routed while the copier works
-//! ([`strategy`]); the state survives a kill -9 at any instant
-//! ([`persist`]); a finished migration is verified chunk by chunk, then
-//! committed or rolled back.
+//! (`strategy.rs`); the state survives a kill -9 at any instant
+//! (`persist.rs`, `ledger.rs`); a finished migration is verified chunk by
+//! chunk, then committed or rolled back. DESIGN.md describes the whole.
+//!
+//! The modules are private: other crates use the names re-exported here.
 //!
 //! [`BlockStore`]: dmm_store::BlockStore
 
-pub mod aio;
-pub mod chunks;
-pub mod copy;
-pub mod device;
-pub mod locks;
-pub mod migration;
-pub mod persist;
-pub mod progress;
-pub mod strategy;
+mod aio;
+mod chunks;
+mod copy;
+mod device;
+mod error;
+mod ledger;
+mod locks;
+mod migration;
+mod persist;
+mod progress;
+mod strategy;
 
-pub use chunks::{ChunkMap, ChunkState};
 pub use device::VirtualDevice;
 pub use dmm_control::{Controls, Priority};
-pub use migration::{Migration, MigrationConfig, MigrationError, Verify, negotiate};
+pub use error::{ErrorKind, MigrationError, Operation};
+pub use migration::{Migration, MigrationConfig, Verify, negotiate};
 pub use persist::Phase;
 pub use progress::{Activity, Progress};
-pub use strategy::{Mode, Strategy};
+pub use strategy::Strategy;

@@ -155,6 +155,7 @@ impl ChunkLocks {
     }
 
     /// Chunks with an entry (locked or awaited), for tests.
+    #[cfg(test)]
     pub fn busy(&self) -> usize {
         self.slots.lock().len()
     }

@@ -25,9 +25,9 @@ use dmm_store::BlockStore;
 use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::Mutex;
 
-use crate::aio::AioQueue;
 use crate::chunks::{ChunkMap, ChunkState};
-use crate::device::{CLIENT_QUIET, VirtualDevice};
+use crate::device::VirtualDevice;
+use crate::error::{Context, ErrorKind, MigrationError, Operation};
 use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir};
 use crate::progress::{Activity, Progress, RateMeter};
 use crate::strategy::{Mode, Strategy};
@@ -35,6 +35,10 @@ use dmm_control::{Controls, Priority, RateLimiter, ValueError};
 
 /// Largest pause the precopy final copy aims for.
 const FINAL_PAUSE_TARGET: Duration = Duration::from_millis(5);
+
+/// How long a client may have been idle before a low-priority copier runs
+/// at full speed.
+const CLIENT_QUIET: Duration = Duration::from_millis(10);
 
 /// What a sweep waits for.
 enum Event<T> {
@@ -100,31 +104,7 @@ impl Default for MigrationConfig {
     }
 }
 
-/// Why a migration cannot go on.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrationError {
-    #[error("cannot migrate: {0}")]
-    Refused(String),
-    #[error(transparent)]
-    Store(#[from] dmm_store::Error),
-    #[error("migration state: {0}")]
-    State(#[from] std::io::Error),
-    #[error(
-        "precopy does not converge: {dirty} chunks still dirty after {passes} passes \
-         (clients write faster than the copy); use --strategy auto or mirror"
-    )]
-    NotConverging { passes: u32, dirty: u64 },
-    #[error("verification found {} mismatching chunks, at offsets {}", .0.len(), offsets(.0))]
-    Mismatch(Vec<u64>),
-    #[error("{0}")]
-    InvalidState(String),
-    #[error("stopped; run the same migration again to resume")]
-    Stopped,
-    /// The copier stopped for a rollback request (handled by `run`).
-    #[error("interrupted for a rollback")]
-    Interrupted,
-}
-
+/// The first few offsets of a list, for a message.
 fn offsets(list: &[u64]) -> String {
     let shown: Vec<String> = list.iter().take(8).map(|o| o.to_string()).collect();
     let more = if list.len() > 8 { ", …" } else { "" };
@@ -159,7 +139,9 @@ pub fn negotiate(
     destination: &dyn BlockStore,
     config: &MigrationConfig,
 ) -> Outcome {
-    let refuse = |reason: String| Err(MigrationError::Refused(reason));
+    let refuse = |reason: String| {
+        Err(MigrationError::new(ErrorKind::Refused, Operation::Negotiate).with_detail(reason))
+    };
     if destination.size() < source.size() {
         return refuse(format!(
             "the destination {} holds {} bytes, less than the source {} ({} bytes)",
@@ -203,14 +185,6 @@ pub fn negotiate(
         ));
     }
     Ok(())
-}
-
-/// Flushes `store` if `wrote`.
-async fn flush_if(wrote: bool, store: &Arc<dyn BlockStore>) -> dmm_store::Result<()> {
-    match wrote {
-        true => store.flush().await,
-        false => Ok(()),
-    }
 }
 
 /// The routing mode a phase implies.
@@ -314,12 +288,14 @@ impl Migration {
         &self.controls
     }
 
-    pub fn meta(&self) -> &Meta {
-        &self.meta
-    }
-
     pub fn phase(&self) -> Phase {
         self.position.lock().phase
+    }
+
+    /// How many chunks only the destination holds: what a rollback would
+    /// have to copy back before the source is the volume again.
+    pub fn destination_only_chunks(&self) -> u64 {
+        self.device.chunks().count(ChunkState::Destination)
     }
 
     /// Waits a while for the admin to allow the switchover.
@@ -328,13 +304,28 @@ impl Migration {
         self.controls
             .wait_switchover(Duration::from_millis(500))
             .await;
+        match self.interruption() {
+            Some(kind) => Err(MigrationError::new(kind, Operation::SwitchOver)),
+            None => Ok(()),
+        }
+    }
+
+    /// The error kind a pending stop or rollback request ends a step with.
+    fn interruption(&self) -> Option<ErrorKind> {
         if self.controls.stop_requested() {
-            return Err(MigrationError::Stopped);
+            Some(ErrorKind::Stopped)
+        } else if self.controls.rollback_requested() {
+            Some(ErrorKind::Interrupted)
+        } else {
+            None
         }
-        if self.controls.rollback_requested() {
-            return Err(MigrationError::Interrupted);
-        }
-        Ok(())
+    }
+
+    /// Journals a phase change and makes it durable.
+    async fn record_phase(&self, phase: Phase, operation: Operation) -> Outcome {
+        let ledger = self.device.ledger();
+        ledger.record_phase(phase).during(operation)?;
+        ledger.sync_journal().await.during(operation)
     }
 
     fn set_activity(&self, activity: Activity) {
@@ -348,10 +339,10 @@ impl Migration {
         let result = self.drive().await;
         match &result {
             Ok(_) => self.set_activity(Activity::Idle),
-            Err(MigrationError::Stopped) => self.set_activity(Activity::Idle),
+            Err(err) if err.kind() == ErrorKind::Stopped => self.set_activity(Activity::Idle),
             Err(err) => {
                 self.set_activity(Activity::Failed);
-                *self.error.lock() = Some(err.to_string());
+                *self.error.lock() = Some(err.report());
                 self.fall_back().await;
                 // Keep whatever progress was made.
                 let _ = self.checkpoint().await;
@@ -374,7 +365,7 @@ impl Migration {
                 continue;
             }
             if self.controls.stop_requested() {
-                return Err(MigrationError::Stopped);
+                return Err(MigrationError::new(ErrorKind::Stopped, Operation::Run));
             }
             let step = match phase {
                 Phase::Copying => self.copy_phase().await,
@@ -383,7 +374,7 @@ impl Migration {
                 Phase::Verified | Phase::Committed | Phase::RolledBack => return Ok(phase),
             };
             match step {
-                Err(MigrationError::Interrupted) => continue,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
                 other => other?,
             }
         }
@@ -399,7 +390,7 @@ impl Migration {
             self.position.lock().mode = Mode::TrackDirty;
         }
         drop(mode);
-        self.device.attach_aio(None);
+        self.device.detach_aio();
     }
 
     async fn copy_phase(&self) -> Outcome {
@@ -425,8 +416,7 @@ impl Migration {
                 self.switch_over().await
             }
             Strategy::Aio => {
-                let queue = AioQueue::start(self.device.clone());
-                self.device.attach_aio(Some(queue.clone()));
+                let queue = self.device.start_aio();
                 self.pass().await?;
                 queue.drained().await;
                 self.pass().await?;
@@ -486,7 +476,8 @@ impl Migration {
                 );
                 self.set_mode(Mode::Mirror).await?;
             } else {
-                return Err(MigrationError::NotConverging { passes, dirty });
+                let kind = ErrorKind::NotConverging { passes, dirty };
+                return Err(MigrationError::new(kind, Operation::Copy));
             }
         }
     }
@@ -509,12 +500,7 @@ impl Migration {
         let copied = self
             .sweep(ChunkState::Source, |chunk| {
                 let device = device.clone();
-                async move {
-                    let done = device
-                        .copy_chunk(chunk, ChunkState::Source, ChunkState::Both)
-                        .await?;
-                    Ok(done.map_or(0, |c| c.data))
-                }
+                async move { copy_chunk(&device, chunk, ChunkState::Source, Operation::Copy).await }
             })
             .await?;
         let mut position = self.position.lock();
@@ -547,7 +533,9 @@ impl Migration {
         // A checkpoint runs alongside the copies, never in their way.
         let mut checkpointing: Option<Pin<Box<dyn Future<Output = Outcome> + Send + '_>>> = None;
         loop {
-            let throttled = tokio::time::Instant::now() < resume_at;
+            // A stop or rollback request ends the wait for bandwidth: the
+            // chunks not started yet stay to be copied, resumably.
+            let throttled = !self.controls.interrupted() && tokio::time::Instant::now() < resume_at;
             while failure.is_none()
                 && !throttled
                 && running.len() < self.controls.copies_in_flight()
@@ -563,12 +551,10 @@ impl Migration {
                 let Some(chunk) = chunks.next_in(state, next) else {
                     break;
                 };
-                next = chunk + 1;
-                if self.controls.priority() == Priority::Low
-                    && self.device.idle_ms() < CLIENT_QUIET.as_millis() as u64
-                {
-                    tokio::time::sleep(CLIENT_QUIET).await;
+                if !self.yield_to_clients().await {
+                    break;
                 }
+                next = chunk + 1;
                 active.insert(chunk);
                 let job = tokio::spawn(work(chunk));
                 running.push(async move { (chunk, job.await) });
@@ -579,6 +565,7 @@ impl Migration {
             let event = tokio::select! {
                 done = running.next(), if !running.is_empty() => Event::Done(done),
                 () = tokio::time::sleep_until(resume_at), if throttled => Event::Throttled,
+                () = self.controls.until_interrupted(), if throttled => Event::Throttled,
                 saved = async { checkpointing.as_mut().expect("checked").await },
                     if checkpointing.is_some() => Event::Checkpointed(saved),
             };
@@ -604,8 +591,12 @@ impl Migration {
                     failure.get_or_insert(err);
                 }
                 Err(panicked) => {
-                    let message = format!("a copy task failed: {panicked}");
-                    failure.get_or_insert(MigrationError::InvalidState(message));
+                    let (offset, len) = chunks.bytes(chunk);
+                    let err = MigrationError::new(ErrorKind::Internal, sweep_operation(state))
+                        .at(offset, len)
+                        .with_detail("a copy task failed")
+                        .with_source(panicked);
+                    failure.get_or_insert(err);
                 }
             }
             self.position.lock().cursor = active.first().copied().unwrap_or(next);
@@ -617,18 +608,28 @@ impl Migration {
         if let Some(err) = failure {
             return Err(err);
         }
-        if let Some(err) = self.device.take_destination_failure() {
-            return Err(err.into());
+        if let Some(err) = self.device.ledger().take_destination_failure() {
+            return Err(err).during(Operation::Mirror);
         }
-        if self.controls.interrupted() {
+        if let Some(kind) = self.interruption() {
             self.checkpoint().await?;
-            return Err(if self.controls.stop_requested() {
-                MigrationError::Stopped
-            } else {
-                MigrationError::Interrupted
-            });
+            return Err(MigrationError::new(kind, sweep_operation(state)));
         }
         Ok(total)
+    }
+
+    /// At low priority, waits a moment while clients are active; false if
+    /// a stop or rollback request ended the wait (nothing more to start).
+    async fn yield_to_clients(&self) -> bool {
+        if self.controls.priority() == Priority::Low
+            && self.device.idle_ms() < CLIENT_QUIET.as_millis() as u64
+        {
+            tokio::select! {
+                () = tokio::time::sleep(CLIENT_QUIET) => {}
+                () = self.controls.until_interrupted() => {}
+            }
+        }
+        !self.controls.interrupted()
     }
 
     /// Counts copied bytes; returns how long to wait before the next copy
@@ -643,31 +644,27 @@ impl Migration {
     /// snapshot: a copy is durable before the checkpoint that records it.
     pub async fn checkpoint(&self) -> Outcome {
         let _one_at_a_time = self.checkpointing.lock().await;
-        let generation = self.device.journal_generation() + 1;
+        let ledger = self.device.ledger();
+        let generation = ledger.generation() + 1;
         let journal = self.state.journal(generation)?;
-        self.device.rotate_journal(journal);
-        let (both, destination) = self.device.chunks().to_bitmaps();
+        let (both, destination) = ledger.begin_checkpoint(journal);
         let position = {
             let mut position = self.position.lock();
             position.generation = generation;
             position.clone()
         };
-        // Flush what the copier (or a fill) wrote to since the last
-        // checkpoint: those copies are what the snapshot relies on.
-        let (into_source, into_destination) = self.device.take_copied_into();
-        tokio::try_join!(
-            flush_if(into_source, self.device.source()),
-            flush_if(into_destination, self.device.destination())
-        )?;
-        self.device.settle_flushed()?;
-        self.device.sync_journal().await?;
+        // The copies the snapshot relies on become durable.
+        ledger
+            .settle_checkpoint()
+            .await
+            .during(Operation::Checkpoint)?;
         let checkpoint = Checkpoint {
             position,
             both,
             destination,
         };
         self.state.save_checkpoint(&checkpoint)?;
-        self.device.retire_previous_journal();
+        ledger.retire_previous_journal();
         self.state.prune_journals(generation)?;
         *self.last_checkpoint.lock() = Instant::now();
         Ok(())
@@ -707,15 +704,16 @@ impl Migration {
                     break;
                 };
                 next = chunk + 1;
-                copies.push(
-                    self.device
-                        .copy_chunk(chunk, ChunkState::Source, ChunkState::Both),
-                );
+                copies.push(copy_chunk(
+                    &self.device,
+                    chunk,
+                    ChunkState::Source,
+                    Operation::SwitchOver,
+                ));
             }
             match copies.next().await {
                 Some(copied) => {
-                    let bytes = copied?.map_or(0, |c| c.data);
-                    self.position.lock().copied_bytes += bytes;
+                    self.position.lock().copied_bytes += copied?;
                 }
                 None => break,
             }
@@ -727,7 +725,7 @@ impl Migration {
         self.longest_pause_us
             .fetch_max(paused.as_micros() as u64, Ordering::Relaxed);
         tracing::info!(pause_ms = paused.as_secs_f64() * 1e3, "switched over");
-        self.device.attach_aio(None);
+        self.device.detach_aio();
         self.position.lock().phase = Phase::SwitchedOver;
         self.checkpoint().await
     }
@@ -741,11 +739,10 @@ impl Migration {
                 let device = device.clone();
                 let (verified, position) = (self.verified_chunks.clone(), self.position.clone());
                 async move {
-                    if device.verify_chunk(chunk).await? == Some(false) {
-                        position
-                            .lock()
-                            .mismatches
-                            .push(device.chunks().bytes(chunk).0);
+                    let bytes = device.chunks().bytes(chunk);
+                    let same = device.verify_chunk(chunk).await;
+                    if same.during_chunk(Operation::Verify, bytes)? == Some(false) {
+                        position.lock().mismatches.push(bytes.0);
                     }
                     verified.fetch_add(1, Ordering::Relaxed);
                     Ok(0)
@@ -760,7 +757,10 @@ impl Migration {
             };
             if !found.is_empty() {
                 self.checkpoint().await?;
-                return Err(MigrationError::Mismatch(found));
+                let detail = format!("{} chunks, at offsets {}", found.len(), offsets(&found));
+                return Err(
+                    MigrationError::new(ErrorKind::Mismatch, Operation::Verify).with_detail(detail)
+                );
             }
         }
         self.position.lock().phase = Phase::Verified;
@@ -779,21 +779,19 @@ impl Migration {
             return Ok(());
         }
         if !ready || mismatches > 0 {
-            return Err(MigrationError::InvalidState(format!(
-                "cannot commit while the migration is {}: {}",
-                serde_json::to_string(&phase)
-                    .unwrap_or_default()
-                    .trim_matches('"'),
-                if mismatches > 0 {
-                    format!("{mismatches} chunks failed verification")
-                } else {
-                    "the destination does not hold the whole volume yet".into()
-                }
-            )));
+            let why = match mismatches {
+                0 => "the destination does not hold the whole volume yet".to_owned(),
+                _ => format!("{mismatches} chunks failed verification"),
+            };
+            let phase = serde_json::to_string(&phase).unwrap_or_default();
+            let detail = format!("the migration is {}: {why}", phase.trim_matches('"'));
+            return Err(
+                MigrationError::new(ErrorKind::InvalidState, Operation::Commit).with_detail(detail),
+            );
         }
         let mut mode = self.device.pause_clients().await;
-        self.device.journal(Record::Phase(Phase::Committed))?;
-        self.device.sync_journal().await?;
+        self.record_phase(Phase::Committed, Operation::Commit)
+            .await?;
         *mode = Mode::Destination { tracking: false };
         drop(mode);
         self.position.lock().phase = Phase::Committed;
@@ -803,9 +801,11 @@ impl Migration {
     /// Asks the migration to roll back; [`Migration::run`] does it.
     pub fn request_rollback(&self) -> Outcome {
         if self.phase() == Phase::Committed {
-            return Err(MigrationError::InvalidState(
-                "cannot roll back a committed migration: the source has been released".into(),
-            ));
+            let detail = "the migration is committed: the source has been released";
+            return Err(
+                MigrationError::new(ErrorKind::InvalidState, Operation::Rollback)
+                    .with_detail(detail),
+            );
         }
         self.controls.request_rollback();
         Ok(())
@@ -816,11 +816,11 @@ impl Migration {
         if let Some(queue) = self.device.aio_attached() {
             queue.drained().await;
         }
-        self.device.journal(Record::Phase(Phase::RollingBack))?;
-        self.device.sync_journal().await?;
+        self.record_phase(Phase::RollingBack, Operation::Rollback)
+            .await?;
         *mode = Mode::RollingBack;
         drop(mode);
-        self.device.attach_aio(None);
+        self.device.detach_aio();
         {
             let mut position = self.position.lock();
             position.phase = Phase::RollingBack;
@@ -837,23 +837,25 @@ impl Migration {
         self.sweep(ChunkState::Destination, |chunk| {
             let device = device.clone();
             async move {
-                let done = device
-                    .copy_chunk(chunk, ChunkState::Destination, ChunkState::Both)
-                    .await?;
-                Ok(done.map_or(0, |c| c.data))
+                copy_chunk(&device, chunk, ChunkState::Destination, Operation::CopyBack).await
             }
         })
         .await?;
         let mut mode = self.device.pause_clients().await;
         let chunks = self.device.chunks().clone();
         while let Some(chunk) = chunks.next_in(ChunkState::Destination, 0) {
-            self.device
-                .copy_chunk(chunk, ChunkState::Destination, ChunkState::Both)
-                .await?;
+            copy_chunk(
+                &self.device,
+                chunk,
+                ChunkState::Destination,
+                Operation::CopyBack,
+            )
+            .await?;
         }
-        self.device.source().flush().await?;
-        self.device.journal(Record::Phase(Phase::RolledBack))?;
-        self.device.sync_journal().await?;
+        let flushed = self.device.source().flush().await;
+        flushed.during(Operation::Rollback)?;
+        self.record_phase(Phase::RolledBack, Operation::Rollback)
+            .await?;
         *mode = Mode::Source;
         drop(mode);
         self.position.lock().phase = Phase::RolledBack;
@@ -906,14 +908,37 @@ impl Migration {
     }
 }
 
+/// Copies one chunk from `from` to both stores; the data bytes written.
+async fn copy_chunk(
+    device: &VirtualDevice,
+    chunk: u64,
+    from: ChunkState,
+    operation: Operation,
+) -> Outcome<u64> {
+    let copied = device.copy_chunk(chunk, from, ChunkState::Both).await;
+    let copied = copied.during_chunk(operation, device.chunks().bytes(chunk))?;
+    Ok(copied.map_or(0, |c| c.data))
+}
+
+/// What a sweep over chunks in `state` does.
+fn sweep_operation(state: ChunkState) -> Operation {
+    match state {
+        ChunkState::Source => Operation::Copy,
+        ChunkState::Both => Operation::Verify,
+        ChunkState::Destination => Operation::CopyBack,
+    }
+}
+
 /// Resuming is only allowed with the same volume and strategy.
 fn check_resume(saved: &Meta, wanted: &Meta, dir: &Path) -> Outcome<Meta> {
     let mismatch = |what: &str, saved: String, wanted: String| {
-        Err(MigrationError::Refused(format!(
-            "{} holds a migration with {what} {saved}, not {wanted}; \
-             resume it with the same settings or use another --state-dir",
-            dir.display()
-        )))
+        let detail = format!(
+            "it holds a migration with {what} {saved}, not {wanted}; \
+             resume it with the same settings or use another --state-dir"
+        );
+        Err(MigrationError::new(ErrorKind::Refused, Operation::Resume)
+            .on(dir.display().to_string())
+            .with_detail(detail))
     };
     if saved.source != wanted.source || saved.destination != wanted.destination {
         let pair = |m: &Meta| format!("{} -> {}", m.source, m.destination);

@@ -24,14 +24,14 @@
 //!    whose destination copy exists), never claim a copy that is not there.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
 use crate::chunks::ChunkState;
+use crate::error::{ErrorKind, MigrationError, Operation};
 use crate::strategy::{Mode, Strategy};
 
 const CHECKPOINT_MAGIC: &[u8; 8] = b"DMMCKPT1";
@@ -155,27 +155,40 @@ pub struct StateDir {
     _lock: File,
 }
 
-fn context(err: io::Error, what: &str, path: &Path) -> io::Error {
-    io::Error::new(err.kind(), format!("{what} {}: {err}", path.display()))
+/// Turns an I/O failure on `path` into a state error of `operation`.
+fn failed(operation: Operation, path: &Path) -> impl FnOnce(io::Error) -> MigrationError + '_ {
+    move |err| state_error(operation, path).with_source(err)
+}
+
+fn state_error(operation: Operation, path: &Path) -> MigrationError {
+    MigrationError::new(ErrorKind::State, operation).on(path.display().to_string())
+}
+
+/// Reads a whole file; `None` if it does not exist.
+fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>, MigrationError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failed(Operation::ReadState, path)(e)),
+    }
 }
 
 impl StateDir {
     /// Opens (creating) the directory and takes its lock.
-    pub fn open(path: &Path) -> io::Result<StateDir> {
-        std::fs::create_dir_all(path).map_err(|e| context(e, "cannot create", path))?;
+    pub fn open(path: &Path) -> Result<StateDir, MigrationError> {
+        std::fs::create_dir_all(path).map_err(failed(Operation::OpenState, path))?;
         let lock_path = path.join("lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| context(e, "cannot open", &lock_path))?;
+            .map_err(failed(Operation::OpenState, &lock_path))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |_| {
-                io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("{} is in use by another dmm process", path.display()),
-                )
+            |errno| {
+                state_error(Operation::OpenState, path)
+                    .with_detail("in use by another dmm process")
+                    .with_source(io::Error::from(errno))
             },
         )?;
         Ok(StateDir {
@@ -184,57 +197,53 @@ impl StateDir {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn load_meta(&self) -> io::Result<Option<Meta>> {
+    pub fn load_meta(&self) -> Result<Option<Meta>, MigrationError> {
         let path = self.path.join(META);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(context(e, "cannot read", &path)),
-        }
+        let Some(bytes) = read_if_present(&path)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| state_error(Operation::ReadState, &path).with_source(e))
     }
 
-    pub fn save_meta(&self, meta: &Meta) -> io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+    pub fn save_meta(&self, meta: &Meta) -> Result<(), MigrationError> {
+        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| {
+            state_error(Operation::WriteState, &self.path.join(META)).with_source(e)
+        })?;
         self.replace(META, &bytes)
     }
 
     /// Writes `name` atomically: temp file, fsync, rename, fsync directory.
-    fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+    fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), MigrationError> {
         let temp = self.path.join(format!("{name}.tmp"));
         let target = self.path.join(name);
-        let mut file = File::create(&temp).map_err(|e| context(e, "cannot create", &temp))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, &target).map_err(|e| context(e, "cannot replace", &target))?;
-        File::open(&self.path)?.sync_all()
-    }
-
-    pub fn load_checkpoint(&self) -> io::Result<Option<Checkpoint>> {
-        let path = self.path.join(CHECKPOINT);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(context(e, "cannot read", &path)),
+        let write = || {
+            let mut file = File::create(&temp)?;
+            file.write_all(bytes)?;
+            file.sync_all()
         };
-        decode_checkpoint(&bytes).map(Some).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} is corrupt", path.display()),
-            )
-        })
+        write().map_err(failed(Operation::WriteState, &temp))?;
+        std::fs::rename(&temp, &target).map_err(failed(Operation::WriteState, &target))?;
+        File::open(&self.path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(failed(Operation::WriteState, &self.path))
     }
 
-    pub fn save_checkpoint(&self, checkpoint: &Checkpoint) -> io::Result<()> {
-        self.replace(CHECKPOINT, &encode_checkpoint(checkpoint)?)
+    pub fn load_checkpoint(&self) -> Result<Option<Checkpoint>, MigrationError> {
+        let path = self.path.join(CHECKPOINT);
+        let Some(bytes) = read_if_present(&path)? else {
+            return Ok(None);
+        };
+        decode_checkpoint(&bytes)
+            .map(Some)
+            .ok_or_else(|| state_error(Operation::ReadState, &path).with_detail("corrupt"))
+    }
+
+    pub fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), MigrationError> {
+        let bytes = encode_checkpoint(checkpoint)
+            .map_err(failed(Operation::WriteState, &self.path.join(CHECKPOINT)))?;
+        self.replace(CHECKPOINT, &bytes)
     }
 
     fn journal_path(&self, generation: u64) -> PathBuf {
@@ -242,31 +251,27 @@ impl StateDir {
     }
 
     /// Opens journal `generation` for appending.
-    pub fn journal(&self, generation: u64) -> io::Result<Journal> {
+    pub fn journal(&self, generation: u64) -> Result<Journal, MigrationError> {
         let path = self.journal_path(generation);
         let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&path)
-            .map_err(|e| context(e, "cannot open", &path))?;
+            .map_err(failed(Operation::OpenState, &path))?;
         Ok(Journal {
             file: std::sync::Arc::new(file),
             generation,
-            unsynced: false,
         })
     }
 
     /// Every record of journals `generation` and later, in order.
-    pub fn replay(&self, generation: u64) -> io::Result<Vec<Record>> {
+    pub fn replay(&self, generation: u64) -> Result<Vec<Record>, MigrationError> {
         let mut records = Vec::new();
         for generation in generation.. {
             let path = self.journal_path(generation);
-            let mut bytes = Vec::new();
-            match File::open(&path) {
-                Ok(mut file) => file.read_to_end(&mut bytes)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                Err(e) => return Err(context(e, "cannot read", &path)),
+            let Some(bytes) = read_if_present(&path)? else {
+                break;
             };
             // A torn last record (shorter than a word) is ignored; so is
             // anything after a word that does not decode.
@@ -279,16 +284,21 @@ impl StateDir {
     }
 
     /// Removes journals older than `generation`.
-    pub fn prune_journals(&self, generation: u64) -> io::Result<()> {
-        for entry in std::fs::read_dir(&self.path)? {
-            let name = entry?.file_name();
+    pub fn prune_journals(&self, generation: u64) -> Result<(), MigrationError> {
+        let entries =
+            std::fs::read_dir(&self.path).map_err(failed(Operation::WriteState, &self.path))?;
+        for entry in entries {
+            let name = entry
+                .map_err(failed(Operation::WriteState, &self.path))?
+                .file_name();
             let old = name
                 .to_str()
                 .and_then(|n| n.strip_prefix("journal."))
                 .and_then(|g| g.parse::<u64>().ok())
                 .is_some_and(|g| g < generation);
             if old {
-                std::fs::remove_file(self.path.join(name))?;
+                let path = self.path.join(name);
+                std::fs::remove_file(&path).map_err(failed(Operation::WriteState, &path))?;
             }
         }
         Ok(())
@@ -299,7 +309,6 @@ impl StateDir {
 pub struct Journal {
     file: std::sync::Arc<File>,
     generation: u64,
-    unsynced: bool,
 }
 
 impl Journal {
@@ -309,39 +318,12 @@ impl Journal {
 
     /// Appends a record (one `write`, no fsync).
     pub fn append(&mut self, record: Record) -> io::Result<()> {
-        (&*self.file).write_all(&record.encode().to_le_bytes())?;
-        self.unsynced = true;
-        Ok(())
-    }
-
-    /// Makes every appended record durable.
-    pub fn sync(&mut self) -> io::Result<()> {
-        if self.unsynced {
-            self.file.sync_data()?;
-            self.unsynced = false;
-        }
-        Ok(())
+        (&*self.file).write_all(&record.encode().to_le_bytes())
     }
 
     /// The file, to fsync without holding the journal.
     pub fn handle(&self) -> std::sync::Arc<File> {
         self.file.clone()
-    }
-
-    /// Bytes in the journal (for tests and progress).
-    pub fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
-    }
-
-    pub fn is_empty(&self) -> io::Result<bool> {
-        Ok(self.len()? == 0)
-    }
-
-    /// Reads back the record at `index` (tests).
-    pub fn record_at(&self, index: u64) -> io::Result<Option<Record>> {
-        let mut word = [0u8; 8];
-        self.file.read_exact_at(&mut word, index * 8)?;
-        Ok(Record::decode(u64::from_le_bytes(word)))
     }
 }
 
@@ -440,7 +422,6 @@ mod tests {
                 state: ChunkState::Destination,
             })
             .unwrap();
-        second.sync().unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(dir.path().join("journal.2"))

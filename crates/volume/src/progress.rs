@@ -1,7 +1,9 @@
 //! What a running migration reports: phase, activity, bytes, rate, ETA,
-//! dirty chunks, client activity, the switchover pause, errors.
+//! dirty chunks, client activity, the switchover pause, errors; and the
+//! counters they are computed from.
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +59,22 @@ pub struct Progress {
     pub verified_chunks: u64,
     pub mismatches: Vec<u64>,
     pub error: Option<String>,
+}
+
+/// Counters of client activity on the virtual device (and of the
+/// destination writes it causes), for reports and benchmarks.
+#[derive(Default)]
+pub struct ClientStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// Bytes clients caused to be written to the destination.
+    pub destination_bytes: AtomicU64,
+    /// Longest time a request waited at the gate, in microseconds.
+    pub longest_gate_wait_us: AtomicU64,
+    /// When the last request arrived (ms since the device was built).
+    pub last_request_ms: AtomicU64,
 }
 
 /// A moving window of (time, bytes) samples for the copy rate.

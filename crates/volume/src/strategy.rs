@@ -56,12 +56,6 @@ impl Strategy {
             Strategy::Redirect => Mode::Redirect,
         }
     }
-
-    /// Whether the source stays complete and current until the switchover
-    /// (so that a failure or a rollback before it needs no copy-back).
-    pub fn source_stays_current(self) -> bool {
-        !matches!(self, Strategy::Lr | Strategy::Redirect)
-    }
 }
 
 impl fmt::Display for Strategy {
@@ -233,11 +227,6 @@ impl Mode {
                 .filled(Fill::FromSource, whole_chunk),
             (_, Source) => plan(true, false),
         }
-    }
-
-    /// Whether the source receives any client data in this mode.
-    pub fn source_is_written(self) -> bool {
-        !matches!(self, Mode::Redirect | Mode::Destination { .. })
     }
 }
 

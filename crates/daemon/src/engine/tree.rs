@@ -135,9 +135,7 @@ async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> dmm_tree::Result<T> + Send + 'static,
 ) -> Result<T> {
     match tokio::task::spawn_blocking(work).await {
-        Ok(done) => {
-            done.map_err(|err| Error::caused(ErrorKind::Failed, "the tree engine failed", err))
-        }
+        Ok(done) => done.map_err(|err| Error::new(ErrorKind::Failed, err.report())),
         Err(err) => Err(Error::caused(
             ErrorKind::Failed,
             "the tree engine's thread failed",

@@ -11,7 +11,7 @@ use dmm_catalog::State;
 use dmm_control::Controls;
 use dmm_nbd::{Access, OpenedStore, open_store};
 use dmm_store::BlockStore;
-use dmm_volume::{Activity, ChunkState, Migration, MigrationError, Phase, Progress, Strategy};
+use dmm_volume::{Activity, Migration, MigrationError, Phase, Progress, Strategy};
 
 use super::{Engine, Ran, Report, Snapshot};
 use crate::error::{Error, ErrorKind, Result};
@@ -26,12 +26,12 @@ pub struct VolumeEngine {
 }
 
 fn failed(err: MigrationError) -> Error {
-    let kind = match err {
-        MigrationError::Refused(_) => ErrorKind::Invalid,
-        MigrationError::InvalidState(_) => ErrorKind::Conflict,
+    let kind = match err.kind() {
+        dmm_volume::ErrorKind::Refused => ErrorKind::Invalid,
+        dmm_volume::ErrorKind::InvalidState => ErrorKind::Conflict,
         _ => ErrorKind::Failed,
     };
-    Error::caused(kind, "the volume engine failed", err)
+    Error::new(kind, err.report())
 }
 
 /// Opens the source (read-only is enough for `redirect`, which never
@@ -107,7 +107,7 @@ impl Engine for VolumeEngine {
                 Ok(Ran::Done("rolled back: the source holds the whole volume"))
             }
             Ok(_) => Ok(Ran::Done("done")),
-            Err(MigrationError::Stopped) => Ok(Ran::Stopped),
+            Err(err) if err.kind() == dmm_volume::ErrorKind::Stopped => Ok(Ran::Stopped),
             Err(err) => Err(failed(err)),
         }
     }
@@ -158,11 +158,7 @@ impl Engine for VolumeEngine {
     }
 
     async fn destination_only(&self) -> Result<u64> {
-        Ok(self
-            .migration
-            .device()
-            .chunks()
-            .count(ChunkState::Destination))
+        Ok(self.migration.destination_only_chunks())
     }
 
     async fn commit(&self) -> Result<&'static str> {

@@ -7,7 +7,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use dmm_nbd::{Access, Export, ExportTable, Server, ServerConfig, open_store};
 use dmm_store::BlockStore;
-use dmm_volume::{Migration, MigrationConfig, MigrationError, Phase, Priority, Strategy, Verify};
+use dmm_volume::{
+    ErrorKind, Migration, MigrationConfig, MigrationError, Phase, Priority, Strategy, Verify,
+};
 
 use crate::Global;
 use crate::listen::{ExportArgs, Listeners, termination};
@@ -208,7 +210,7 @@ pub async fn run(args: MigrateArgs, global: &Global) -> Result<()> {
     let reporter = report::spawn(migration.clone(), style);
     let outcome = run_until_signal(&migration).await;
     reporter.stop().await;
-    let stopped = matches!(outcome, Err(MigrationError::Stopped));
+    let stopped = matches!(&outcome, Err(err) if err.kind() == ErrorKind::Stopped);
     let result = finish(&migration, outcome, style, allocated).await;
     if let Err(err) = &result
         && !stopped
@@ -264,7 +266,7 @@ async fn finish(
         Ok(Phase::Committed) => "committed",
         Ok(Phase::RolledBack) => "rolled-back",
         Ok(_) => "done",
-        Err(MigrationError::Stopped) => "stopped",
+        Err(err) if err.kind() == ErrorKind::Stopped => "stopped",
         Err(_) => "failed",
     };
     if style == Style::Json {
@@ -277,7 +279,9 @@ async fn finish(
     }
     match outcome {
         Ok(_) => Ok(()),
-        Err(MigrationError::Stopped) => bail!("stopped; run the same command again to resume"),
+        Err(err) if err.kind() == ErrorKind::Stopped => {
+            bail!("stopped; run the same command again to resume")
+        }
         Err(err) => Err(err.into()),
     }
 }
