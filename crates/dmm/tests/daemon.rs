@@ -459,7 +459,7 @@ fn verbs_answer_within_2s_whatever_the_rate_limit() {
             daemon.ok(&["start", "1"]);
         }
     }
-    let list = daemon.json(&["--json", "list"]);
+    let list = daemon.json(&["list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
     assert!(daemon.stop().success());
 }

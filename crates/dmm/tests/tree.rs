@@ -505,3 +505,34 @@ fn sigterm_stops_the_daemon_within_seconds_while_clients_use_the_access_point() 
          the reader read {rounds} large files"
     );
 }
+
+/// A tree migration throttled to 256 KiB/s answers stop, halt and
+/// delete -f within 2 s while its workers are waiting for bandwidth.
+#[test]
+fn tree_verbs_answer_within_2s_whatever_the_rate_limit() {
+    let d = dirs();
+    build_source(&d.source);
+    let daemon = Daemon::start(&d.state, &[]);
+    let migid = create(&daemon, &d, &["rate=256K"]);
+    let limit = Duration::from_secs(2);
+    for verb in ["stop", "halt", "delete"] {
+        std::thread::sleep(Duration::from_millis(1500));
+        let args: Vec<&str> = match verb {
+            "stop" => vec!["stop", &migid],
+            "halt" => vec!["halt", "--keep", &migid],
+            _ => vec!["delete", "-f", &migid],
+        };
+        let asked = Instant::now();
+        daemon.ok(&args);
+        let took = asked.elapsed();
+        assert!(took < limit, "{args:?} took {took:?}");
+        assert!(
+            !is_mountpoint(&d.access),
+            "{verb} unmounts the access point"
+        );
+        if verb != "delete" {
+            daemon.ok(&["start", &migid]);
+        }
+    }
+    assert!(daemon.stop().success());
+}
