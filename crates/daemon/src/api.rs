@@ -21,14 +21,14 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use dmm_catalog::{MigrationId, MigrationRecord, Verb};
 use futures::stream::{Stream, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::engine::Report;
 use crate::error::{Error, ErrorKind};
 use crate::properties;
 use crate::supervisor::{Notice, Supervisor};
+use crate::view::View;
 
 /// The OpenAPI description of this router.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -63,17 +63,6 @@ impl IntoResponse for ApiError {
 }
 
 type Reply<T> = Result<Json<T>, ApiError>;
-
-/// A migration as the API shows it.
-#[derive(Serialize)]
-pub struct View {
-    #[serde(flatten)]
-    pub record: MigrationRecord,
-    /// Every property with defaults filled in.
-    pub effective: BTreeMap<String, String>,
-    /// A volume's or a tree's progress, while its engine is open.
-    pub progress: Option<Report>,
-}
 
 async fn view(supervisor: &Supervisor, record: MigrationRecord) -> Result<View, ApiError> {
     let progress = supervisor.progress(record.id).await?;

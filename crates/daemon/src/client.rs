@@ -1,13 +1,20 @@
-//! A client of the daemon's API, for the CLI and the tests: HTTP/1.1 over
-//! the state directory's Unix socket (or TCP with a token).
+//! A typed client of the daemon's API, for the CLI and the tests: HTTP/1.1
+//! over the state directory's Unix socket (or TCP with a token), one
+//! method per call of the API, answers as [`View`]s.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use bytes::Bytes;
+use dmm_catalog::{Event, MigrationId, Verb};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::view::View;
 
 /// Where the daemon is.
 #[derive(Debug, Clone)]
@@ -15,6 +22,8 @@ pub enum Endpoint {
     Unix(PathBuf),
     Tcp { address: String, token: String },
 }
+
+type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,9 +34,27 @@ pub enum ClientError {
     /// The daemon answered with an error (its message).
     #[error("{message}")]
     Refused { status: StatusCode, message: String },
-    #[error("talking to the daemon: {0}")]
-    Transport(String),
+    /// The exchange itself failed.
+    #[error("talking to the daemon: {what}")]
+    Transport {
+        what: &'static str,
+        #[source]
+        source: Cause,
+    },
 }
+
+fn transport(what: &'static str) -> impl FnOnce(Cause) -> ClientError {
+    move |source| ClientError::Transport { what, source }
+}
+
+/// The answer of `GET /api/health`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// One API client.
 #[derive(Debug, Clone)]
@@ -40,11 +67,73 @@ impl Client {
         Client { endpoint }
     }
 
-    async fn connect(
+    /// Creates a migration (started unless `halted`).
+    pub async fn create(
         &self,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
-        let transport = |e: hyper::Error| ClientError::Transport(e.to_string());
-        match &self.endpoint {
+        properties: &BTreeMap<String, String>,
+        halted: bool,
+    ) -> Result<View, ClientError> {
+        let body = json!({ "properties": properties, "halted": halted });
+        self.call(Method::POST, "/api/migrations", Some(body)).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<View>, ClientError> {
+        self.call(Method::GET, "/api/migrations", None::<()>).await
+    }
+
+    pub async fn get(&self, id: MigrationId) -> Result<View, ClientError> {
+        let path = format!("/api/migrations/{id}");
+        self.call(Method::GET, &path, None::<()>).await
+    }
+
+    /// Applies a verb; `delete` answers with nothing.
+    pub async fn apply(&self, id: MigrationId, verb: Verb) -> Result<Option<View>, ClientError> {
+        let (method, path) = match verb {
+            Verb::Delete { force } => (
+                Method::DELETE,
+                format!("/api/migrations/{id}?force={force}"),
+            ),
+            Verb::Halt { remove } => (
+                Method::POST,
+                format!("/api/migrations/{id}/halt?remove={remove}"),
+            ),
+            other => (
+                Method::POST,
+                format!("/api/migrations/{id}/{}", other.name()),
+            ),
+        };
+        self.call(method, &path, None::<()>).await
+    }
+
+    /// Changes properties.
+    pub async fn set(
+        &self,
+        id: MigrationId,
+        changes: &BTreeMap<String, String>,
+    ) -> Result<View, ClientError> {
+        let path = format!("/api/migrations/{id}/properties");
+        self.call(Method::PATCH, &path, Some(changes)).await
+    }
+
+    /// A migration's event log, oldest first.
+    pub async fn log(&self, id: MigrationId) -> Result<Vec<Event>, ClientError> {
+        let path = format!("/api/migrations/{id}/log");
+        self.call(Method::GET, &path, None::<()>).await
+    }
+
+    /// Whether the daemon answers, and its version.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.call(Method::GET, "/api/health", None::<()>).await
+    }
+
+    /// The OpenAPI document that describes the API.
+    pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::GET, "/api/openapi.json", None::<()>)
+            .await
+    }
+
+    async fn connect(&self) -> Result<Sender, ClientError> {
+        let io = match &self.endpoint {
             Endpoint::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
                     ClientError::NotRunning(format!(
@@ -52,12 +141,7 @@ impl Client {
                         path.display()
                     ))
                 })?;
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(transport)?;
-                tokio::spawn(connection);
-                Ok(sender)
+                handshake(stream).await?
             }
             Endpoint::Tcp { address, .. } => {
                 let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| {
@@ -65,23 +149,20 @@ impl Client {
                         "the dmm daemon is not reachable at {address}: {e}"
                     ))
                 })?;
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(transport)?;
-                tokio::spawn(connection);
-                Ok(sender)
+                handshake(stream).await?
             }
-        }
+        };
+        Ok(io)
     }
 
-    /// Sends a request; returns the JSON body (or `Null` for no content).
-    pub async fn call(
+    /// Sends a request; reads the JSON answer as `T` (no content reads as
+    /// JSON `null`).
+    async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, ClientError> {
+        body: Option<impl Serialize>,
+    ) -> Result<T, ClientError> {
         let mut sender = self.connect().await?;
         let mut request = Request::builder()
             .method(method)
@@ -93,44 +174,44 @@ impl Client {
         let body = match body {
             Some(json) => {
                 request = request.header(hyper::header::CONTENT_TYPE, "application/json");
-                Full::new(Bytes::from(json.to_string()))
+                let text = serde_json::to_vec(&json).map_err(|e| transport("encode")(e.into()))?;
+                Full::new(Bytes::from(text))
             }
             None => Full::new(Bytes::new()),
         };
         let request = request
             .body(body)
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(|e| transport("build the request")(e.into()))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(|e| transport("send")(e.into()))?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?
+            .map_err(|e| transport("receive")(e.into()))?
             .to_bytes();
-        let json: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport(e.to_string()))?
-        };
-        if status.is_success() {
-            return Ok(json);
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(bytes)
+                .ok()
+                .and_then(|answer| answer["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("the daemon answered {status}"));
+            return Err(ClientError::Refused { status, message });
         }
-        let message = json["error"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("the daemon answered {status}"));
-        Err(ClientError::Refused { status, message })
+        serde_json::from_slice(bytes).map_err(|e| transport("decode the answer")(e.into()))
     }
+}
 
-    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
-        self.call(Method::GET, path, None).await
-    }
-
-    pub async fn post(&self, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
-        self.call(Method::POST, path, body).await
-    }
+async fn handshake<S>(stream: S) -> Result<Sender, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| transport("handshake")(e.into()))?;
+    tokio::spawn(connection);
+    Ok(sender)
 }

@@ -10,13 +10,14 @@
 //! was.
 
 mod api;
-pub mod client;
+mod client;
 mod engine;
 mod error;
 mod layout;
 mod properties;
 mod spec;
 mod supervisor;
+mod view;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -28,11 +29,15 @@ use dmm_catalog::Catalog;
 use dmm_nbd::{ExportTable, Server, ServerConfig};
 
 pub use api::OPENAPI;
+pub use client::{Client, ClientError, Endpoint, Health};
+pub use dmm_catalog::{Event, Kind, MigrationId, MigrationRecord, State, Verb};
+pub use dmm_tree::{TreePhase, TreeReport};
 pub use engine::Report;
 pub use error::{Error, ErrorKind};
 pub use layout::Layout;
 pub use properties::{PROPERTIES, Property, PropertyError, lookup as lookup_property};
 pub use supervisor::{CRASH_AFTER_INTENT, Notice, Supervisor};
+pub use view::View;
 
 /// How to run the daemon.
 #[derive(Debug, Clone)]

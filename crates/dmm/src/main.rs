@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use dmm_daemon::Verb;
 
 /// Large I/O buffers are allocated and freed at a high rate; mimalloc
 /// reuses their pages instead of faulting in fresh ones each time.
@@ -113,19 +114,19 @@ async fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Daemon(args) => commands::daemon::run(args, global).await,
         Command::Create(args) => admin::create(args, global).await,
         Command::Delete(args) => admin::delete(args, global).await,
-        Command::Start(args) => admin::verb("start", args, global).await,
-        Command::Pause(args) => admin::verb("pause", args, global).await,
-        Command::Resume(args) => admin::verb("resume", args, global).await,
-        Command::Stop(args) => admin::verb("stop", args, global).await,
+        Command::Start(args) => admin::verb(Verb::Start, args, global).await,
+        Command::Pause(args) => admin::verb(Verb::Pause, args, global).await,
+        Command::Resume(args) => admin::verb(Verb::Resume, args, global).await,
+        Command::Stop(args) => admin::verb(Verb::Stop, args, global).await,
         Command::Halt(args) => admin::halt(args, global).await,
         Command::Set(args) => admin::set(args, global).await,
         Command::Get(args) => admin::get(args, global).await,
         Command::List => admin::list(global).await,
         Command::Show => admin::show(global).await,
         Command::Stat(args) => admin::stat(args, global).await,
-        Command::Switchover(args) => admin::verb("switchover", args, global).await,
-        Command::Commit(args) => admin::verb("commit", args, global).await,
-        Command::Rollback(args) => admin::verb("rollback", args, global).await,
+        Command::Switchover(args) => admin::verb(Verb::Switchover, args, global).await,
+        Command::Commit(args) => admin::verb(Verb::Commit, args, global).await,
+        Command::Rollback(args) => admin::verb(Verb::Rollback, args, global).await,
         Command::Log(args) => admin::log(args, global).await,
     }
 }

@@ -309,15 +309,20 @@ fn the_tcp_api_needs_the_token() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        use dmm_daemon::client::{Client, ClientError, Endpoint};
+        use dmm_daemon::{Client, ClientError, Endpoint};
         for token in ["", "wrong-token-wrong-token"] {
             let client = Client::new(Endpoint::Tcp {
                 address: address.clone(),
                 token: token.into(),
             });
-            for path in ["/api/migrations", "/api/openapi.json", "/api/health"] {
-                match client.get(path).await {
-                    Err(ClientError::Refused { status, .. }) => {
+            let refusals = [
+                ("/api/migrations", client.list().await.err()),
+                ("/api/openapi.json", client.openapi().await.err()),
+                ("/api/health", client.health().await.err()),
+            ];
+            for (path, refused) in refusals {
+                match refused {
+                    Some(ClientError::Refused { status, .. }) => {
                         assert_eq!(status.as_u16(), 401, "{path}")
                     }
                     other => panic!("{path} with token {token:?}: {other:?}"),
@@ -328,9 +333,10 @@ fn the_tcp_api_needs_the_token() {
             address: address.clone(),
             token: "correct-horse-battery-staple".into(),
         });
-        let list = client.get("/api/migrations").await.expect("authorized");
-        assert!(list.as_array().unwrap().is_empty());
-        let spec = client.get("/api/openapi.json").await.unwrap();
+        let list = client.list().await.expect("authorized");
+        assert!(list.is_empty());
+        assert_eq!(client.health().await.unwrap().status, "ok");
+        let spec = client.openapi().await.unwrap();
         assert_eq!(spec["openapi"], "3.1.0");
         for route in [
             "/api/migrations",

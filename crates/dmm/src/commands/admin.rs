@@ -4,20 +4,29 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use anyhow::{Result, bail};
 use clap::{ArgAction, Args};
-use dmm_daemon::Layout;
-use dmm_daemon::client::{Client, ClientError, Endpoint};
-use serde_json::{Value, json};
+use dmm_daemon::{
+    Client, ClientError, Endpoint, Layout, MigrationId, MigrationRecord, Report, TreeReport, Verb,
+    View,
+};
+use serde_json::json;
 
 use crate::Global;
 use dmm_control::human;
 
+/// An argument of `-p` that is not `name=value`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not name=value")]
+pub struct NotAProperty(String);
+
 /// `-p name=value`.
-fn property(text: &str) -> Result<(String, String), String> {
+fn property(text: &str) -> Result<(String, String), NotAProperty> {
     let (name, value) = text
         .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not name=value"))?;
+        .ok_or_else(|| NotAProperty(text.to_owned()))?;
     Ok((name.trim().to_owned(), value.trim().to_owned()))
 }
 
@@ -101,7 +110,7 @@ fn explain(err: ClientError) -> anyhow::Error {
     anyhow::anyhow!(err.to_string())
 }
 
-fn print_json(value: &Value) {
+fn print_json(value: &impl serde::Serialize) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
@@ -109,28 +118,23 @@ fn print_json(value: &Value) {
 }
 
 pub async fn create(args: CreateArgs, global: &Global) -> Result<()> {
-    let properties: serde_json::Map<String, Value> = args
-        .properties
-        .into_iter()
-        .map(|(k, v)| (k, Value::String(v)))
-        .collect();
-    let body = json!({ "properties": properties, "halted": args.halted });
+    let properties: BTreeMap<String, String> = args.properties.into_iter().collect();
     let created = client(global)
-        .post("/api/migrations", Some(body))
+        .create(&properties, args.halted)
         .await
         .map_err(explain)?;
     if global.json {
         print_json(&created);
     } else {
-        println!("{}", created["id"]);
+        println!("{}", created.record.id);
     }
     Ok(())
 }
 
 pub async fn delete(args: DeleteArgs, global: &Global) -> Result<()> {
-    let path = format!("/api/migrations/{}?force={}", args.migid, args.force);
+    let verb = Verb::Delete { force: args.force };
     client(global)
-        .call(hyper::Method::DELETE, &path, None)
+        .apply(args.migid, verb)
         .await
         .map_err(explain)?;
     if global.json {
@@ -140,248 +144,227 @@ pub async fn delete(args: DeleteArgs, global: &Global) -> Result<()> {
 }
 
 /// start, pause, resume, stop, switchover, commit, rollback.
-pub async fn verb(verb: &str, args: MigidArgs, global: &Global) -> Result<()> {
-    let path = format!("/api/migrations/{}/{verb}", args.migid);
-    let migration = client(global).post(&path, None).await.map_err(explain)?;
-    report_state(&migration, global);
-    Ok(())
+pub async fn verb(verb: Verb, args: MigidArgs, global: &Global) -> Result<()> {
+    apply(verb, args.migid, global).await
 }
 
 pub async fn halt(args: HaltArgs, global: &Global) -> Result<()> {
-    let path = format!("/api/migrations/{}/halt?remove={}", args.migid, args.remove);
-    let migration = client(global).post(&path, None).await.map_err(explain)?;
-    report_state(&migration, global);
+    let verb = Verb::Halt {
+        remove: args.remove,
+    };
+    apply(verb, args.migid, global).await
+}
+
+async fn apply(verb: Verb, id: MigrationId, global: &Global) -> Result<()> {
+    let view = client(global).apply(id, verb).await.map_err(explain)?;
+    if let Some(view) = view {
+        report_state(&view, global);
+    }
     Ok(())
 }
 
-fn report_state(migration: &Value, global: &Global) {
+fn report_state(view: &View, global: &Global) {
     if global.json {
-        print_json(migration);
+        print_json(view);
     } else {
-        println!("{}: {}", migration["id"], text(&migration["state"]));
+        println!("{}: {}", view.record.id, view.record.state);
     }
 }
 
 pub async fn set(args: SetArgs, global: &Global) -> Result<()> {
-    let changes: serde_json::Map<String, Value> = args
-        .properties
-        .into_iter()
-        .map(|(k, v)| (k, Value::String(v)))
-        .collect();
-    let path = format!("/api/migrations/{}/properties", args.migid);
-    let migration = client(global)
-        .call(hyper::Method::PATCH, &path, Some(Value::Object(changes)))
+    let changes: BTreeMap<String, String> = args.properties.into_iter().collect();
+    let view = client(global)
+        .set(args.migid, &changes)
         .await
         .map_err(explain)?;
-    report_state(&migration, global);
+    report_state(&view, global);
     Ok(())
 }
 
 pub async fn get(args: GetArgs, global: &Global) -> Result<()> {
     let migrations = match args.migid {
-        Some(id) => vec![
-            client(global)
-                .get(&format!("/api/migrations/{id}"))
-                .await
-                .map_err(explain)?,
-        ],
-        None => list_all(global).await?,
+        Some(id) => vec![client(global).get(id).await.map_err(explain)?],
+        None => client(global).list().await.map_err(explain)?,
     };
     for name in &args.names {
         dmm_daemon::lookup_property(name)?;
     }
     let mut rows = Vec::new();
-    for migration in &migrations {
-        let effective = migration["effective"]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        for (name, value) in effective {
-            if !args.names.is_empty() && !args.names.contains(&name) {
+    for view in &migrations {
+        for (name, value) in &view.effective {
+            if !args.names.is_empty() && !args.names.contains(name) {
                 continue;
             }
-            let source = if migration["properties"].get(&name).is_some() {
-                "set"
-            } else {
-                "default"
+            let source = match view.record.properties.contains_key(name) {
+                true => "set",
+                false => "default",
             };
-            rows.push(json!({ "migid": migration["id"], "property": name, "value": value, "source": source }));
+            rows.push((view.record.id, name, value, source));
         }
     }
     if global.json {
-        print_json(&Value::Array(rows));
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(migid, property, value, source)| {
+                json!({ "migid": migid, "property": property, "value": value, "source": source })
+            })
+            .collect();
+        print_json(&rows);
         return Ok(());
     }
     println!("{:<6} {:<11} {:<40} SOURCE", "MIGID", "PROPERTY", "VALUE");
-    for row in rows {
-        println!(
-            "{:<6} {:<11} {:<40} {}",
-            text(&row["migid"]),
-            text(&row["property"]),
-            text(&row["value"]),
-            text(&row["source"])
-        );
+    for (migid, property, value, source) in rows {
+        println!("{migid:<6} {property:<11} {value:<40} {source}");
     }
     Ok(())
 }
 
-async fn list_all(global: &Global) -> Result<Vec<Value>> {
-    let all = client(global)
-        .get("/api/migrations")
-        .await
-        .map_err(explain)?;
-    Ok(all.as_array().cloned().unwrap_or_default())
-}
-
-fn text(value: &Value) -> String {
-    value
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| value.to_string())
-}
-
 /// "42% of 4.0 GiB" style summary of a migration's progress.
-fn progress_summary(migration: &Value) -> String {
-    let progress = &migration["progress"];
-    if progress.is_null() {
-        return "-".into();
+fn progress_summary(view: &View) -> String {
+    match &view.progress {
+        None => "-".into(),
+        Some(Report::Tree(tree)) => {
+            let counts = &tree.progress.counts;
+            let percent = counts.bytes_done * 100 / counts.bytes_total.max(1);
+            format!("{percent}% of {}", human(counts.bytes_total))
+        }
+        Some(Report::Volume(volume)) => {
+            let percent = volume.chunks_on_destination * 100 / volume.chunks.max(1);
+            format!("{percent}% of {}", human(volume.volume_bytes))
+        }
     }
-    if progress["kind"] == "tree" {
-        let total = progress["bytes_total"].as_u64().unwrap_or(0);
-        let done = progress["bytes_done"].as_u64().unwrap_or(0);
-        return format!("{}% of {}", done * 100 / total.max(1), human(total));
-    }
-    let chunks = progress["chunks"].as_u64().unwrap_or(0).max(1);
-    let done = progress["chunks_on_destination"].as_u64().unwrap_or(0);
-    format!(
-        "{}% of {}",
-        done * 100 / chunks,
-        human(progress["volume_bytes"].as_u64().unwrap_or(0))
-    )
+}
+
+fn effective<'a>(view: &'a View, name: &str) -> &'a str {
+    view.effective.get(name).map_or("", String::as_str)
 }
 
 pub async fn list(global: &Global) -> Result<()> {
-    let migrations = list_all(global).await?;
+    let migrations = client(global).list().await.map_err(explain)?;
     if global.json {
-        print_json(&Value::Array(migrations));
+        print_json(&migrations);
         return Ok(());
     }
     println!(
         "{:<6} {:<7} {:<14} {:<16} SOURCE -> TARGET",
         "MIGID", "KIND", "STATE", "PROGRESS"
     );
-    for m in migrations {
+    for view in migrations {
+        let record = &view.record;
         println!(
             "{:<6} {:<7} {:<14} {:<16} {} -> {}",
-            text(&m["id"]),
-            text(&m["kind"]),
-            text(&m["state"]),
-            progress_summary(&m),
-            text(&m["effective"]["source"]),
-            text(&m["effective"]["target"])
+            record.id,
+            record.kind.as_str(),
+            record.state.as_str(),
+            progress_summary(&view),
+            effective(&view, "source"),
+            effective(&view, "target")
         );
     }
     Ok(())
 }
 
 pub async fn show(global: &Global) -> Result<()> {
-    let migrations = list_all(global).await?;
+    let migrations = client(global).list().await.map_err(explain)?;
     if global.json {
-        print_json(&Value::Array(migrations));
+        print_json(&migrations);
         return Ok(());
     }
-    for m in migrations {
+    for view in migrations {
+        let record = &view.record;
         println!(
             "migration {} ({}): {}",
-            m["id"],
-            text(&m["kind"]),
-            text(&m["state"])
+            record.id, record.kind, record.state
         );
-        if let Some(error) = m["error"].as_str() {
+        if let Some(error) = &record.error {
             println!("  error:      {error}");
         }
-        if let Some(pending) = m["pending"].as_object() {
-            println!("  pending:    {}", text(&pending["operation"].clone()));
+        if let Some(pending) = &record.pending {
+            println!("  pending:    {}", pending.verb);
         }
-        for (name, value) in m["effective"].as_object().cloned().unwrap_or_default() {
-            println!("  {name:<11} {}", text(&value));
+        for (name, value) in &view.effective {
+            println!("  {name:<11} {value}");
         }
-        if !m["progress"].is_null() {
-            println!("  {}", stat_line(&m));
+        if view.progress.is_some() {
+            println!("  {}", stat_line(&view));
         }
     }
     Ok(())
 }
 
-fn eta(p: &Value) -> String {
-    p["eta_seconds"]
-        .as_u64()
+fn eta(seconds: Option<u64>) -> String {
+    seconds
         .map(|s| format!(", ETA {}m{:02}s", s / 60, s % 60))
         .unwrap_or_default()
 }
 
-fn stat_line(m: &Value) -> String {
-    let p = &m["progress"];
-    if p.is_null() {
-        return format!("{}: {} (not running)", m["id"], text(&m["state"]));
-    }
-    if p["kind"] == "tree" {
-        return tree_stat_line(m);
-    }
-    let eta = eta(p);
-    let error = p["error"]
-        .as_str()
-        .or(m["error"].as_str())
+fn stat_line(view: &View) -> String {
+    let record = &view.record;
+    let p = match &view.progress {
+        None => return format!("{}: {} (not running)", record.id, record.state),
+        Some(Report::Tree(tree)) => return tree_stat_line(record, tree),
+        Some(Report::Volume(volume)) => volume,
+    };
+    let error = p
+        .error
+        .as_deref()
+        .or(record.error.as_deref())
         .map(|e| format!(", error: {e}"))
         .unwrap_or_default();
-    let (phase, activity) = (text(&p["phase"]), text(&p["activity"]));
+    let (phase, activity) = (name_of(&p.phase), name_of(&p.activity));
     let doing = if phase == activity {
         phase
     } else {
         format!("{phase}, {activity}")
     };
     format!(
-        "{}: {} ({doing}), {} copied, {} of {} chunks on the destination, {}/s{eta}, {} dirty chunks, pause {:.2} ms{error}",
-        m["id"],
-        text(&m["state"]),
-        human(p["copied_bytes"].as_u64().unwrap_or(0)),
-        p["chunks_on_destination"],
-        p["chunks"],
-        human(p["bytes_per_second"].as_u64().unwrap_or(0)),
-        p["dirty_chunks"],
-        p["longest_pause_ms"].as_f64().unwrap_or(0.0),
+        "{}: {} ({doing}), {} copied, {} of {} chunks on the destination, {}/s{}, {} dirty chunks, pause {:.2} ms{error}",
+        record.id,
+        record.state,
+        human(p.copied_bytes),
+        p.chunks_on_destination,
+        p.chunks,
+        human(p.bytes_per_second),
+        eta(p.eta_seconds),
+        p.dirty_chunks,
+        p.longest_pause_ms,
     )
 }
 
+/// The name a value has in the API's JSON (`switched-over`).
+fn name_of(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// A tree migration's progress; per-file errors follow on their own lines.
-fn tree_stat_line(m: &Value) -> String {
-    let p = &m["progress"];
-    let count = |name: &str| p[name].as_u64().unwrap_or(0);
-    let paused = if p["paused"] == true { ", paused" } else { "" };
+fn tree_stat_line(record: &MigrationRecord, tree: &TreeReport) -> String {
+    let counts = &tree.progress.counts;
+    let paused = if tree.paused { ", paused" } else { "" };
     let mut line = format!(
         "{}: {} ({}{paused}), dirs {}/{}, files {}/{}, {} of {}, {}/s{}, {} in error",
-        m["id"],
-        text(&m["state"]),
-        text(&p["phase"]),
-        count("dirs_done"),
-        count("dirs_total"),
-        count("files_done"),
-        count("files_total"),
-        human(count("bytes_done")),
-        human(count("bytes_total")),
-        human(count("rate")),
-        eta(p),
-        count("errors"),
+        record.id,
+        record.state,
+        name_of(&tree.phase),
+        counts.dirs_done,
+        counts.dirs_total,
+        counts.files_done,
+        counts.files_total,
+        human(counts.bytes_done),
+        human(counts.bytes_total),
+        human(tree.progress.rate),
+        eta(tree.progress.eta_seconds),
+        counts.errors,
     );
-    if let Some(error) = m["error"].as_str() {
+    if let Some(error) = &record.error {
         line += &format!(", error: {error}");
     }
-    for e in p["errors"].as_array().into_iter().flatten() {
+    for e in &tree.progress.errors {
         line += &format!(
             "\n  error: {}: {} (attempt {})",
-            text(&e["path"]),
-            text(&e["message"]),
-            e["attempts"]
+            e.path, e.message, e.attempts
         );
     }
     line
@@ -391,39 +374,34 @@ pub async fn stat(args: StatArgs, global: &Global) -> Result<()> {
     if args.interval.is_some_and(|i| !(i > 0.0 && i.is_finite())) {
         bail!("INTERVAL must be a positive number of seconds");
     }
-    let path = format!("/api/migrations/{}", args.migid);
     loop {
-        let migration = client(global).get(&path).await.map_err(explain)?;
+        let view = client(global).get(args.migid).await.map_err(explain)?;
         if global.json {
-            println!("{}", serde_json::to_string(&migration)?);
+            println!("{}", serde_json::to_string(&view)?);
         } else {
-            println!("{}", stat_line(&migration));
+            println!("{}", stat_line(&view));
         }
-        let settled = matches!(
-            migration["state"].as_str(),
-            Some("committed" | "rolled-back" | "halted" | "stopped" | "failed" | "switched-over")
-        );
         match args.interval {
-            Some(seconds) if !settled => tokio::time::sleep(Duration::from_secs_f64(seconds)).await,
+            Some(seconds) if !view.record.state.is_settled() => {
+                tokio::time::sleep(Duration::from_secs_f64(seconds)).await
+            }
             _ => return Ok(()),
         }
     }
 }
 
 pub async fn log(args: MigidArgs, global: &Global) -> Result<()> {
-    let path = format!("/api/migrations/{}/log", args.migid);
-    let events = client(global).get(&path).await.map_err(explain)?;
+    let events = client(global).log(args.migid).await.map_err(explain)?;
     if global.json {
         print_json(&events);
         return Ok(());
     }
-    for event in events.as_array().cloned().unwrap_or_default() {
-        let at = event["at"].as_i64().unwrap_or(0);
+    for event in events {
         println!(
             "{} {:<5} {}",
-            timestamp(at),
-            text(&event["level"]),
-            text(&event["message"])
+            timestamp(event.at),
+            event.level,
+            event.message
         );
     }
     Ok(())

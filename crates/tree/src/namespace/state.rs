@@ -111,6 +111,9 @@ pub struct Counts {
     pub bytes_done: u64,
     /// Bytes actually written to the target (holes excluded).
     pub bytes_written: u64,
+    /// Entries whose last attempt failed (the report lists them as
+    /// `errors`).
+    #[serde(rename = "entries_in_error")]
     pub errors: u64,
 }
 
