@@ -28,15 +28,15 @@ use anyhow::{Context, Result, bail};
 use dmm_catalog::Catalog;
 use dmm_nbd::{ExportTable, Server, ServerConfig};
 
-pub use api::OPENAPI;
+use crate::supervisor::Supervisor;
+
 pub use client::{Client, ClientError, Endpoint, Health};
-pub use dmm_catalog::{Event, Kind, MigrationId, MigrationRecord, State, Verb};
+pub use dmm_catalog::{Event, Intent, Kind, MigrationId, MigrationRecord, State, Verb};
 pub use dmm_tree::{TreePhase, TreeReport};
 pub use engine::Report;
-pub use error::{Error, ErrorKind};
 pub use layout::Layout;
-pub use properties::{PROPERTIES, Property, PropertyError, lookup as lookup_property};
-pub use supervisor::{CRASH_AFTER_INTENT, Notice, Supervisor};
+pub use properties::{PropertyError, lookup as lookup_property};
+pub use supervisor::CRASH_AFTER_INTENT;
 pub use view::View;
 
 /// How to run the daemon.

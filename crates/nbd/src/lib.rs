@@ -8,12 +8,12 @@
 //! [`dmm_store::BlockStore`]s, and [`client`] is a store backed by a
 //! remote export.
 
-pub mod client;
+mod client;
 mod open;
 pub mod proto;
-pub mod server;
+mod server;
 mod writer;
 
-pub use client::{NbdAddress, NbdStore};
+pub use client::{Endpoint, NbdAddress, NbdStore, UriError};
 pub use open::{Access, OpenedStore, open_store};
-pub use server::{Export, ExportTable, Server, ServerConfig, bind_unix};
+pub use server::{Export, ExportExists, ExportTable, Server, ServerConfig, bind_unix};

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use self::connection::{Connection, Failure, Response};
 use self::handshake::{ExportInfo, HandshakeError};
-pub use self::uri::{DEFAULT_PORT, Endpoint, NbdAddress, UriError};
+pub use self::uri::{Endpoint, NbdAddress, UriError};
 use crate::proto::{Command, cmd_flag, errno, transmission_flag as tf};
 
 /// Trims, zeroing and block status go out in pieces of at most this size
