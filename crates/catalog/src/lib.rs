@@ -157,10 +157,6 @@ impl Catalog {
         Ok(Catalog { database })
     }
 
-    pub fn path(&self) -> &Path {
-        self.database.path()
-    }
-
     fn with<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         self.database.with(work)
     }

@@ -8,7 +8,7 @@
 //! Properties are stored as the user typed them (so `dmm get` shows
 //! `64K`, not `65536`) and validated on the way in: an unknown name or a bad
 //! value is refused with the valid choices before anything is written. The
-//! engines never see them as text: [`crate::spec`] parses them once into a
+//! engines never see them as text: the `spec` module parses them once into a
 //! typed specification per kind.
 
 use std::collections::BTreeMap;
