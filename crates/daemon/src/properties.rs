@@ -366,16 +366,18 @@ pub fn effective(properties: &BTreeMap<String, String>, kind: Kind) -> BTreeMap<
         .collect()
 }
 
+/// Properties from `name`, `value` pairs (for tests).
+#[cfg(test)]
+pub fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     #[test]
     fn bad_input_names_the_problem_and_the_choices() {

@@ -175,13 +175,7 @@ impl Spec {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::properties::props;
 
     #[test]
     fn a_volume_spec_follows_the_properties() {

@@ -25,28 +25,39 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Creates a volume migration from a fresh `size` source (pattern `seed`)
+/// to an empty target, `source{tag}.raw` and `target{tag}.raw`, with more
+/// properties (`name=value`); returns the migid and both images.
+fn create_volume(
+    daemon: &Daemon,
+    dir: &Path,
+    tag: &str,
+    (size, seed): (u64, u8),
+    properties: &[&str],
+) -> (String, PathBuf, PathBuf) {
+    let source = source_image(dir, &format!("source{tag}.raw"), size, seed);
+    let target = image_with(dir, &format!("target{tag}.raw"), size, &[]);
+    let source_property = format!("source={}", path(&source));
+    let target_property = format!("target={}", path(&target));
+    let mut args = vec!["create", "-p", &source_property, "-p", &target_property];
+    for property in properties {
+        args.extend(["-p", property]);
+    }
+    let migid = daemon.ok(&args).trim().to_owned();
+    (migid, source, target)
+}
+
 #[test]
 fn create_start_stat_commit_with_fio_writing_through_the_export() {
     let dir = scratch();
     let daemon = Daemon::start(&dir.path().join("state"), &[]);
-    let source = source_image(dir.path(), "source.raw", 48 * MIB, 7);
-    let target = image_with(dir.path(), "target.raw", 48 * MIB, &[]);
-    let migid = daemon
-        .ok(&[
-            "create",
-            "-p",
-            &format!("source={}", path(&source)),
-            "-p",
-            &format!("target={}", path(&target)),
-            "-p",
-            "rate=12M",
-            "-p",
-            "segsize=256K",
-            "-p",
-            "export=vm1",
-        ])
-        .trim()
-        .to_owned();
+    let (migid, _, target) = create_volume(
+        &daemon,
+        dir.path(),
+        "",
+        (48 * MIB, 7),
+        &["rate=12M", "segsize=256K", "export=vm1"],
+    );
     assert_eq!(migid, "1");
     let uri = daemon.export_uri("vm1");
     common::fio(&[
@@ -94,26 +105,14 @@ fn kill_9_of_the_daemon_while_migrations_run_loses_nothing() {
     let daemon = Daemon::start(&state, &[]);
     let mut pairs = Vec::new();
     for (i, strategy) in ["lr", "mirror", "redirect", "auto"].iter().enumerate() {
-        let source = source_image(
+        let strategy = format!("strategy={strategy}");
+        let (_, source, target) = create_volume(
+            &daemon,
             dir.path(),
-            &format!("source{i}.raw"),
-            32 * MIB,
-            i as u8 * 40,
+            &i.to_string(),
+            (32 * MIB, i as u8 * 40),
+            &[&strategy, "rate=8M", "segsize=256K"],
         );
-        let target = image_with(dir.path(), &format!("target{i}.raw"), 32 * MIB, &[]);
-        daemon.ok(&[
-            "create",
-            "-p",
-            &format!("source={}", path(&source)),
-            "-p",
-            &format!("target={}", path(&target)),
-            "-p",
-            &format!("strategy={strategy}"),
-            "-p",
-            "rate=8M",
-            "-p",
-            "segsize=256K",
-        ]);
         pairs.push((source, target));
     }
     std::thread::sleep(Duration::from_millis(2500));
@@ -163,17 +162,7 @@ fn kill_9_of_the_daemon_while_migrations_run_loses_nothing() {
 fn concurrent_cli_clients_all_get_answers() {
     let dir = scratch();
     let daemon = Daemon::start(&dir.path().join("state"), &[]);
-    let source = source_image(dir.path(), "source.raw", 32 * MIB, 3);
-    let target = image_with(dir.path(), "target.raw", 32 * MIB, &[]);
-    daemon.ok(&[
-        "create",
-        "-p",
-        &format!("source={}", path(&source)),
-        "-p",
-        &format!("target={}", path(&target)),
-        "-p",
-        "rate=4M",
-    ]);
+    create_volume(&daemon, dir.path(), "", (32 * MIB, 3), &["rate=4M"]);
     let state = daemon.state.clone();
     let clients: Vec<_> = (0..8)
         .map(|i| {
@@ -388,17 +377,7 @@ fn halt_remove_cut_by_kill_9_after_its_intent_finishes_on_restart() {
         command.env(dmm_daemon::CRASH_AFTER_INTENT, "halt --remove");
         command
     });
-    let source = source_image(dir.path(), "source.raw", 16 * MIB, 7);
-    let target = image_with(dir.path(), "target.raw", 16 * MIB, &[]);
-    daemon.ok(&[
-        "create",
-        "-p",
-        &format!("source={}", path(&source)),
-        "-p",
-        &format!("target={}", path(&target)),
-        "-p",
-        "rate=4M",
-    ]);
+    let (_, source, target) = create_volume(&daemon, dir.path(), "", (16 * MIB, 7), &["rate=4M"]);
     std::thread::sleep(Duration::from_millis(1500));
     daemon.ok(&["stop", "1"]);
     let copy_state = state.join("volumes/1");
@@ -441,17 +420,7 @@ fn verbs_answer_within_2s_whatever_the_rate_limit() {
     let dir = scratch();
     let state = dir.path().join("state");
     let daemon = Daemon::start(&state, &[]);
-    let source = source_image(dir.path(), "source.raw", 64 * MIB, 3);
-    let target = image_with(dir.path(), "target.raw", 64 * MIB, &[]);
-    daemon.ok(&[
-        "create",
-        "-p",
-        &format!("source={}", path(&source)),
-        "-p",
-        &format!("target={}", path(&target)),
-        "-p",
-        "rate=256K",
-    ]);
+    create_volume(&daemon, dir.path(), "", (64 * MIB, 3), &["rate=256K"]);
     let limit = Duration::from_secs(2);
     for verb in [
         &["stop", "1"][..],
