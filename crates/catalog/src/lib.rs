@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::database::{Database, Layout};
 
 pub use lifecycle::{
-    Kind, Leads, RULES, Recovery, Refused, Reopen, Rule, State, UnknownName, Verb, markdown_table,
-    valid_verbs,
+    Failure, Kind, Leads, RULES, Recovery, Refused, Reopen, Rule, State, UnknownName, Verb,
+    markdown_table, valid_verbs,
 };
 
 /// A migration's identifier.

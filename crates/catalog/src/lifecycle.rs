@@ -288,6 +288,16 @@ pub enum Recovery {
     Redo,
 }
 
+/// Where a verb whose act fails leaves the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// As it was: the intent is dropped and the error reported.
+    Unchanged,
+    /// Failed, with the error recorded (a verb that was to set it
+    /// running could not).
+    Failed,
+}
+
 /// One row of the lifecycle table.
 #[derive(Debug, Clone, Copy)]
 pub struct Rule {
@@ -295,6 +305,7 @@ pub struct Rule {
     pub valid: &'static [State],
     pub leads: Leads,
     pub recovery: Recovery,
+    pub failure: Failure,
     /// Said when the verb is refused, after the valid states.
     pub note: &'static str,
 }
@@ -320,6 +331,7 @@ pub const RULES: &[Rule] = &[
         valid: &[Created, Paused, Stopped, Halted, Failed],
         leads: Leads::To(Running),
         recovery: Recovery::Record,
+        failure: Failure::Failed,
         note: "",
     },
     Rule {
@@ -327,6 +339,7 @@ pub const RULES: &[Rule] = &[
         valid: &[Paused],
         leads: Leads::To(Running),
         recovery: Recovery::Record,
+        failure: Failure::Failed,
         note: "",
     },
     Rule {
@@ -334,6 +347,7 @@ pub const RULES: &[Rule] = &[
         valid: &[Running],
         leads: Leads::To(Paused),
         recovery: Recovery::Record,
+        failure: Failure::Unchanged,
         note: "",
     },
     Rule {
@@ -341,6 +355,7 @@ pub const RULES: &[Rule] = &[
         valid: &[Running, Paused, Verifying, SwitchedOver, Failed],
         leads: Leads::To(Stopped),
         recovery: Recovery::Record,
+        failure: Failure::Unchanged,
         note: "",
     },
     Rule {
@@ -348,6 +363,7 @@ pub const RULES: &[Rule] = &[
         valid: NOT_ENDED,
         leads: Leads::To(Halted),
         recovery: Recovery::Record,
+        failure: Failure::Unchanged,
         note: "",
     },
     Rule {
@@ -355,6 +371,7 @@ pub const RULES: &[Rule] = &[
         valid: NOT_ENDED,
         leads: Leads::To(Halted),
         recovery: Recovery::Redo,
+        failure: Failure::Unchanged,
         note: "",
     },
     Rule {
@@ -362,6 +379,7 @@ pub const RULES: &[Rule] = &[
         valid: &[Running, Paused],
         leads: Leads::Stays,
         recovery: Recovery::Record,
+        failure: Failure::Unchanged,
         note: "",
     },
     Rule {
@@ -369,6 +387,7 @@ pub const RULES: &[Rule] = &[
         valid: &[SwitchedOver],
         leads: Leads::To(Committed),
         recovery: Recovery::Redo,
+        failure: Failure::Unchanged,
         note: ": once the destination holds everything and verification passed",
     },
     Rule {
@@ -376,6 +395,7 @@ pub const RULES: &[Rule] = &[
         valid: &[Running, Paused, Stopped, Verifying, SwitchedOver, Failed],
         leads: Leads::To(Running),
         recovery: Recovery::Redo,
+        failure: Failure::Unchanged,
         note: "",
     },
     Rule {
@@ -383,6 +403,7 @@ pub const RULES: &[Rule] = &[
         valid: NOT_ENDED,
         leads: Leads::Stays,
         recovery: Recovery::Record,
+        failure: Failure::Unchanged,
         note: "",
     },
     Rule {
@@ -398,6 +419,7 @@ pub const RULES: &[Rule] = &[
         ],
         leads: Leads::Gone,
         recovery: Recovery::Redo,
+        failure: Failure::Unchanged,
         note: "; stop it first, or delete -f to force",
     },
     Rule {
@@ -405,6 +427,7 @@ pub const RULES: &[Rule] = &[
         valid: &State::ALL,
         leads: Leads::Gone,
         recovery: Recovery::Redo,
+        failure: Failure::Unchanged,
         note: "",
     },
 ];
@@ -522,6 +545,16 @@ mod tests {
         assert!(Verb::Delete { force: false }.rule().check(Running).is_err());
         assert!(Verb::Delete { force: true }.rule().check(Running).is_ok());
         assert_eq!(valid_verbs(Running).last().unwrap(), "delete -f");
+    }
+
+    #[test]
+    fn only_a_failed_start_leaves_a_migration_failed() {
+        let failing: Vec<Verb> = RULES
+            .iter()
+            .filter(|r| r.failure == Failure::Failed)
+            .map(|r| r.verb)
+            .collect();
+        assert_eq!(failing, [Verb::Start, Verb::Resume]);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmm_catalog::{Catalog, Event, Intent, Leads, MigrationId, MigrationRecord, State, Verb};
+use dmm_catalog::{
+    Catalog, Event, Failure, Intent, Leads, MigrationId, MigrationRecord, State, Verb,
+};
 use dmm_nbd::{Export, ExportTable};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -193,17 +195,16 @@ impl Supervisor {
         }
     }
 
-    /// A verb's act failed: a verb that would have set the migration
-    /// running leaves it failed with the reason; any other leaves it as it
-    /// was. Returns the error to report.
+    /// A verb's act failed: the migration is left as the table says
+    /// ([`Failure`]). Returns the error to report.
     fn undo(&self, intent: &Intent, err: Error) -> Result<Error> {
-        let id = intent.migration;
-        if intent.to == State::Running && intent.verb != Verb::Rollback {
-            let line = err.line();
-            self.note(id, "error", &line);
-            self.conclude(intent, State::Failed, Some(&line))?;
-        } else {
-            self.catalog.abandon(intent)?;
+        match intent.verb.rule().failure {
+            Failure::Failed => {
+                let line = err.line();
+                self.note(intent.migration, "error", &line);
+                self.conclude(intent, State::Failed, Some(&line))?;
+            }
+            Failure::Unchanged => self.catalog.abandon(intent)?,
         }
         Ok(err)
     }
