@@ -497,8 +497,9 @@ fn a_restarted_migration_resumes_from_its_saved_position() {
     let (src, dst) = (source.to_str().unwrap(), destination.to_str().unwrap());
     let args = ["--strategy", "lr", "--rate", "8M", "--segsize", "256K"];
     let migrate = Migrate::start(src, dst, dir.path(), &args);
-    // Past the first checkpoint (every 2 s), before the end.
-    std::thread::sleep(Duration::from_millis(2600));
+    // Past a checkpoint that recorded some copying (every 2 s), before the
+    // end, however slowly the machine runs.
+    wait_for_a_new_checkpoint(&dir.path().join("state/migrations"));
     migrate.kill();
     let resumed = Migrate::start(src, dst, dir.path(), &args);
     let first = resumed.started();
@@ -516,6 +517,32 @@ fn a_restarted_migration_resumes_from_its_saved_position() {
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&source)
         .arg(&destination));
+}
+
+/// Waits until the checkpoint of the one migration under `migrations`
+/// has been replaced once after it first appeared.
+fn wait_for_a_new_checkpoint(migrations: &Path) {
+    let started = Instant::now();
+    let modified = || -> Option<std::time::SystemTime> {
+        let dir = std::fs::read_dir(migrations).ok()?.next()?.ok()?.path();
+        std::fs::metadata(dir.join("checkpoint"))
+            .ok()?
+            .modified()
+            .ok()
+    };
+    let mut first = None;
+    loop {
+        match (first, modified()) {
+            (None, Some(at)) => first = Some(at),
+            (Some(before), Some(at)) if at != before => return,
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no new checkpoint in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// An nbdkit memory export whose writes start failing with `errno` once
