@@ -139,7 +139,9 @@ pub fn summary(progress: &Progress, allocated: u64) -> String {
     };
     let verification = match (progress.verified_chunks, progress.mismatches.len()) {
         (0, _) => "not run".to_owned(),
-        (n, 0) => format!("{n} chunks compared with BLAKE3, all equal"),
+        (n, 0) => format!(
+            "{n} chunks compared (data with BLAKE3, holes by the allocation maps), all equal"
+        ),
         (n, bad) => format!(
             "{n} chunks compared, {bad} differ (first at offset {})",
             progress.mismatches[0]

@@ -118,7 +118,7 @@ pub async fn write_pieces(to: &dyn BlockStore, pieces: Vec<Piece>) -> Result<Cop
 }
 
 /// Makes a range of the target read as zero, unless it already does.
-async fn zero(to: &dyn BlockStore, offset: u64, len: u64) -> Result<Copied> {
+pub async fn zero(to: &dyn BlockStore, offset: u64, len: u64) -> Result<Copied> {
     if reads_as_zero(to, offset, len).await? {
         return Ok(Copied::default());
     }

@@ -191,6 +191,21 @@ impl Ledger {
         moved
     }
 
+    /// Moves a run of chunks that needed no data copied (zeroes on both
+    /// sides, or zeroed on `side` in one step) from `from` to `to`, as if
+    /// each had been copied: the next checkpoint flushes `side` and records
+    /// them.
+    pub fn run_landed(&self, chunks: Range<u64>, from: ChunkState, to: ChunkState, side: Side) {
+        self.copying_into(side);
+        for chunk in chunks.clone() {
+            self.chunks.transition(chunk, from, to);
+        }
+        if to == ChunkState::Both {
+            let run = chunks.start as u32..chunks.end as u32;
+            self.unsettled.lock().recent.insert_range(run);
+        }
+    }
+
     /// Counts a completed client change of the chunks.
     pub fn changed(&self, chunks: Range<u64>) {
         for chunk in chunks {

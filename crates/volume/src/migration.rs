@@ -26,7 +26,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::Mutex;
 
 use crate::chunks::{ChunkMap, ChunkState};
-use crate::device::VirtualDevice;
+use crate::device::{Run, VirtualDevice};
 use crate::error::{Context, ErrorKind, MigrationError, Operation};
 use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir};
 use crate::progress::{Activity, Progress, RateMeter};
@@ -530,6 +530,8 @@ impl Migration {
         let mut total = 0;
         let mut failure = None;
         let mut resume_at = tokio::time::Instant::now();
+        // No chunk before this one can start a run of zeroes.
+        let mut runs_from = 0;
         // A checkpoint runs alongside the copies, never in their way.
         let mut checkpointing: Option<Pin<Box<dyn Future<Output = Outcome> + Send + '_>>> = None;
         loop {
@@ -551,6 +553,20 @@ impl Migration {
                 let Some(chunk) = chunks.next_in(state, next) else {
                     break;
                 };
+                if chunk >= runs_from {
+                    let run = self.zero_run(state, chunk).await;
+                    match run.during_chunk(sweep_operation(state), chunks.bytes(chunk)) {
+                        Ok(Run::Done(count)) => {
+                            next = chunk + count;
+                            continue;
+                        }
+                        Ok(Run::Data { until }) => runs_from = until,
+                        Err(err) => {
+                            failure.get_or_insert(err);
+                            break;
+                        }
+                    }
+                }
                 if !self.yield_to_clients().await {
                     break;
                 }
@@ -616,6 +632,21 @@ impl Migration {
             return Err(MigrationError::new(kind, sweep_operation(state)));
         }
         Ok(total)
+    }
+
+    /// Handles the run of zeroes that starts at `chunk`, if one does: a
+    /// copy moves it without data, a verification counts it as equal.
+    async fn zero_run(&self, state: ChunkState, chunk: u64) -> dmm_store::Result<Run> {
+        match state {
+            ChunkState::Both => {
+                let run = self.device.verify_zero_run(chunk).await?;
+                if let Run::Done(count) = run {
+                    self.verified_chunks.fetch_add(count, Ordering::Relaxed);
+                }
+                Ok(run)
+            }
+            from => self.device.copy_zero_run(chunk, from).await,
+        }
     }
 
     /// At low priority, waits a moment while clients are active; false if

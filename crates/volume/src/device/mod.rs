@@ -38,6 +38,10 @@ use crate::persist::Journal;
 use crate::progress::ClientStats;
 use crate::strategy::{Change, Fill, Mode, Plan};
 
+mod runs;
+
+pub(crate) use runs::Run;
+
 /// What a change writes.
 #[derive(Clone)]
 enum Payload {
