@@ -5,13 +5,17 @@
 # flushed to disk (dmm flushes itself; the others are followed by sync), and
 # every result is checked with qemu-img compare (not timed).
 #
+# Then the same copies inside an XFS file system on a loop device, where
+# copy_file_range shares blocks (reflink): dmm still tracks and verifies the
+# copy.
+#
 # Usage: bench/cold-copy.sh [ROUNDS]   (default 3)
 # Writes the "cold-copy" section of BENCHMARKS.md.
 
 source "$(dirname "$0")/lib.sh"
 
 ROUNDS=${1:-3}
-bench_prepare qemu-img nbdcopy cp
+bench_prepare qemu-img nbdcopy cp mkfs.xfs
 
 bench_workdir
 size=$((4 << 30))
@@ -53,6 +57,40 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
+# The same source inside XFS (reflink on), on a loop device.
+xfs=$work/xfs
+truncate -s $((3 * size)) "$work/xfs.img"
+mkfs.xfs -q -m reflink=1 "$work/xfs.img"
+mkdir "$xfs"
+mount -o loop "$work/xfs.img" "$xfs"
+bench_unmount_at_exit "$xfs"
+cp --sparse=always "$source_image" "$xfs/source.raw"
+sync
+xfs_destination=$xfs/destination.raw
+declare -A xfs_commands=(
+    [dmm]="$DMM migrate $xfs/source.raw $xfs_destination --exit-when-done --verify none --state-dir $work/state --socket $work/dmm.sock"
+    [dmm-verified]="$DMM migrate $xfs/source.raw $xfs_destination --exit-when-done --verify full --state-dir $work/state --socket $work/dmm.sock"
+    [qemu-img]="qemu-img convert -C -m 16 -n --target-is-zero -f raw -O raw $xfs/source.raw $xfs_destination"
+    [nbdcopy]="nbdcopy $xfs/source.raw $xfs_destination"
+    [cp]="cp --reflink=always $xfs/source.raw $xfs_destination"
+)
+declare -A xfs_seconds xfs_shared
+for round in $(seq "$ROUNDS"); do
+    for tool in "${tools[@]}"; do
+        rm -f "$xfs_destination" && empty_image "$xfs_destination" "$size" && rm -rf "$work/state" && sync
+        start=$(now)
+        ${xfs_commands[$tool]} >/dev/null 2>&1
+        sync -f "$xfs_destination"
+        took=$(since "$start")
+        xfs_seconds[$tool]+="$took "
+        # Blocks the destination shares with the source: the reflinked part.
+        xfs_shared[$tool]=$(filefrag -v "$xfs_destination" | awk '/shared/ {n += $6 + 0} END {print n * 4096 / 1048576}')
+        qemu-img compare -q -f raw -F raw "$xfs/source.raw" "$xfs_destination" ||
+            { echo "$tool produced a different image on XFS" >&2; exit 1; }
+        echo "xfs round $round $tool ${took}s, ${xfs_shared[$tool]} MiB shared" >&2
+    done
+done
+
 report() {
     echo "## Cold copy: dmm migrate vs qemu-img, nbdcopy, cp"
     echo
@@ -62,6 +100,8 @@ report() {
     echo "Median of $ROUNDS interleaved rounds; every result checked with \`qemu-img compare\`."
     echo "\`dmm\` is \`dmm migrate --exit-when-done --verify none\` (the default auto strategy, 1 MiB chunks, 8 in flight);"
     echo "\`dmm-verified\` adds the BLAKE3 comparison of every chunk (\`--verify full\`, the default), which the peers do not do."
+    echo "Between local files dmm's copier copies each chunk's data extents with \`copy_file_range\` and starts their"
+    echo "writeback at once (\`sync_file_range\`); the peers' time includes the \`sync\` that puts their copy on disk."
     echo
     time_ratio_table --volume "$size" seconds "${tools[@]}"
     echo
@@ -69,6 +109,26 @@ report() {
     echo
     echo '```'
     sample_lines seconds "${tools[@]}"
+    echo '```'
+    echo
+    echo "### Inside XFS with reflink (loop device)"
+    echo
+    echo "The same copies with source and destination in one XFS file system (\`mkfs.xfs -m reflink=1\` on a loop"
+    echo "device over a sparse file): dmm's copier uses \`copy_file_range\`, which XFS turns into shared extents,"
+    echo "while it still tracks every chunk (and verifies it, for \`dmm-verified\`); \`qemu-img convert -C\` offloads"
+    echo "the copy the same way; \`cp --reflink=always\` clones the whole file. Shared MiB: the destination's extents"
+    echo "that share blocks with the source (\`filefrag -v\`), in the last round."
+    echo
+    time_ratio_table --volume "$size" xfs_seconds "${tools[@]}"
+    echo
+    echo "| tool | MiB shared with the source |"
+    echo "|---|---:|"
+    for tool in "${tools[@]}"; do echo "| $tool | ${xfs_shared[$tool]} |"; done
+    echo
+    echo "All samples (seconds):"
+    echo
+    echo '```'
+    sample_lines xfs_seconds "${tools[@]}"
     echo '```'
 }
 publish_report cold-copy report

@@ -104,6 +104,7 @@ pub enum Op {
     Extents,
     Cache,
     Connect,
+    Copy,
 }
 
 impl fmt::Display for Op {
@@ -118,6 +119,7 @@ impl fmt::Display for Op {
             Op::Extents => "allocation map",
             Op::Cache => "cache",
             Op::Connect => "connect",
+            Op::Copy => "copy",
         })
     }
 }

@@ -30,8 +30,8 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 
 use crate::{
-    BlockStore, Capabilities, Error, ErrorKind, Extent, ExtentKind, Op, Result, ZeroMode,
-    check_range, check_writable, coalesce,
+    BlockStore, Capabilities, Error, ErrorKind, Extent, ExtentKind, LocalFile, Op, Result,
+    ZeroMode, check_range, check_writable, coalesce,
 };
 
 /// Reads up to this size try the page cache on the calling thread; larger
@@ -66,7 +66,7 @@ pub struct FileStore {
 }
 
 struct Inner {
-    file: File,
+    file: Arc<File>,
     target: Arc<str>,
     size: u64,
     read_only: bool,
@@ -116,7 +116,7 @@ impl FileStore {
         };
         Ok(FileStore {
             inner: Arc::new(Inner {
-                file,
+                file: Arc::new(file),
                 target,
                 size,
                 read_only: options.read_only,
@@ -330,6 +330,13 @@ impl BlockStore for FileStore {
 
     fn identity(&self) -> Option<String> {
         Some(self.inner.identity.clone())
+    }
+
+    fn local_file(&self) -> Option<LocalFile> {
+        Some(LocalFile::new(
+            self.inner.file.clone(),
+            self.inner.target.clone(),
+        ))
     }
 
     fn bulk(&self) -> Option<Arc<dyn BlockStore>> {

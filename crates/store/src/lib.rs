@@ -14,6 +14,7 @@
 mod error;
 mod extent;
 mod file;
+mod kernel_copy;
 mod memory;
 
 #[cfg(feature = "conformance")]
@@ -23,6 +24,7 @@ pub use bytes::Bytes;
 pub use error::{Error, ErrorKind, Op, Result};
 pub use extent::{Extent, ExtentKind, coalesce};
 pub use file::{FileStore, OpenOptions};
+pub use kernel_copy::{LocalFile, copy_in_kernel};
 pub use memory::MemoryStore;
 
 use async_trait::async_trait;
@@ -76,6 +78,12 @@ pub trait BlockStore: Send + Sync + 'static {
     /// thread, so that a large copy cannot stall clients served by the same
     /// runtime. `None`: use the store itself.
     fn bulk(&self) -> Option<std::sync::Arc<dyn BlockStore>> {
+        None
+    }
+
+    /// The local file behind the store, for copies the kernel makes between
+    /// two files ([`copy_in_kernel`]); `None` for any other store.
+    fn local_file(&self) -> Option<LocalFile> {
         None
     }
 

@@ -7,7 +7,7 @@
 //! chunk before a partial write, and by rollback to copy chunks back.
 
 use bytes::Bytes;
-use dmm_store::{BlockStore, ExtentKind, Result, ZeroMode, reads_as_zero};
+use dmm_store::{BlockStore, ExtentKind, Result, ZeroMode, copy_in_kernel, reads_as_zero};
 
 /// Zero detection granularity inside allocated data.
 const ZERO_BLOCK: usize = 4096;
@@ -115,6 +115,42 @@ pub async fn write_pieces(to: &dyn BlockStore, pieces: Vec<Piece>) -> Result<Cop
         }
     }
     Ok(copied)
+}
+
+/// Copies a range between two local files inside the kernel: data extents
+/// with `copy_file_range` (a reflink where the filesystem shares blocks),
+/// what reads as zeroes as holes. `None` when the kernel cannot copy
+/// between these two stores (the caller copies through memory).
+pub async fn copy_range_in_kernel(
+    from: &dyn BlockStore,
+    to: &dyn BlockStore,
+    offset: u64,
+    len: u64,
+) -> Result<Option<Copied>> {
+    let mut copied = Copied::default();
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let extents = from.extents(at, end - at).await?;
+        let pieces: Vec<(u64, u64, bool)> = match extents.is_empty() {
+            // A store that reports nothing: the rest is data.
+            true => vec![(at, end, true)],
+            false => extents
+                .iter()
+                .map(|e| (e.offset.max(at), e.end().min(end), !e.kind.reads_as_zero()))
+                .filter(|&(start, stop, _)| stop > start)
+                .collect(),
+        };
+        for (start, stop, data) in pieces {
+            match data {
+                true if !copy_in_kernel(from, to, start, stop - start).await? => return Ok(None),
+                true => copied.data += stop - start,
+                false => copied += zero(to, start, stop - start).await?,
+            }
+            at = stop;
+        }
+    }
+    Ok(Some(copied))
 }
 
 /// Makes a range of the target read as zero, unless it already does.

@@ -18,7 +18,7 @@
 //! same locks and the same asynchronous mirror as client writes.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -31,7 +31,7 @@ use tokio::sync::RwLock;
 
 use crate::aio::{AioQueue, MirrorTarget};
 use crate::chunks::{ChunkMap, ChunkState};
-use crate::copy::{Copied, copy_range, read_range, write_pieces};
+use crate::copy::{Copied, copy_range, copy_range_in_kernel, read_range, write_pieces};
 use crate::ledger::{Ledger, Side};
 use crate::locks::{ChunkGuard, ChunkLocks};
 use crate::persist::Journal;
@@ -88,6 +88,8 @@ pub struct VirtualDevice {
     locks: Arc<ChunkLocks>,
     gate: RwLock<Mode>,
     aio: Mutex<Option<Arc<AioQueue>>>,
+    /// Both stores are local files the kernel copies between.
+    kernel_copies: AtomicBool,
     stats: Arc<ClientStats>,
     born: Instant,
     target: String,
@@ -109,6 +111,7 @@ impl VirtualDevice {
             journal,
             target.clone(),
         );
+        let kernel_copies = source.local_file().is_some() && destination.local_file().is_some();
         VirtualDevice {
             bulk_source: source.bulk().unwrap_or_else(|| source.clone()),
             bulk_destination: destination.bulk().unwrap_or_else(|| destination.clone()),
@@ -118,6 +121,7 @@ impl VirtualDevice {
             locks: ChunkLocks::new(),
             gate: RwLock::new(mode),
             aio: Mutex::new(None),
+            kernel_copies: AtomicBool::new(kernel_copies),
             stats: Arc::new(ClientStats::default()),
             born: Instant::now(),
             target,
@@ -194,6 +198,9 @@ impl VirtualDevice {
         from: ChunkState,
         to: ChunkState,
     ) -> Result<Option<Copied>> {
+        if let Some(copied) = self.copy_chunk_in_kernel(chunk, from, to).await? {
+            return Ok(copied);
+        }
         let (offset, len) = self.chunks().bytes(chunk);
         let (reader, writer, side) = self.copy_direction(from);
         for attempt in 0..4 {
@@ -225,6 +232,38 @@ impl VirtualDevice {
             return Ok(Some(copied));
         }
         unreachable!("the last attempt copies under the lock")
+    }
+
+    /// Copies a chunk between two local files inside the kernel, under the
+    /// chunk's exclusive lock (nothing passes through dmm's memory, so the
+    /// lock is held for about as long as a write of the chunk would be).
+    /// `None` when the stores are not two local files the kernel can copy
+    /// between; after the first refusal the copier stops trying.
+    async fn copy_chunk_in_kernel(
+        &self,
+        chunk: u64,
+        from: ChunkState,
+        to: ChunkState,
+    ) -> Result<Option<Option<Copied>>> {
+        if !self.kernel_copies.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let (offset, len) = self.chunks().bytes(chunk);
+        let (reader, writer, side) = self.copy_direction(from);
+        let _guard = self.locks.exclusive(chunk..chunk + 1).await;
+        if self.ledger.get(chunk) != from {
+            return Ok(Some(None));
+        }
+        self.ledger.copying_into(side);
+        let Some(copied) = copy_range_in_kernel(reader, writer, offset, len).await? else {
+            self.kernel_copies.store(false, Ordering::Relaxed);
+            return Ok(None);
+        };
+        if let Some(queue) = self.aio_attached() {
+            queue.copied(chunk);
+        }
+        self.ledger.copy_landed(chunk, from, to);
+        Ok(Some(Some(copied)))
     }
 
     /// The bulk handles to copy a chunk in `from` with, and the side the
