@@ -4,25 +4,31 @@
 # after another under the same daemon; the daemon's resident memory with 16
 # migrations running; and the latency of `dmm stat` meanwhile.
 #
-# Usage: bench/daemon-scale.sh [COUNT]   (default 16)
-# Writes the "daemon-scale" section of BENCHMARKS.md.
+# Usage: bench/daemon-scale.sh [COUNT [SIZE_MIB]]   (default 16 256)
+# Writes the "daemon-scale" section of BENCHMARKS.md for 16 images of
+# 256 MiB, "daemon-scale-COUNTxSIZE_MIB" for any other shape (e.g. 256 8:
+# many small migrations at once).
 
 source "$(dirname "$0")/lib.sh"
 
 COUNT=${1:-16}
+SIZE_MIB=${2:-256}
+SECTION=daemon-scale
+[[ $COUNT-$SIZE_MIB == 16-256 ]] || SECTION=daemon-scale-${COUNT}x$SIZE_MIB
 # shellcheck disable=SC2119 # no peer tools to check
 bench_prepare
 
 bench_workdir
 
-size=$((256 << 20))
-echo "creating $COUNT images of 256 MiB (128 MiB of data each) in $work" >&2
+size=$((SIZE_MIB << 20))
+piece=$((size / 8))
+echo "creating $COUNT images of $SIZE_MIB MiB (half of it data) in $work" >&2
 for i in $(seq "$COUNT"); do
-    # 32 MiB of data, then 32 MiB of hole, across the image.
-    random_image "$work/source$i.raw" "$size" $((32 << 20)) $((32 << 20))
+    # Data, then as much hole, across the image.
+    random_image "$work/source$i.raw" "$size" "$piece" "$piece"
 done
 sync
-allocated=$((COUNT * (128 << 20)))
+allocated=$((COUNT * size / 2))
 
 fresh_targets() {
     for i in $(seq "$COUNT"); do
@@ -73,8 +79,8 @@ stat_p95=$(printf '%s\n' "${stat_ms[@]}" | sort -g | awk '{v[NR] = $1} END {prin
 report() {
     echo "## The daemon under $COUNT migrations"
     echo
-    echo "\`bench/daemon-scale.sh $COUNT\` on $(machine_line)."
-    echo "$COUNT raw images of 256 MiB (128 MiB of data each), each migrated to an empty sparse image by one daemon"
+    echo "\`bench/daemon-scale.sh $COUNT $SIZE_MIB\` on $(machine_line)."
+    echo "$COUNT raw images of $SIZE_MIB MiB (half of it data), each migrated to an empty sparse image by one daemon"
     echo "(\`dmm create … -p verify=none\`, default strategy and copies), all at once, then one after another."
     echo "Time runs from the first \`create\` to the last migration being switched-over."
     echo
@@ -91,4 +97,4 @@ report() {
     echo "\`dmm stat\` while $COUNT migrations run (40 calls, each a new process and API connection):"
     echo "median $stat_median ms, 95th percentile $stat_p95 ms."
 }
-publish_report daemon-scale report
+publish_report "$SECTION" report
