@@ -26,13 +26,39 @@ random_image "$source_image" "$size" $((64 << 20)) $((64 << 20))
 sync
 
 destination=$work/destination.raw
-fresh_destination() {
-    empty_image "$destination" "$size"
-    rm -rf "$work/state"
-    sync
+
+# Runs every tool of the COMMANDS table (tool -> command; the destination
+# exists, empty and sparse) ROUNDS times, interleaved, adding each time to
+# the SAMPLES table and, with a SHARED table, the MiB the destination shares
+# with the source; checks every result.
+#   copy_rounds LABEL COMMANDS SAMPLES SOURCE DESTINATION [SHARED]
+copy_rounds() {
+    local label=$1 source=$4 destination=$5 round tool start took
+    local -n commands_=$2 samples_=$3
+    local -n shared_=${6:-_no_shared}
+    for round in $(seq "$ROUNDS"); do
+        for tool in "${tools[@]}"; do
+            empty_image "$destination" "$size"
+            rm -rf "$work/state"
+            sync
+            start=$(now)
+            ${commands_[$tool]} >/dev/null 2>&1
+            sync -f "$destination"
+            took=$(since "$start")
+            samples_["$tool"]+="$took "
+            # Blocks the destination shares with the source: the reflinked part.
+            shared_["$tool"]=$(filefrag -v "$destination" | awk '/shared/ {n += $6 + 0} END {print n * 4096 / 1048576}')
+            qemu-img compare -q -f raw -F raw "$source" "$destination" ||
+                { echo "$tool produced a different image ($label)" >&2; exit 1; }
+            echo "$label round $round $tool ${took}s, ${shared_["$tool"]} MiB shared" >&2
+        done
+    done
 }
+# shellcheck disable=SC2034 # the SHARED table when none is asked for
+declare -A _no_shared
 
 # tool name -> command (the destination exists, empty and sparse).
+# shellcheck disable=SC2034 # read through copy_rounds' namerefs
 declare -A commands=(
     [dmm]="$DMM migrate $source_image $destination --exit-when-done --verify none --state-dir $work/state --socket $work/dmm.sock"
     [dmm-verified]="$DMM migrate $source_image $destination --exit-when-done --verify full --state-dir $work/state --socket $work/dmm.sock"
@@ -42,20 +68,9 @@ declare -A commands=(
 )
 tools=(dmm dmm-verified qemu-img nbdcopy cp)
 
+# shellcheck disable=SC2034 # filled through copy_rounds' namerefs
 declare -A seconds
-for round in $(seq "$ROUNDS"); do
-    for tool in "${tools[@]}"; do
-        fresh_destination
-        start=$(now)
-        ${commands[$tool]} >/dev/null 2>&1
-        sync -f "$destination"
-        took=$(since "$start")
-        seconds[$tool]+="$took "
-        qemu-img compare -q -f raw -F raw "$source_image" "$destination" ||
-            { echo "$tool produced a different image" >&2; exit 1; }
-        echo "round $round $tool ${took}s" >&2
-    done
-done
+copy_rounds ext4 commands seconds "$source_image" "$destination"
 
 # The same source inside XFS (reflink on), on a loop device.
 xfs=$work/xfs
@@ -67,6 +82,7 @@ bench_unmount_at_exit "$xfs"
 cp --sparse=always "$source_image" "$xfs/source.raw"
 sync
 xfs_destination=$xfs/destination.raw
+# shellcheck disable=SC2034 # read through copy_rounds' namerefs
 declare -A xfs_commands=(
     [dmm]="$DMM migrate $xfs/source.raw $xfs_destination --exit-when-done --verify none --state-dir $work/state --socket $work/dmm.sock"
     [dmm-verified]="$DMM migrate $xfs/source.raw $xfs_destination --exit-when-done --verify full --state-dir $work/state --socket $work/dmm.sock"
@@ -74,22 +90,9 @@ declare -A xfs_commands=(
     [nbdcopy]="nbdcopy $xfs/source.raw $xfs_destination"
     [cp]="cp --reflink=always $xfs/source.raw $xfs_destination"
 )
+# shellcheck disable=SC2034 # filled through copy_rounds' namerefs
 declare -A xfs_seconds xfs_shared
-for round in $(seq "$ROUNDS"); do
-    for tool in "${tools[@]}"; do
-        rm -f "$xfs_destination" && empty_image "$xfs_destination" "$size" && rm -rf "$work/state" && sync
-        start=$(now)
-        ${xfs_commands[$tool]} >/dev/null 2>&1
-        sync -f "$xfs_destination"
-        took=$(since "$start")
-        xfs_seconds[$tool]+="$took "
-        # Blocks the destination shares with the source: the reflinked part.
-        xfs_shared[$tool]=$(filefrag -v "$xfs_destination" | awk '/shared/ {n += $6 + 0} END {print n * 4096 / 1048576}')
-        qemu-img compare -q -f raw -F raw "$xfs/source.raw" "$xfs_destination" ||
-            { echo "$tool produced a different image on XFS" >&2; exit 1; }
-        echo "xfs round $round $tool ${took}s, ${xfs_shared[$tool]} MiB shared" >&2
-    done
-done
+copy_rounds xfs xfs_commands xfs_seconds "$xfs/source.raw" "$xfs_destination" xfs_shared
 
 report() {
     echo "## Cold copy: dmm migrate vs qemu-img, nbdcopy, cp"
