@@ -57,15 +57,26 @@ copy_rounds() {
 # shellcheck disable=SC2034 # the SHARED table when none is asked for
 declare -A _no_shared
 
-# tool name -> command (the destination exists, empty and sparse).
-# shellcheck disable=SC2034 # read through copy_rounds' namerefs
-declare -A commands=(
-    [dmm]="$DMM migrate $source_image $destination --exit-when-done --verify none --state-dir $work/state --socket $work/dmm.sock"
-    [dmm-verified]="$DMM migrate $source_image $destination --exit-when-done --verify full --state-dir $work/state --socket $work/dmm.sock"
-    [qemu-img]="qemu-img convert -W -m 16 -n --target-is-zero -f raw -O raw $source_image $destination"
-    [nbdcopy]="nbdcopy $source_image $destination"
-    [cp]="cp --sparse=always $source_image $destination"
-)
+# Fills the table COMMANDS (tool -> command) with the copies of SOURCE into
+# DESTINATION (which exists, empty and sparse); QEMU_IMG and CP are the
+# options that make those two peers write sparse or share blocks.
+#   copy_commands COMMANDS SOURCE DESTINATION QEMU_IMG CP
+copy_commands() {
+    local -n table_=$1
+    local source=$2 destination=$3 dmm
+    dmm="$DMM migrate $source $destination --exit-when-done --state-dir $work/state --socket $work/dmm.sock"
+    # shellcheck disable=SC2034 # the caller's table, filled here
+    table_=(
+        [dmm]="$dmm --verify none"
+        [dmm-verified]="$dmm --verify full"
+        [qemu-img]="qemu-img convert $4 -m 16 -n --target-is-zero -f raw -O raw $source $destination"
+        [nbdcopy]="nbdcopy $source $destination"
+        [cp]="cp $5 $source $destination"
+    )
+}
+# shellcheck disable=SC2034 # filled and read through namerefs
+declare -A commands
+copy_commands commands "$source_image" "$destination" -W --sparse=always
 tools=(dmm dmm-verified qemu-img nbdcopy cp)
 
 # shellcheck disable=SC2034 # filled through copy_rounds' namerefs
@@ -82,14 +93,9 @@ bench_unmount_at_exit "$xfs"
 cp --sparse=always "$source_image" "$xfs/source.raw"
 sync
 xfs_destination=$xfs/destination.raw
-# shellcheck disable=SC2034 # read through copy_rounds' namerefs
-declare -A xfs_commands=(
-    [dmm]="$DMM migrate $xfs/source.raw $xfs_destination --exit-when-done --verify none --state-dir $work/state --socket $work/dmm.sock"
-    [dmm-verified]="$DMM migrate $xfs/source.raw $xfs_destination --exit-when-done --verify full --state-dir $work/state --socket $work/dmm.sock"
-    [qemu-img]="qemu-img convert -C -m 16 -n --target-is-zero -f raw -O raw $xfs/source.raw $xfs_destination"
-    [nbdcopy]="nbdcopy $xfs/source.raw $xfs_destination"
-    [cp]="cp --reflink=always $xfs/source.raw $xfs_destination"
-)
+# shellcheck disable=SC2034 # filled and read through namerefs
+declare -A xfs_commands
+copy_commands xfs_commands "$xfs/source.raw" "$xfs_destination" -C --reflink=always
 # shellcheck disable=SC2034 # filled through copy_rounds' namerefs
 declare -A xfs_seconds xfs_shared
 copy_rounds xfs xfs_commands xfs_seconds "$xfs/source.raw" "$xfs_destination" xfs_shared

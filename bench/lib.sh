@@ -293,3 +293,27 @@ publish_report() {
     cat "$body"
     rm -f "$body"
 }
+
+# Writes N small files of 1 KiB to MAX_KIB KiB under DIR, 1,000 per
+# directory (d0, d1, ...; file i in d(i % directories)), the same tree for
+# the same SEED; awk writes them without a process per file.
+#   small_files DIR N MAX_KIB SEED
+small_files() {
+    local dir=$1 n=$2 max_kib=$3 seed=$4
+    mkdir -p "$dir"
+    awk -v root="$dir" -v n="$n" -v extra=$((max_kib - 1)) -v seed="$seed" 'BEGIN {
+        srand(seed)
+        chunk = ""
+        for (i = 0; i < 64; i++) chunk = chunk sprintf("%c", 97 + int(rand() * 26))
+        dirs = int((n + 999) / 1000)
+        for (d = 0; d < dirs; d++) system("mkdir -p " root "/d" d)
+        for (i = 0; i < n; i++) {
+            size = 1024 + int(rand() * extra * 1024)
+            file = root "/d" (i % dirs) "/f" i
+            body = ""
+            while (length(body) < size) body = body chunk
+            printf "%s", substr(body, 1, size) > file
+            close(file)
+        }
+    }'
+}

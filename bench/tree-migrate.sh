@@ -33,21 +33,7 @@ bench_unmount_at_exit "$access"
 echo "building the tree in $work: $SMALL small files, $LARGE x $LARGE_MIB MiB" >&2
 mkdir -p "$source_dir/small" "$source_dir/large" "$target" "$access"
 dirs=$(((SMALL + 999) / 1000))
-# awk writes the small files without a process per file.
-awk -v root="$source_dir/small" -v n="$SMALL" -v dirs="$dirs" 'BEGIN {
-    srand(42)
-    chunk = ""
-    for (i = 0; i < 64; i++) chunk = chunk sprintf("%c", 97 + int(rand() * 26))
-    for (d = 0; d < dirs; d++) system("mkdir -p " root "/d" d)
-    for (i = 0; i < n; i++) {
-        size = 1024 + int(rand() * 15 * 1024)
-        file = root "/d" (i % dirs) "/f" i
-        body = ""
-        while (length(body) < size) body = body chunk
-        printf "%s", substr(body, 1, size) > file
-        close(file)
-    }
-}'
+small_files "$source_dir/small" "$SMALL" 16 42
 random_image "$work/large.base" $((LARGE_MIB << 20))
 for ((i = 0; i < LARGE; i++)); do
     cp "$work/large.base" "$source_dir/large/f$i"

@@ -21,34 +21,13 @@ access=$work/access
 mkdir -p "$access"
 bench_unmount_at_exit "$access"
 
-# Builds a tree of N small files under DIR (awk: no process per file).
-build_tree() {
-    local dir=$1 n=$2
-    mkdir -p "$dir"
-    awk -v root="$dir" -v n="$n" 'BEGIN {
-        srand(7)
-        chunk = ""
-        for (i = 0; i < 64; i++) chunk = chunk sprintf("%c", 97 + int(rand() * 26))
-        dirs = int((n + 999) / 1000)
-        for (d = 0; d < dirs; d++) system("mkdir -p " root "/d" d)
-        for (i = 0; i < n; i++) {
-            size = 1024 + int(rand() * 3 * 1024)
-            file = root "/d" (i % dirs) "/f" i
-            body = ""
-            while (length(body) < size) body = body chunk
-            printf "%s", substr(body, 1, size) > file
-            close(file)
-        }
-    }'
-}
-
 # "files tool" -> seconds, peak RSS (KiB); "files" -> journal bytes.
 declare -A seconds rss journal
 for files in "${SIZES[@]}"; do
     source_dir=$work/source-$files
     target=$work/target
     echo "building a tree of $files files" >&2
-    build_tree "$source_dir" "$files"
+    small_files "$source_dir" "$files" 4 7
     sync
 
     rm -rf "$target" "$work/state" && mkdir "$target" && sync
