@@ -7,7 +7,7 @@
 //! chunk before a partial write, and by rollback to copy chunks back.
 
 use bytes::Bytes;
-use dmm_store::{BlockStore, ExtentKind, Result, ZeroMode, copy_in_kernel, reads_as_zero};
+use dmm_store::{BlockStore, Result, ZeroMode, copy_in_kernel, reads_as_zero};
 
 /// Zero detection granularity inside allocated data.
 const ZERO_BLOCK: usize = 4096;
@@ -46,33 +46,42 @@ pub async fn copy_range(
     write_pieces(to, pieces).await
 }
 
-/// Reads a range for copying: only allocated data is read, and blocks of
-/// zeroes inside it become zero pieces.
-pub async fn read_range(from: &dyn BlockStore, offset: u64, len: u64) -> Result<Vec<Piece>> {
-    let mut pieces = Vec::new();
+/// The allocation map of a range, clipped to it and covering it whole:
+/// `(start, stop, data)` runs, where `data` is false for what reads as
+/// zeroes. A store that reports nothing past a point has the rest as data.
+async fn allocation(from: &dyn BlockStore, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+    let mut runs = Vec::new();
     let end = offset + len;
     let mut at = offset;
     while at < end {
         let extents = from.extents(at, end - at).await?;
-        for extent in extents.iter().filter(|e| e.len > 0) {
-            let start = extent.offset.max(at);
-            let stop = extent.end().min(end);
-            if stop <= start {
-                continue;
-            }
-            match extent.kind {
-                ExtentKind::Data => read_data(from, start, stop - start, &mut pieces).await?,
-                ExtentKind::Zero | ExtentKind::Hole => pieces.push(Piece::Zero {
-                    offset: start,
-                    len: stop - start,
-                }),
-            }
-            at = stop;
+        let covers = extents.iter().any(|e| e.end() > at && e.len > 0);
+        if !covers {
+            runs.push((at, end, true));
+            break;
         }
-        if extents.is_empty() {
-            // A store that reports nothing: treat the rest as data.
-            read_data(from, at, end - at, &mut pieces).await?;
-            at = end;
+        for extent in &extents {
+            let (start, stop) = (extent.offset.max(at), extent.end().min(end));
+            if stop > start {
+                runs.push((start, stop, !extent.kind.reads_as_zero()));
+                at = stop;
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// Reads a range for copying: only allocated data is read, and blocks of
+/// zeroes inside it become zero pieces.
+pub async fn read_range(from: &dyn BlockStore, offset: u64, len: u64) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    for (start, stop, data) in allocation(from, offset, len).await? {
+        match data {
+            true => read_data(from, start, stop - start, &mut pieces).await?,
+            false => pieces.push(Piece::Zero {
+                offset: start,
+                len: stop - start,
+            }),
         }
     }
     Ok(pieces)
@@ -128,26 +137,11 @@ pub async fn copy_range_in_kernel(
     len: u64,
 ) -> Result<Option<Copied>> {
     let mut copied = Copied::default();
-    let end = offset + len;
-    let mut at = offset;
-    while at < end {
-        let extents = from.extents(at, end - at).await?;
-        let pieces: Vec<(u64, u64, bool)> = match extents.is_empty() {
-            // A store that reports nothing: the rest is data.
-            true => vec![(at, end, true)],
-            false => extents
-                .iter()
-                .map(|e| (e.offset.max(at), e.end().min(end), !e.kind.reads_as_zero()))
-                .filter(|&(start, stop, _)| stop > start)
-                .collect(),
-        };
-        for (start, stop, data) in pieces {
-            match data {
-                true if !copy_in_kernel(from, to, start, stop - start).await? => return Ok(None),
-                true => copied.data += stop - start,
-                false => copied += zero(to, start, stop - start).await?,
-            }
-            at = stop;
+    for (start, stop, data) in allocation(from, offset, len).await? {
+        match data {
+            true if !copy_in_kernel(from, to, start, stop - start).await? => return Ok(None),
+            true => copied.data += stop - start,
+            false => copied += zero(to, start, stop - start).await?,
         }
     }
     Ok(Some(copied))
