@@ -4,7 +4,9 @@
 //! (resumable) or committed (the target a plain tree).
 //!
 //! Every call blocks (mounts, joins, hashing); a caller on an event loop
-//! runs them on a thread of its own.
+//! runs them on a thread of its own. The job's own locks are leaves, outside
+//! the engine's lock order: each is held alone, to read or replace one
+//! value, never while the engine is called.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -148,11 +150,12 @@ impl TreeJob {
 
     /// Per-file errors (and new attempts at them) not reported yet, as log
     /// lines.
-    pub fn take_news(&self) -> Vec<String> {
-        let errors = self.engine.progress().errors;
+    pub fn take_news(&self, report: &TreeReport) -> Vec<String> {
         let mut reported = self.reported.lock();
-        errors
-            .into_iter()
+        report
+            .progress
+            .errors
+            .iter()
             .filter(|e| reported.insert((e.path.clone(), e.attempts)))
             .map(|e| {
                 format!(

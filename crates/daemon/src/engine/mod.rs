@@ -57,8 +57,8 @@ pub trait Engine: Send + Sync {
 
     async fn snapshot(&self) -> Snapshot;
 
-    /// Per-item errors not reported yet, as log lines.
-    fn take_news(&self) -> Vec<String> {
+    /// Per-item errors in `report` not reported yet, as log lines.
+    fn take_news(&self, _report: &Report) -> Vec<String> {
         Vec::new()
     }
 

@@ -85,8 +85,11 @@ impl Engine for TreeEngine {
         }
     }
 
-    fn take_news(&self) -> Vec<String> {
-        self.job.take_news()
+    fn take_news(&self, report: &Report) -> Vec<String> {
+        match report {
+            Report::Tree(report) => self.job.take_news(report),
+            Report::Volume(_) => Vec::new(),
+        }
     }
 
     fn apply(&self, spec: &Spec) {

@@ -69,6 +69,11 @@ struct Open {
 }
 
 /// The daemon's migrations.
+///
+/// `open` is the supervisor's one lock: held only to look up, insert or
+/// remove an entry, never across an await or while an engine is called, so
+/// no other lock is ever taken under it. Waits for an engine's task end on
+/// a stop request (the engines answer one within 2 s, tested).
 pub struct Supervisor {
     catalog: Arc<Catalog>,
     layout: Layout,
@@ -449,7 +454,7 @@ impl Supervisor {
     /// errors, and publishes progress.
     async fn follow(&self, id: MigrationId, engine: &dyn Engine, last: &mut Option<State>) {
         let snapshot = engine.snapshot().await;
-        for line in engine.take_news() {
+        for line in engine.take_news(&snapshot.report) {
             self.note(id, "error", &line);
         }
         let _ = self.notices.send(Notice::Progress {

@@ -192,6 +192,15 @@ async fn every_half_done_transition_is_finished_on_restart() {
                 assert_eq!(record.state, from, "{verb}");
                 assert!(record.error.unwrap().contains("cannot commit"), "{verb}");
             }
+            // A redone rollback runs at once; with nothing to copy back it
+            // may already have ended.
+            (Leads::To(_), Recovery::Redo) if verb == Verb::Rollback => {
+                let state = record.unwrap().state;
+                assert!(
+                    matches!(state, State::Running | State::RolledBack),
+                    "{state}"
+                );
+            }
             (Leads::To(_), Recovery::Record | Recovery::Redo) => {
                 assert_eq!(record.unwrap().state, to, "{verb}");
             }
