@@ -8,8 +8,8 @@
 # 2. Time to first byte of a region of a 1 GiB file not migrated yet, read
 #    through the
 #    access point (at its start and at 768 MiB), the migration paused.
-# 3. Small-file read throughput through the access point (after the
-#    migration, before commit) vs the target directory read natively.
+# (Reading through the access point after the migration against reading
+# the target natively: bench/access-point.sh.)
 #
 # Usage: bench/tree-migrate.sh [ROUNDS] [SMALL_FILES] [LARGE_FILES] [LARGE_MIB]
 #        (defaults 3 100000 20 256: the issue's tree)
@@ -126,27 +126,6 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round ttfb ${ttfb_start[-1]}s / ${ttfb_middle[-1]}s" >&2
 done
 
-# Small-file reads: through the access point of a finished migration vs
-# the target natively (warm caches, the second of two passes).
-fresh_target
-id=$(dmm_cli create -p kind=tree -p "source=$source_dir/small" -p "target=$target" \
-    -p "access=$access" -p verify=none | awk '{print $NF}')
-wait_state "$id" switched-over
-read_all() { (cd "$1" && find . -type f -print0 | xargs -0 cat >/dev/null); }
-through=() native=()
-for round in $(seq "$ROUNDS"); do
-    read_all "$access"
-    start=$(now)
-    read_all "$access"
-    through+=("$(since "$start")")
-    read_all "$target"
-    start=$(now)
-    read_all "$target"
-    native+=("$(since "$start")")
-    echo "round $round small reads ${through[-1]}s via access, ${native[-1]}s native" >&2
-done
-dmm_cli commit "$id" >/dev/null
-
 report() {
     local large_gib
     large_gib=$(awk -v n="$LARGE" -v m="$LARGE_MIB" 'BEGIN {printf "%.1f", n * m / 1024}')
@@ -167,19 +146,12 @@ report() {
         printf "4 KiB reads: **%.1f ms** at 256 MiB, **%.1f ms** at 768 MiB (medians).\n", a * 1000, b * 1000
     }'
     echo
-    awk -v t="$(median "${through[@]}")" -v n="$(median "${native[@]}")" -v files="$SMALL" 'BEGIN {
-        printf "Reading every small file (find | xargs cat, warm cache): %.0f files/s through the access point,\n", files / t
-        printf "%.0f files/s from the target natively: access point ÷ native = **%.2f**.\n", files / n, n / t
-    }'
-    echo
     echo "All samples (seconds):"
     echo
     echo '```'
     sample_lines seconds "${tools[@]}"
     printf '%-13s %s\n' "ttfb-256M" "${ttfb_start[*]}"
     printf '%-13s %s\n' "ttfb-768M" "${ttfb_middle[*]}"
-    printf '%-13s %s\n' "read-access" "${through[*]}"
-    printf '%-13s %s\n' "read-native" "${native[*]}"
     echo '```'
 }
 publish_report tree-migrate report

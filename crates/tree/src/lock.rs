@@ -37,6 +37,8 @@ pub(crate) enum Rank {
     Descriptors,
     /// `access::files` and `access::fs`: open files and directories.
     Handles,
+    /// `access::iomode`: how each open inode is served.
+    IoModes,
     /// `worker`: the rate limiter.
     Limiter,
 }
@@ -85,7 +87,7 @@ mod held {
 
 #[cfg(debug_assertions)]
 impl Rank {
-    const ALL: [Rank; 9] = [
+    const ALL: [Rank; 10] = [
         Rank::Renames,
         Rank::Linking,
         Rank::Flushing,
@@ -94,6 +96,7 @@ impl Rank {
         Rank::Nodes,
         Rank::Descriptors,
         Rank::Handles,
+        Rank::IoModes,
         Rank::Limiter,
     ];
 }

@@ -47,6 +47,10 @@ pub struct TreeProgress {
     pub eta_seconds: Option<u64>,
     pub complete: bool,
     pub errors: Vec<ErrorReport>,
+    /// Opens of files the kernel passed through to the target (served at
+    /// the target's speed, without dmm).
+    #[serde(default)]
+    pub passthrough_opens: u64,
 }
 
 /// One entry in error, for `dmm stat` and `dmm log`.
@@ -188,6 +192,11 @@ impl TreeMigration {
                 .into_iter()
                 .map(ErrorReport::from)
                 .collect(),
+            passthrough_opens: self
+                .access
+                .lock()
+                .as_ref()
+                .map_or(0, AccessPoint::passthrough_opens),
         }
     }
 

@@ -8,22 +8,23 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirEntryExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags as AtRenameFlags, Stat};
 
 use super::caller::Caller;
 use super::files::{OpenFile, OpenFiles};
+use super::iomode::{IoModes, PASSTHROUGH_FROM, Serving, Wants};
 use super::nodes::Nodes;
 use super::reply::{Reply, errno, proc_path, tree_errno};
 use crate::error::{ErrorKind, Result, on};
@@ -31,21 +32,42 @@ use crate::journal::EntryId;
 use crate::lock::{Mutex, Rank};
 use crate::namespace::Namespace;
 
-/// Regular files keep their page cache across opens: every byte the kernel
-/// caches came through a read, which fetched its segments first, or
-/// through a write, so the cache never holds a placeholder's hole. `flush`
-/// has nothing to do, so the kernel need not send it on close.
-const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+/// `flush` has nothing to do, so the kernel need not send it on close.
+const PASSTHROUGH_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
-/// How long the kernel may cache names and attributes. Only this file
-/// system changes the target's namespace while it is mounted.
-const TTL: Duration = Duration::from_secs(1);
+/// Regular files served through dmm keep their page cache across opens:
+/// every byte the kernel caches came through a read, which fetched its
+/// segments first, or through a write, so the cache never holds a
+/// placeholder's hole (`iomode` says when it may not be kept).
+const SERVED_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(PASSTHROUGH_OPEN_FLAGS);
+
+/// How long the kernel may cache the name and attributes of an entry dmm
+/// is still filling in (a directory not populated, a file with data to
+/// copy): its placeholder's blocks, times and link count move under the
+/// kernel, and the source's attributes it is shown may change.
+const SETTLING_TTL: Duration = Duration::from_secs(1);
+
+/// How long for any other entry. Only this file system changes the
+/// target while it is mounted, and the kernel drops what it cached of an
+/// entry each change goes through.
+const SETTLED_TTL: Duration = Duration::from_secs(3600);
 
 /// What the kernel is asked to do for dmm: pass the caller's umask
 /// instead of applying it (a directory's default ACL replaces the umask,
 /// which only the target file system knows), and check permissions
 /// against POSIX ACLs as well as the mode.
 const WANTED: InitFlags = InitFlags::FUSE_DONT_MASK.union(InitFlags::FUSE_POSIX_ACL);
+
+/// What makes the access point faster where the kernel offers it:
+/// listings that carry each entry's attributes (no lookup per name
+/// afterwards), chosen by the kernel per directory.
+const FASTER: InitFlags = InitFlags::FUSE_DO_READDIRPLUS.union(InitFlags::FUSE_READDIRPLUS_AUTO);
+
+/// Attributes as the kernel is told them, with how long it may cache them.
+struct Shown {
+    attr: FileAttr,
+    ttl: Duration,
+}
 
 /// A directory an operation works in.
 struct Dir {
@@ -69,6 +91,7 @@ pub(super) struct TreeFs {
     root_ino: u64,
     nodes: Nodes,
     files: OpenFiles,
+    modes: Arc<IoModes>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_handle: AtomicU64,
 }
@@ -106,7 +129,7 @@ fn kind_of(mode: u32) -> FileType {
 }
 
 impl TreeFs {
-    pub(super) fn new(namespace: Arc<Namespace>) -> Result<TreeFs> {
+    pub(super) fn new(namespace: Arc<Namespace>, modes: Arc<IoModes>) -> Result<TreeFs> {
         let root = namespace.target_root().to_path_buf();
         let fd = rustix::fs::open(
             &root,
@@ -122,6 +145,7 @@ impl TreeFs {
             root_ino,
             nodes: Nodes::new(root_ino, fd, open_descriptor_budget()),
             files: OpenFiles::new(),
+            modes,
             dirs: Mutex::new(Rank::Handles, HashMap::new()),
             next_handle: AtomicU64::new(1),
         })
@@ -149,11 +173,11 @@ impl TreeFs {
         self.nodes.fd(self.to_target(ino))
     }
 
-    /// The attributes clients see. dmm writing a file's data or a
-    /// directory's placeholders moves its ctime; one no client changed
-    /// shows a stable one (its mtime) until the end, so readers such as tar
-    /// do not see it change under them.
-    fn attr(&self, st: &Stat) -> FileAttr {
+    /// The attributes clients see, and how long the kernel may cache them.
+    /// dmm writing a file's data or a directory's placeholders moves its
+    /// ctime; one no client changed shows a stable one (its mtime) until
+    /// the end, so readers such as tar do not see it change under them.
+    fn attr(&self, st: &Stat) -> Shown {
         let mut attr = self.raw_attr(st);
         let tracked = self.namespace.entry_of_ino(st.st_ino);
         if matches!(attr.kind, FileType::RegularFile | FileType::Directory)
@@ -169,7 +193,9 @@ impl TreeFs {
                 attr.nlink = source.nlink as u32;
             }
         }
-        attr
+        let settled = tracked.is_none_or(|id| self.namespace.is_settled(id));
+        let ttl = if settled { SETTLED_TTL } else { SETTLING_TTL };
+        Shown { attr, ttl }
     }
 
     fn raw_attr(&self, st: &Stat) -> FileAttr {
@@ -213,7 +239,7 @@ impl TreeFs {
 
     /// Registers a lookup of `name` in `dir` and returns its attributes.
     /// Directories get tracked: tracked entries may be moved into them.
-    fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<FileAttr> {
+    fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<Shown> {
         let st = self.nodes.look_up(dir.ino, &dir.fd, name)?;
         if kind_of(st.st_mode) == FileType::Directory
             && let Some(parent_entry) = dir.entry
@@ -238,12 +264,12 @@ impl TreeFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Reply<FileAttr> {
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Reply<Shown> {
         let dir = self.populated_dir(parent)?;
         self.remember(&dir, name)
     }
 
-    fn do_getattr(&self, ino: INodeNo) -> Reply<FileAttr> {
+    fn do_getattr(&self, ino: INodeNo) -> Reply<Shown> {
         let st = rustix::fs::fstat(&*self.fd(ino)?).map_err(errno)?;
         Ok(self.attr(&st))
     }
@@ -259,7 +285,7 @@ impl TreeFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
-    ) -> Reply<FileAttr> {
+    ) -> Reply<Shown> {
         let fd = self.fd(ino)?;
         let path = proc_path(&*fd);
         let entry = self.entry(ino);
@@ -336,7 +362,7 @@ impl TreeFs {
         (parent, name): (INodeNo, &OsStr),
         umask: Option<u32>,
         make: impl FnOnce(&OwnedFd) -> rustix::io::Result<()>,
-    ) -> Reply<FileAttr> {
+    ) -> Reply<Shown> {
         let dir = self.populated_dir(parent)?;
         Caller::of(req).create(umask, || make(&dir.fd))?;
         self.remember(&dir, name)
@@ -396,7 +422,7 @@ impl TreeFs {
         outcome.map_err(errno)
     }
 
-    fn do_link(&self, ino: INodeNo, new_parent: INodeNo, new_name: &OsStr) -> Reply<FileAttr> {
+    fn do_link(&self, ino: INodeNo, new_parent: INodeNo, new_name: &OsStr) -> Reply<Shown> {
         let fd = self.fd(ino)?;
         let dir = self.populated_dir(new_parent)?;
         let act = || {
@@ -420,10 +446,49 @@ impl TreeFs {
         self.remember(&dir, new_name)
     }
 
-    fn do_open(&self, ino: INodeNo, flags: i32) -> Reply<u64> {
+    /// Opens a regular file, and decides how the kernel serves it
+    /// (`register` makes a backing file for passthrough).
+    fn do_open(
+        &self,
+        ino: INodeNo,
+        flags: i32,
+        register: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
+    ) -> Reply<(u64, Serving)> {
         let fd = self.fd(ino)?;
-        let file = OpenFile::open(&self.namespace, &fd, self.entry(ino), flags)?;
-        Ok(self.add_file(file))
+        let entry = self.entry(ino);
+        let file = OpenFile::open(&self.namespace, &fd, entry, flags)?;
+        let mode = self.serve(self.to_target(ino), &fd, (entry, flags), register)?;
+        Ok((self.add_file(file), mode))
+    }
+
+    /// How the kernel serves an open of target inode `ino` (`fd`, tracked
+    /// as `entry`, opened with `flags`); counted until its release.
+    fn serve(
+        &self,
+        ino: u64,
+        fd: &OwnedFd,
+        (entry, flags): (Option<EntryId>, i32),
+        register: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
+    ) -> Reply<Serving> {
+        let wants = Wants {
+            writable: OFlags::from_bits_retain(flags as u32) & OFlags::RWMODE != OFlags::RDONLY,
+            tracked: entry.is_some(),
+            complete: entry.is_none_or(|id| !self.namespace.is_pending_file(id)),
+            large: rustix::fs::fstat(fd).is_ok_and(|st| st.st_size as u64 >= PASSTHROUGH_FROM),
+        };
+        let mode = self.modes.open(ino, wants, || register(&backing_file(fd)?));
+        if let (
+            Serving::Passthrough {
+                mark_changed: true, ..
+            },
+            Some(id),
+        ) = (&mode, entry)
+            && let Err(err) = self.namespace.note_change(id)
+        {
+            self.modes.release(ino);
+            return Err(tree_errno(err));
+        }
+        Ok(mode)
     }
 
     /// Creates and opens a regular file, as the caller.
@@ -433,7 +498,8 @@ impl TreeFs {
         (parent, name): (INodeNo, &OsStr),
         (mode, umask): (u32, u32),
         flags: i32,
-    ) -> Reply<(FileAttr, u64)> {
+        register: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
+    ) -> Reply<(Shown, u64, Serving)> {
         let dir = self.populated_dir(parent)?;
         let oflags =
             OFlags::from_bits_retain(flags as u32 & !(OFlags::NOCTTY | OFlags::APPEND).bits())
@@ -442,10 +508,15 @@ impl TreeFs {
         let file = Caller::of(req).create(Some(umask), || {
             rustix::fs::openat(&*dir.fd, name, oflags, Mode::from_raw_mode(mode & 0o7777))
         })?;
-        let attr = self.remember(&dir, name)?;
-        let entry = self.namespace.entry_of_ino(self.to_target(attr.ino));
+        let shown = self.remember(&dir, name)?;
+        let ino = self.to_target(shown.attr.ino);
+        let entry = self.namespace.entry_of_ino(ino);
+        let served = self.serve(ino, &file, (entry, flags), register);
+        let served = served.inspect_err(|_| {
+            self.nodes.forget(ino, 1);
+        })?;
         let handle = self.add_file(OpenFile::new(std::fs::File::from(file), entry, oflags));
-        Ok((attr, handle))
+        Ok((shown, handle, served))
     }
 
     fn add_file(&self, file: OpenFile) -> u64 {
@@ -473,23 +544,49 @@ impl TreeFs {
         ];
         for entry in std::fs::read_dir(proc_path(&*fd)).map_err(errno)? {
             let entry = entry.map_err(errno)?;
-            let kind = entry.file_type().map_err(errno)?;
-            let mode = if kind.is_dir() {
-                0o040000
-            } else if kind.is_symlink() {
-                0o120000
-            } else {
-                entry.metadata().map(|m| m.mode()).unwrap_or(0o100000)
-            };
             items.push(DirItem {
                 ino: self.to_fuse(entry.ino()).0,
-                kind: kind_of(mode),
+                kind: listed_kind(entry.file_type().map_err(errno)?),
                 name: entry.file_name(),
             });
         }
         let handle = self.handle();
         self.dirs.lock().insert(handle, Arc::new(items));
         Ok(handle)
+    }
+
+    /// Fills a READDIRPLUS reply from `offset`: each entry comes with its
+    /// attributes, and counts as a lookup of it (but `.` and `..`, which
+    /// the kernel does not link). An entry gone since the listing was taken
+    /// is left out.
+    fn list_plus(&self, dir: &Dir, items: &[DirItem], offset: u64, mut reply: ReplyDirectoryPlus) {
+        for (index, item) in items.iter().enumerate().skip(offset as usize) {
+            let next = index as u64 + 1;
+            if item.name == "." || item.name == ".." {
+                let attr = listed_attr(INodeNo(item.ino), item.kind);
+                if reply.add(
+                    attr.ino,
+                    next,
+                    &item.name,
+                    &Duration::ZERO,
+                    &attr,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            let Ok(shown) = self.remember(dir, &item.name) else {
+                continue;
+            };
+            let (attr, ttl) = (&shown.attr, &shown.ttl);
+            if reply.add(attr.ino, next, &item.name, ttl, attr, Generation(0)) {
+                // It did not fit: the kernel does not hear of it.
+                self.nodes.forget(self.to_target(attr.ino), 1);
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn do_xattr(
@@ -514,11 +611,103 @@ fn reply_xattr(reply: ReplyXattr, size: u32, result: Reply<Vec<u8>>) {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, result: Reply<FileAttr>) {
+fn reply_entry(reply: ReplyEntry, result: Reply<Shown>) {
     match result {
-        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Ok(shown) => reply.entry(&shown.ttl, &shown.attr, Generation(0)),
         Err(err) => reply.error(err),
     }
+}
+
+/// The flags of an open served through dmm.
+fn served_open_flags(keep_cache: bool) -> FopenFlags {
+    if keep_cache {
+        SERVED_OPEN_FLAGS
+    } else {
+        SERVED_OPEN_FLAGS - FopenFlags::FOPEN_KEEP_CACHE
+    }
+}
+
+/// Whether files can be passed through: the kernel offers it, and dmm may
+/// register backing files (CAP_SYS_ADMIN). Backing files on a stacked file
+/// system (overlayfs) are refused later, at the first open.
+fn passthrough_possible(config: &mut KernelConfig) -> bool {
+    if !config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
+        tracing::info!(
+            "the kernel lacks FUSE passthrough (Linux 6.9 and later): reads and writes of \
+             migrated files go through dmm"
+        );
+        return false;
+    }
+    if !rustix::process::geteuid().is_root() {
+        tracing::info!(
+            "FUSE passthrough needs root (CAP_SYS_ADMIN): reads and writes of migrated files \
+             go through dmm"
+        );
+        return false;
+    }
+    config.set_max_stack_depth(1).is_ok()
+}
+
+/// The attributes of a listing entry the kernel does not link (`.`,
+/// `..`): only its inode number and type are read.
+fn listed_attr(ino: INodeNo, kind: FileType) -> FileAttr {
+    FileAttr {
+        ino,
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, result: Reply<Shown>) {
+    match result {
+        Ok(shown) => reply.attr(&shown.ttl, &shown.attr),
+        Err(err) => reply.error(err),
+    }
+}
+
+/// A file type from a directory listing (the kernel's `d_type`, without a
+/// `stat` per entry).
+fn listed_kind(kind: std::fs::FileType) -> FileType {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        FileType::Directory
+    } else if kind.is_symlink() {
+        FileType::Symlink
+    } else if kind.is_fifo() {
+        FileType::NamedPipe
+    } else if kind.is_char_device() {
+        FileType::CharDevice
+    } else if kind.is_block_device() {
+        FileType::BlockDevice
+    } else if kind.is_socket() {
+        FileType::Socket
+    } else {
+        FileType::RegularFile
+    }
+}
+
+/// The file the kernel passes an open of `fd`'s inode through to: read and
+/// write whenever the target allows it, since every open of the inode
+/// shares it while it is passed through (the client's own open already
+/// checked its access).
+fn backing_file(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    let path = proc_path(fd);
+    let open = |mode| rustix::fs::open(&path, mode | OFlags::CLOEXEC, Mode::empty());
+    open(OFlags::RDWR)
+        .or_else(|_| open(OFlags::RDONLY))
+        .map_err(io::Error::from)
 }
 
 fn reply_empty(reply: ReplyEmpty, result: Reply<()>) {
@@ -538,7 +727,11 @@ impl Filesystem for TreeFs {
             );
         }
         // Only capabilities the kernel offers are asked for: this cannot fail.
-        let _ = config.add_capabilities(wanted);
+        let _ = config.add_capabilities(wanted | (FASTER & config.capabilities()));
+        if passthrough_possible(config) {
+            let _ = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH);
+            self.modes.enable();
+        }
         Ok(())
     }
 
@@ -547,14 +740,14 @@ impl Filesystem for TreeFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.nodes.forget(self.to_target(ino), nlookup);
+        let target = self.to_target(ino);
+        if self.nodes.forget(target, nlookup) {
+            self.modes.forget(target);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.do_getattr(ino) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(err) => reply.error(err),
-        }
+        reply_attr(reply, self.do_getattr(ino));
     }
 
     fn setattr(
@@ -575,10 +768,10 @@ impl Filesystem for TreeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(err) => reply.error(err),
-        }
+        reply_attr(
+            reply,
+            self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh),
+        );
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -678,8 +871,13 @@ impl Filesystem for TreeFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_open(ino, flags.0) {
-            Ok(handle) => reply.opened(FileHandle(handle), FILE_OPEN_FLAGS),
+        match self.do_open(ino, flags.0, |fd| reply.open_backing(fd)) {
+            Ok((handle, Serving::Passthrough { backing, .. })) => {
+                reply.opened_passthrough(FileHandle(handle), PASSTHROUGH_OPEN_FLAGS, &backing)
+            }
+            Ok((handle, Serving::Served { keep_cache })) => {
+                reply.opened(FileHandle(handle), served_open_flags(keep_cache))
+            }
             Err(err) => reply.error(err),
         }
     }
@@ -741,7 +939,7 @@ impl Filesystem for TreeFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -749,6 +947,7 @@ impl Filesystem for TreeFs {
         reply: ReplyEmpty,
     ) {
         self.files.remove(fh);
+        self.modes.release(self.to_target(ino));
         reply.ok();
     }
 
@@ -791,6 +990,23 @@ impl Filesystem for TreeFs {
             }
         }
         reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        let Some(items) = self.dirs.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        match self.populated_dir(ino) {
+            Ok(dir) => self.list_plus(&dir, &items, offset, reply),
+            Err(err) => reply.error(err),
+        }
     }
 
     fn releasedir(
@@ -891,13 +1107,22 @@ impl Filesystem for TreeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, (parent, name), (mode, umask), flags) {
-            Ok((attr, handle)) => reply.created(
-                &TTL,
-                &attr,
+        let register = |fd: &OwnedFd| reply.open_backing(fd);
+        match self.do_create(req, (parent, name), (mode, umask), flags, register) {
+            Ok((shown, handle, Serving::Passthrough { backing, .. })) => reply.created_passthrough(
+                &shown.ttl,
+                &shown.attr,
                 Generation(0),
                 FileHandle(handle),
-                FILE_OPEN_FLAGS,
+                PASSTHROUGH_OPEN_FLAGS,
+                &backing,
+            ),
+            Ok((shown, handle, Serving::Served { keep_cache })) => reply.created(
+                &shown.ttl,
+                &shown.attr,
+                Generation(0),
+                FileHandle(handle),
+                served_open_flags(keep_cache),
             ),
             Err(err) => reply.error(err),
         }

@@ -10,11 +10,15 @@
 //! tracked entries go through the journal (`namespace::changes`).
 //!
 //! Requests are served by several FUSE threads, so a client waiting for a
-//! fetch does not hold up the others.
+//! fetch does not hold up the others. Files with nothing left to fetch are
+//! passed through to the target where the kernel allows it (`iomode`), and
+//! names and attributes of entries dmm no longer fills in are cached by
+//! the kernel for long.
 
 mod caller;
 mod files;
 mod fs;
+mod iomode;
 mod mount;
 mod nodes;
 mod reply;

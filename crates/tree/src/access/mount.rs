@@ -13,6 +13,7 @@ use rustix::io::Errno;
 use rustix::mount::UnmountFlags;
 
 use super::fs::TreeFs;
+use super::iomode::IoModes;
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::namespace::Namespace;
 use crate::threads::join_within;
@@ -30,13 +31,15 @@ pub struct AccessPoint {
     session: Option<JoinHandle<io::Result<()>>>,
     unmounter: SessionUnmounter,
     path: PathBuf,
+    modes: Arc<IoModes>,
 }
 
 impl AccessPoint {
     /// Mounts the namespace's target tree at `path`.
     pub fn mount(namespace: Arc<Namespace>, path: &Path) -> Result<AccessPoint> {
         raise_open_file_limit();
-        let filesystem = TreeFs::new(namespace)?;
+        let modes = Arc::new(IoModes::new());
+        let filesystem = TreeFs::new(namespace, modes.clone())?;
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("dmm".into()),
@@ -61,7 +64,14 @@ impl AccessPoint {
             session: Some(thread),
             unmounter,
             path: path.to_path_buf(),
+            modes,
         })
+    }
+
+    /// Opens the kernel passed through to the target so far (reads and
+    /// writes dmm never saw).
+    pub fn passthrough_opens(&self) -> u64 {
+        self.modes.passed_through()
     }
 
     /// Unmounts: no new request can arrive. Clients that still hold files

@@ -128,17 +128,20 @@ impl Nodes {
         Ok(st)
     }
 
-    /// The kernel forgot `count` lookups of `ino`.
-    pub(super) fn forget(&self, ino: u64, count: u64) {
+    /// The kernel forgot `count` lookups of `ino`; true when it forgot the
+    /// inode itself.
+    pub(super) fn forget(&self, ino: u64, count: u64) -> bool {
         let mut nodes = self.nodes.lock();
         let Some(node) = nodes.get_mut(&ino) else {
-            return;
+            return false;
         };
         node.lookups = node.lookups.saturating_sub(count);
-        if node.lookups == 0 && node.parent != ino {
+        let forgotten = node.lookups == 0 && node.parent != ino;
+        if forgotten {
             nodes.remove(&ino);
             self.open.lock().pop(&ino);
         }
+        forgotten
     }
 
     /// `ino`'s name `name` in `parent` is about to go away (unlink, or a
@@ -277,9 +280,9 @@ mod tests {
     #[test]
     fn forgotten_nodes_are_gone_and_the_root_stays() {
         let (_dir, nodes, [root, _, _, file]) = walked();
-        nodes.forget(file, 1);
+        assert!(nodes.forget(file, 1));
         assert_eq!(nodes.fd(file).unwrap_err(), Errno::ESTALE);
-        nodes.forget(root, 1);
+        assert!(!nodes.forget(root, 1));
         assert_eq!(fd_ino(&nodes.fd(root).unwrap()), root);
     }
 }
