@@ -57,7 +57,7 @@ for round in $(seq "$ROUNDS"); do
         read_big "$dir"
         seconds[warm/$where]+="$(since "$start") "
     done
-    echo "round $round: small ${seconds[small/access]##* } vs ${seconds[small/native]##* }" >&2
+    echo "round $round done: ${seconds[small/access]}/ ${seconds[small/native]}" >&2
 done
 passthrough=$(dmm_cli --json stat "$id" | sed -n 's/.*"passthrough_opens": *\([0-9]*\).*/\1/p')
 dmm_cli commit "$id" >/dev/null

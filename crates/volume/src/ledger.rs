@@ -14,8 +14,11 @@
 //! - a client flush flushes both stores, journals the deferred changes that
 //!   flush covers, then syncs the journal.
 //!
-//! The ledger also counts completed client changes per chunk, which the
-//! copier uses to detect a write that raced its unlocked read.
+//! The ledger also counts completed client changes, which the copier uses
+//! to detect a write that raced its unlocked read. They are counted per
+//! shard of chunks, not per chunk, so that their memory stays the same
+//! however large the volume: a change to another chunk of the same shard
+//! only makes a copy look raced, and it is done again.
 
 use std::fs::File;
 use std::ops::Range;
@@ -28,6 +31,10 @@ use roaring::RoaringBitmap;
 
 use crate::chunks::{ChunkMap, ChunkState};
 use crate::persist::{Journal, Phase, Record};
+
+/// Shards of the client change counters: 256 KiB of counters at most,
+/// and a volume of up to 64 Ki chunks (64 GiB at 1 MiB) has one per chunk.
+const CHANGE_SHARDS: u64 = 1 << 16;
 
 /// One of the two stores of a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +109,8 @@ pub struct Ledger {
     journals: Mutex<Journals>,
     journal_unsynced: AtomicBool,
     unsettled: Mutex<Unsettled>,
-    /// Per chunk, how many client changes have completed.
+    /// Per shard of chunks (`chunk % len`), how many client changes have
+    /// completed.
     changes: Box<[AtomicU32]>,
     /// The copier (or a fill) wrote to this store since the last
     /// checkpoint, which must then flush it: source, destination.
@@ -123,7 +131,9 @@ impl Ledger {
         target: String,
     ) -> Ledger {
         Ledger {
-            changes: (0..chunks.len()).map(|_| AtomicU32::new(0)).collect(),
+            changes: (0..chunks.len().clamp(1, CHANGE_SHARDS))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             chunks,
             source,
             destination,
@@ -208,14 +218,22 @@ impl Ledger {
 
     /// Counts a completed client change of the chunks.
     pub fn changed(&self, chunks: Range<u64>) {
-        for chunk in chunks {
-            self.changes[chunk as usize].fetch_add(1, Ordering::AcqRel);
+        let shards = self.changes.len() as u64;
+        let end = chunks.end.min(chunks.start + shards);
+        for chunk in chunks.start..end {
+            self.changes[self.shard(chunk)].fetch_add(1, Ordering::AcqRel);
         }
     }
 
-    /// How many client changes of `chunk` have completed.
+    /// How many client changes of `chunk`'s shard have completed: the same
+    /// number before and after a copy means no client changed `chunk`
+    /// meanwhile.
     pub fn changes(&self, chunk: u64) -> u32 {
-        self.changes[chunk as usize].load(Ordering::Acquire)
+        self.changes[self.shard(chunk)].load(Ordering::Acquire)
+    }
+
+    fn shard(&self, chunk: u64) -> usize {
+        (chunk % self.changes.len() as u64) as usize
     }
 
     /// Records a destination failure that a client did not see.
