@@ -216,10 +216,9 @@ impl Inner {
         Ok(done)
     }
 
-    /// Reads `len` bytes into a new buffer without zeroing it first (large
-    /// reads); bytes past end of file read as zero.
-    fn read_new(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = Vec::with_capacity(len);
+    /// Fills `buf`, an empty buffer of capacity `len`, without zeroing it
+    /// first (large reads); bytes past end of file read as zero.
+    fn read_into(&self, mut buf: Vec<u8>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         while buf.len() < len {
             let at = offset + buf.len() as u64;
             match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut buf), at) {
@@ -360,9 +359,13 @@ impl BlockStore for FileStore {
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         check_range(self, Op::Read, offset, len as u64)?;
         if len > INLINE_READ_LIMIT || !self.inline {
+            // Allocated here, on the thread that will also free it once the
+            // data is sent: the allocator reuses the buffer for the next
+            // read instead of stranding it in a blocking thread's heap.
+            let buf = Vec::with_capacity(len);
             return self
                 .blocking(Op::Read, offset, len as u64, move |inner| {
-                    inner.read_new(offset, len)
+                    inner.read_into(buf, offset, len)
                 })
                 .await;
         }
