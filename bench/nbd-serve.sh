@@ -5,16 +5,20 @@
 # Each server exports the same 1 GiB raw image on a Unix socket; fio's nbd
 # engine runs 4 KiB random read and write and 1 MiB sequential read and
 # write at queue depth 16 against each. Rounds interleave the servers so
-# that machine noise hits all of them alike; the table shows medians.
-# Also records the resident memory of an idle `dmm serve`.
+# that machine noise hits all of them alike; the table shows medians. RUNS
+# repeats the whole set of rounds against the same servers: the table is
+# the last run's, and a line under it gives every run's dmm ÷ faster-peer
+# ratio per job (the target is ≥ 1.0 on every job in each of three
+# consecutive runs). Also records the resident memory of an idle `dmm serve`.
 #
-# Usage: bench/nbd-serve.sh [ROUNDS] [SECONDS]   (defaults: 5 rounds of 10 s)
+# Usage: bench/nbd-serve.sh [ROUNDS] [SECONDS] [RUNS]   (defaults: 5 rounds of 10 s, 1 run)
 # Writes the "nbd-serve" section of BENCHMARKS.md.
 
 source "$(dirname "$0")/lib.sh"
 
 ROUNDS=${1:-5}
 SECONDS_PER_JOB=${2:-10}
+RUNS=${3:-1}
 bench_prepare fio qemu-nbd nbdkit
 
 bench_workdir
@@ -56,15 +60,29 @@ run_fio() {
         }'
 }
 
-declare -A results
-for round in $(seq "$ROUNDS"); do
-    for job in "${jobs[@]}"; do
-        read -r name rw bs _ <<<"$job"
-        for server in "${servers[@]}"; do
-            value=$(run_fio "$server" "$rw" "$bs")
-            results[$name/$server]+="$value "
-            echo "round $round $name $server $value" >&2
+# dmm's median ÷ the faster peer's median for one job of this run.
+faster_peer_ratio() {
+    local name=$1
+    awk -v d="$(median_of results "$name/dmm")" -v q="$(median_of results "$name/qemu-nbd")" \
+        -v k="$(median_of results "$name/nbdkit")" 'BEGIN { printf "%.2f", d / (q > k ? q : k) }'
+}
+
+declare -A results ratios # ratios: job -> one ratio per run
+for run in $(seq "$RUNS"); do
+    results=()
+    for round in $(seq "$ROUNDS"); do
+        for job in "${jobs[@]}"; do
+            read -r name rw bs _ <<<"$job"
+            for server in "${servers[@]}"; do
+                value=$(run_fio "$server" "$rw" "$bs")
+                results[$name/$server]+="$value "
+                echo "run $run round $round $name $server $value" >&2
+            done
         done
+    done
+    for job in "${jobs[@]}"; do
+        read -r name _ <<<"$job"
+        ratios[$name]+="$(faster_peer_ratio "$name") "
     done
 done
 sleep 2
@@ -80,15 +98,24 @@ report() {
     echo
     echo "\`bench/nbd-serve.sh $ROUNDS $SECONDS_PER_JOB\` on $(machine_line)."
     echo "Same 1 GiB raw image (in the page cache), Unix sockets, fio's nbd engine at iodepth 16;"
-    echo "median of $ROUNDS interleaved rounds of ${SECONDS_PER_JOB} s each."
+    echo "median of $ROUNDS interleaved rounds of ${SECONDS_PER_JOB} s each; the table is the last of $RUNS consecutive runs."
     echo "qemu-nbd: \`-f raw --cache=writeback --aio=threads\`; nbdkit: \`file\` plugin, default threads."
     echo
     rate_ratio_table results "${servers[*]}" "${rows[@]}"
     echo
+    echo -n "dmm ÷ faster peer in each of the $RUNS runs:"
+    local separator=" "
+    for job in "${jobs[@]}"; do
+        read -r name _ <<<"$job"
+        echo -n "$separator$name ${ratios[$name]% }"
+        separator="; "
+    done
+    echo "."
+    echo
     echo "Resident memory of \`dmm serve\`: $((idle_rss_start / 1024)) MiB idle after start," \
         "$((idle_rss_after / 1024)) MiB idle after the runs (target ≤ 20 MiB)."
     echo
-    echo "All samples (one per round):"
+    echo "All samples of the last run (one per round):"
     echo
     echo '```'
     for job in "${jobs[@]}"; do
