@@ -96,7 +96,7 @@ report() {
     done
     echo "## NBD serving: dmm vs qemu-nbd vs nbdkit"
     echo
-    echo "\`bench/nbd-serve.sh $ROUNDS $SECONDS_PER_JOB\` on $(machine_line)."
+    echo "\`bench/nbd-serve.sh $ROUNDS $SECONDS_PER_JOB $RUNS\` on $(machine_line)."
     echo "Same 1 GiB raw image (in the page cache), Unix sockets, fio's nbd engine at iodepth 16;"
     echo "median of $ROUNDS interleaved rounds of ${SECONDS_PER_JOB} s each; the table is the last of $RUNS consecutive runs."
     echo "qemu-nbd: \`-f raw --cache=writeback --aio=threads\`; nbdkit: \`file\` plugin, default threads."
