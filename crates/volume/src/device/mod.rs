@@ -34,6 +34,7 @@ use crate::chunks::{ChunkMap, ChunkState};
 use crate::copy::{Copied, copy_range, copy_range_in_kernel, read_range, write_pieces};
 use crate::ledger::{Ledger, Side};
 use crate::locks::{ChunkGuard, ChunkLocks};
+use crate::pacing::{Active, ClientActivity};
 use crate::persist::Journal;
 use crate::progress::ClientStats;
 use crate::strategy::{Change, Fill, Mode, Plan};
@@ -91,7 +92,7 @@ pub struct VirtualDevice {
     /// Both stores are local files the kernel copies between.
     kernel_copies: AtomicBool,
     stats: Arc<ClientStats>,
-    born: Instant,
+    clients: ClientActivity,
     target: String,
 }
 
@@ -123,7 +124,7 @@ impl VirtualDevice {
             aio: Mutex::new(None),
             kernel_copies: AtomicBool::new(kernel_copies),
             stats: Arc::new(ClientStats::default()),
-            born: Instant::now(),
+            clients: ClientActivity::default(),
             target,
         }
     }
@@ -155,10 +156,9 @@ impl VirtualDevice {
         self.gate.write().await
     }
 
-    /// Milliseconds since the last client request arrived.
-    pub(crate) fn idle_ms(&self) -> u64 {
-        let now = self.born.elapsed().as_millis() as u64;
-        now.saturating_sub(self.stats.last_request_ms.load(Ordering::Relaxed))
+    /// Client requests in flight, for the copier's pacing.
+    pub(crate) fn clients(&self) -> &ClientActivity {
+        &self.clients
     }
 
     /// Starts asynchronous mirroring: client writes to copied chunks are
@@ -309,16 +309,20 @@ impl VirtualDevice {
         Ok(source == destination)
     }
 
-    async fn enter(&self) -> tokio::sync::RwLockReadGuard<'_, Mode> {
+    /// A client request enters: it counts as client activity from now on,
+    /// and passes the gate.
+    async fn enter(&self) -> Entered<'_> {
         let arrived = Instant::now();
-        let now_ms = self.born.elapsed().as_millis() as u64;
-        self.stats.last_request_ms.store(now_ms, Ordering::Relaxed);
-        let guard = self.gate.read().await;
+        let active = self.clients.begin();
+        let mode = self.gate.read().await;
         let waited = arrived.elapsed().as_micros() as u64;
         self.stats
             .longest_gate_wait_us
             .fetch_max(waited, Ordering::Relaxed);
-        guard
+        Entered {
+            mode,
+            _active: active,
+        }
     }
 
     fn whole_chunk(&self, chunk: u64, offset: u64, len: u64) -> bool {
@@ -556,6 +560,21 @@ impl VirtualDevice {
             results.push(run.run(&**store, start, stop - start).await?);
         }
         Ok(results)
+    }
+}
+
+/// A client request past the gate: the routing mode it holds, and its
+/// place among the requests in flight.
+struct Entered<'a> {
+    mode: tokio::sync::RwLockReadGuard<'a, Mode>,
+    _active: Active<'a>,
+}
+
+impl std::ops::Deref for Entered<'_> {
+    type Target = Mode;
+
+    fn deref(&self) -> &Mode {
+        &self.mode
     }
 }
 
