@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dmm_store::{
     BlockStore, Capabilities, Extent, ExtentKind, Op, Result, ZeroMode, check_range, coalesce,
+    start_writeback,
 };
 use parking_lot::Mutex;
 use tokio::sync::RwLock;
@@ -236,9 +237,11 @@ impl VirtualDevice {
 
     /// Copies a chunk between two local files inside the kernel, under the
     /// chunk's exclusive lock (nothing passes through dmm's memory, so the
-    /// lock is held for about as long as a write of the chunk would be).
-    /// `None` when the stores are not two local files the kernel can copy
-    /// between; after the first refusal the copier stops trying.
+    /// lock is held for about as long as a write of the chunk would be),
+    /// then starts its writeback once the lock is released: a congested
+    /// disk delays the copier, not the clients of the chunk. `None` when
+    /// the stores are not two local files the kernel can copy between;
+    /// after the first refusal the copier stops trying.
     async fn copy_chunk_in_kernel(
         &self,
         chunk: u64,
@@ -250,7 +253,7 @@ impl VirtualDevice {
         }
         let (offset, len) = self.chunks().bytes(chunk);
         let (reader, writer, side) = self.copy_direction(from);
-        let _guard = self.locks.exclusive(chunk..chunk + 1).await;
+        let guard = self.locks.exclusive(chunk..chunk + 1).await;
         if self.ledger.get(chunk) != from {
             return Ok(Some(None));
         }
@@ -263,6 +266,8 @@ impl VirtualDevice {
             queue.copied(chunk);
         }
         self.ledger.copy_landed(chunk, from, to);
+        drop(guard);
+        start_writeback(writer, offset, len).await;
         Ok(Some(Some(copied)))
     }
 
