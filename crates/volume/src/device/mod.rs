@@ -433,12 +433,31 @@ impl VirtualDevice {
             };
             let (offset, len) = self.chunks().bytes(chunk);
             self.ledger.copying_into(side);
-            copy_range(&**from, &**to, offset, len).await?;
+            self.fill_range(&**from, &**to, offset, len).await?;
             // Like a copy, the fill becomes durable with the next flush;
             // the state change that relies on it waits until then.
             self.ledger.copied(chunk);
         }
         Ok(())
+    }
+
+    /// Copies a range for a fill, inside the kernel where it can: a client
+    /// write waits for its fill, and a kernel copy neither reads the chunk
+    /// into memory nor scans it for zeroes.
+    async fn fill_range(
+        &self,
+        from: &dyn BlockStore,
+        to: &dyn BlockStore,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        if self.kernel_copies.load(Ordering::Relaxed) {
+            match copy_range_in_kernel(from, to, offset, len).await? {
+                Some(_) => return Ok(()),
+                None => self.kernel_copies.store(false, Ordering::Relaxed),
+            }
+        }
+        copy_range(from, to, offset, len).await.map(|_| ())
     }
 
     /// Records the state changes of a write that belong to `stage`; true if
