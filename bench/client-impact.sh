@@ -53,10 +53,17 @@ fio_result() {
     }' "$1"
 }
 
+# Reads the source image into the page cache, where every run starts from
+# (other programs on the machine may have evicted it).
+warm_source() {
+    cat "$source_image" >/dev/null
+}
+
 # The baseline: the fio job on `dmm serve` of the source, no migration.
 # Sets result to "IOPS p99_usec max_usec window_seconds".
 baseline_round() {
     local pid
+    warm_source
     "$DMM" serve "$source_image" --socket "$work/serve.sock" 2>/dev/null &
     pid=$!
     bench_track "$pid"
@@ -86,6 +93,7 @@ migration_round() {
     local ended='' end_time fio_end line
     empty_image "$destination" "$size"
     rm -rf "$work/state" "$work/migrate.sock"
+    warm_source
     "$DMM" migrate "$source_image" "$destination" --strategy "$strategy" \
         --priority "$priority" --json --socket "$work/migrate.sock" \
         --state-dir "$work/state" >"$work/events" 2>/dev/null &
@@ -172,14 +180,15 @@ report() {
     echo "\`bench/client-impact.sh $SECONDS_PER_RUN $ROUNDS\` on $(machine_line)."
     echo "fio \`--rw=randrw --bs=4k --iodepth=16\` with no rate limit over a 1 GiB raw image full of random data,"
     echo "through dmm's NBD export (Unix socket). Baseline: the same job on \`dmm serve\` of the image, no migration,"
-    echo "for ${SECONDS_PER_RUN} s: $(median_of samples baseline/iops) IOPS, p99 $(awk -v p="$(median_of samples baseline/p99)" 'BEGIN {printf "%.2f", p / 1000}') ms,"
+    echo "for ${SECONDS_PER_RUN} s: $(awk -v i="$(median_of samples baseline/iops)" 'BEGIN {printf "%.0f", i}') IOPS, p99 $(awk -v p="$(median_of samples baseline/p99)" 'BEGIN {printf "%.2f", p / 1000}') ms,"
     echo "longest request $(awk -v p="$(median_of samples baseline/max)" 'BEGIN {printf "%.1f", p / 1000}') ms."
     echo "Then \`dmm migrate --strategy S --priority P\` of the image to an empty sparse image on the same"
     echo "filesystem, fio starting as soon as the export is up and stopped when the migration commits (copy and"
     echo "full verification done) or after ${SECONDS_PER_RUN} s: the fio window is what fio measured, the coverage the share"
     echo "of it during which the migration ran (a migration that outlasts fio finishes unloaded, which its time"
     echo "includes). Latencies are fio's completion latencies, reads and writes together."
-    echo "Targets: IOPS ≥ 0.7× baseline, p99 ≤ 5× baseline, no request over 50 ms. Medians of $ROUNDS interleaved rounds."
+    echo "Targets: IOPS ≥ 0.7× baseline, p99 ≤ 5× baseline, no request over 50 ms. Medians of $ROUNDS interleaved rounds;"
+    echo "load average when the run ended: $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared)."
     echo
     echo "| strategy | priority | client IOPS | ÷ baseline | p99 ms | ÷ baseline | longest request ms | migration s | fio window s | coverage |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
