@@ -18,12 +18,14 @@ use crate::ValueError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
-    /// A quarter of the copies in flight, and a short wait whenever clients
-    /// were active in the last few milliseconds.
+    /// A quarter of the copies in flight; while clients are busy, a volume
+    /// copier copies at most 1/20 of the time.
     Low,
+    /// While clients are busy, a volume copier copies at most a quarter of
+    /// the time.
     #[default]
     Normal,
-    /// Twice the copies in flight.
+    /// Twice the copies in flight, never yielding to clients.
     High,
 }
 

@@ -1,9 +1,11 @@
 //! Copies between two local files made by the kernel (`copy_file_range`):
 //! the data never passes through dmm's memory, and a filesystem that can
-//! share blocks (XFS, btrfs) turns the copy into a reflink. Each copied
-//! range is sent on to the disk at once (`sync_file_range`), so the copy
-//! and its writeback overlap instead of the last flush waiting for all of
-//! it.
+//! share blocks (XFS, btrfs) turns the copy into a reflink. The caller then
+//! sends each copied range on to the disk ([`start_writeback`]), so the
+//! copy and its writeback overlap instead of the last flush waiting for all
+//! of it. That is a separate step because it may wait for a congested disk
+//! (the block layer throttles writeback), which whatever lock the caller
+//! holds for the copy itself should not.
 
 use std::fs::File;
 use std::io;
@@ -68,14 +70,23 @@ fn copy_range(from: &File, to: &File, offset: u64, len: u64) -> io::Result<bool>
             Err(err) => return Err(err.into()),
         }
     }
-    start_writeback(to, offset, len);
     Ok(true)
 }
 
-/// Starts writing a copied range back to the disk without waiting for it,
-/// so that the flush that makes the copy durable finds little left to do
-/// (a best-effort hint: an error changes nothing).
-fn start_writeback(file: &File, offset: u64, len: u64) {
+/// Starts writing a range of a local file's store back to the disk without
+/// waiting for the writes to complete, so that the flush that makes a copy
+/// durable finds little left to do. A best-effort hint: an error changes
+/// nothing, and a store that is not a local file ignores it. It returns
+/// once the writes are queued, which a congested disk may delay.
+pub async fn start_writeback(store: &dyn BlockStore, offset: u64, len: u64) {
+    if let Some(target) = store.local_file() {
+        let queued =
+            tokio::task::spawn_blocking(move || queue_writeback(&target.file, offset, len));
+        let _ = queued.await;
+    }
+}
+
+fn queue_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;

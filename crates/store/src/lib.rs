@@ -24,7 +24,7 @@ pub use bytes::Bytes;
 pub use error::{Error, ErrorKind, Op, Result};
 pub use extent::{Extent, ExtentKind, coalesce};
 pub use file::{FileStore, OpenOptions};
-pub use kernel_copy::{LocalFile, copy_in_kernel};
+pub use kernel_copy::{LocalFile, copy_in_kernel, start_writeback};
 pub use memory::MemoryStore;
 
 use async_trait::async_trait;

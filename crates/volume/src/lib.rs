@@ -20,6 +20,7 @@ mod error;
 mod ledger;
 mod locks;
 mod migration;
+mod pacing;
 mod persist;
 mod progress;
 mod strategy;

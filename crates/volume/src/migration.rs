@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 use crate::chunks::{ChunkMap, ChunkState};
 use crate::device::{Run, VirtualDevice};
 use crate::error::{Context, ErrorKind, MigrationError, Operation};
+use crate::pacing::Pacer;
 use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir};
 use crate::progress::{Activity, Progress, RateMeter};
 use crate::strategy::{Mode, Strategy};
@@ -35,10 +36,6 @@ use dmm_control::{Controls, Priority, RateLimiter, ValueError};
 
 /// Largest pause the precopy final copy aims for.
 const FINAL_PAUSE_TARGET: Duration = Duration::from_millis(5);
-
-/// How long a client may have been idle before a low-priority copier runs
-/// at full speed.
-const CLIENT_QUIET: Duration = Duration::from_millis(10);
 
 /// What a sweep waits for.
 enum Event<T> {
@@ -511,13 +508,14 @@ impl Migration {
     }
 
     /// Runs `work` on every chunk in `state` (as of when the sweep reaches
-    /// it), ascending from the saved cursor, with the configured number in
-    /// flight, honouring pause, rate limit and priority, checkpointing as
-    /// it goes. Returns the bytes the work reported.
+    /// it), ascending from the saved cursor, with up to the configured
+    /// number in flight, honouring pause, rate limit and priority, yielding
+    /// to busy clients (`pacing.rs`), checkpointing as it goes. Returns the
+    /// bytes the work reported.
     ///
     /// Each chunk's work is its own task: a chunk lock is never held across
-    /// the sweep's own waits (rate limit, checkpoint), and CPU-heavy work
-    /// spreads over the runtime's threads.
+    /// the sweep's own waits (rate limit, pacing, checkpoint), and CPU-heavy
+    /// work spreads over the runtime's threads.
     async fn sweep<F, Fut>(&self, state: ChunkState, work: F) -> Outcome<u64>
     where
         F: Fn(u64) -> Fut,
@@ -530,6 +528,7 @@ impl Migration {
         let mut total = 0;
         let mut failure = None;
         let mut resume_at = tokio::time::Instant::now();
+        let mut pacer = Pacer::default();
         // No chunk before this one can start a run of zeroes.
         let mut runs_from = 0;
         // A checkpoint runs alongside the copies, never in their way.
@@ -538,10 +537,12 @@ impl Migration {
             // A stop or rollback request ends the wait for bandwidth: the
             // chunks not started yet stay to be copied, resumably.
             let throttled = !self.controls.interrupted() && tokio::time::Instant::now() < resume_at;
-            while failure.is_none()
-                && !throttled
-                && running.len() < self.controls.copies_in_flight()
-            {
+            let window = pacer.window(
+                self.device.clients().busy(),
+                self.controls.priority(),
+                self.controls.copies_in_flight(),
+            );
+            while failure.is_none() && !throttled && running.len() < window {
                 if self.controls.is_paused() && running.is_empty() {
                     self.set_activity(Activity::Paused);
                     self.controls.wait_unpaused().await;
@@ -567,13 +568,11 @@ impl Migration {
                         }
                     }
                 }
-                if !self.yield_to_clients().await {
-                    break;
-                }
                 next = chunk + 1;
                 active.insert(chunk);
                 let job = tokio::spawn(work(chunk));
-                running.push(async move { (chunk, job.await) });
+                let started = Instant::now();
+                running.push(async move { (chunk, started, job.await) });
             }
             if running.is_empty() && !throttled && checkpointing.is_none() {
                 break;
@@ -585,7 +584,7 @@ impl Migration {
                 saved = async { checkpointing.as_mut().expect("checked").await },
                     if checkpointing.is_some() => Event::Checkpointed(saved),
             };
-            let (chunk, result) = match event {
+            let (chunk, started, result) = match event {
                 Event::Done(Some(done)) => done,
                 Event::Done(None) | Event::Throttled => continue,
                 Event::Checkpointed(saved) => {
@@ -600,7 +599,9 @@ impl Migration {
             match result {
                 Ok(Ok(bytes)) => {
                     total += bytes;
-                    let wait = self.account(bytes);
+                    let busy = self.device.clients().busy();
+                    let pace = pacer.ended(busy, self.controls.priority(), started.elapsed());
+                    let wait = self.account(bytes).max(pace);
                     resume_at = tokio::time::Instant::now() + wait;
                 }
                 Ok(Err(err)) => {
@@ -647,20 +648,6 @@ impl Migration {
             }
             from => self.device.copy_zero_run(chunk, from).await,
         }
-    }
-
-    /// At low priority, waits a moment while clients are active; false if
-    /// a stop or rollback request ended the wait (nothing more to start).
-    async fn yield_to_clients(&self) -> bool {
-        if self.controls.priority() == Priority::Low
-            && self.device.idle_ms() < CLIENT_QUIET.as_millis() as u64
-        {
-            tokio::select! {
-                () = tokio::time::sleep(CLIENT_QUIET) => {}
-                () = self.controls.until_interrupted() => {}
-            }
-        }
-        !self.controls.interrupted()
     }
 
     /// Counts copied bytes; returns how long to wait before the next copy

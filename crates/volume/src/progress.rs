@@ -73,8 +73,6 @@ pub struct ClientStats {
     pub destination_bytes: AtomicU64,
     /// Longest time a request waited at the gate, in microseconds.
     pub longest_gate_wait_us: AtomicU64,
-    /// When the last request arrived (ms since the device was built).
-    pub last_request_ms: AtomicU64,
 }
 
 /// A moving window of (time, bytes) samples for the copy rate.

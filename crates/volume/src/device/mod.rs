@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dmm_store::{
     BlockStore, Capabilities, Extent, ExtentKind, Op, Result, ZeroMode, check_range, coalesce,
+    start_writeback,
 };
 use parking_lot::Mutex;
 use tokio::sync::RwLock;
@@ -34,6 +35,7 @@ use crate::chunks::{ChunkMap, ChunkState};
 use crate::copy::{Copied, copy_range, copy_range_in_kernel, read_range, write_pieces};
 use crate::ledger::{Ledger, Side};
 use crate::locks::{ChunkGuard, ChunkLocks};
+use crate::pacing::{Active, ClientActivity};
 use crate::persist::Journal;
 use crate::progress::ClientStats;
 use crate::strategy::{Change, Fill, Mode, Plan};
@@ -91,7 +93,7 @@ pub struct VirtualDevice {
     /// Both stores are local files the kernel copies between.
     kernel_copies: AtomicBool,
     stats: Arc<ClientStats>,
-    born: Instant,
+    clients: ClientActivity,
     target: String,
 }
 
@@ -123,7 +125,7 @@ impl VirtualDevice {
             aio: Mutex::new(None),
             kernel_copies: AtomicBool::new(kernel_copies),
             stats: Arc::new(ClientStats::default()),
-            born: Instant::now(),
+            clients: ClientActivity::default(),
             target,
         }
     }
@@ -155,10 +157,9 @@ impl VirtualDevice {
         self.gate.write().await
     }
 
-    /// Milliseconds since the last client request arrived.
-    pub(crate) fn idle_ms(&self) -> u64 {
-        let now = self.born.elapsed().as_millis() as u64;
-        now.saturating_sub(self.stats.last_request_ms.load(Ordering::Relaxed))
+    /// Client requests in flight, for the copier's pacing.
+    pub(crate) fn clients(&self) -> &ClientActivity {
+        &self.clients
     }
 
     /// Starts asynchronous mirroring: client writes to copied chunks are
@@ -236,9 +237,11 @@ impl VirtualDevice {
 
     /// Copies a chunk between two local files inside the kernel, under the
     /// chunk's exclusive lock (nothing passes through dmm's memory, so the
-    /// lock is held for about as long as a write of the chunk would be).
-    /// `None` when the stores are not two local files the kernel can copy
-    /// between; after the first refusal the copier stops trying.
+    /// lock is held for about as long as a write of the chunk would be),
+    /// then starts its writeback once the lock is released: a congested
+    /// disk delays the copier, not the clients of the chunk. `None` when
+    /// the stores are not two local files the kernel can copy between;
+    /// after the first refusal the copier stops trying.
     async fn copy_chunk_in_kernel(
         &self,
         chunk: u64,
@@ -250,7 +253,7 @@ impl VirtualDevice {
         }
         let (offset, len) = self.chunks().bytes(chunk);
         let (reader, writer, side) = self.copy_direction(from);
-        let _guard = self.locks.exclusive(chunk..chunk + 1).await;
+        let guard = self.locks.exclusive(chunk..chunk + 1).await;
         if self.ledger.get(chunk) != from {
             return Ok(Some(None));
         }
@@ -263,6 +266,8 @@ impl VirtualDevice {
             queue.copied(chunk);
         }
         self.ledger.copy_landed(chunk, from, to);
+        drop(guard);
+        start_writeback(writer, offset, len).await;
         Ok(Some(Some(copied)))
     }
 
@@ -309,16 +314,20 @@ impl VirtualDevice {
         Ok(source == destination)
     }
 
-    async fn enter(&self) -> tokio::sync::RwLockReadGuard<'_, Mode> {
+    /// A client request enters: it counts as client activity from now on,
+    /// and passes the gate.
+    async fn enter(&self) -> Entered<'_> {
         let arrived = Instant::now();
-        let now_ms = self.born.elapsed().as_millis() as u64;
-        self.stats.last_request_ms.store(now_ms, Ordering::Relaxed);
-        let guard = self.gate.read().await;
+        let active = self.clients.begin();
+        let mode = self.gate.read().await;
         let waited = arrived.elapsed().as_micros() as u64;
         self.stats
             .longest_gate_wait_us
             .fetch_max(waited, Ordering::Relaxed);
-        guard
+        Entered {
+            mode,
+            _active: active,
+        }
     }
 
     fn whole_chunk(&self, chunk: u64, offset: u64, len: u64) -> bool {
@@ -424,12 +433,31 @@ impl VirtualDevice {
             };
             let (offset, len) = self.chunks().bytes(chunk);
             self.ledger.copying_into(side);
-            copy_range(&**from, &**to, offset, len).await?;
+            self.fill_range(&**from, &**to, offset, len).await?;
             // Like a copy, the fill becomes durable with the next flush;
             // the state change that relies on it waits until then.
             self.ledger.copied(chunk);
         }
         Ok(())
+    }
+
+    /// Copies a range for a fill, inside the kernel where it can: a client
+    /// write waits for its fill, and a kernel copy neither reads the chunk
+    /// into memory nor scans it for zeroes.
+    async fn fill_range(
+        &self,
+        from: &dyn BlockStore,
+        to: &dyn BlockStore,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        if self.kernel_copies.load(Ordering::Relaxed) {
+            match copy_range_in_kernel(from, to, offset, len).await? {
+                Some(_) => return Ok(()),
+                None => self.kernel_copies.store(false, Ordering::Relaxed),
+            }
+        }
+        copy_range(from, to, offset, len).await.map(|_| ())
     }
 
     /// Records the state changes of a write that belong to `stage`; true if
@@ -556,6 +584,21 @@ impl VirtualDevice {
             results.push(run.run(&**store, start, stop - start).await?);
         }
         Ok(results)
+    }
+}
+
+/// A client request past the gate: the routing mode it holds, and its
+/// place among the requests in flight.
+struct Entered<'a> {
+    mode: tokio::sync::RwLockReadGuard<'a, Mode>,
+    _active: Active<'a>,
+}
+
+impl std::ops::Deref for Entered<'_> {
+    type Target = Mode;
+
+    fn deref(&self) -> &Mode {
+        &self.mode
     }
 }
 
