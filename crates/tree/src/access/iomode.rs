@@ -41,9 +41,9 @@ use fuser::BackingId;
 
 use crate::lock::{Mutex, Rank};
 
-/// The smallest file passed through. Reading 20,000 files of 1-16 KiB
-/// twice was 30% slower passed through than served with the page cache
-/// kept (`bench/access-point.sh`).
+/// The smallest file passed through: up to this size a file is read in
+/// one or two requests, which the kept page cache then spares, so passing
+/// it through would save nothing and cost a backing file per open.
 pub(super) const PASSTHROUGH_FROM: u64 = 1 << 20;
 
 /// What an open needs from the migration.
