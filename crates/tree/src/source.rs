@@ -30,7 +30,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn of(file_type: fs::FileType) -> Kind {
+    /// The kind of a file type, from a `stat` or a directory listing.
+    pub(crate) fn of(file_type: fs::FileType) -> Kind {
         if file_type.is_dir() {
             Kind::Dir
         } else if file_type.is_symlink() {

@@ -31,6 +31,7 @@ use crate::error::{ErrorKind, Result, on};
 use crate::journal::EntryId;
 use crate::lock::{Mutex, Rank};
 use crate::namespace::Namespace;
+use crate::source::Kind;
 
 /// `flush` has nothing to do, so the kernel need not send it on close.
 const PASSTHROUGH_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
@@ -680,21 +681,14 @@ fn reply_attr(reply: ReplyAttr, result: Reply<Shown>) {
 /// A file type from a directory listing (the kernel's `d_type`, without a
 /// `stat` per entry).
 fn listed_kind(kind: std::fs::FileType) -> FileType {
-    use std::os::unix::fs::FileTypeExt;
-    if kind.is_dir() {
-        FileType::Directory
-    } else if kind.is_symlink() {
-        FileType::Symlink
-    } else if kind.is_fifo() {
-        FileType::NamedPipe
-    } else if kind.is_char_device() {
-        FileType::CharDevice
-    } else if kind.is_block_device() {
-        FileType::BlockDevice
-    } else if kind.is_socket() {
-        FileType::Socket
-    } else {
-        FileType::RegularFile
+    match Kind::of(kind) {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Socket => FileType::Socket,
     }
 }
 
