@@ -4,13 +4,15 @@
 //! client request served over NBD ends as a call on one. The trait is small on
 //! purpose: size, read, write (with FUA), flush, discard, write zeroes, an
 //! allocation map and a few capability bits. Backends here are raw image
-//! files and block devices ([`FileStore`]) and memory ([`MemoryStore`]); the
+//! files and block devices ([`FileStore`]), memory ([`MemoryStore`]) and a
+//! memory store that can lose power for crash tests ([`CrashStore`]); the
 //! NBD client store lives with the protocol in `dmm-nbd`.
 //!
 //! Buffers are owned (`Vec<u8>` in, [`Bytes`] out) so that a backend can hand
 //! them to a blocking thread or a remote peer without copying and without
 //! borrowing across an await.
 
+mod crash;
 mod error;
 mod extent;
 mod file;
@@ -21,6 +23,7 @@ mod memory;
 pub mod conformance;
 
 pub use bytes::Bytes;
+pub use crash::{CrashStore, Cut, SECTOR};
 pub use error::{Error, ErrorKind, Op, Result};
 pub use extent::{Extent, ExtentKind, coalesce};
 pub use file::{FileStore, OpenOptions};

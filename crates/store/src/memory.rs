@@ -42,6 +42,16 @@ impl MemoryStore {
         self
     }
 
+    /// A store holding a copy of this one's bytes now.
+    pub fn duplicate(&self) -> MemoryStore {
+        MemoryStore {
+            target: self.target.clone(),
+            size: self.size,
+            read_only: self.read_only,
+            pages: RwLock::new(self.pages.read().clone()),
+        }
+    }
+
     /// Bytes held in allocated pages.
     pub fn allocated_bytes(&self) -> u64 {
         self.pages.read().len() as u64 * PAGE

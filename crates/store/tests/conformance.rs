@@ -1,14 +1,25 @@
-//! The conformance suite against the memory store and raw files, on the
-//! disk filesystem and on tmpfs (which differ in hole handling).
+//! The conformance suite against the memory store, the crash store and raw
+//! files, on the disk filesystem and on tmpfs (which differ in hole
+//! handling).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use dmm_store::conformance::{Fixture, Subject};
-use dmm_store::{FileStore, MemoryStore, OpenOptions};
+use dmm_store::{CrashStore, FileStore, MemoryStore, OpenOptions};
 
 async fn memory(fixture: Fixture) -> Subject {
     let store = MemoryStore::new(fixture.size);
+    let store = if fixture.read_only {
+        store.into_read_only()
+    } else {
+        store
+    };
+    Subject::new(Arc::new(store), ())
+}
+
+async fn crash(fixture: Fixture) -> Subject {
+    let store = CrashStore::new(fixture.size);
     let store = if fixture.read_only {
         store.into_read_only()
     } else {
@@ -45,6 +56,10 @@ async fn file_on_tmpfs(fixture: Fixture) -> Subject {
 
 mod memory {
     dmm_store::conformance_suite!(super::memory, sparse);
+}
+
+mod crash {
+    dmm_store::conformance_suite!(super::crash, sparse);
 }
 
 mod file_on_disk {
