@@ -32,20 +32,26 @@ impl LocalFile {
 /// inside the kernel. `Ok(false)` when the kernel cannot copy between these
 /// two (not both local files, different filesystems that refuse, block
 /// devices): nothing was written, and the caller copies through memory.
+///
+/// The copy runs on a blocking thread, which a dropped future cannot stop:
+/// `hold` (a lock guard) is kept until the copy has ended, so that whatever
+/// it guards is not released while the copy may still write.
 pub async fn copy_in_kernel(
     from: &dyn BlockStore,
     to: &dyn BlockStore,
-    offset: u64,
-    len: u64,
+    (offset, len): (u64, u64),
+    hold: impl Send + 'static,
 ) -> Result<bool> {
     let (Some(source), Some(target)) = (from.local_file(), to.local_file()) else {
         return Ok(false);
     };
     let name = target.target.clone();
-    let copied =
-        tokio::task::spawn_blocking(move || copy_range(&source.file, &target.file, offset, len))
-            .await
-            .map_err(|e| Error::io(Op::Copy, &*name, io::Error::other(e)))?;
+    let copied = tokio::task::spawn_blocking(move || {
+        let _held_until_the_copy_ends = hold;
+        copy_range(&source.file, &target.file, offset, len)
+    })
+    .await
+    .map_err(|e| Error::io(Op::Copy, &*name, io::Error::other(e)))?;
     match copied {
         Ok(done) => Ok(done),
         Err(err) => Err(Error::io(Op::Copy, &*name, err).at(offset, len)),
@@ -119,11 +125,11 @@ mod tests {
         a.write(4096, bytes::Bytes::from(data.clone()), false)
             .await
             .unwrap();
-        assert!(copy_in_kernel(&a, &b, 4096, 65536).await.unwrap());
+        assert!(copy_in_kernel(&a, &b, (4096, 65536), ()).await.unwrap());
         assert_eq!(b.read(4096, 65536).await.unwrap(), data);
         let memory = MemoryStore::new(1 << 20);
-        assert!(!copy_in_kernel(&a, &memory, 0, 4096).await.unwrap());
-        let err = copy_in_kernel(&a, &b, (1 << 20) - 10, 100).await;
+        assert!(!copy_in_kernel(&a, &memory, (0, 4096), ()).await.unwrap());
+        let err = copy_in_kernel(&a, &b, ((1 << 20) - 10, 100), ()).await;
         assert!(err.is_err() || !err.unwrap(), "a copy past the end fails");
     }
 }

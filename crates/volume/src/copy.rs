@@ -7,6 +7,8 @@
 //! chunk before a partial write, and by rollback to copy chunks back.
 
 use bytes::Bytes;
+use std::sync::Arc;
+
 use dmm_store::{BlockStore, Result, ZeroMode, copy_in_kernel, reads_as_zero};
 
 /// Zero detection granularity inside allocated data.
@@ -129,17 +131,20 @@ pub async fn write_pieces(to: &dyn BlockStore, pieces: Vec<Piece>) -> Result<Cop
 /// Copies a range between two local files inside the kernel: data extents
 /// with `copy_file_range` (a reflink where the filesystem shares blocks),
 /// what reads as zeroes as holes. `None` when the kernel cannot copy
-/// between these two stores (the caller copies through memory).
-pub async fn copy_range_in_kernel(
+/// between these two stores (the caller copies through memory). `hold` (the
+/// lock on the range) is kept until every copy started has ended, even if
+/// this future is dropped.
+pub async fn copy_range_in_kernel<H: Send + Sync + 'static>(
     from: &dyn BlockStore,
     to: &dyn BlockStore,
-    offset: u64,
-    len: u64,
+    (offset, len): (u64, u64),
+    hold: &Arc<H>,
 ) -> Result<Option<Copied>> {
     let mut copied = Copied::default();
     for (start, stop, data) in allocation(from, offset, len).await? {
+        let range = (start, stop - start);
         match data {
-            true if !copy_in_kernel(from, to, start, stop - start).await? => return Ok(None),
+            true if !copy_in_kernel(from, to, range, hold.clone()).await? => return Ok(None),
             true => copied.data += stop - start,
             false => copied += zero(to, start, stop - start).await?,
         }

@@ -253,12 +253,16 @@ impl VirtualDevice {
         }
         let (offset, len) = self.chunks().bytes(chunk);
         let (reader, writer, side) = self.copy_direction(from);
-        let guard = self.locks.exclusive(chunk..chunk + 1).await;
+        // Shared with the copy's blocking threads: if this future is
+        // dropped (the migration stopped), the chunk stays locked until the
+        // copy has ended, so that no client write to it can be overwritten.
+        let guard = Arc::new(self.locks.exclusive(chunk..chunk + 1).await);
         if self.ledger.get(chunk) != from {
             return Ok(Some(None));
         }
         self.ledger.copying_into(side);
-        let Some(copied) = copy_range_in_kernel(reader, writer, offset, len).await? else {
+        let Some(copied) = copy_range_in_kernel(reader, writer, (offset, len), &guard).await?
+        else {
             self.kernel_copies.store(false, Ordering::Relaxed);
             return Ok(None);
         };
@@ -452,7 +456,10 @@ impl VirtualDevice {
         len: u64,
     ) -> Result<()> {
         if self.kernel_copies.load(Ordering::Relaxed) {
-            match copy_range_in_kernel(from, to, offset, len).await? {
+            // The client's write holds the chunk's lock, not shared here: a
+            // request dropped mid-fill (its connection gone) releases it
+            // while the fill may still write. Not yet closed.
+            match copy_range_in_kernel(from, to, (offset, len), &Arc::new(())).await? {
                 Some(_) => return Ok(()),
                 None => self.kernel_copies.store(false, Ordering::Relaxed),
             }
