@@ -202,7 +202,8 @@ async fn a_crash_mid_copy_resumes_and_loses_nothing() {
             "{strategy}: resumes from its checkpoint"
         );
         let device: Arc<dyn BlockStore> = migration.device();
-        assert_store_matches(&*device, &model, "device after restart").await;
+        let what = format!("{strategy}: device after restart");
+        assert_store_matches(&*device, &model, &what).await;
         let (stop, clients) = start_clients(device.clone(), &model, Load::STEADY);
         let outcome = tokio::time::timeout(Duration::from_secs(60), migration.run()).await;
         assert_eq!(
