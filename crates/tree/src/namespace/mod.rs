@@ -238,9 +238,9 @@ impl Namespace {
     /// Whether dmm is done filling the entry in (a directory populated, a
     /// file with all its data): from then on only clients change it.
     pub fn is_settled(&self, id: EntryId) -> bool {
-        self.lock().entry(id).is_some_and(|e| {
-            matches!(e.state, EntryState::Populated | EntryState::Done) && e.progress.is_none()
-        })
+        self.lock()
+            .entry(id)
+            .is_some_and(|e| matches!(e.state, EntryState::Populated | EntryState::Done))
     }
 
     /// Whether the entry is a regular file with data still to copy.
