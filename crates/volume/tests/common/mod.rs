@@ -17,8 +17,101 @@ pub const CHUNK: u64 = 64 << 10;
 const SLOT: u64 = 24 << 10;
 pub const CLIENTS: u64 = 4;
 
-/// What each byte of the volume must read as; `None` after a discard.
-pub type Model = Arc<Mutex<Vec<Option<u8>>>>;
+/// What each byte of the volume must read as, and what it may read as
+/// after a crash.
+pub type Model = Arc<Mutex<Expected>>;
+
+/// One acknowledged change that no flush has covered yet.
+struct Unflushed {
+    number: u64,
+    offset: usize,
+    /// The bytes it left; `None` after a discard.
+    bytes: Vec<Option<u8>>,
+    fua: bool,
+}
+
+/// The crash contract as data: the device is a disk with a volatile write
+/// cache. While it runs, every read returns the latest acknowledged bytes.
+/// After a crash, each byte holds its last durable value (made so by a
+/// FUA write or a completed flush) or the value of any later acknowledged
+/// write of it, which the crash may or may not have kept.
+pub struct Expected {
+    latest: Vec<Option<u8>>,
+    durable: Vec<Option<u8>>,
+    unflushed: Vec<Unflushed>,
+    next_change: u64,
+}
+
+impl Expected {
+    fn new(bytes: Vec<Option<u8>>) -> Expected {
+        Expected {
+            durable: bytes.clone(),
+            latest: bytes,
+            unflushed: Vec::new(),
+            next_change: 0,
+        }
+    }
+
+    /// The latest acknowledged bytes.
+    pub fn latest(&self) -> &[Option<u8>] {
+        &self.latest
+    }
+
+    /// Records an acknowledged change.
+    pub fn changed(&mut self, offset: u64, bytes: Vec<Option<u8>>, fua: bool) {
+        let offset = offset as usize;
+        self.latest[offset..offset + bytes.len()].copy_from_slice(&bytes);
+        if fua {
+            self.durable[offset..offset + bytes.len()].copy_from_slice(&bytes);
+        }
+        self.unflushed.push(Unflushed {
+            number: self.next_change,
+            offset,
+            bytes,
+            fua,
+        });
+        self.next_change += 1;
+    }
+
+    /// What a flush issued now will cover.
+    pub fn flush_mark(&self) -> u64 {
+        self.next_change
+    }
+
+    /// A flush issued at `mark` completed: the changes acknowledged before
+    /// it are durable, in order (a later FUA write stays on top).
+    pub fn flushed(&mut self, mark: u64) {
+        let covered = self.unflushed.partition_point(|c| c.number < mark);
+        let settled: Vec<Unflushed> = self.unflushed.drain(..covered).collect();
+        let later_fua = self.unflushed.iter().filter(|c| c.fua);
+        for change in settled.iter().chain(later_fua) {
+            let range = change.offset..change.offset + change.bytes.len();
+            self.durable[range].copy_from_slice(&change.bytes);
+        }
+    }
+
+    /// Checks a whole volume read back after a crash against the contract,
+    /// then takes it as the truth the resumed run starts from.
+    pub fn crashed(&mut self, got: &[u8], what: &str) {
+        for (at, &byte) in got.iter().enumerate() {
+            let durable = self.durable[at];
+            let allowed = durable.is_none_or(|expected| expected == byte)
+                || self.unflushed.iter().any(|change| {
+                    at.checked_sub(change.offset)
+                        .and_then(|i| change.bytes.get(i))
+                        .is_some_and(|value| value.is_none_or(|value| value == byte))
+                });
+            assert!(
+                allowed,
+                "{what}: byte at {at} is {byte:#x}, but its last durable value is {durable:#x?} \
+                 and no later acknowledged write left {byte:#x}"
+            );
+        }
+        self.latest = got.iter().map(|&b| Some(b)).collect();
+        self.durable = self.latest.clone();
+        self.unflushed.clear();
+    }
+}
 
 /// A tiny deterministic generator (xorshift).
 pub struct Rng(pub u64);
@@ -54,7 +147,11 @@ pub async fn stores() -> (Arc<MemoryStore>, Arc<MemoryStore>, Model) {
             .await
             .unwrap();
     }
-    (source, destination, Arc::new(Mutex::new(model)))
+    (
+        source,
+        destination,
+        Arc::new(Mutex::new(Expected::new(model))),
+    )
 }
 
 pub fn config(strategy: Strategy) -> MigrationConfig {
@@ -139,10 +236,8 @@ pub async fn client(
                     .write(start, Bytes::from(data.clone()), fua)
                     .await
                     .expect("write");
-                let mut model = model.lock();
-                for (i, b) in data.into_iter().enumerate() {
-                    model[start as usize + i] = Some(b);
-                }
+                let bytes = data.into_iter().map(Some).collect();
+                model.lock().changed(start, bytes, fua);
             }
             5 if writing => {
                 let mode = ZeroMode {
@@ -153,16 +248,22 @@ pub async fn client(
                     .write_zeroes(start, len, mode, false)
                     .await
                     .expect("write zeroes");
-                model.lock()[start as usize..(start + len) as usize].fill(Some(0));
+                model
+                    .lock()
+                    .changed(start, vec![Some(0); len as usize], false);
             }
             6 if writing => {
                 device.discard(start, len, false).await.expect("discard");
-                model.lock()[start as usize..(start + len) as usize].fill(None);
+                model.lock().changed(start, vec![None; len as usize], false);
             }
-            7 => device.flush().await.expect("flush"),
+            7 => {
+                let mark = model.lock().flush_mark();
+                device.flush().await.expect("flush");
+                model.lock().flushed(mark);
+            }
             _ => {
                 let got = device.read(start, len as usize).await.expect("read");
-                check(&model.lock(), start, &got, "client read");
+                check(model.lock().latest(), start, &got, "client read");
             }
         }
         ops += 1;
@@ -207,5 +308,12 @@ pub async fn stop_clients(
 /// The whole store equals the model where the model knows the bytes.
 pub async fn assert_store_matches(store: &dyn BlockStore, model: &Model, what: &str) {
     let data = store.read(0, SIZE as usize).await.unwrap();
-    check(&model.lock(), 0, &data, what);
+    check(model.lock().latest(), 0, &data, what);
+}
+
+/// The whole store, read back after a crash, keeps the crash contract; the
+/// model then takes what it holds as the truth.
+pub async fn assert_store_survived(store: &dyn BlockStore, model: &Model, what: &str) {
+    let data = store.read(0, SIZE as usize).await.unwrap();
+    model.lock().crashed(&data, what);
 }
