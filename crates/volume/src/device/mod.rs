@@ -24,8 +24,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use dmm_store::{
-    BlockStore, Capabilities, Extent, ExtentKind, Op, Result, ZeroMode, check_range, coalesce,
-    start_writeback,
+    BlockStore, Capabilities, Error, Extent, ExtentKind, Op, Result, ZeroMode, check_range,
+    coalesce, start_writeback,
 };
 use parking_lot::Mutex;
 use tokio::sync::RwLock;
@@ -361,7 +361,7 @@ impl VirtualDevice {
         {
             return self.change_async(&queue, offset, len, payload, fua).await;
         }
-        let mut guard: ChunkGuard = self.locks.shared(span.clone()).await;
+        let mut guard = Arc::new(self.locks.shared(span.clone()).await);
         let mut plans = self.plans(*mode, offset, len, payload.change());
         if plans.iter().any(|(_, plan)| plan.fill.is_some()) {
             if matches!(payload, Payload::Discard) {
@@ -369,9 +369,9 @@ impl VirtualDevice {
                 plans.retain(|(_, plan)| plan.fill.is_none());
             } else {
                 drop(guard);
-                guard = self.locks.exclusive(span).await;
+                guard = Arc::new(self.locks.exclusive(span).await);
                 plans = self.plans(*mode, offset, len, payload.change());
-                self.fill(&plans).await?;
+                self.fill(&plans, &guard).await?;
             }
         }
         let before = self.record_transitions(&plans, Stage::BeforeData)?;
@@ -424,7 +424,7 @@ impl VirtualDevice {
 
     /// Makes partially written chunks whole on the side that will hold
     /// them, durably, before their state changes.
-    async fn fill(&self, plans: &[(u64, Plan)]) -> Result<()> {
+    async fn fill(&self, plans: &[(u64, Plan)], guard: &Arc<ChunkGuard>) -> Result<()> {
         for &(chunk, plan) in plans {
             let (from, to, side) = match plan.fill {
                 Some(Fill::FromSource) => {
@@ -435,9 +435,8 @@ impl VirtualDevice {
                 }
                 None => continue,
             };
-            let (offset, len) = self.chunks().bytes(chunk);
             self.ledger.copying_into(side);
-            self.fill_range(&**from, &**to, offset, len).await?;
+            self.fill_chunk(from, to, chunk, guard).await?;
             // Like a copy, the fill becomes durable with the next flush;
             // the state change that relies on it waits until then.
             self.ledger.copied(chunk);
@@ -445,26 +444,42 @@ impl VirtualDevice {
         Ok(())
     }
 
-    /// Copies a range for a fill, inside the kernel where it can: a client
-    /// write waits for its fill, and a kernel copy neither reads the chunk
-    /// into memory nor scans it for zeroes.
-    async fn fill_range(
+    /// Copies one chunk for a fill, inside the kernel where it can: a
+    /// client write waits for its fill, and a kernel copy neither reads the
+    /// chunk into memory nor scans it for zeroes.
+    ///
+    /// The fill runs in a task of its own that holds the chunk's lock until
+    /// it ends: a request dropped mid-fill (its connection gone) must not
+    /// let a later write land before the fill's last bytes do.
+    async fn fill_chunk(
         &self,
-        from: &dyn BlockStore,
-        to: &dyn BlockStore,
-        offset: u64,
-        len: u64,
+        from: &Arc<dyn BlockStore>,
+        to: &Arc<dyn BlockStore>,
+        chunk: u64,
+        guard: &Arc<ChunkGuard>,
     ) -> Result<()> {
-        if self.kernel_copies.load(Ordering::Relaxed) {
-            // The client's write holds the chunk's lock, not shared here: a
-            // request dropped mid-fill (its connection gone) releases it
-            // while the fill may still write. Not yet closed.
-            match copy_range_in_kernel(from, to, (offset, len), &Arc::new(())).await? {
-                Some(_) => return Ok(()),
-                None => self.kernel_copies.store(false, Ordering::Relaxed),
+        let (offset, len) = self.chunks().bytes(chunk);
+        let (from, to, hold) = (from.clone(), to.clone(), guard.clone());
+        let in_kernel = self.kernel_copies.load(Ordering::Relaxed);
+        let filled = tokio::spawn(async move {
+            if in_kernel
+                && copy_range_in_kernel(&*from, &*to, (offset, len), &hold)
+                    .await?
+                    .is_some()
+            {
+                return Ok(true);
             }
+            copy_range(&*from, &*to, offset, len).await.map(|_| false)
+        })
+        .await
+        .map_err(|e| {
+            let err = std::io::Error::other(e);
+            Error::io(Op::Copy, self.target.as_str(), err).at(offset, len)
+        })?;
+        if in_kernel && !filled? {
+            self.kernel_copies.store(false, Ordering::Relaxed);
         }
-        copy_range(from, to, offset, len).await.map(|_| ())
+        Ok(())
     }
 
     /// Records the state changes of a write that belong to `stage`; true if
