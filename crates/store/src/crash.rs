@@ -5,19 +5,65 @@
 //! lost, and the one in flight may be torn. Killing a process never shows
 //! that (the page cache keeps everything it wrote), so crash tests run on
 //! this store instead: it keeps the live bytes every read sees apart from
-//! the durable bytes a power cut leaves, and [`CrashStore::power_cut`]
-//! returns the latter as a new store, optionally with the last write that
-//! was not durable yet torn (a random subset of its 512-byte sectors
-//! written, the others not).
+//! the durable bytes a power cut leaves.
+//!
+//! Every crash store (and whatever else simulates a disk, such as the
+//! volume's crash state files) hangs on one [`Power`] rail. [`Power::cut`]
+//! stops them all at one instant; while it is held, [`CrashStore::survivor`]
+//! gives what each device holds after the cut, as a new store, optionally
+//! with the last write that was not durable yet torn (a random subset of
+//! its 512-byte sectors written, the others not).
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{BlockStore, Capabilities, Extent, MemoryStore, Result, ZeroMode};
 
 /// The unit a torn write is cut in.
 pub const SECTOR: u64 = 512;
+
+/// The power rail simulated devices share: each operation runs with the
+/// power on, and a cut waits for the operations under way, then holds
+/// every device still.
+#[derive(Clone, Default)]
+pub struct Power {
+    rail: Arc<RwLock<()>>,
+}
+
+/// An operation of a simulated device in progress: no cut happens meanwhile.
+pub struct PowerOn<'a> {
+    _rail: RwLockReadGuard<'a, ()>,
+}
+
+/// A power cut: every device on the rail stands still while this is held.
+pub struct Blackout<'a> {
+    _rail: RwLockWriteGuard<'a, ()>,
+}
+
+impl Power {
+    pub fn new() -> Power {
+        Power::default()
+    }
+
+    /// Runs one device operation: hold the result for its duration (and
+    /// never take a second one meanwhile: a waiting cut would deadlock).
+    pub fn on(&self) -> PowerOn<'_> {
+        PowerOn {
+            _rail: self.rail.read(),
+        }
+    }
+
+    /// Cuts the power: waits for the operations under way, then holds all
+    /// the devices still until the result is dropped.
+    pub fn cut(&self) -> Blackout<'_> {
+        Blackout {
+            _rail: self.rail.write(),
+        }
+    }
+}
 
 /// A change not durable yet.
 #[derive(Clone)]
@@ -49,6 +95,7 @@ pub enum Cut {
 
 /// A memory store whose durable bytes are kept apart from its live ones.
 pub struct CrashStore {
+    power: Power,
     live: MemoryStore,
     durable: MemoryStore,
     /// Every change since the last flush, oldest first, each with whether
@@ -58,9 +105,15 @@ pub struct CrashStore {
 }
 
 impl CrashStore {
-    /// An empty (all-hole) store of `size` bytes, nothing written.
+    /// An empty (all-hole) store of `size` bytes on its own power rail.
     pub fn new(size: u64) -> CrashStore {
+        CrashStore::on_rail(size, &Power::new())
+    }
+
+    /// An empty (all-hole) store of `size` bytes on `power`.
+    pub fn on_rail(size: u64, power: &Power) -> CrashStore {
         CrashStore {
+            power: power.clone(),
             live: MemoryStore::new(size),
             durable: MemoryStore::new(size),
             since_flush: Mutex::new(Vec::new()),
@@ -75,9 +128,16 @@ impl CrashStore {
         }
     }
 
-    /// What a power cut now leaves, as a new store.
-    pub async fn power_cut(&self, cut: Cut) -> Result<CrashStore> {
+    /// The rail this store is on.
+    pub fn power(&self) -> &Power {
+        &self.power
+    }
+
+    /// What this store holds after the power cut `_blackout` of its rail,
+    /// as a new store on `power`.
+    pub fn survivor(&self, _blackout: &Blackout<'_>, cut: Cut, power: &Power) -> CrashStore {
         let after = CrashStore {
+            power: power.clone(),
             live: self.durable.duplicate(),
             durable: self.durable.duplicate(),
             since_flush: Mutex::new(Vec::new()),
@@ -88,18 +148,29 @@ impl CrashStore {
         if let (Cut::TearLast { seed }, Some((Change::Write { offset, data }, false))) = (cut, last)
         {
             for (at, sector) in torn_sectors(offset, &data, seed) {
-                after.live.write(at, sector.clone(), false).await?;
-                after.durable.write(at, sector, false).await?;
+                // In range: the write it comes from was.
+                let _ = after.live.write_now(at, &sector);
+                let _ = after.durable.write_now(at, &sector);
             }
         }
-        Ok(after)
+        after
     }
 
-    /// Records a change: applied to the durable bytes at once when it is
-    /// durable (FUA), and kept for the next flush either way.
-    async fn record(&self, change: Change, durable: bool) -> Result<()> {
+    /// Cuts this store's power alone and returns what is left, on a new
+    /// rail.
+    pub fn power_cut(&self, cut: Cut) -> CrashStore {
+        let blackout = self.power.cut();
+        self.survivor(&blackout, cut, &Power::new())
+    }
+
+    /// Applies a change to the live bytes and records it: applied to the
+    /// durable bytes at once when it is durable (FUA), and kept for the
+    /// next flush either way.
+    fn change(&self, change: Change, durable: bool) -> Result<()> {
+        let _on = self.power.on();
+        apply(&self.live, &change)?;
         if durable {
-            apply(&self.durable, &change).await?;
+            apply(&self.durable, &change)?;
         }
         self.since_flush.lock().push((change, durable));
         Ok(())
@@ -131,11 +202,11 @@ fn next_random(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-async fn apply(store: &MemoryStore, change: &Change) -> Result<()> {
+fn apply(store: &MemoryStore, change: &Change) -> Result<()> {
     match change {
-        Change::Write { offset, data } => store.write(*offset, data.clone(), false).await,
-        Change::Zero { offset, len, mode } => store.write_zeroes(*offset, *len, *mode, false).await,
-        Change::Discard { offset, len } => store.discard(*offset, *len, false).await,
+        Change::Write { offset, data } => store.write_now(*offset, data),
+        Change::Zero { offset, len, mode } => store.write_zeroes_now(*offset, *len, *mode),
+        Change::Discard { offset, len } => store.discard_now(*offset, *len),
     }
 }
 
@@ -154,34 +225,34 @@ impl BlockStore for CrashStore {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.live.read(offset, len).await
+        let _on = self.power.on();
+        self.live.read_now(offset, len)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        self.live.write(offset, data.clone(), fua).await?;
-        self.record(Change::Write { offset, data }, fua).await
+        self.change(Change::Write { offset, data }, fua)
     }
 
     async fn flush(&self) -> Result<()> {
+        let _on = self.power.on();
         let changes = std::mem::take(&mut *self.since_flush.lock());
         for (change, _) in &changes {
-            apply(&self.durable, change).await?;
+            apply(&self.durable, change)?;
         }
         Ok(())
     }
 
     async fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.live.discard(offset, len, fua).await?;
-        self.record(Change::Discard { offset, len }, fua).await
+        self.change(Change::Discard { offset, len }, fua)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
-        self.live.write_zeroes(offset, len, mode, fua).await?;
-        self.record(Change::Zero { offset, len, mode }, fua).await
+        self.change(Change::Zero { offset, len, mode }, fua)
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.live.extents(offset, len).await
+        let _on = self.power.on();
+        self.live.extents_now(offset, len)
     }
 }
 
@@ -194,7 +265,7 @@ mod tests {
     }
 
     async fn after(store: &CrashStore, cut: Cut, offset: u64, len: usize) -> Vec<u8> {
-        let cut = store.power_cut(cut).await.unwrap();
+        let cut = store.power_cut(cut);
         cut.read(offset, len).await.unwrap()
     }
 

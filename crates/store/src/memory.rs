@@ -69,6 +69,65 @@ impl MemoryStore {
         })
     }
 
+    /// Reads now: a memory store never waits.
+    pub(crate) fn read_now(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        check_range(self, Op::Read, offset, len as u64)?;
+        let mut out = vec![0u8; len];
+        let pages = self.pages.read();
+        let mut at = 0;
+        for (page, from, to) in Self::page_span(offset, len as u64) {
+            if let Some(data) = pages.get(&page) {
+                out[at..at + to - from].copy_from_slice(&data[from..to]);
+            }
+            at += to - from;
+        }
+        Ok(out)
+    }
+
+    /// Writes now.
+    pub(crate) fn write_now(&self, offset: u64, data: &[u8]) -> Result<()> {
+        check_writable(self, Op::Write, offset, data.len() as u64)?;
+        let mut pages = self.pages.write();
+        let mut at = 0;
+        for (page, from, to) in Self::page_span(offset, data.len() as u64) {
+            let dest = pages
+                .entry(page)
+                .or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
+            dest[from..to].copy_from_slice(&data[at..at + to - from]);
+            at += to - from;
+        }
+        Ok(())
+    }
+
+    /// Discards now.
+    pub(crate) fn discard_now(&self, offset: u64, len: u64) -> Result<()> {
+        check_writable(self, Op::Discard, offset, len)?;
+        self.zero_range(offset, len, false);
+        Ok(())
+    }
+
+    /// Writes zeroes now.
+    pub(crate) fn write_zeroes_now(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        check_writable(self, Op::WriteZeroes, offset, len)?;
+        self.zero_range(offset, len, !mode.may_punch);
+        Ok(())
+    }
+
+    /// The allocation map now.
+    pub(crate) fn extents_now(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self, Op::Extents, offset, len)?;
+        let pages = self.pages.read();
+        let extents = Self::page_span(offset, len).map(|(page, from, to)| {
+            let kind = if pages.contains_key(&page) {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Hole
+            };
+            Extent::new(page * PAGE + from as u64, (to - from) as u64, kind)
+        });
+        Ok(coalesce(extents))
+    }
+
     fn zero_range(&self, offset: u64, len: u64, keep_allocated: bool) {
         let mut pages = self.pages.write();
         for (page, from, to) in Self::page_span(offset, len) {
@@ -106,31 +165,11 @@ impl BlockStore for MemoryStore {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        check_range(self, Op::Read, offset, len as u64)?;
-        let mut out = vec![0u8; len];
-        let pages = self.pages.read();
-        let mut at = 0;
-        for (page, from, to) in Self::page_span(offset, len as u64) {
-            if let Some(data) = pages.get(&page) {
-                out[at..at + to - from].copy_from_slice(&data[from..to]);
-            }
-            at += to - from;
-        }
-        Ok(out)
+        self.read_now(offset, len)
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<()> {
-        check_writable(self, Op::Write, offset, data.len() as u64)?;
-        let mut pages = self.pages.write();
-        let mut at = 0;
-        for (page, from, to) in Self::page_span(offset, data.len() as u64) {
-            let dest = pages
-                .entry(page)
-                .or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
-            dest[from..to].copy_from_slice(&data[at..at + to - from]);
-            at += to - from;
-        }
-        Ok(())
+        self.write_now(offset, &data)
     }
 
     async fn flush(&self) -> Result<()> {
@@ -138,28 +177,14 @@ impl BlockStore for MemoryStore {
     }
 
     async fn discard(&self, offset: u64, len: u64, _fua: bool) -> Result<()> {
-        check_writable(self, Op::Discard, offset, len)?;
-        self.zero_range(offset, len, false);
-        Ok(())
+        self.discard_now(offset, len)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, _fua: bool) -> Result<()> {
-        check_writable(self, Op::WriteZeroes, offset, len)?;
-        self.zero_range(offset, len, !mode.may_punch);
-        Ok(())
+        self.write_zeroes_now(offset, len, mode)
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(self, Op::Extents, offset, len)?;
-        let pages = self.pages.read();
-        let extents = Self::page_span(offset, len).map(|(page, from, to)| {
-            let kind = if pages.contains_key(&page) {
-                ExtentKind::Data
-            } else {
-                ExtentKind::Hole
-            };
-            Extent::new(page * PAGE + from as u64, (to - from) as u64, kind)
-        });
-        Ok(coalesce(extents))
+        self.extents_now(offset, len)
     }
 }

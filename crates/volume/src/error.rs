@@ -66,6 +66,8 @@ pub enum Operation {
     Copy,
     CopyBack,
     Verify,
+    /// Comparing the stores after a crash.
+    Reconcile,
     Checkpoint,
     SwitchOver,
     Commit,
@@ -86,6 +88,7 @@ impl fmt::Display for Operation {
             Operation::Copy => "copy",
             Operation::CopyBack => "copy back",
             Operation::Verify => "verify",
+            Operation::Reconcile => "reconcile",
             Operation::Checkpoint => "checkpoint",
             Operation::SwitchOver => "switch over",
             Operation::Commit => "commit",

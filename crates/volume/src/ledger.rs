@@ -20,7 +20,6 @@
 //! however large the volume: a change to another chunk of the same shard
 //! only makes a copy look raced, and it is done again.
 
-use std::fs::File;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -30,7 +29,7 @@ use parking_lot::Mutex;
 use roaring::RoaringBitmap;
 
 use crate::chunks::{ChunkMap, ChunkState};
-use crate::persist::{Journal, Phase, Record};
+use crate::persist::{Journal, Phase, Record, StateFile};
 
 /// Shards of the client change counters: 256 KiB of counters at most,
 /// and a volume of up to 64 Ki chunks (64 GiB at 1 MiB) has one per chunk.
@@ -97,7 +96,7 @@ impl Unsettled {
 /// checkpoint that replaces it is saved.
 struct Journals {
     current: Journal,
-    retiring: Option<Arc<File>>,
+    retiring: Option<Arc<dyn StateFile>>,
 }
 
 /// The state of every chunk and its crash-safe record.
@@ -298,8 +297,8 @@ impl Ledger {
             (journals.current.handle(), journals.retiring.clone())
         };
         let synced = tokio::task::spawn_blocking(move || {
-            retiring.map_or(Ok(()), |file| file.sync_data())?;
-            current.sync_data()
+            retiring.map_or(Ok(()), |file| file.sync())?;
+            current.sync()
         })
         .await;
         synced

@@ -29,7 +29,7 @@ use crate::chunks::{ChunkMap, ChunkState};
 use crate::device::{Run, VirtualDevice};
 use crate::error::{Context, ErrorKind, MigrationError, Operation};
 use crate::pacing::Pacer;
-use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir};
+use crate::persist::{Checkpoint, Meta, Phase, Position, Record, StateDir, StateFiles};
 use crate::progress::{Activity, Progress, RateMeter};
 use crate::strategy::{Mode, Strategy};
 use dmm_control::{Controls, Priority, RateLimiter, ValueError};
@@ -208,6 +208,30 @@ impl Migration {
     ) -> Outcome<Migration> {
         negotiate(&*source, &*destination, &config)?;
         let state = StateDir::open(state_dir)?;
+        Migration::open_with(source, destination, names, state, config).await
+    }
+
+    /// [`Migration::open`] with the state in `files`: crash tests give it
+    /// files that can lose power ([`CrashFiles`](crate::CrashFiles)).
+    pub async fn open_on(
+        source: Arc<dyn BlockStore>,
+        destination: Arc<dyn BlockStore>,
+        names: (String, String),
+        files: Arc<dyn StateFiles>,
+        config: MigrationConfig,
+    ) -> Outcome<Migration> {
+        negotiate(&*source, &*destination, &config)?;
+        let state = StateDir::on(files);
+        Migration::open_with(source, destination, names, state, config).await
+    }
+
+    async fn open_with(
+        source: Arc<dyn BlockStore>,
+        destination: Arc<dyn BlockStore>,
+        names: (String, String),
+        state: StateDir,
+        config: MigrationConfig,
+    ) -> Outcome<Migration> {
         let wanted = Meta {
             source: names.0,
             destination: names.1,
@@ -216,17 +240,20 @@ impl Migration {
             strategy: config.strategy,
         };
         let meta = match state.load_meta()? {
-            Some(saved) => check_resume(&saved, &wanted, state_dir)?,
+            Some(saved) => check_resume(&saved, &wanted, state.location())?,
             None => {
                 state.save_meta(&wanted)?;
                 wanted
             }
         };
         let chunks = Arc::new(ChunkMap::new(meta.volume_size, meta.chunk_size));
+        let boot = boot_id();
         let mut position = match state.load_checkpoint()? {
             Some(checkpoint) => {
                 chunks.load_bitmaps(&checkpoint.both, &checkpoint.destination);
-                checkpoint.position
+                let mut position = checkpoint.position;
+                position.reconcile |= may_have_drifted(&position, &boot, &*source, &*destination);
+                position
             }
             None => Position {
                 generation: 0,
@@ -236,8 +263,11 @@ impl Migration {
                 cursor: 0,
                 copied_bytes: 0,
                 mismatches: Vec::new(),
+                boot: None,
+                reconcile: false,
             },
         };
+        position.boot = boot;
         for record in state.replay(position.generation)? {
             match record {
                 Record::Chunk { chunk, state } if chunk < chunks.len() => {
@@ -287,6 +317,12 @@ impl Migration {
 
     pub fn phase(&self) -> Phase {
         self.position.lock().phase
+    }
+
+    /// What the migration is doing now, as last set (without the
+    /// adjustments [`Migration::progress`] makes for a pause).
+    pub fn activity(&self) -> Activity {
+        *self.activity.lock()
     }
 
     /// How many chunks only the destination holds: what a rollback would
@@ -349,6 +385,7 @@ impl Migration {
     }
 
     async fn drive(&self) -> Outcome<Phase> {
+        self.reconcile().await?;
         loop {
             let phase = self.phase();
             tracing::debug!(?phase, "step");
@@ -373,6 +410,80 @@ impl Migration {
             match step {
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
                 other => other?,
+            }
+        }
+    }
+
+    /// After a crash that may have lost what the stores had not flushed,
+    /// a chunk recorded in both stores can differ between them: a client
+    /// write reached one and not the other, or reached one while its
+    /// journal record was lost. Reads of such a chunk go to one side (the
+    /// mode's), and must stay there: this compares every chunk held by
+    /// both and hands each that differs to the side reads come from, before
+    /// anything flips routing or verifies. Clients are served meanwhile.
+    async fn reconcile(&self) -> Outcome {
+        if !self.position.lock().reconcile {
+            return Ok(());
+        }
+        if !matches!(self.phase(), Phase::Committed | Phase::RolledBack) {
+            self.set_activity(Activity::Reconciling);
+            let handed = self.compare_both().await?;
+            tracing::info!(
+                handed,
+                "compared the chunks both stores hold after a crash; \
+                 those that differ now live on one side"
+            );
+        }
+        self.position.lock().reconcile = false;
+        self.checkpoint().await
+    }
+
+    /// Compares every `Both` chunk, a few at once; returns how many
+    /// differed and were handed to one side.
+    async fn compare_both(&self) -> Outcome<u64> {
+        let chunks = self.device.chunks().clone();
+        let mut running = FuturesUnordered::new();
+        let (mut next, mut runs_from, mut handed) = (0, 0, 0);
+        loop {
+            while running.len() < self.controls.copies_in_flight()
+                && !self.controls.stop_requested()
+            {
+                let Some(chunk) = chunks.next_in(ChunkState::Both, next) else {
+                    break;
+                };
+                let bytes = chunks.bytes(chunk);
+                if chunk >= runs_from {
+                    let run = self.device.verify_zero_run(chunk).await;
+                    match run.during_chunk(Operation::Reconcile, bytes)? {
+                        Run::Done(count) => {
+                            next = chunk + count;
+                            continue;
+                        }
+                        Run::Data { until } => runs_from = until,
+                    }
+                }
+                next = chunk + 1;
+                let device = self.device.clone();
+                running.push(tokio::spawn(async move {
+                    let result = device.reconcile_chunk(chunk).await;
+                    result.during_chunk(Operation::Reconcile, bytes)
+                }));
+            }
+            match running.next().await {
+                Some(joined) => {
+                    let differed = joined.map_err(|e| {
+                        MigrationError::new(ErrorKind::Internal, Operation::Reconcile)
+                            .with_detail(e.to_string())
+                    })??;
+                    handed += u64::from(differed);
+                }
+                None if self.controls.stop_requested() => {
+                    return Err(MigrationError::new(
+                        ErrorKind::Stopped,
+                        Operation::Reconcile,
+                    ));
+                }
+                None => return Ok(handed),
             }
         }
     }
@@ -948,6 +1059,26 @@ fn sweep_operation(state: ChunkState) -> Operation {
 }
 
 /// Resuming is only allowed with the same volume and strategy.
+/// This machine's boot, if the kernel says.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(id.trim().to_owned())
+}
+
+/// Whether the stores may have lost writes the other kept since the last
+/// checkpoint: the machine went down (another boot, so the page cache was
+/// lost), or a store is not a local file (a remote one can restart on its
+/// own). A process that died on the same boot lost nothing its files got.
+fn may_have_drifted(
+    saved: &Position,
+    boot: &Option<String>,
+    source: &dyn BlockStore,
+    destination: &dyn BlockStore,
+) -> bool {
+    let local = source.local_file().is_some() && destination.local_file().is_some();
+    !local || boot.is_none() || saved.boot != *boot
+}
+
 fn check_resume(saved: &Meta, wanted: &Meta, dir: &Path) -> Outcome<Meta> {
     let mismatch = |what: &str, saved: String, wanted: String| {
         let detail = format!(

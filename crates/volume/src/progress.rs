@@ -16,6 +16,9 @@ use crate::strategy::Strategy;
 #[serde(rename_all = "kebab-case")]
 pub enum Activity {
     Starting,
+    /// After a crash: comparing the chunks both stores hold (a power cut
+    /// may have kept a write on one and not the other).
+    Reconciling,
     Copying,
     /// Clients held for the final copy and the switch.
     Switching,

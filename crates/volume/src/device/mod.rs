@@ -309,6 +309,26 @@ impl VirtualDevice {
         self.digests_match(chunk).await.map(Some)
     }
 
+    /// After a crash: compares one `Both` chunk and, if the stores differ,
+    /// hands it to the side reads of it come from, so they keep returning
+    /// what they returned since the restart. True if it was handed over.
+    pub(crate) async fn reconcile_chunk(&self, chunk: u64) -> Result<bool> {
+        if self.verify_chunk(chunk).await? != Some(false) {
+            return Ok(false);
+        }
+        // The gate before the chunk lock, as for client requests.
+        let mode = self.gate.read().await;
+        let _guard = self.locks.exclusive(chunk..chunk + 1).await;
+        if self.chunks().get(chunk) != ChunkState::Both || self.digests_match(chunk).await? {
+            return Ok(false);
+        }
+        let side = match mode.read_from_destination(ChunkState::Both) {
+            true => ChunkState::Destination,
+            false => ChunkState::Source,
+        };
+        self.ledger.change_state(chunk, ChunkState::Both, side)
+    }
+
     async fn digests_match(&self, chunk: u64) -> Result<bool> {
         let (offset, len) = self.chunks().bytes(chunk);
         let (source, destination) = tokio::try_join!(

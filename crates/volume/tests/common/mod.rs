@@ -21,20 +21,27 @@ pub const CLIENTS: u64 = 4;
 /// after a crash.
 pub type Model = Arc<Mutex<Expected>>;
 
-/// One acknowledged change that no flush has covered yet.
+/// One change issued (and maybe acknowledged) that no flush has covered.
+#[derive(Clone)]
 struct Unflushed {
     number: u64,
     offset: usize,
-    /// The bytes it left; `None` after a discard.
+    /// The bytes it leaves; `None` after a discard.
     bytes: Vec<Option<u8>>,
+    acknowledged: bool,
     fua: bool,
 }
 
 /// The crash contract as data: the device is a disk with a volatile write
 /// cache. While it runs, every read returns the latest acknowledged bytes.
-/// After a crash, each byte holds its last durable value (made so by a
-/// FUA write or a completed flush) or the value of any later acknowledged
+/// After a crash, each byte holds its last durable value (made so by an
+/// acknowledged FUA write or a completed flush) or the value of any later
 /// write of it, which the crash may or may not have kept.
+///
+/// A change is recorded when it is issued and again when it is
+/// acknowledged, so that a power cut taken between the two (by a harness
+/// that snapshots this model at the cut) still allows its bytes.
+#[derive(Clone)]
 pub struct Expected {
     latest: Vec<Option<u8>>,
     durable: Vec<Option<u8>>,
@@ -43,7 +50,7 @@ pub struct Expected {
 }
 
 impl Expected {
-    fn new(bytes: Vec<Option<u8>>) -> Expected {
+    pub fn new(bytes: Vec<Option<u8>>) -> Expected {
         Expected {
             durable: bytes.clone(),
             latest: bytes,
@@ -57,33 +64,47 @@ impl Expected {
         &self.latest
     }
 
-    /// Records an acknowledged change.
-    pub fn changed(&mut self, offset: u64, bytes: Vec<Option<u8>>, fua: bool) {
-        let offset = offset as usize;
-        self.latest[offset..offset + bytes.len()].copy_from_slice(&bytes);
-        if fua {
-            self.durable[offset..offset + bytes.len()].copy_from_slice(&bytes);
-        }
+    /// Records a change about to be issued; returns its number.
+    pub fn issue(&mut self, offset: u64, bytes: Vec<Option<u8>>, fua: bool) -> u64 {
+        let number = self.next_change;
+        self.next_change += 1;
         self.unflushed.push(Unflushed {
-            number: self.next_change,
-            offset,
+            number,
+            offset: offset as usize,
             bytes,
+            acknowledged: false,
             fua,
         });
-        self.next_change += 1;
+        number
     }
 
-    /// What a flush issued now will cover.
-    pub fn flush_mark(&self) -> u64 {
-        self.next_change
+    /// Change `number` was acknowledged.
+    pub fn acknowledge(&mut self, number: u64) {
+        let Some(change) = self.unflushed.iter_mut().find(|c| c.number == number) else {
+            return;
+        };
+        change.acknowledged = true;
+        let range = change.offset..change.offset + change.bytes.len();
+        self.latest[range.clone()].copy_from_slice(&change.bytes);
+        if change.fua {
+            self.durable[range].copy_from_slice(&change.bytes);
+        }
     }
 
-    /// A flush issued at `mark` completed: the changes acknowledged before
-    /// it are durable, in order (a later FUA write stays on top).
-    pub fn flushed(&mut self, mark: u64) {
-        let covered = self.unflushed.partition_point(|c| c.number < mark);
-        let settled: Vec<Unflushed> = self.unflushed.drain(..covered).collect();
-        let later_fua = self.unflushed.iter().filter(|c| c.fua);
+    /// What a flush issued now covers: the changes acknowledged so far.
+    pub fn flush_mark(&self) -> Vec<u64> {
+        let acknowledged = self.unflushed.iter().filter(|c| c.acknowledged);
+        acknowledged.map(|c| c.number).collect()
+    }
+
+    /// A flush issued at `mark` completed: the changes it covers are
+    /// durable, in order (and a later FUA write stays on top of them).
+    pub fn flushed(&mut self, mark: &[u64]) {
+        let (settled, rest): (Vec<Unflushed>, Vec<Unflushed>) = std::mem::take(&mut self.unflushed)
+            .into_iter()
+            .partition(|c| mark.contains(&c.number));
+        self.unflushed = rest;
+        let later_fua = self.unflushed.iter().filter(|c| c.fua && c.acknowledged);
         for change in settled.iter().chain(later_fua) {
             let range = change.offset..change.offset + change.bytes.len();
             self.durable[range].copy_from_slice(&change.bytes);
@@ -104,7 +125,7 @@ impl Expected {
             assert!(
                 allowed,
                 "{what}: byte at {at} is {byte:#x}, but its last durable value is {durable:#x?} \
-                 and no later acknowledged write left {byte:#x}"
+                 and no later write left {byte:#x}"
             );
         }
         self.latest = got.iter().map(|&b| Some(b)).collect();
@@ -133,25 +154,27 @@ impl Rng {
 pub async fn stores() -> (Arc<MemoryStore>, Arc<MemoryStore>, Model) {
     let source = Arc::new(MemoryStore::new(SIZE));
     let destination = Arc::new(MemoryStore::new(SIZE));
-    let mut model = vec![Some(0u8); SIZE as usize];
+    let model = fill_half(&*source, CHUNK).await;
+    (source, destination, model)
+}
+
+/// Writes data into every other chunk of `store` (a part of each, at a
+/// random place); returns the model of what it holds.
+pub async fn fill_half(store: &dyn BlockStore, chunk_size: u64) -> Model {
+    let size = store.size();
+    let mut model = vec![Some(0u8); size as usize];
     let mut rng = Rng(0x1234_5678);
-    for chunk in (0..SIZE / CHUNK).filter(|c| c % 2 == 0) {
-        let offset = chunk * CHUNK + rng.below(CHUNK / 2);
-        let len = 1 + rng.below(CHUNK / 2) as usize;
+    for chunk in (0..size / chunk_size).filter(|c| c % 2 == 0) {
+        let offset = chunk * chunk_size + rng.below(chunk_size / 2);
+        let len = 1 + rng.below(chunk_size / 2) as usize;
         let data: Vec<u8> = (0..len).map(|_| rng.next() as u8 | 1).collect();
         for (i, &b) in data.iter().enumerate() {
             model[offset as usize + i] = Some(b);
         }
-        source
-            .write(offset, Bytes::from(data), false)
-            .await
-            .unwrap();
+        store.write(offset, Bytes::from(data), false).await.unwrap();
     }
-    (
-        source,
-        destination,
-        Arc::new(Mutex::new(Expected::new(model))),
-    )
+    store.flush().await.unwrap();
+    Arc::new(Mutex::new(Expected::new(model)))
 }
 
 pub fn config(strategy: Strategy) -> MigrationConfig {
@@ -220,7 +243,8 @@ pub async fn client(
     mut stop: watch::Receiver<bool>,
 ) -> u64 {
     let mut rng = Rng(0x9e37_79b9 + id);
-    let slots: Vec<u64> = (0..SIZE / SLOT).filter(|k| k % CLIENTS == id).collect();
+    let size = device.size();
+    let slots: Vec<u64> = (0..size / SLOT).filter(|k| k % CLIENTS == id).collect();
     let started = Instant::now();
     let mut ops = 0;
     while !*stop.borrow_and_update() {
@@ -232,34 +256,37 @@ pub async fn client(
             0..=4 if writing => {
                 let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
                 let fua = rng.below(4) == 0;
+                let bytes = data.iter().copied().map(Some).collect();
+                let number = model.lock().issue(start, bytes, fua);
                 device
-                    .write(start, Bytes::from(data.clone()), fua)
+                    .write(start, Bytes::from(data), fua)
                     .await
                     .expect("write");
-                let bytes = data.into_iter().map(Some).collect();
-                model.lock().changed(start, bytes, fua);
+                model.lock().acknowledge(number);
             }
             5 if writing => {
                 let mode = ZeroMode {
                     may_punch: rng.below(2) == 0,
                     fast_only: false,
                 };
+                let number = model
+                    .lock()
+                    .issue(start, vec![Some(0); len as usize], false);
                 device
                     .write_zeroes(start, len, mode, false)
                     .await
                     .expect("write zeroes");
-                model
-                    .lock()
-                    .changed(start, vec![Some(0); len as usize], false);
+                model.lock().acknowledge(number);
             }
             6 if writing => {
+                let number = model.lock().issue(start, vec![None; len as usize], false);
                 device.discard(start, len, false).await.expect("discard");
-                model.lock().changed(start, vec![None; len as usize], false);
+                model.lock().acknowledge(number);
             }
             7 => {
                 let mark = model.lock().flush_mark();
                 device.flush().await.expect("flush");
-                model.lock().flushed(mark);
+                model.lock().flushed(&mark);
             }
             _ => {
                 let got = device.read(start, len as usize).await.expect("read");
@@ -307,13 +334,13 @@ pub async fn stop_clients(
 
 /// The whole store equals the model where the model knows the bytes.
 pub async fn assert_store_matches(store: &dyn BlockStore, model: &Model, what: &str) {
-    let data = store.read(0, SIZE as usize).await.unwrap();
+    let data = store.read(0, store.size() as usize).await.unwrap();
     check(model.lock().latest(), 0, &data, what);
 }
 
 /// The whole store, read back after a crash, keeps the crash contract; the
 /// model then takes what it holds as the truth.
 pub async fn assert_store_survived(store: &dyn BlockStore, model: &Model, what: &str) {
-    let data = store.read(0, SIZE as usize).await.unwrap();
+    let data = store.read(0, store.size() as usize).await.unwrap();
     model.lock().crashed(&data, what);
 }

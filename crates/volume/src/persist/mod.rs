@@ -22,10 +22,22 @@
 //! 3. Replaying a journal over a checkpoint can only make the state more
 //!    conservative (a chunk dirtied again, a chunk marked destination-only
 //!    whose destination copy exists), never claim a copy that is not there.
+//! 4. A new journal's name is made durable (its directory synced) before
+//!    anything is recorded in it: a synced record in a file whose name a
+//!    power cut takes away is lost.
+//!
+//! The files are written through [`StateFiles`] (`files.rs`), on disk or,
+//! in crash tests, in memory that loses power (`crash.rs`).
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+mod crash;
+mod files;
+
+pub use crash::CrashFiles;
+pub use files::{DiskFiles, StateFile, StateFiles};
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
 
 use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
@@ -108,6 +120,15 @@ pub struct Position {
     pub copied_bytes: u64,
     /// Offsets of chunks whose verification failed.
     pub mismatches: Vec<u64>,
+    /// The boot of the machine that wrote the checkpoint
+    /// (`/proc/sys/kernel/random/boot_id`): a different one on resume
+    /// means the machine went down, page cache and all.
+    #[serde(default)]
+    pub boot: Option<String>,
+    /// The stores must be compared before the migration goes on (a crash
+    /// may have left them apart); cleared once they were.
+    #[serde(default)]
+    pub reconcile: bool,
 }
 
 /// A checkpoint: the position and the chunk states.
@@ -149,128 +170,127 @@ impl Record {
     }
 }
 
-/// A migration's state directory, locked against a second dmm.
+/// A migration's state directory.
 pub struct StateDir {
-    path: PathBuf,
-    _lock: File,
-}
-
-/// Turns an I/O failure on `path` into a state error of `operation`.
-fn failed(operation: Operation, path: &Path) -> impl FnOnce(io::Error) -> MigrationError + '_ {
-    move |err| state_error(operation, path).with_source(err)
+    files: Arc<dyn StateFiles>,
 }
 
 fn state_error(operation: Operation, path: &Path) -> MigrationError {
     MigrationError::new(ErrorKind::State, operation).on(path.display().to_string())
 }
 
-/// Reads a whole file; `None` if it does not exist.
-fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>, MigrationError> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(failed(Operation::ReadState, path)(e)),
-    }
-}
-
 impl StateDir {
-    /// Opens (creating) the directory and takes its lock.
+    /// Opens (creating) the directory on disk and takes its lock.
     pub fn open(path: &Path) -> Result<StateDir, MigrationError> {
-        std::fs::create_dir_all(path).map_err(failed(Operation::OpenState, path))?;
-        let lock_path = path.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(failed(Operation::OpenState, &lock_path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |errno| {
-                state_error(Operation::OpenState, path)
+        match DiskFiles::open(path) {
+            Ok(files) => Ok(StateDir::on(Arc::new(files))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(state_error(Operation::OpenState, path)
                     .with_detail("in use by another dmm process")
-                    .with_source(io::Error::from(errno))
-            },
-        )?;
-        Ok(StateDir {
-            path: path.to_owned(),
-            _lock: lock,
-        })
+                    .with_source(e))
+            }
+            Err(e) => Err(state_error(Operation::OpenState, path).with_source(e)),
+        }
+    }
+
+    /// The state in `files`.
+    pub fn on(files: Arc<dyn StateFiles>) -> StateDir {
+        StateDir { files }
+    }
+
+    /// Where the files are.
+    pub fn location(&self) -> &Path {
+        self.files.location()
+    }
+
+    /// Turns an I/O failure on file `name` into a state error.
+    fn failed(&self, operation: Operation, name: &str) -> impl FnOnce(io::Error) -> MigrationError {
+        let path = self.files.location().join(name);
+        move |err| state_error(operation, &path).with_source(err)
+    }
+
+    /// Reads a whole file; `None` if it does not exist.
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, MigrationError> {
+        self.files
+            .read(name)
+            .map_err(self.failed(Operation::ReadState, name))
     }
 
     pub fn load_meta(&self) -> Result<Option<Meta>, MigrationError> {
-        let path = self.path.join(META);
-        let Some(bytes) = read_if_present(&path)? else {
+        let Some(bytes) = self.read(META)? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| state_error(Operation::ReadState, &path).with_source(e))
+            .map_err(|e| self.failed(Operation::ReadState, META)(io::Error::other(e)))
     }
 
     pub fn save_meta(&self, meta: &Meta) -> Result<(), MigrationError> {
-        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| {
-            state_error(Operation::WriteState, &self.path.join(META)).with_source(e)
-        })?;
+        let bytes = serde_json::to_vec_pretty(meta)
+            .map_err(|e| self.failed(Operation::WriteState, META)(io::Error::other(e)))?;
         self.replace(META, &bytes)
     }
 
-    /// Writes `name` atomically: temp file, fsync, rename, fsync directory.
+    /// Writes `name` atomically: temp file, sync, rename, sync directory.
     fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), MigrationError> {
-        let temp = self.path.join(format!("{name}.tmp"));
-        let target = self.path.join(name);
+        let temp = format!("{name}.tmp");
         let write = || {
-            let mut file = File::create(&temp)?;
-            file.write_all(bytes)?;
-            file.sync_all()
+            let file = self.files.create(&temp)?;
+            file.append(bytes)?;
+            file.sync()
         };
-        write().map_err(failed(Operation::WriteState, &temp))?;
-        std::fs::rename(&temp, &target).map_err(failed(Operation::WriteState, &target))?;
-        File::open(&self.path)
-            .and_then(|dir| dir.sync_all())
-            .map_err(failed(Operation::WriteState, &self.path))
+        write().map_err(self.failed(Operation::WriteState, &temp))?;
+        self.files
+            .rename(&temp, name)
+            .map_err(self.failed(Operation::WriteState, name))?;
+        self.sync_directory()
+    }
+
+    fn sync_directory(&self) -> Result<(), MigrationError> {
+        self.files
+            .sync_directory()
+            .map_err(self.failed(Operation::WriteState, "."))
     }
 
     pub fn load_checkpoint(&self) -> Result<Option<Checkpoint>, MigrationError> {
-        let path = self.path.join(CHECKPOINT);
-        let Some(bytes) = read_if_present(&path)? else {
+        let Some(bytes) = self.read(CHECKPOINT)? else {
             return Ok(None);
         };
-        decode_checkpoint(&bytes)
-            .map(Some)
-            .ok_or_else(|| state_error(Operation::ReadState, &path).with_detail("corrupt"))
+        decode_checkpoint(&bytes).map(Some).ok_or_else(|| {
+            state_error(
+                Operation::ReadState,
+                &self.files.location().join(CHECKPOINT),
+            )
+            .with_detail("corrupt")
+        })
     }
 
     pub fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), MigrationError> {
         let bytes = encode_checkpoint(checkpoint)
-            .map_err(failed(Operation::WriteState, &self.path.join(CHECKPOINT)))?;
+            .map_err(self.failed(Operation::WriteState, CHECKPOINT))?;
         self.replace(CHECKPOINT, &bytes)
     }
 
-    fn journal_path(&self, generation: u64) -> PathBuf {
-        self.path.join(format!("journal.{generation}"))
+    fn journal_name(generation: u64) -> String {
+        format!("journal.{generation}")
     }
 
-    /// Opens journal `generation` for appending.
+    /// Opens journal `generation` for appending, its name durable.
     pub fn journal(&self, generation: u64) -> Result<Journal, MigrationError> {
-        let path = self.journal_path(generation);
-        let file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)
-            .map_err(failed(Operation::OpenState, &path))?;
-        Ok(Journal {
-            file: std::sync::Arc::new(file),
-            generation,
-        })
+        let name = Self::journal_name(generation);
+        let file = self
+            .files
+            .open_append(&name)
+            .map_err(self.failed(Operation::OpenState, &name))?;
+        self.sync_directory()?;
+        Ok(Journal { file, generation })
     }
 
     /// Every record of journals `generation` and later, in order.
     pub fn replay(&self, generation: u64) -> Result<Vec<Record>, MigrationError> {
         let mut records = Vec::new();
         for generation in generation.. {
-            let path = self.journal_path(generation);
-            let Some(bytes) = read_if_present(&path)? else {
+            let Some(bytes) = self.read(&Self::journal_name(generation))? else {
                 break;
             };
             // A torn last record (shorter than a word) is ignored; so is
@@ -285,20 +305,19 @@ impl StateDir {
 
     /// Removes journals older than `generation`.
     pub fn prune_journals(&self, generation: u64) -> Result<(), MigrationError> {
-        let entries =
-            std::fs::read_dir(&self.path).map_err(failed(Operation::WriteState, &self.path))?;
-        for entry in entries {
-            let name = entry
-                .map_err(failed(Operation::WriteState, &self.path))?
-                .file_name();
+        let names = self
+            .files
+            .names()
+            .map_err(self.failed(Operation::WriteState, "."))?;
+        for name in names {
             let old = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("journal."))
+                .strip_prefix("journal.")
                 .and_then(|g| g.parse::<u64>().ok())
                 .is_some_and(|g| g < generation);
             if old {
-                let path = self.path.join(name);
-                std::fs::remove_file(&path).map_err(failed(Operation::WriteState, &path))?;
+                self.files
+                    .remove(&name)
+                    .map_err(self.failed(Operation::WriteState, &name))?;
             }
         }
         Ok(())
@@ -307,7 +326,7 @@ impl StateDir {
 
 /// The append-only journal of one checkpoint generation.
 pub struct Journal {
-    file: std::sync::Arc<File>,
+    file: Arc<dyn StateFile>,
     generation: u64,
 }
 
@@ -316,13 +335,13 @@ impl Journal {
         self.generation
     }
 
-    /// Appends a record (one `write`, no fsync).
+    /// Appends a record (one `write`, no sync).
     pub fn append(&mut self, record: Record) -> io::Result<()> {
-        (&*self.file).write_all(&record.encode().to_le_bytes())
+        self.file.append(&record.encode().to_le_bytes())
     }
 
-    /// The file, to fsync without holding the journal.
-    pub fn handle(&self) -> std::sync::Arc<File> {
+    /// The file, to sync without holding the journal.
+    pub fn handle(&self) -> Arc<dyn StateFile> {
         self.file.clone()
     }
 }
@@ -381,6 +400,8 @@ mod tests {
             cursor: 42,
             copied_bytes: 1 << 30,
             mismatches: vec![],
+            boot: Some("b7c1".into()),
+            reconcile: true,
         }
     }
 
@@ -422,6 +443,7 @@ mod tests {
                 state: ChunkState::Destination,
             })
             .unwrap();
+        use std::io::Write;
         std::fs::OpenOptions::new()
             .append(true)
             .open(dir.path().join("journal.2"))
