@@ -5,47 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{DMM, Daemon, image_with, run, scratch, tool};
-
-const MIB: u64 = 1 << 20;
-
-fn source_image(dir: &Path, name: &str, size: u64, seed: u8) -> PathBuf {
-    let pieces: Vec<(u64, usize, u8)> = (0..size / MIB)
-        .filter(|m| m % 3 != 2)
-        .map(|m| (m * MIB, MIB as usize, seed.wrapping_add(m as u8) | 1))
-        .collect();
-    image_with(dir, name, size, &pieces)
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Creates a volume migration from a fresh `size` source (pattern `seed`)
-/// to an empty target, `source{tag}.raw` and `target{tag}.raw`, with more
-/// properties (`name=value`); returns the migid and both images.
-fn create_volume(
-    daemon: &Daemon,
-    dir: &Path,
-    tag: &str,
-    (size, seed): (u64, u8),
-    properties: &[&str],
-) -> (String, PathBuf, PathBuf) {
-    let source = source_image(dir, &format!("source{tag}.raw"), size, seed);
-    let target = image_with(dir, &format!("target{tag}.raw"), size, &[]);
-    let source_property = format!("source={}", path(&source));
-    let target_property = format!("target={}", path(&target));
-    let mut args = vec!["create", "-p", &source_property, "-p", &target_property];
-    for property in properties {
-        args.extend(["-p", property]);
-    }
-    let migid = daemon.ok(&args).trim().to_owned();
-    (migid, source, target)
-}
+use common::{DMM, Daemon, MIB, create_volume, image_with, path, run, scratch, source_image, tool};
 
 #[test]
 fn create_start_stat_commit_with_fio_writing_through_the_export() {

@@ -9,104 +9,11 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, scratch, tool};
-
-struct Dirs {
-    _dir: tempfile::TempDir,
-    source: PathBuf,
-    target: PathBuf,
-    access: PathBuf,
-    state: PathBuf,
-}
-
-fn dirs() -> Dirs {
-    let dir = scratch();
-    let at = |name: &str| dir.path().join(name);
-    for name in ["source", "target", "access"] {
-        fs::create_dir(at(name)).unwrap();
-    }
-    Dirs {
-        source: at("source"),
-        target: at("target"),
-        access: at("access"),
-        state: at("state"),
-        _dir: dir,
-    }
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
-        .collect()
-}
-
-/// Subtrees `keep` (left alone by the client), `moved` (renamed),
-/// `gone` (deleted), plus large files and links.
-fn build_source(root: &Path) {
-    for sub in ["keep", "moved", "gone"] {
-        for d in 0..4 {
-            let dir = root.join(sub).join(format!("d{d}"));
-            fs::create_dir_all(&dir).unwrap();
-            for f in 0..25 {
-                let len = 1000 + (d * 25 + f) * 97;
-                fs::write(dir.join(format!("f{f}")), pattern(len, f as u8)).unwrap();
-            }
-        }
-    }
-    for i in 0..3 {
-        fs::write(root.join(format!("keep/big{i}")), pattern(6 << 20, i)).unwrap();
-    }
-    fs::hard_link(root.join("keep/d0/f0"), root.join("keep/d1/hard")).unwrap();
-    std::os::unix::fs::symlink("d0/f1", root.join("keep/soft")).unwrap();
-}
-
-fn p(path: &Path) -> String {
-    path.display().to_string()
-}
-
-fn create(daemon: &Daemon, d: &Dirs, extra: &[&str]) -> String {
-    let mut args = vec![
-        "create".to_owned(),
-        "-p".into(),
-        "kind=tree".into(),
-        "-p".into(),
-        format!("source={}", p(&d.source)),
-        "-p".into(),
-        format!("target={}", p(&d.target)),
-        "-p".into(),
-        format!("access={}", p(&d.access)),
-    ];
-    for e in extra {
-        args.push("-p".into());
-        args.push((*e).to_owned());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = daemon.ok(&args);
-    out.split_whitespace().last().unwrap().to_owned()
-}
-
-fn is_mountpoint(path: &Path) -> bool {
-    Command::new("mountpoint")
-        .arg("-q")
-        .arg(path)
-        .status()
-        .unwrap()
-        .success()
-}
-
-fn rsync_differences(source: &Path, target: &Path) -> String {
-    let output = tool("rsync")
-        .args(["-aHAXn", "--checksum", "-i"])
-        .arg(format!("{}/", source.display()))
-        .arg(format!("{}/", target.display()))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "rsync failed");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use common::{
+    Daemon, build_source, create_tree, dirs, is_mountpoint, p, pattern, rsync_differences, tool,
+};
 
 #[test]
 fn a_tree_migration_is_used_survives_kill_9_of_the_daemon_and_commits() {
@@ -114,7 +21,7 @@ fn a_tree_migration_is_used_survives_kill_9_of_the_daemon_and_commits() {
     build_source(&d.source);
     let daemon = Daemon::start(&d.state, &[]);
     // Slow enough that the daemon dies in the middle.
-    let migid = create(&daemon, &d, &["rate=4M", "maxdfproc=2"]);
+    let migid = create_tree(&daemon, &d, &["rate=4M", "maxdfproc=2"]);
     assert!(is_mountpoint(&d.access), "the access point is mounted");
 
     // Work through the access point while the migration runs.
@@ -211,7 +118,7 @@ fn a_migration_without_client_changes_leaves_nothing_for_rsync() {
     let d = dirs();
     build_source(&d.source);
     let daemon = Daemon::start(&d.state, &[]);
-    let migid = create(&daemon, &d, &[]);
+    let migid = create_tree(&daemon, &d, &[]);
     daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(120));
     let stat = daemon.json(&["stat", &migid]);
     assert!(
@@ -266,7 +173,7 @@ fn bad_tree_requests_are_refused_with_the_reason() {
     // Nothing was recorded by the refusals; a good request still works.
     let list = daemon.json(&["list"]);
     assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
-    let migid = create(&daemon, &d, &[]);
+    let migid = create_tree(&daemon, &d, &[]);
     // A second migration onto the same access point is refused.
     let other = d.state.parent().unwrap().join("other");
     fs::create_dir(&other).unwrap();
@@ -295,7 +202,7 @@ fn an_unreadable_source_file_is_reported_and_the_rest_migrates() {
             .args(command.get_args());
         wrapped
     });
-    let migid = create(&daemon, &d, &[]);
+    let migid = create_tree(&daemon, &d, &[]);
     let started = Instant::now();
     let stat = loop {
         let stat = daemon.ok(&["stat", &migid]);
@@ -369,7 +276,7 @@ fn a_client_walks_more_files_than_the_daemon_may_open() {
             .args(command.get_args());
         wrapped
     });
-    let migid = create(&daemon, &d, &["rate=2M"]);
+    let migid = create_tree(&daemon, &d, &["rate=2M"]);
 
     // rsync reads every file through the access point while it migrates.
     let copy = d.state.with_file_name("copy");
@@ -432,7 +339,7 @@ fn sigterm_stops_the_daemon_within_seconds_while_clients_use_the_access_point() 
         fs::write(huge.join(format!("entry-{i:05}")), i.to_string()).unwrap();
     }
     let daemon = Daemon::start(&d.state, &[]);
-    let migid = create(&daemon, &d, &["rate=1M"]);
+    let migid = create_tree(&daemon, &d, &["rate=1M"]);
     daemon.ok(&["pause", &migid]);
 
     let held = fs::File::open(d.access.join("keep/d0/f0")).unwrap();
@@ -513,7 +420,7 @@ fn tree_verbs_answer_within_2s_whatever_the_rate_limit() {
     let d = dirs();
     build_source(&d.source);
     let daemon = Daemon::start(&d.state, &[]);
-    let migid = create(&daemon, &d, &["rate=256K"]);
+    let migid = create_tree(&daemon, &d, &["rate=256K"]);
     let limit = Duration::from_secs(2);
     for verb in ["stop", "halt", "delete"] {
         std::thread::sleep(Duration::from_millis(1500));

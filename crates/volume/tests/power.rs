@@ -15,7 +15,7 @@
 //!   the store that ends up holding the volume equals the model.
 //!
 //! `DMM_POWER_CUTS` sets how many cuts to check (2,000 by default, what
-//! CI runs; `scripts/power-soak` runs 100,000).
+//! CI runs; `scripts/soak power` runs 100,000).
 
 mod common;
 
@@ -46,6 +46,34 @@ enum Stage {
     Verify,
     Rollback,
     Commit,
+}
+
+impl Stage {
+    const ALL: [Stage; 5] = [
+        Stage::Copy,
+        Stage::Switchover,
+        Stage::Verify,
+        Stage::Rollback,
+        Stage::Commit,
+    ];
+}
+
+/// The cuts checked per strategy and stage, as a Markdown table (which
+/// `scripts/soak power` copies into RELIABILITY.md).
+fn markdown_table(counts: &BTreeMap<(String, Stage), u64>) -> String {
+    let mut table =
+        String::from("| strategy | copy | switchover | verify | rollback | commit | all |\n");
+    table += "|---|--:|--:|--:|--:|--:|--:|\n";
+    for strategy in Strategy::ALL.map(|s| s.to_string()) {
+        let row: Vec<u64> = Stage::ALL
+            .iter()
+            .map(|&stage| counts.get(&(strategy.clone(), stage)).copied().unwrap_or(0))
+            .collect();
+        let cells: Vec<String> = row.iter().map(u64::to_string).collect();
+        let all: u64 = row.iter().sum();
+        table += &format!("| {strategy} | {} | {all} |\n", cells.join(" | "));
+    }
+    table
 }
 
 /// How a run ends.
@@ -295,18 +323,9 @@ async fn power_cuts_during_every_strategy_lose_no_durable_write() {
             }
         }
     }
-    let mut table = String::from("strategy  stage       cuts\n");
-    for ((strategy, stage), count) in &counts {
-        table += &format!("{strategy:<9} {:<11} {count}\n", format!("{stage:?}"));
-    }
-    eprintln!("{checked} power cuts checked, 0 lost:\n{table}");
-    for stage in [
-        Stage::Copy,
-        Stage::Switchover,
-        Stage::Verify,
-        Stage::Rollback,
-        Stage::Commit,
-    ] {
+    let table = markdown_table(&counts);
+    eprintln!("{checked} power cuts checked, 0 lost:\n\n{table}");
+    for stage in Stage::ALL {
         let cuts: u64 = counts
             .iter()
             .filter(|((_, s), _)| *s == stage)

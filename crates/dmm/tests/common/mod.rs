@@ -3,12 +3,15 @@
 
 #![allow(dead_code)]
 
+use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const DMM: &str = env!("CARGO_BIN_EXE_dmm");
+pub const MIB: u64 = 1 << 20;
 
 #[allow(unused_imports)] // Not every test binary uses every one.
 pub use dmm_testkit::{run, stdout, tool};
@@ -325,4 +328,223 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// What a writer sent: the writes acknowledged, in order, and the one it
+/// was waiting for when it stopped (which may or may not have landed).
+#[derive(Default)]
+pub struct Sent {
+    pub acked: Vec<(u64, u8)>,
+    pub in_flight: Option<(u64, u8)>,
+}
+
+impl Sent {
+    /// Offset -> the value that must read back (the last acknowledged).
+    pub fn latest(&self) -> std::collections::HashMap<u64, u8> {
+        self.acked.iter().copied().collect()
+    }
+
+    /// The values `offset` may legitimately hold: the last acknowledged
+    /// one, or the unacknowledged write in flight there at the kill.
+    pub fn allowed(&self, offset: u64) -> Vec<u8> {
+        let latest = self.latest();
+        let mut values: Vec<u8> = latest.get(&offset).copied().into_iter().collect();
+        match self.in_flight {
+            Some((at, value)) if at == offset => values.push(value),
+            _ => {}
+        }
+        values
+    }
+}
+
+/// Writes through the export with FUA, one write at a time, and remembers
+/// what was acknowledged, in the first `mebibytes` MiB of the volume (at
+/// least 2). Offsets come back around, so later writes overwrite earlier
+/// ones.
+pub fn fua_writer(uri: String, mebibytes: u64, stop: Arc<Mutex<bool>>, sent: Arc<Mutex<Sent>>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        use dmm_store::BlockStore;
+        let Ok(store) = dmm_nbd::NbdStore::connect_uri(&uri).await else {
+            return;
+        };
+        let mut value = 1u8;
+        let mut slot = 0u64;
+        while !*stop.lock().unwrap() {
+            let offset = (slot % (mebibytes - 1)) * MIB + 12345 + slot * 4096 % (512 << 10);
+            let data = dmm_store::Bytes::from(vec![value; 4096]);
+            sent.lock().unwrap().in_flight = Some((offset, value));
+            if store.write(offset, data, true).await.is_err() {
+                return;
+            }
+            {
+                let mut sent = sent.lock().unwrap();
+                sent.in_flight = None;
+                sent.acked.push((offset, value));
+            }
+            value = value % 250 + 1;
+            slot += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+}
+
+/// Checks that every acknowledged write reads back from `target`; the
+/// offset of the write in flight at the kill may hold either value.
+pub fn check_sent(target: &str, sent: &Sent, what: &str) {
+    let in_flight = sent.in_flight.map(|(offset, _)| offset);
+    let commands: Vec<String> = sent
+        .latest()
+        .iter()
+        .filter(|(offset, _)| Some(**offset) != in_flight)
+        .map(|(offset, value)| format!("read -P {value} {offset} 4096"))
+        .collect();
+    qemu_io_checks(target, true, &commands, what);
+    if let Some(offset) = in_flight {
+        let allowed = sent.allowed(offset);
+        if allowed.len() > 1 {
+            assert!(
+                qemu_io_reads_one_of(target, offset, 4096, &allowed),
+                "{what}: offset {offset} holds neither of {allowed:?}"
+            );
+        }
+    }
+}
+
+// Volume migrations through the daemon.
+
+/// A raw image with a pattern byte per MiB (`seed` + MiB), but every
+/// third MiB a hole.
+pub fn source_image(dir: &Path, name: &str, size: u64, seed: u8) -> PathBuf {
+    let pieces: Vec<(u64, usize, u8)> = (0..size / MIB)
+        .filter(|m| m % 3 != 2)
+        .map(|m| (m * MIB, MIB as usize, seed.wrapping_add(m as u8) | 1))
+        .collect();
+    image_with(dir, name, size, &pieces)
+}
+
+pub fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Creates a volume migration from a fresh `size` source (pattern `seed`)
+/// to an empty target, `source{tag}.raw` and `target{tag}.raw`, with more
+/// properties (`name=value`); returns the migid and both images.
+pub fn create_volume(
+    daemon: &Daemon,
+    dir: &Path,
+    tag: &str,
+    (size, seed): (u64, u8),
+    properties: &[&str],
+) -> (String, PathBuf, PathBuf) {
+    let source = source_image(dir, &format!("source{tag}.raw"), size, seed);
+    let target = image_with(dir, &format!("target{tag}.raw"), size, &[]);
+    let source_property = format!("source={}", path(&source));
+    let target_property = format!("target={}", path(&target));
+    let mut args = vec!["create", "-p", &source_property, "-p", &target_property];
+    for property in properties {
+        args.extend(["-p", property]);
+    }
+    let migid = daemon.ok(&args).trim().to_owned();
+    (migid, source, target)
+}
+
+// Tree migrations through the daemon.
+
+/// The directories of a tree migration test, in a scratch directory.
+pub struct Dirs {
+    _dir: tempfile::TempDir,
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub access: PathBuf,
+    pub state: PathBuf,
+}
+
+pub fn dirs() -> Dirs {
+    let dir = scratch();
+    let at = |name: &str| dir.path().join(name);
+    for name in ["source", "target", "access"] {
+        fs::create_dir(at(name)).unwrap();
+    }
+    Dirs {
+        source: at("source"),
+        target: at("target"),
+        access: at("access"),
+        state: at("state"),
+        _dir: dir,
+    }
+}
+
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
+        .collect()
+}
+
+/// Subtrees `keep` (left alone by the client), `moved` (renamed),
+/// `gone` (deleted), plus large files and links.
+pub fn build_source(root: &Path) {
+    for sub in ["keep", "moved", "gone"] {
+        for d in 0..4 {
+            let dir = root.join(sub).join(format!("d{d}"));
+            fs::create_dir_all(&dir).unwrap();
+            for f in 0..25 {
+                let len = 1000 + (d * 25 + f) * 97;
+                fs::write(dir.join(format!("f{f}")), pattern(len, f as u8)).unwrap();
+            }
+        }
+    }
+    for i in 0..3 {
+        fs::write(root.join(format!("keep/big{i}")), pattern(6 << 20, i)).unwrap();
+    }
+    fs::hard_link(root.join("keep/d0/f0"), root.join("keep/d1/hard")).unwrap();
+    std::os::unix::fs::symlink("d0/f1", root.join("keep/soft")).unwrap();
+}
+
+pub fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+pub fn create_tree(daemon: &Daemon, d: &Dirs, extra: &[&str]) -> String {
+    let mut args = vec![
+        "create".to_owned(),
+        "-p".into(),
+        "kind=tree".into(),
+        "-p".into(),
+        format!("source={}", p(&d.source)),
+        "-p".into(),
+        format!("target={}", p(&d.target)),
+        "-p".into(),
+        format!("access={}", p(&d.access)),
+    ];
+    for e in extra {
+        args.push("-p".into());
+        args.push((*e).to_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = daemon.ok(&args);
+    out.split_whitespace().last().unwrap().to_owned()
+}
+
+pub fn is_mountpoint(path: &Path) -> bool {
+    Command::new("mountpoint")
+        .arg("-q")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success()
+}
+
+pub fn rsync_differences(source: &Path, target: &Path) -> String {
+    let output = tool("rsync")
+        .args(["-aHAXn", "--checksum", "-i"])
+        .arg(format!("{}/", source.display()))
+        .arg(format!("{}/", target.display()))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "rsync failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
