@@ -4,7 +4,7 @@
 //! It keeps the [catalog](dmm_catalog) in the state directory, serves every
 //! volume by export name on one NBD listener (`nbd.sock`, plus TCP when
 //! asked), answers the HTTP API on `api.sock` (plus TCP with a bearer token
-//! when asked), and drives each migration's engine ([`supervisor`]). On
+//! when asked, over TLS unless on loopback), and drives each migration's engine ([`supervisor`]). On
 //! SIGTERM it stops every migration resumably; after a crash, it finishes
 //! the transitions that were under way and resumes every migration where it
 //! was.
@@ -17,11 +17,12 @@ mod layout;
 mod properties;
 mod spec;
 mod supervisor;
+mod tls;
 mod view;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -49,6 +50,10 @@ pub struct DaemonConfig {
     pub api_listen: Option<String>,
     /// File holding the bearer token for the TCP API.
     pub token_file: Option<PathBuf>,
+    /// Serve the TCP API over TLS with the certificates in this directory
+    /// (`server-cert.pem`, `server-key.pem`); without it the API listens on
+    /// loopback addresses only.
+    pub tls_certificates: Option<PathBuf>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -82,11 +87,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         .with_context(|| format!("cannot listen on {}", layout.api_socket().display()))?;
     std::fs::set_permissions(layout.api_socket(), std::fs::Permissions::from_mode(0o600))?;
     let api_tcp = match &config.api_listen {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen for the API on {address}"))?,
-        ),
+        Some(address) => Some(api_listener(address, config.tls_certificates.as_deref()).await?),
         None => None,
     };
     supervisor.recover().await;
@@ -121,9 +122,21 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         let router = api::router_with_token(supervisor.clone(), token.clone().unwrap_or_default());
         let stop = stop.clone();
         tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+            let stopped = async move { stop.cancelled().await };
+            match listener {
+                ApiListener::Plain(tcp) => {
+                    let service = router.into_make_service_with_connect_info::<api::Peer>();
+                    axum::serve(tcp, service)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+                ApiListener::Tls(tls) => {
+                    let service = router.into_make_service_with_connect_info::<api::Peer>();
+                    axum::serve(tls, service)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+            }
         })
     });
 
@@ -140,6 +153,38 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let _ = std::fs::remove_file(layout.api_socket());
     let _ = std::fs::remove_file(layout.nbd_socket());
     Ok(())
+}
+
+/// The TCP listener of the API.
+enum ApiListener {
+    /// Loopback only.
+    Plain(tokio::net::TcpListener),
+    Tls(tls::TlsListener),
+}
+
+/// Binds the API's TCP listener: with TLS when certificates are given;
+/// without, only on a loopback address, since the bearer token would
+/// cross the network in clear.
+async fn api_listener(address: &str, certificates: Option<&Path>) -> Result<ApiListener> {
+    let config = certificates.map(tls::server_config).transpose()?;
+    let tcp = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen for the API on {address}"))?;
+    let bound = tcp.local_addr()?;
+    match (config, certificates) {
+        (Some(config), Some(dir)) => {
+            tracing::info!(%bound, certificates = %dir.display(), "API on TCP with TLS");
+            Ok(ApiListener::Tls(tls::TlsListener::new(tcp, config, dir)))
+        }
+        _ if bound.ip().is_loopback() => Ok(ApiListener::Plain(tcp)),
+        _ => bail!(
+            "refusing to serve the API on {bound} without TLS: the bearer token would cross \
+             the network in clear; give --tls-certificates DIR ({} and {}) or listen on a \
+             loopback address such as 127.0.0.1",
+            tls::SERVER_CERT,
+            tls::SERVER_KEY
+        ),
+    }
 }
 
 /// One daemon per state directory.

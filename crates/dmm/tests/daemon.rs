@@ -401,3 +401,129 @@ fn verbs_answer_within_2s_whatever_the_rate_limit() {
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
     assert!(daemon.stop().success());
 }
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, in the
+/// layout `--tls-certificates` reads; returns the CA's file.
+fn certificates(dir: &std::path::Path) -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "dmm test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = server_params.signed_by(&server_key, &issuer).unwrap();
+    std::fs::write(dir.join("server-cert.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
+    dir.join("ca-cert.pem")
+}
+
+/// curl's status line and body for `url`, with extra arguments.
+fn curl(url: &str, args: &[&str]) -> (bool, String) {
+    let output = tool("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[test]
+fn the_tcp_api_speaks_tls_to_curl_and_needs_it_off_loopback() {
+    let dir = scratch();
+    let token = "correct-horse-battery-staple";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let certs = dir.path().join("certs");
+    let ca = certificates(&certs);
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let address = format!("127.0.0.1:{port}");
+    let state = dir.path().join("state");
+    let daemon = Daemon::start(
+        &state,
+        &[
+            "--listen",
+            &address,
+            "--token-file",
+            path(&token_file),
+            "--tls-certificates",
+            path(&certs),
+        ],
+    );
+    let url = format!("https://{address}/api/health");
+    let bearer = format!("Authorization: Bearer {token}");
+    let trust = ["--cacert", path(&ca)];
+    // A real client, verifying the certificate, with the token: served.
+    let (ok, answer) = curl(&url, &[&trust[..], &["-H", &bearer]].concat());
+    assert!(
+        ok && answer.contains("\"ok\"") && answer.ends_with("200"),
+        "{answer}"
+    );
+    // TLS 1.2 too.
+    let (ok, answer) = curl(
+        &url,
+        &[&trust[..], &["--tls-max", "1.2", "-H", &bearer]].concat(),
+    );
+    assert!(ok && answer.ends_with("200"), "TLS 1.2: {answer}");
+    // Plain HTTP to the TLS port gets nothing, token or not.
+    let (ok, answer) = curl(&format!("http://{address}/api/health"), &["-H", &bearer]);
+    assert!(
+        !ok && !answer.contains("\"ok\""),
+        "plain text was served: {answer}"
+    );
+    // A client that does not trust the certificate stops before sending.
+    let (ok, answer) = curl(&url, &["-H", &bearer]);
+    assert!(!ok, "an unverified server was trusted: {answer}");
+    // Wrong tokens: 401, then 429 once an address has used up its tries,
+    // even with the right token; every refusal is logged.
+    for attempt in 0..10 {
+        let (_, answer) = curl(
+            &url,
+            &[&trust[..], &["-H", "Authorization: Bearer wrong"]].concat(),
+        );
+        assert!(answer.ends_with("401"), "attempt {attempt}: {answer}");
+    }
+    let (_, answer) = curl(&url, &[&trust[..], &["-H", &bearer, "-i"]].concat());
+    assert!(
+        answer.ends_with("429") && answer.to_lowercase().contains("retry-after"),
+        "{answer}"
+    );
+    let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
+    assert!(
+        log.contains("wrong bearer token") && log.contains("127.0.0.1"),
+        "{log}"
+    );
+    drop(daemon);
+
+    // Off loopback, plain text is refused at start, with the reason.
+    let output = Command::new(DMM)
+        .args([
+            "daemon",
+            "--listen",
+            "0.0.0.0:0",
+            "--token-file",
+            path(&token_file),
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("without TLS"),
+        "{stderr}"
+    );
+}

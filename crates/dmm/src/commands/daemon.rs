@@ -22,13 +22,19 @@ pub struct DaemonArgs {
     nbd_listen: Option<String>,
 
     /// Also serve the API on TCP ADDR:PORT (requests need the bearer token
-    /// of --token-file).
+    /// of --token-file). Without --tls-certificates only a loopback address
+    /// is accepted.
     #[arg(long, value_name = "ADDR:PORT", requires = "token_file")]
     listen: Option<String>,
 
     /// File holding the API's bearer token (at least 16 characters).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+
+    /// Serve the TCP API over TLS with server-cert.pem and server-key.pem
+    /// from DIR (the layout QEMU and libnbd use).
+    #[arg(long, value_name = "DIR", requires = "listen")]
+    tls_certificates: Option<PathBuf>,
 }
 
 pub async fn run(args: DaemonArgs, global: &Global) -> Result<()> {
@@ -37,6 +43,7 @@ pub async fn run(args: DaemonArgs, global: &Global) -> Result<()> {
         nbd_listen: args.nbd_listen,
         api_listen: args.listen,
         token_file: args.token_file,
+        tls_certificates: args.tls_certificates,
     };
     eprintln!("dmm daemon: state directory {}", config.state_dir.display());
     dmm_daemon::run(config, async {
