@@ -169,10 +169,13 @@ impl CrashStore {
     fn change(&self, change: Change, durable: bool) -> Result<()> {
         let _on = self.power.on();
         apply(&self.live, &change)?;
+        // The durable bytes change under the log's lock only: a flush
+        // replaying older changes must not land after this one.
+        let mut since_flush = self.since_flush.lock();
         if durable {
             apply(&self.durable, &change)?;
         }
-        self.since_flush.lock().push((change, durable));
+        since_flush.push((change, durable));
         Ok(())
     }
 }
@@ -235,10 +238,11 @@ impl BlockStore for CrashStore {
 
     async fn flush(&self) -> Result<()> {
         let _on = self.power.on();
-        let changes = std::mem::take(&mut *self.since_flush.lock());
-        for (change, _) in &changes {
+        let mut since_flush = self.since_flush.lock();
+        for (change, _) in since_flush.iter() {
             apply(&self.durable, change)?;
         }
+        since_flush.clear();
         Ok(())
     }
 

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::chunks::ChunkState;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Side};
 use crate::locks::ChunkLocks;
 use crate::progress::ClientStats;
 
@@ -178,8 +178,8 @@ impl AioQueue {
                 if Self::landed(&mut book, chunk) && !book.tainted.contains(&chunk) {
                     // Not journaled: like a copy, it is made durable by the
                     // next checkpoint, and redone after a crash.
-                    self.ledger
-                        .copy_landed(chunk, ChunkState::Source, ChunkState::Both);
+                    let copy = (ChunkState::Source, ChunkState::Both);
+                    self.ledger.copy_landed(chunk, copy, Side::Destination);
                 }
             }
         }

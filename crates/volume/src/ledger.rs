@@ -22,7 +22,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use dmm_store::{BlockStore, Error, Op, Result};
 use parking_lot::Mutex;
@@ -106,7 +106,14 @@ pub struct Ledger {
     source: Arc<dyn BlockStore>,
     destination: Arc<dyn BlockStore>,
     journals: Mutex<Journals>,
-    journal_unsynced: AtomicBool,
+    /// Journal records appended so far, and how many of them a completed
+    /// sync covers: a sync waits for its own records, never returns early
+    /// because another one is under way.
+    appended: AtomicU64,
+    synced: AtomicU64,
+    /// One journal sync at a time; those waiting behind it are usually
+    /// covered by it (group commit).
+    syncing: tokio::sync::Mutex<()>,
     unsettled: Mutex<Unsettled>,
     /// Per shard of chunks (`chunk % len`), how many client changes have
     /// completed.
@@ -140,7 +147,9 @@ impl Ledger {
                 current: journal,
                 retiring: None,
             }),
-            journal_unsynced: AtomicBool::new(false),
+            appended: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            syncing: tokio::sync::Mutex::new(()),
             unsettled: Mutex::new(Unsettled::default()),
             copied_into: [AtomicBool::new(false), AtomicBool::new(false)],
             destination_failure: Mutex::new(None),
@@ -177,25 +186,38 @@ impl Ledger {
         Ok(true)
     }
 
-    /// The copier (or a fill) is about to write to `side`: the next
-    /// checkpoint flushes it.
-    pub fn copying_into(&self, side: Side) {
+    /// The copier (or a fill, or the asynchronous mirror) wrote to `side`:
+    /// the next checkpoint flushes it. Called once the write has
+    /// completed, never before: a checkpoint that took the mark while the
+    /// write was still in flight would flush too early, and the next one
+    /// would see no mark and record the copy without flushing it.
+    fn wrote_into(&self, side: Side) {
         self.copied_into[side as usize].store(true, Ordering::Release);
     }
 
-    /// Records that a chunk was just copied (or filled): its state changes
-    /// now wait for the copy to be durable.
-    pub fn copied(&self, chunk: u64) {
+    /// Records that a chunk was just copied (or filled) into `side`: the
+    /// next checkpoint flushes it, and the chunk's state changes wait for
+    /// the copy to be durable.
+    pub fn copied(&self, chunk: u64, side: Side) {
+        self.wrote_into(side);
         self.unsettled.lock().recent.insert(chunk as u32);
     }
 
-    /// Moves a chunk whose copy just landed from `from` to `to`, without
-    /// journaling (the next checkpoint records it); false if it was not in
-    /// `from`.
-    pub fn copy_landed(&self, chunk: u64, from: ChunkState, to: ChunkState) -> bool {
+    /// Moves a chunk whose copy into `side` just landed from `from` to
+    /// `to`, without journaling (the next checkpoint records it, after
+    /// flushing `side`); false if it was not in `from`.
+    pub fn copy_landed(
+        &self,
+        chunk: u64,
+        (from, to): (ChunkState, ChunkState),
+        side: Side,
+    ) -> bool {
+        // Marked before the move: a checkpoint whose snapshot has the new
+        // state also sees the mark.
+        self.wrote_into(side);
         let moved = self.chunks.transition(chunk, from, to);
         if moved && to == ChunkState::Both {
-            self.copied(chunk);
+            self.unsettled.lock().recent.insert(chunk as u32);
         }
         moved
     }
@@ -205,7 +227,7 @@ impl Ledger {
     /// each had been copied: the next checkpoint flushes `side` and records
     /// them.
     pub fn run_landed(&self, chunks: Range<u64>, from: ChunkState, to: ChunkState, side: Side) {
-        self.copying_into(side);
+        self.wrote_into(side);
         for chunk in chunks.clone() {
             self.chunks.transition(chunk, from, to);
         }
@@ -249,7 +271,7 @@ impl Ledger {
     /// Journals a phase change; the caller syncs it.
     pub fn record_phase(&self, phase: Phase) -> std::io::Result<()> {
         self.journals.lock().current.append(Record::Phase(phase))?;
-        self.journal_unsynced.store(true, Ordering::Release);
+        self.appended.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -287,11 +309,19 @@ impl Ledger {
         self.sync_journal().await
     }
 
-    /// Makes the journal durable (after the stores were flushed).
+    /// Makes the journal durable (after the stores were flushed): every
+    /// record appended before the call, whoever appended it.
     pub async fn sync_journal(&self) -> Result<()> {
-        if !self.journal_unsynced.swap(false, Ordering::AcqRel) {
+        let wanted = self.appended.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= wanted {
             return Ok(());
         }
+        let _one_at_a_time = self.syncing.lock().await;
+        if self.synced.load(Ordering::Acquire) >= wanted {
+            return Ok(());
+        }
+        // The sync below starts after every record counted here.
+        let covering = self.appended.load(Ordering::Acquire);
         let (current, retiring) = {
             let journals = self.journals.lock();
             (journals.current.handle(), journals.retiring.clone())
@@ -303,10 +333,9 @@ impl Ledger {
         .await;
         synced
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-            .map_err(|e| {
-                self.journal_unsynced.store(true, Ordering::Release);
-                Error::io(Op::Flush, self.target.as_str(), e)
-            })
+            .map_err(|e| Error::io(Op::Flush, self.target.as_str(), e))?;
+        self.synced.fetch_max(covering, Ordering::AcqRel);
+        Ok(())
     }
 
     /// The current journal generation.
@@ -326,7 +355,6 @@ impl Ledger {
             unsettled.flushing |= recent;
             let old = std::mem::replace(&mut journals.current, next);
             journals.retiring = Some(old.handle());
-            self.journal_unsynced.store(true, Ordering::Release);
         }
         self.chunks.to_bitmaps()
     }
@@ -367,9 +395,8 @@ impl Ledger {
                 .append(Record::Chunk { chunk, state })
                 .map_err(|e| Error::io(Op::Write, self.target.as_str(), e))?;
         }
-        if !changes.is_empty() {
-            self.journal_unsynced.store(true, Ordering::Release);
-        }
+        self.appended
+            .fetch_add(changes.len() as u64, Ordering::AcqRel);
         Ok(())
     }
 }
@@ -406,8 +433,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let ledger = ledger(&state);
-        assert!(ledger.copy_landed(1, ChunkState::Source, ChunkState::Both));
-        assert!(!ledger.copy_landed(1, ChunkState::Source, ChunkState::Both));
+        let copy = (ChunkState::Source, ChunkState::Both);
+        assert!(ledger.copy_landed(1, copy, Side::Destination));
+        assert!(!ledger.copy_landed(1, copy, Side::Destination));
         assert!(
             ledger
                 .change_state(1, ChunkState::Both, ChunkState::Source)
@@ -450,11 +478,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let ledger = ledger(&state);
-        ledger.copy_landed(0, ChunkState::Source, ChunkState::Both);
+        ledger.copy_landed(0, (ChunkState::Source, ChunkState::Both), Side::Destination);
         let (both, destination) = ledger.begin_checkpoint(state.journal(1).unwrap());
         assert_eq!(ledger.generation(), 1);
         assert!(both.contains(0) && destination.is_empty());
-        ledger.copy_landed(3, ChunkState::Source, ChunkState::Both);
+        ledger.copy_landed(3, (ChunkState::Source, ChunkState::Both), Side::Destination);
         ledger
             .change_state(0, ChunkState::Both, ChunkState::Source)
             .unwrap();

@@ -981,8 +981,11 @@ impl Migration {
             )
             .await?;
         }
-        let flushed = self.device.source().flush().await;
-        flushed.during(Operation::Rollback)?;
+        // The copies back, and the states they leave, are durable before
+        // the phase says the source holds the volume: a crash right after
+        // the record must not resume with chunks still routed to the
+        // destination while the source is the volume.
+        self.checkpoint().await?;
         self.record_phase(Phase::RolledBack, Operation::Rollback)
             .await?;
         *mode = Mode::Source;

@@ -263,6 +263,18 @@ async fn resume(survivors: Survivors, strategy: Strategy, what: String) {
     let migration = open(source.clone(), destination.clone(), files, strategy).await;
     let model: Model = Arc::new(Mutex::new(survivors.model));
     let device = migration.device();
+    let got = device.read(0, SIZE as usize).await.unwrap();
+    let violation = model.lock().first_violation(&got);
+    if let Some(at) = violation {
+        let source_byte = source.read(at as u64, 1).await.unwrap()[0];
+        let destination_byte = destination.read(at as u64, 1).await.unwrap()[0];
+        panic!(
+            "{what}: the device, reopened in {:?}: {}; the source holds {source_byte:#x}, \
+             the destination {destination_byte:#x}",
+            migration.phase(),
+            model.lock().explain(at, got[at]),
+        );
+    }
     assert_store_survived(&*device, &model, &format!("{what}: the device")).await;
     let phase = tokio::time::timeout(Duration::from_secs(60), migration.run())
         .await

@@ -130,10 +130,6 @@ impl VirtualDevice {
         }
     }
 
-    pub(crate) fn source(&self) -> &Arc<dyn BlockStore> {
-        &self.source
-    }
-
     pub(crate) fn chunks(&self) -> &Arc<ChunkMap> {
         self.ledger.chunks()
     }
@@ -224,12 +220,11 @@ impl VirtualDevice {
                 Some(pieces) => pieces,
                 None => read_range(reader, offset, len).await?,
             };
-            self.ledger.copying_into(side);
             let copied = write_pieces(writer, pieces).await?;
             if let Some(queue) = self.aio_attached() {
                 queue.copied(chunk);
             }
-            self.ledger.copy_landed(chunk, from, to);
+            self.ledger.copy_landed(chunk, (from, to), side);
             return Ok(Some(copied));
         }
         unreachable!("the last attempt copies under the lock")
@@ -260,7 +255,6 @@ impl VirtualDevice {
         if self.ledger.get(chunk) != from {
             return Ok(Some(None));
         }
-        self.ledger.copying_into(side);
         let Some(copied) = copy_range_in_kernel(reader, writer, (offset, len), &guard).await?
         else {
             self.kernel_copies.store(false, Ordering::Relaxed);
@@ -269,7 +263,7 @@ impl VirtualDevice {
         if let Some(queue) = self.aio_attached() {
             queue.copied(chunk);
         }
-        self.ledger.copy_landed(chunk, from, to);
+        self.ledger.copy_landed(chunk, (from, to), side);
         drop(guard);
         start_writeback(writer, offset, len).await;
         Ok(Some(Some(copied)))
@@ -455,11 +449,10 @@ impl VirtualDevice {
                 }
                 None => continue,
             };
-            self.ledger.copying_into(side);
             self.fill_chunk(from, to, chunk, guard).await?;
             // Like a copy, the fill becomes durable with the next flush;
             // the state change that relies on it waits until then.
-            self.ledger.copied(chunk);
+            self.ledger.copied(chunk, side);
         }
         Ok(())
     }

@@ -114,23 +114,34 @@ impl Expected {
     /// Checks a whole volume read back after a crash against the contract,
     /// then takes it as the truth the resumed run starts from.
     pub fn crashed(&mut self, got: &[u8], what: &str) {
-        for (at, &byte) in got.iter().enumerate() {
-            let durable = self.durable[at];
-            let allowed = durable.is_none_or(|expected| expected == byte)
-                || self.unflushed.iter().any(|change| {
-                    at.checked_sub(change.offset)
-                        .and_then(|i| change.bytes.get(i))
-                        .is_some_and(|value| value.is_none_or(|value| value == byte))
-                });
-            assert!(
-                allowed,
-                "{what}: byte at {at} is {byte:#x}, but its last durable value is {durable:#x?} \
-                 and no later write left {byte:#x}"
-            );
+        if let Some(at) = self.first_violation(got) {
+            panic!("{what}: {}", self.explain(at, got[at]));
         }
         self.latest = got.iter().map(|&b| Some(b)).collect();
         self.durable = self.latest.clone();
         self.unflushed.clear();
+    }
+
+    /// The first byte of `got` the contract does not allow.
+    pub fn first_violation(&self, got: &[u8]) -> Option<usize> {
+        got.iter().enumerate().position(|(at, &byte)| {
+            let durable = self.durable[at];
+            let later = self.unflushed.iter().any(|change| {
+                at.checked_sub(change.offset)
+                    .and_then(|i| change.bytes.get(i))
+                    .is_some_and(|value| value.is_none_or(|value| value == byte))
+            });
+            !(durable.is_none_or(|expected| expected == byte) || later)
+        })
+    }
+
+    /// Why `byte` at `at` breaks the contract.
+    pub fn explain(&self, at: usize, byte: u8) -> String {
+        format!(
+            "byte at {at} is {byte:#x}, but its last durable value is {:#x?} and no later write \
+             left {byte:#x}",
+            self.durable[at]
+        )
     }
 }
 
