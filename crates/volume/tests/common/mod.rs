@@ -125,13 +125,15 @@ impl Expected {
     /// The first byte of `got` the contract does not allow.
     pub fn first_violation(&self, got: &[u8]) -> Option<usize> {
         got.iter().enumerate().position(|(at, &byte)| {
-            let durable = self.durable[at];
-            let later = self.unflushed.iter().any(|change| {
-                at.checked_sub(change.offset)
-                    .and_then(|i| change.bytes.get(i))
-                    .is_some_and(|value| value.is_none_or(|value| value == byte))
-            });
-            !(durable.is_none_or(|expected| expected == byte) || later)
+            let durable = self.durable[at].is_none_or(|expected| expected == byte);
+            let later = || {
+                self.unflushed.iter().any(|change| {
+                    at.checked_sub(change.offset)
+                        .and_then(|i| change.bytes.get(i))
+                        .is_some_and(|value| value.is_none_or(|value| value == byte))
+                })
+            };
+            !(durable || later())
         })
     }
 
