@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use roaring::RoaringBitmap;
 
 use crate::chunks::{ChunkMap, ChunkState};
-use crate::persist::{Journal, Phase, Record, StateFile};
+use crate::persist::{Journal, Phase, Record};
 
 /// Shards of the client change counters: 256 KiB of counters at most,
 /// and a volume of up to 64 Ki chunks (64 GiB at 1 MiB) has one per chunk.
@@ -57,9 +57,17 @@ struct Unsettled {
     /// Copied before the snapshot of the checkpoint in progress.
     flushing: RoaringBitmap,
     /// Changes of unsettled chunks, in order, numbered.
-    deferred: Vec<(u64, u64, ChunkState)>,
+    deferred: Vec<Deferred>,
     next_change: u64,
+    /// The number of the first change after the snapshot of the checkpoint
+    /// in progress: a deferred change numbered below it is already in the
+    /// snapshot, so it goes to the journal the snapshot replaces, never
+    /// after the snapshot (where replaying it would undo a later change).
+    boundary: Option<u64>,
 }
+
+/// A deferred change: its number, the chunk, the new state.
+type Deferred = (u64, u64, ChunkState);
 
 impl Unsettled {
     fn contains(&self, chunk: u64) -> bool {
@@ -67,28 +75,22 @@ impl Unsettled {
     }
 
     /// Takes the deferred changes numbered below `before`.
-    fn take_before(&mut self, before: u64) -> Vec<(u64, ChunkState)> {
+    fn take_before(&mut self, before: u64) -> Vec<Deferred> {
         let ready = self
             .deferred
             .partition_point(|&(number, _, _)| number < before);
-        self.deferred
-            .drain(..ready)
-            .map(|(_, chunk, state)| (chunk, state))
-            .collect()
+        self.deferred.drain(..ready).collect()
     }
 
     /// Takes the deferred changes of chunks copied before the checkpoint
     /// in progress, which its flush made durable.
-    fn take_flushed(&mut self) -> Vec<(u64, ChunkState)> {
+    fn take_flushed(&mut self) -> Vec<Deferred> {
         let flushing = std::mem::take(&mut self.flushing);
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
             .into_iter()
             .partition(|&(_, chunk, _)| flushing.contains(chunk as u32));
         self.deferred = waiting;
         ready
-            .into_iter()
-            .map(|(_, chunk, state)| (chunk, state))
-            .collect()
     }
 }
 
@@ -96,7 +98,7 @@ impl Unsettled {
 /// checkpoint that replaces it is saved.
 struct Journals {
     current: Journal,
-    retiring: Option<Arc<dyn StateFile>>,
+    retiring: Option<Journal>,
 }
 
 /// The state of every chunk and its crash-safe record.
@@ -303,8 +305,9 @@ impl Ledger {
         tokio::try_join!(self.source.flush(), self.destination.flush())?;
         {
             let mut journals = self.journals.lock();
-            let ready = self.unsettled.lock().take_before(before);
-            self.append_all(&mut journals.current, &ready)?;
+            let mut unsettled = self.unsettled.lock();
+            let ready = unsettled.take_before(before);
+            self.append_deferred(&mut journals, ready, unsettled.boundary)?;
         }
         self.sync_journal().await
     }
@@ -324,7 +327,8 @@ impl Ledger {
         let covering = self.appended.load(Ordering::Acquire);
         let (current, retiring) = {
             let journals = self.journals.lock();
-            (journals.current.handle(), journals.retiring.clone())
+            let retiring = journals.retiring.as_ref().map(Journal::handle);
+            (journals.current.handle(), retiring)
         };
         let synced = tokio::task::spawn_blocking(move || {
             retiring.map_or(Ok(()), |file| file.sync())?;
@@ -353,8 +357,9 @@ impl Ledger {
             let mut unsettled = self.unsettled.lock();
             let recent = std::mem::take(&mut unsettled.recent);
             unsettled.flushing |= recent;
+            unsettled.boundary = Some(unsettled.next_change);
             let old = std::mem::replace(&mut journals.current, next);
-            journals.retiring = Some(old.handle());
+            journals.retiring = Some(old);
         }
         self.chunks.to_bitmaps()
     }
@@ -373,20 +378,46 @@ impl Ledger {
         )?;
         {
             let mut journals = self.journals.lock();
-            let ready = self.unsettled.lock().take_flushed();
-            self.append_all(&mut journals.current, &ready)?;
+            let mut unsettled = self.unsettled.lock();
+            let ready = unsettled.take_flushed();
+            self.append_deferred(&mut journals, ready, unsettled.boundary)?;
         }
         self.sync_journal().await
     }
 
     /// The checkpoint is saved: the previous journal is no longer needed.
     pub fn retire_previous_journal(&self) {
-        self.journals.lock().retiring.take();
+        let mut journals = self.journals.lock();
+        journals.retiring.take();
+        self.unsettled.lock().boundary = None;
     }
 
     /// Whether the copier wrote to `side` since the last call.
     fn take_copied_into(&self, side: Side) -> bool {
         self.copied_into[side as usize].swap(false, Ordering::AcqRel)
+    }
+
+    /// Journals deferred changes now durable: those made before the
+    /// snapshot of the checkpoint in progress (`boundary`) in the journal
+    /// that snapshot replaces, the others in the current one.
+    fn append_deferred(
+        &self,
+        journals: &mut Journals,
+        changes: Vec<Deferred>,
+        boundary: Option<u64>,
+    ) -> Result<()> {
+        let (before, after): (Vec<Deferred>, Vec<Deferred>) = changes
+            .into_iter()
+            .partition(|&(number, _, _)| boundary.is_some_and(|b| number < b));
+        let strip = |list: Vec<Deferred>| -> Vec<(u64, ChunkState)> {
+            list.into_iter().map(|(_, chunk, state)| (chunk, state)).collect()
+        };
+        if let Some(retiring) = journals.retiring.as_mut() {
+            self.append_all(retiring, &strip(before))?;
+        } else {
+            self.append_all(&mut journals.current, &strip(before))?;
+        }
+        self.append_all(&mut journals.current, &strip(after))
     }
 
     fn append_all(&self, journal: &mut Journal, changes: &[(u64, ChunkState)]) -> Result<()> {
@@ -507,4 +538,33 @@ mod tests {
             ]
         );
     }
+
+    #[tokio::test]
+    async fn a_change_made_before_a_snapshot_is_never_replayed_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let ledger = ledger(&state);
+        let copy = (ChunkState::Source, ChunkState::Both);
+        ledger.copy_landed(0, copy, Side::Destination);
+        // Dirtied while its copy is not durable: deferred.
+        ledger
+            .change_state(0, ChunkState::Both, ChunkState::Source)
+            .unwrap();
+        // Copied again (the switchover's last copies), then a checkpoint.
+        ledger.copy_landed(0, copy, Side::Destination);
+        let (both, _) = ledger.begin_checkpoint(state.journal(1).unwrap());
+        assert!(both.contains(0), "the snapshot has the later copy");
+        ledger.settle_checkpoint().await.unwrap();
+        assert_eq!(
+            state.replay(1).unwrap(),
+            vec![],
+            "replaying the older change over the snapshot would undo the copy"
+        );
+        assert_eq!(
+            state.replay(0).unwrap(),
+            vec![moved(0, ChunkState::Source)],
+            "it belongs to the journal the snapshot replaces"
+        );
+    }
+
 }
