@@ -154,6 +154,29 @@ fn main() {
     for name in ["recorded-empty", "recorded-data", "simple-replies", "export-name"] {
         check_client(name, &std::fs::read(corpus.join("client_replies").join(name)).unwrap());
     }
+    // api_bodies and properties: requests the daemon accepts, each
+    // checked to pass, so mutations start from the accepting paths.
+    let volume = [
+        "source=/srv/old.raw", "target=nbd://node2/vm1", "strategy=lr", "rate=200M",
+        "segsize=1M", "priority=high", "verify=full", "export=vm1", "switchover=manual",
+    ];
+    let tree = [
+        "kind=tree", "source=/home", "target=/mnt/new/home", "access=/srv/home",
+        "maxdfproc=4", "maxnsproc=2", "collision=rename", "rate=50M",
+    ];
+    for (name, lines) in [("volume", &volume[..]), ("tree", &tree[..])] {
+        let text = lines.join("\n");
+        dmm_daemon::check_property_lines(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        write("properties", name, text.as_bytes());
+        let properties: serde_json::Map<String, serde_json::Value> = lines
+            .iter()
+            .map(|line| line.split_once('=').unwrap())
+            .map(|(k, v)| (k.to_owned(), serde_json::Value::from(v)))
+            .collect();
+        let body = serde_json::json!({ "properties": properties, "halted": true }).to_string();
+        dmm_daemon::check_create_body(body.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        write("api_bodies", name, body.as_bytes());
+    }
     println!("seeds written to {}", corpus.display());
 }
 

@@ -40,6 +40,32 @@ pub use properties::{PropertyError, lookup as lookup_property};
 pub use supervisor::CRASH_AFTER_INTENT;
 pub use view::View;
 
+/// Checks the body of `POST /api/migrations` as the daemon does before it
+/// opens anything (the JSON, each property, the kind, the required ones):
+/// the entry point of the `api_bodies` fuzz target. `Err` is the reason
+/// the API would answer 400 with.
+pub fn check_create_body(body: &[u8]) -> std::result::Result<(), String> {
+    let request: api::CreateRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    spec::Spec::of_new(&request.properties)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Checks `name=value` lines (as `dmm create -p` and `dmm set -p` take
+/// them) one by one and as the properties of a new migration: the entry
+/// point of the `properties` fuzz target.
+pub fn check_property_lines(text: &str) -> std::result::Result<(), String> {
+    let mut properties = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let (name, value) = line.split_once('=').ok_or("not name=value")?;
+        properties::check(name, value).map_err(|e| e.to_string())?;
+        properties.insert(name.to_owned(), value.to_owned());
+    }
+    spec::Spec::of_new(&properties)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// How to run the daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {

@@ -102,6 +102,13 @@ impl Reader<'_> {
 }
 
 impl Spec {
+    /// The specification a create request's properties describe: each
+    /// property valid and meant for the kind, the required ones present.
+    pub fn of_new(properties: &BTreeMap<String, String>) -> Result<Spec, PropertyError> {
+        properties::check_new(properties)?;
+        Spec::parse(0, properties)
+    }
+
     /// Parses the properties of migration `id`.
     pub fn parse(
         id: MigrationId,

@@ -156,8 +156,7 @@ impl Supervisor {
         properties: BTreeMap<String, String>,
         halted: bool,
     ) -> Result<MigrationRecord> {
-        properties::check_new(&properties)?;
-        let spec = Spec::parse(0, &properties)?;
+        let spec = Spec::of_new(&properties)?;
         engine::check(&spec).await?;
         let state = match halted {
             true => State::Halted,
