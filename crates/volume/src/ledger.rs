@@ -410,7 +410,9 @@ impl Ledger {
             .into_iter()
             .partition(|&(number, _, _)| boundary.is_some_and(|b| number < b));
         let strip = |list: Vec<Deferred>| -> Vec<(u64, ChunkState)> {
-            list.into_iter().map(|(_, chunk, state)| (chunk, state)).collect()
+            list.into_iter()
+                .map(|(_, chunk, state)| (chunk, state))
+                .collect()
         };
         if let Some(retiring) = journals.retiring.as_mut() {
             self.append_all(retiring, &strip(before))?;
@@ -566,5 +568,4 @@ mod tests {
             "it belongs to the journal the snapshot replaces"
         );
     }
-
 }
