@@ -527,3 +527,53 @@ fn the_tcp_api_speaks_tls_to_curl_and_needs_it_off_loopback() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_unprivileged_user_cannot_use_the_api_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let daemon = Daemon::start(&state, &[]);
+    // Every directory on the way is open: only the socket's mode protects.
+    for open in [dir.path(), &state] {
+        std::fs::set_permissions(open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let as_nobody = |program: &str, args: &[&str]| {
+        tool("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", program])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let socket = state.join("api.sock");
+    let curl = as_nobody(
+        "curl",
+        &[
+            "-sS",
+            "--unix-socket",
+            path(&socket),
+            "http://dmm/api/migrations",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&curl.stderr);
+    assert_eq!(
+        curl.status.code(),
+        Some(7),
+        "nobody reached the API: {stderr}"
+    );
+    // Because of the socket's mode: nobody may not write to it.
+    let writable = as_nobody("test", &["-w", path(&socket)]);
+    assert!(
+        !writable.status.success(),
+        "the API socket is open to others"
+    );
+    let list = as_nobody(DMM, &["list", "--state-dir", path(&state)]);
+    let stderr = String::from_utf8_lossy(&list.stderr);
+    assert!(!list.status.success(), "nobody listed the migrations");
+    assert!(
+        stderr.lines().count() == 1 && stderr.contains("api.sock"),
+        "{stderr}"
+    );
+    // Its owner still can.
+    assert!(daemon.ok(&["list"]).starts_with("MIGID"));
+}

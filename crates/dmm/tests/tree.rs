@@ -443,3 +443,147 @@ fn tree_verbs_answer_within_2s_whatever_the_rate_limit() {
     }
     assert!(daemon.stop().success());
 }
+
+const NOBODY: u32 = 65534;
+
+/// The same small tree of owners and modes under `root`: files of root
+/// (private, public, readable by nobody's group), a directory nobody owns,
+/// a root directory, a private directory and a sticky one.
+fn permissions_tree(root: &Path) {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let mode = |path: &Path, mode: u32| {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    for dir in ["mine", "roots", "private", "sticky"] {
+        fs::create_dir(root.join(dir)).unwrap();
+    }
+    for (file, text, bits) in [
+        ("secret", "secret\n", 0o600),
+        ("public", "hello\n", 0o644),
+        ("group", "group\n", 0o640),
+        ("mine/own", "own\n", 0o600),
+        ("sticky/roots", "root's\n", 0o666),
+        ("private/inside", "inside\n", 0o644),
+    ] {
+        fs::write(root.join(file), text).unwrap();
+        mode(&root.join(file), bits);
+    }
+    chown(root.join("group"), None, Some(NOBODY)).unwrap();
+    chown(root.join("mine"), Some(NOBODY), Some(NOBODY)).unwrap();
+    chown(root.join("mine/own"), Some(NOBODY), Some(NOBODY)).unwrap();
+    mode(&root.join("private"), 0o700);
+    mode(&root.join("sticky"), 0o1777);
+    mode(root, 0o755);
+}
+
+/// Runs `script` in `dir` as nobody (uid and gid 65534, no other group):
+/// whether it succeeded, its output, and the error it met.
+fn as_nobody(dir: &Path, script: &str) -> (bool, String, &'static str) {
+    let output = tool("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error = match () {
+        _ if stderr.contains("Permission denied") => "EACCES",
+        _ if stderr.contains("Operation not permitted") => "EPERM",
+        _ if stderr.is_empty() => "",
+        _ => "other",
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output.status.success(), stdout, error)
+}
+
+#[test]
+fn an_unprivileged_user_gets_exactly_what_the_file_system_under_it_grants() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dirs();
+    // Every directory on the way is open to others: only the modes of the
+    // tree itself decide.
+    let scratch = d.source.parent().unwrap();
+    for dir in [scratch, &d.source, &d.target, &d.access] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let reference = scratch.join("reference");
+    fs::create_dir(&reference).unwrap();
+    permissions_tree(&d.source);
+    permissions_tree(&reference);
+    // Big enough, and slow enough, to be still migrating throughout.
+    fs::write(d.source.join("big"), pattern(8 << 20, 1)).unwrap();
+    fs::write(reference.join("big"), pattern(8 << 20, 1)).unwrap();
+    let daemon = Daemon::start(&d.state, &[]);
+    let migid = create_tree(&daemon, &d, &["rate=256K"]);
+    let cases = [
+        ("read a private file of root", "cat secret"),
+        ("read a public file", "cat public"),
+        ("read through the group", "cat group"),
+        ("append to root's public file", "echo x >> public"),
+        ("create in root's directory", "touch roots/new"),
+        ("list a private directory", "ls private"),
+        ("read inside a private directory", "cat private/inside"),
+        ("read its own private file", "cat mine/own"),
+        (
+            "create in its own directory",
+            "echo new > mine/new && cat mine/new",
+        ),
+        (
+            "make a directory in its own",
+            "mkdir mine/sub && ls -d mine/sub",
+        ),
+        (
+            "rename in its own directory",
+            "mv mine/new mine/renamed && ls mine",
+        ),
+        (
+            "chmod its own file",
+            "chmod 0640 mine/own && stat -c %a mine/own",
+        ),
+        ("chmod root's file", "chmod 0666 public"),
+        ("chown its file to root", "chown 0 mine/own"),
+        (
+            "own what it creates",
+            "touch mine/made && stat -c %u:%g mine/made",
+        ),
+        (
+            "delete root's file in a sticky directory",
+            "rm -f sticky/roots",
+        ),
+        (
+            "create in a sticky directory",
+            "echo s > sticky/its && cat sticky/its",
+        ),
+        ("delete a file of root's directory", "rm -f public"),
+        ("hard-link root's private file", "ln secret mine/link"),
+        ("truncate root's file", "truncate -s 0 group"),
+    ];
+    let mut refused = 0;
+    for (what, script) in cases {
+        let through_dmm = as_nobody(&d.access, script);
+        let on_disk = as_nobody(&reference, script);
+        assert_eq!(
+            through_dmm, on_disk,
+            "{what} ({script}): access point vs the file system"
+        );
+        refused += usize::from(!on_disk.0);
+    }
+    // The cases mean something: the file system grants some, refuses others.
+    let most = cases.len() - 5;
+    assert!(
+        (5..most).contains(&refused),
+        "{refused} of {} refused",
+        cases.len()
+    );
+    let stat = daemon.json(&["stat", &migid]);
+    assert!(
+        !stat["progress"]["complete"].as_bool().unwrap(),
+        "the migration finished too soon for this test: {stat}"
+    );
+}
