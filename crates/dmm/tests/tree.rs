@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    Daemon, build_source, create_tree, dirs, is_mountpoint, p, pattern, rsync_differences, tool,
+    Daemon, NOBODY, build_source, create_tree, dirs, is_mountpoint, p, pattern, rsync_differences,
+    tool,
 };
 
 #[test]
@@ -444,8 +445,6 @@ fn tree_verbs_answer_within_2s_whatever_the_rate_limit() {
     assert!(daemon.stop().success());
 }
 
-const NOBODY: u32 = 65534;
-
 /// The same small tree of owners and modes under `root`: files of root
 /// (private, public, readable by nobody's group), a directory nobody owns,
 /// a root directory, a private directory and a sticky one.
@@ -476,21 +475,10 @@ fn permissions_tree(root: &Path) {
     mode(root, 0o755);
 }
 
-/// Runs `script` in `dir` as nobody (uid and gid 65534, no other group):
-/// whether it succeeded, its output, and the error it met.
-fn as_nobody(dir: &Path, script: &str) -> (bool, String, &'static str) {
-    let output = tool("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            script,
-        ])
-        .current_dir(dir)
-        .output()
-        .unwrap();
+/// Runs `script` in `dir` as nobody: whether it succeeded, its output,
+/// and the error it met.
+fn nobody_runs(dir: &Path, script: &str) -> (bool, String, &'static str) {
+    let output = dmm_testkit::as_nobody(dir, script).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     let error = match () {
         _ if stderr.contains("Permission denied") => "EACCES",
@@ -566,8 +554,8 @@ fn an_unprivileged_user_gets_exactly_what_the_file_system_under_it_grants() {
     ];
     let mut refused = 0;
     for (what, script) in cases {
-        let through_dmm = as_nobody(&d.access, script);
-        let on_disk = as_nobody(&reference, script);
+        let through_dmm = nobody_runs(&d.access, script);
+        let on_disk = nobody_runs(&reference, script);
         assert_eq!(
             through_dmm, on_disk,
             "{what} ({script}): access point vs the file system"

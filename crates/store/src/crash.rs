@@ -188,7 +188,7 @@ fn torn_sectors(offset: u64, data: &Bytes, seed: u64) -> Vec<(u64, Bytes)> {
     while at < data.len() as u64 {
         let end = ((offset + at) / SECTOR + 1) * SECTOR - offset;
         let end = end.min(data.len() as u64);
-        if next_random(&mut state) & 1 == 1 {
+        if splitmix64(&mut state) & 1 == 1 {
             kept.push((offset + at, data.slice(at as usize..end as usize)));
         }
         at = end;
@@ -196,8 +196,9 @@ fn torn_sectors(offset: u64, data: &Bytes, seed: u64) -> Vec<(u64, Bytes)> {
     kept
 }
 
-/// splitmix64: a seeded sequence good enough to pick sectors.
-fn next_random(state: &mut u64) -> u64 {
+/// splitmix64: a seeded sequence, good enough for what crash tests pick
+/// (sectors of a torn write, the length of a torn append).
+pub fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -23,7 +23,7 @@ mod memory;
 pub mod conformance;
 
 pub use bytes::Bytes;
-pub use crash::{Blackout, CrashStore, Cut, Power, PowerOn, SECTOR};
+pub use crash::{Blackout, CrashStore, Cut, Power, PowerOn, SECTOR, splitmix64};
 pub use error::{Error, ErrorKind, Op, Result};
 pub use extent::{Extent, ExtentKind, coalesce};
 pub use file::{FileStore, OpenOptions};

@@ -35,3 +35,23 @@ pub fn run(command: &mut Command) -> Output {
 pub fn stdout(command: &mut Command) -> String {
     String::from_utf8(run(command).stdout).expect("UTF-8 output")
 }
+
+/// The user and group id the tests run unprivileged commands as.
+pub const NOBODY: u32 = 65534;
+
+/// A command running `sh -c script` in `dir` as nobody (user and group
+/// 65534, no other group), through util-linux's `setpriv`.
+pub fn as_nobody(dir: &std::path::Path, script: &str) -> Command {
+    let mut command = tool("setpriv");
+    command
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .current_dir(dir);
+    command
+}

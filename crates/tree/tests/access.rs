@@ -445,18 +445,7 @@ fn truncating_migrated_and_pending_files_returns_at_once_and_keeps_the_right_byt
 
 /// Runs `script` with `sh` as user and group 65534 (nobody), in `dir`.
 fn as_nobody(dir: &Path, script: &str) {
-    common::run(
-        common::tool("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "sh",
-                "-c",
-                script,
-            ])
-            .current_dir(dir),
-    );
+    common::run(&mut dmm_testkit::as_nobody(dir, script));
 }
 
 #[test]

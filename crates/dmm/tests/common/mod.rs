@@ -14,7 +14,7 @@ pub const DMM: &str = env!("CARGO_BIN_EXE_dmm");
 pub const MIB: u64 = 1 << 20;
 
 #[allow(unused_imports)] // Not every test binary uses every one.
-pub use dmm_testkit::{run, stdout, tool};
+pub use dmm_testkit::{NOBODY, run, stdout, tool};
 
 /// A running `dmm serve`.
 pub struct Serve {

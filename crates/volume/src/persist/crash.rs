@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use dmm_store::{Blackout, Cut, Power};
+use dmm_store::{Blackout, Cut, Power, splitmix64};
 use parking_lot::Mutex;
 
 use super::files::{StateFile, StateFiles};
@@ -95,16 +95,8 @@ fn torn_tail(contents: &Contents, seed: u64) -> Vec<u8> {
         return durable.clone();
     }
     let mut state = seed;
-    let extra = splitmix(&mut state) % (live.len() - durable.len() + 1) as u64;
+    let extra = splitmix64(&mut state) % (live.len() - durable.len() + 1) as u64;
     live[..durable.len() + extra as usize].to_vec()
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 impl StateFiles for CrashFiles {
