@@ -75,6 +75,20 @@ fn non_empty(value: &str) -> Result<(), ValueError> {
     }
 }
 
+/// A file the daemon writes: an absolute path (a relative one would land
+/// wherever the daemon happens to run).
+fn absolute_file(value: &str) -> Result<(), ValueError> {
+    if std::path::Path::new(value).is_absolute() && !value.ends_with('/') {
+        Ok(())
+    } else {
+        Err(ValueError::new(
+            "an absolute file path",
+            value,
+            "such as /var/log/dmm/vm1.log",
+        ))
+    }
+}
+
 /// Checks a value by parsing it as the type the engines use.
 fn parsed<T: FromStr>(value: &str) -> Result<(), ValueError>
 where
@@ -229,8 +243,9 @@ pub const PROPERTIES: &[Property] = &[
         applies: None,
         default: None,
         change: Change::Live,
-        help: "file that receives the migration's log lines",
-        check: non_empty,
+        help: "file that receives the migration's log lines (an absolute path; \
+               a regular file, never followed through a symbolic link)",
+        check: absolute_file,
     },
     Property {
         name: "access",

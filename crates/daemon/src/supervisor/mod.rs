@@ -514,13 +514,23 @@ impl Supervisor {
 }
 
 /// Appends a line to a migration's log file.
+/// Appends a line to a migration's `logfile`: created owner-only, never
+/// through a symbolic link, and only if it is a regular file (not a device
+/// or a FIFO someone put there).
 fn append_line(id: MigrationId, path: &str, line: &str) {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let no_follow = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
     let appended = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(no_follow.bits() as i32)
         .open(path)
-        .and_then(|mut f| f.write_all(line.as_bytes()));
+        .and_then(|mut file| match file.metadata()?.is_file() {
+            true => file.write_all(line.as_bytes()),
+            false => Err(std::io::Error::other("not a regular file")),
+        });
     if let Err(err) = appended {
         tracing::warn!(migration = id, "cannot write the log file {path}: {err}");
     }

@@ -255,3 +255,39 @@ async fn a_paused_migration_comes_back_paused() {
     assert_eq!(resumed.state, State::Running);
     restarted.shutdown().await;
 }
+
+#[test]
+fn a_logfile_is_a_regular_file_never_reached_through_a_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("vm1.log");
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    super::append_line(1, &path(&log), "one\n");
+    super::append_line(1, &path(&log), "two\n");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "one\ntwo\n");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "created owner-only");
+    // A link put where the log goes is not followed.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    let link = dir.path().join("link.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    super::append_line(1, &path(&link), "line\n");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    // Nor is a FIFO written (or waited on).
+    let fifo = dir.path().join("fifo.log");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let started = Instant::now();
+    super::append_line(1, &path(&fifo), "line\n");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // A relative path is refused when set.
+    let err = crate::properties::check("logfile", "logs/vm1.log").unwrap_err();
+    assert!(err.to_string().contains("absolute"), "{err}");
+}
