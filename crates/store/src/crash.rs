@@ -128,11 +128,6 @@ impl CrashStore {
         }
     }
 
-    /// The rail this store is on.
-    pub fn power(&self) -> &Power {
-        &self.power
-    }
-
     /// What this store holds after the power cut `_blackout` of its rail,
     /// as a new store on `power`.
     pub fn survivor(&self, _blackout: &Blackout<'_>, cut: Cut, power: &Power) -> CrashStore {

@@ -285,15 +285,13 @@ impl VirtualDevice {
     /// Compares one `Both` chunk on the two stores; `Some(false)` on a
     /// mismatch, `None` if the chunk is not in `Both`.
     ///
-    /// Reads without a lock first, so clients are not held up: a chunk that
-    /// is still in `Both` after both reads was not written in between (a
-    /// write records leaving `Both` before its data goes out). Only a
+    /// Reads without a lock first, so clients are not held up; only a
     /// mismatch is looked at again, under an exclusive lock.
     pub(crate) async fn verify_chunk(&self, chunk: u64) -> Result<Option<bool>> {
         if self.chunks().get(chunk) != ChunkState::Both {
             return Ok(None);
         }
-        if self.digests_match(chunk).await? && self.chunks().get(chunk) == ChunkState::Both {
+        if self.same_unlocked(chunk).await? {
             return Ok(Some(true));
         }
         let _guard = self.locks.exclusive(chunk..chunk + 1).await;
@@ -306,8 +304,10 @@ impl VirtualDevice {
     /// After a crash: compares one `Both` chunk and, if the stores differ,
     /// hands it to the side reads of it come from, so they keep returning
     /// what they returned since the restart. True if it was handed over.
+    /// Compared without a lock first, as [`VirtualDevice::verify_chunk`]
+    /// does; only a difference is looked at again, locked.
     pub(crate) async fn reconcile_chunk(&self, chunk: u64) -> Result<bool> {
-        if self.verify_chunk(chunk).await? != Some(false) {
+        if self.chunks().get(chunk) != ChunkState::Both || self.same_unlocked(chunk).await? {
             return Ok(false);
         }
         // The gate before the chunk lock, as for client requests.
@@ -321,6 +321,13 @@ impl VirtualDevice {
             false => ChunkState::Source,
         };
         self.ledger.change_state(chunk, ChunkState::Both, side)
+    }
+
+    /// Whether a chunk reads the same on both stores, without a lock: a
+    /// chunk still in `Both` after both reads was not written in between
+    /// (a write records leaving `Both` before its data goes out).
+    async fn same_unlocked(&self, chunk: u64) -> Result<bool> {
+        Ok(self.digests_match(chunk).await? && self.chunks().get(chunk) == ChunkState::Both)
     }
 
     async fn digests_match(&self, chunk: u64) -> Result<bool> {
