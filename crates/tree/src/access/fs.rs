@@ -178,15 +178,25 @@ impl TreeFs {
     /// dmm writing a file's data or a directory's placeholders moves its
     /// ctime; one no client changed shows a stable one (its mtime) until
     /// the end, so readers such as tar do not see it change under them.
-    fn attr(&self, st: &Stat) -> Shown {
-        let mut attr = self.raw_attr(st);
+    /// `st` was taken after [`Namespace::settled_count`] read `before`:
+    /// when an entry settled since, `st` may hold the times of a copy in
+    /// progress, and `again` takes a fresh look.
+    fn attr(&self, st: &Stat, before: u64, again: impl FnOnce() -> Option<Stat>) -> Shown {
         let tracked = self.namespace.entry_of_ino(st.st_ino);
+        let settling = tracked.and_then(|id| self.namespace.settling_source_meta(id));
+        let fresh =
+            (tracked.is_some() && settling.is_none() && self.namespace.settled_count() != before)
+                .then(again)
+                .flatten()
+                .filter(|fresh| fresh.st_ino == st.st_ino);
+        let st = fresh.as_ref().unwrap_or(st);
+        let mut attr = self.raw_attr(st);
         if matches!(attr.kind, FileType::RegularFile | FileType::Directory)
             && tracked.is_some_and(|id| self.namespace.is_unchanged(id))
         {
             attr.ctime = attr.mtime;
         }
-        if let Some(source) = tracked.and_then(|id| self.namespace.settling_source_meta(id)) {
+        if let Some(source) = settling {
             attr.atime = system_time(source.atime.seconds, source.atime.nanos.into());
             attr.mtime = system_time(source.mtime.seconds, source.mtime.nanos.into());
             attr.ctime = attr.mtime;
@@ -241,6 +251,7 @@ impl TreeFs {
     /// Registers a lookup of `name` in `dir` and returns its attributes.
     /// Directories get tracked: tracked entries may be moved into them.
     fn remember(&self, dir: &Dir, name: &OsStr) -> Reply<Shown> {
+        let before = self.namespace.settled_count();
         let st = self.nodes.look_up(dir.ino, &dir.fd, name)?;
         if kind_of(st.st_mode) == FileType::Directory
             && let Some(parent_entry) = dir.entry
@@ -251,7 +262,8 @@ impl TreeFs {
             self.nodes.forget(st.st_ino, 1);
             return Err(tree_errno(err));
         }
-        Ok(self.attr(&st))
+        let again = || rustix::fs::statat(&*dir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ok();
+        Ok(self.attr(&st, before, again))
     }
 
     /// The inode `name` in `dir` stands for, if any.
@@ -271,8 +283,10 @@ impl TreeFs {
     }
 
     fn do_getattr(&self, ino: INodeNo) -> Reply<Shown> {
-        let st = rustix::fs::fstat(&*self.fd(ino)?).map_err(errno)?;
-        Ok(self.attr(&st))
+        let before = self.namespace.settled_count();
+        let fd = self.fd(ino)?;
+        let st = rustix::fs::fstat(&*fd).map_err(errno)?;
+        Ok(self.attr(&st, before, || rustix::fs::fstat(&*fd).ok()))
     }
 
     #[allow(clippy::too_many_arguments)]

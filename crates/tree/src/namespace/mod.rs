@@ -235,6 +235,13 @@ impl Namespace {
         self.source.stat(&source).ok()
     }
 
+    /// How many entries dmm finished filling in so far. Read it before a
+    /// look at the target: if it has not moved when the look is judged,
+    /// every settled entry was settled before the look.
+    pub fn settled_count(&self) -> u64 {
+        self.lock().settled_count()
+    }
+
     /// Whether dmm is done filling the entry in (a directory populated, a
     /// file with all its data): from then on only clients change it.
     pub fn is_settled(&self, id: EntryId) -> bool {

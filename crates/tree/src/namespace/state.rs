@@ -178,6 +178,9 @@ pub(super) struct State {
     unflushed: HashSet<EntryId>,
     batch: Vec<Change>,
     counts: Counts,
+    /// How many times dmm finished filling an entry in (see
+    /// [`State::settled_count`]).
+    settled: u64,
 }
 
 /// Loading from the journal.
@@ -203,6 +206,7 @@ impl State {
             unflushed: HashSet::new(),
             batch: Vec::new(),
             counts: Counts::default(),
+            settled: 0,
         };
         for row in snapshot.entries {
             state.next_id = state.next_id.max(row.id + 1);
@@ -519,6 +523,14 @@ impl State {
     pub(super) fn mark_populated(&mut self, id: EntryId) {
         self.premerge.remove(&id);
         self.update_entry(id, |entry| entry.state = EntryState::Populated);
+        self.settled += 1;
+    }
+
+    /// Counts every entry dmm finished filling in: a look at the target
+    /// taken while this count did not move saw each settled entry as it
+    /// ends, not a placeholder's times in the middle of a copy.
+    pub(super) fn settled_count(&self) -> u64 {
+        self.settled
     }
 
     /// A new intent's identifier.
@@ -598,6 +610,7 @@ impl State {
         if completed.is_some() {
             self.batch.push(Change::State(id, EntryState::Done));
             self.unflushed.insert(id);
+            self.settled += 1;
         }
     }
 
