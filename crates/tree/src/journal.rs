@@ -191,6 +191,15 @@ const JOURNAL: Layout = Layout {
     );"],
 };
 
+/// Whether a journal write must be on disk before the call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Survives a crash of dmm; the page cache reaches the disk later.
+    Lazy,
+    /// Survives a power cut.
+    Durable,
+}
+
 /// The journal of one tree migration.
 pub struct Journal {
     database: Database,
@@ -216,18 +225,22 @@ impl Journal {
         })
     }
 
-    /// Writes `changes` in one transaction, in order.
-    pub fn apply(&self, changes: &[Change]) -> Result<()> {
-        if changes.is_empty() {
-            return Ok(());
+    /// Writes `changes` in one transaction, in order; with
+    /// [`Durability::Durable`], the journal is on disk on return (with no
+    /// changes, everything committed before is made durable).
+    pub fn apply(&self, changes: &[Change], durability: Durability) -> Result<()> {
+        match (changes.is_empty(), durability) {
+            (true, Durability::Lazy) => Ok(()),
+            (true, Durability::Durable) => self.sync(),
+            (false, Durability::Lazy) => self.with("write", |c| write(c, changes)),
+            (false, Durability::Durable) => self.with("write", |c| {
+                // The WAL is fsynced by each commit while this holds.
+                c.execute_batch("PRAGMA synchronous = FULL")?;
+                let written = write(c, changes);
+                c.execute_batch("PRAGMA synchronous = NORMAL")?;
+                written
+            }),
         }
-        self.with("write", |c| {
-            let tx = c.transaction()?;
-            for change in changes {
-                apply_one(&tx, change)?;
-            }
-            tx.commit()
-        })
     }
 
     /// Makes every committed change durable (fsync of the WAL).
@@ -258,6 +271,15 @@ impl Journal {
             })
         })
     }
+}
+
+/// Writes `changes` in one transaction, in order.
+fn write(c: &mut Connection, changes: &[Change]) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    for change in changes {
+        apply_one(&tx, change)?;
+    }
+    tx.commit()
 }
 
 fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Result<()> {
@@ -385,27 +407,33 @@ mod tests {
         let path = tmp.path().join("journal.db");
         let journal = Journal::open(&path).unwrap();
         journal
-            .apply(&[
-                Change::Insert(dir(ROOT, EntryState::Populated)),
-                Change::Insert(dir(2, EntryState::Unpopulated)),
-                Change::AddName(NameRow {
-                    parent: ROOT,
-                    name: b"a".to_vec(),
-                    entry: 2,
-                }),
-                Change::BeginIntent {
-                    id: 7,
-                    body: "{}".into(),
-                },
-            ])
+            .apply(
+                &[
+                    Change::Insert(dir(ROOT, EntryState::Populated)),
+                    Change::Insert(dir(2, EntryState::Unpopulated)),
+                    Change::AddName(NameRow {
+                        parent: ROOT,
+                        name: b"a".to_vec(),
+                        entry: 2,
+                    }),
+                    Change::BeginIntent {
+                        id: 7,
+                        body: "{}".into(),
+                    },
+                ],
+                Durability::Durable,
+            )
             .unwrap();
         let outstanding = journal.outstanding().unwrap();
         assert_eq!((outstanding.unpopulated, outstanding.intents), (1, 1));
         journal
-            .apply(&[
-                Change::State(2, EntryState::Populated),
-                Change::FinishIntent(7),
-            ])
+            .apply(
+                &[
+                    Change::State(2, EntryState::Populated),
+                    Change::FinishIntent(7),
+                ],
+                Durability::Durable,
+            )
             .unwrap();
         drop(journal);
         let journal = Journal::open(&path).unwrap();
@@ -413,7 +441,9 @@ mod tests {
         let snapshot = journal.load().unwrap();
         assert_eq!(snapshot.entries.len(), 2);
         assert_eq!(snapshot.names[0].entry, 2);
-        journal.apply(&[Change::Delete(2)]).unwrap();
+        journal
+            .apply(&[Change::Delete(2)], Durability::Lazy)
+            .unwrap();
         assert!(journal.load().unwrap().names.is_empty());
     }
 }

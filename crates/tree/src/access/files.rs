@@ -218,10 +218,10 @@ impl OpenFile {
         Ok(copied as u32)
     }
 
-    /// `fsync`: the journal first, so that the marks of what the client
-    /// makes durable are durable too.
+    /// `fsync`: the target's file system and the journal first, so that
+    /// the marks of what the client makes durable are durable too.
     pub(super) fn fsync(&self, namespace: &Namespace, data_only: bool) -> Reply<()> {
-        namespace.flush().map_err(tree_errno)?;
+        namespace.flush_durably().map_err(tree_errno)?;
         self.sync(data_only).map_err(errno)
     }
 }

@@ -1038,7 +1038,7 @@ impl Filesystem for TreeFs {
         reply: ReplyEmpty,
     ) {
         let result = self.fd(ino).and_then(|fd| {
-            self.namespace.flush().map_err(tree_errno)?;
+            self.namespace.flush_durably().map_err(tree_errno)?;
             let dir = rustix::fs::open(
                 proc_path(&*fd),
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::Namespace;
 use super::state::{Entry, State};
 use crate::error::{Error, ErrorKind, Result};
-use crate::journal::{Change, EntryId, EntryState};
+use crate::journal::{Change, Durability, EntryId, EntryState};
 
 /// A change under way, as journaled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,7 +180,9 @@ impl Namespace {
     }
 
     /// Intent, act, then the name changes `finish` returns (only if the
-    /// act succeeded).
+    /// act succeeded). The intent is on disk before the act: a power cut
+    /// that keeps the act finds it, and recovery looks at the target. The
+    /// names are journaled once the act is on disk (`apply` syncs first).
     fn phased(
         &self,
         intent: Intent,
@@ -188,14 +190,14 @@ impl Namespace {
         finish: impl FnOnce(&mut State) -> Vec<Change>,
     ) -> Result<io::Result<()>> {
         let intent_id = self.lock().next_intent();
-        self.commit(vec![intent.begin(intent_id)])?;
+        self.commit(vec![intent.begin(intent_id)], Durability::Durable)?;
         let outcome = act();
         let mut changes = match outcome {
             Ok(()) => finish(&mut self.lock()),
             Err(_) => Vec::new(),
         };
         changes.push(Change::FinishIntent(intent_id));
-        self.commit(changes)?;
+        self.commit(changes, Durability::Lazy)?;
         Ok(outcome)
     }
 
@@ -261,7 +263,7 @@ impl Namespace {
                 }
             }
             changes.push(Change::FinishIntent(id));
-            self.apply(&changes)?;
+            self.apply(&changes, Durability::Lazy)?;
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ use parking_lot::Condvar;
 pub use self::state::Counts;
 use self::state::{Entry, State};
 use crate::error::{Error, ErrorKind, Result};
-use crate::journal::{Change, EntryId, EntryState, ErrorRow, Journal, ROOT};
+use crate::journal::{Change, Durability, EntryId, EntryState, ErrorRow, Journal, ROOT};
 use crate::lock::{self, Mutex, MutexGuard, Rank};
 use crate::source::Source;
 
@@ -151,7 +151,7 @@ impl Namespace {
             names: Vec::new(),
             progress: None,
         };
-        self.apply(&[Change::Insert(root.row(ROOT))])?;
+        self.apply(&[Change::Insert(root.row(ROOT))], Durability::Lazy)?;
         self.lock().insert_entry(ROOT, root);
         Ok(())
     }
@@ -312,23 +312,50 @@ impl Namespace {
         self.lock().record_failure(id, err.report());
     }
 
-    /// Writes the batched changes and marks to the journal.
+    /// Writes the batched changes and marks to the journal, once what they
+    /// describe is on the target's disk (see [`Namespace::apply`]).
     pub fn flush(&self) -> Result<()> {
+        self.flush_with(Durability::Lazy)
+    }
+
+    /// [`Namespace::flush`], and the journal durable on return: what a
+    /// client's fsync and a namespace change's intent need.
+    pub fn flush_durably(&self) -> Result<()> {
+        self.flush_with(Durability::Durable)
+    }
+
+    fn flush_with(&self, durability: Durability) -> Result<()> {
         let _order = self.flushing.lock();
         let batch = self.lock().take_batch();
-        self.apply(&batch)
+        self.apply(&batch, durability)
     }
 
     /// Commits `changes` at once, after whatever was batched before them.
-    fn commit(&self, changes: Vec<Change>) -> Result<()> {
+    fn commit(&self, changes: Vec<Change>, durability: Durability) -> Result<()> {
         self.lock().journal(changes);
-        self.flush()
+        self.flush_with(durability)
     }
 
-    /// One call into the journal.
-    fn apply(&self, changes: &[Change]) -> Result<()> {
+    /// One call into the journal. The target's file system is synced
+    /// first: every change recorded was made in the target before it was
+    /// recorded, so the journal can never be ahead of the target's disk,
+    /// whenever SQLite or the kernel write its pages back. A power cut
+    /// then leaves the journal describing the target as it was at some
+    /// earlier instant, never an entry marked done whose data or name the
+    /// disk lost.
+    fn apply(&self, changes: &[Change], durability: Durability) -> Result<()> {
+        if !changes.is_empty() {
+            self.sync_target()?;
+        }
         let _journal = lock::enter(Rank::Journal);
-        self.journal.apply(changes)
+        self.journal.apply(changes, durability)
+    }
+
+    /// Makes everything written to the target's file system durable.
+    fn sync_target(&self) -> Result<()> {
+        let synced = std::fs::File::open(&self.target)
+            .and_then(|root| rustix::fs::syncfs(&root).map_err(std::io::Error::from));
+        synced.map_err(crate::error::on(ErrorKind::Target, "sync", &self.target))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

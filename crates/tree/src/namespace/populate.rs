@@ -19,7 +19,7 @@ use super::state::Entry;
 use super::{Collision, Namespace};
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::fidelity;
-use crate::journal::{Change, EntryId, EntryState, NameRow};
+use crate::journal::{Change, Durability, EntryId, EntryState, NameRow};
 use crate::source::{Child, Kind};
 
 /// A child placed in the target, to be recorded.
@@ -184,7 +184,7 @@ impl Namespace {
             state.set_premerge(id, intent_id, names.clone());
             intent_id
         };
-        self.commit(vec![intent.begin(intent_id)])?;
+        self.commit(vec![intent.begin(intent_id)], Durability::Durable)?;
         changes.push(Change::FinishIntent(intent_id));
         Ok(names)
     }
@@ -366,7 +366,7 @@ impl Namespace {
         }
         rows.push(Change::State(id, EntryState::Populated));
         rows.append(&mut changes);
-        self.commit(rows)?;
+        self.commit(rows, Durability::Lazy)?;
         let mut state = self.lock();
         state.mark_populated(id);
         for item in placed {
