@@ -97,11 +97,21 @@ impl TreeJob {
     }
 
     /// Waits until every entry is migrated (or a stop is requested), then
-    /// compares checksums.
+    /// compares checksums. A target that takes no more writes (full,
+    /// read-only) pauses the copy and ends the run with an error naming
+    /// the path; the next run (`dmm start`) retries everything at once.
     pub fn run(&self) -> Result<Finished> {
+        self.engine.retry_now();
         while !self.engine.is_complete() {
             if self.controls().stop_requested() {
                 return Ok(Finished::Stopped);
+            }
+            if let Some(why) = self.engine.blocked() {
+                self.controls().pause();
+                return Err(Error::new(
+                    ErrorKind::Target,
+                    format!("{why}; the copy is paused: make room, then start it again"),
+                ));
             }
             std::thread::sleep(WATCH_EVERY);
         }

@@ -176,6 +176,17 @@ impl TreeMigration {
         self.namespace.is_complete()
     }
 
+    /// Why the target takes no more writes, if it does not (see
+    /// [`Namespace::blocked`]).
+    pub fn blocked(&self) -> Option<crate::namespace::Blocked> {
+        self.namespace.blocked()
+    }
+
+    /// Retries every entry in error now and lifts a block.
+    pub fn retry_now(&self) {
+        self.namespace.retry_now();
+    }
+
     pub fn progress(&self) -> TreeProgress {
         let counts = self.namespace.counts();
         let elapsed = self.started.elapsed().as_secs_f64().max(0.001);

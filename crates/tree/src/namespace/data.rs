@@ -212,11 +212,20 @@ impl Namespace {
         let segsize = self.settings.segsize;
         let start = u64::from(segment) * segsize;
         let end = (start + segsize).min(limit);
-        let written = fidelity::copy_range(&source, &target, start, end).map_err(on(
-            ErrorKind::Source,
-            "copy data of",
-            &self.source.path(&source_path),
-        ))?;
+        let written = fidelity::copy_range(&source, &target, start, end).map_err(|err| {
+            // Only the target refuses writes; anything else is blamed on
+            // the source, which is what fails in practice.
+            match err.raw_os_error() {
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS) => {
+                    on(ErrorKind::Target, "write", &target_path)(err)
+                }
+                _ => on(
+                    ErrorKind::Source,
+                    "copy data of",
+                    &self.source.path(&source_path),
+                )(err),
+            }
+        })?;
         self.keep_source_times(id, &source, &target_path);
         self.lock().add_written(written);
         Ok(written)

@@ -29,7 +29,7 @@ use std::time::Duration;
 use dmm_control::ValueError;
 use parking_lot::Condvar;
 
-pub use self::state::Counts;
+pub use self::state::{Blocked, Counts};
 use self::state::{Entry, State};
 use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{Change, Durability, EntryId, EntryState, ErrorRow, Journal, ROOT};
@@ -307,9 +307,27 @@ impl Namespace {
 
     /// Records that a background step on `id` failed; it is retried with
     /// backoff, and the rest of the migration goes on. An entry that is
-    /// gone meanwhile (a client deleted it) has nothing left to retry.
+    /// gone meanwhile (a client deleted it) has nothing left to retry. A
+    /// target file system that is full or read-only blocks the whole
+    /// migration instead ([`Namespace::blocked`]): retrying cannot mend it.
     pub fn record_failure(&self, id: EntryId, err: &Error) {
-        self.lock().record_failure(id, err.report());
+        let mut state = self.lock();
+        state.record_failure(id, err.report());
+        if let Some(blocked) = blocks_the_target(err) {
+            state.block(blocked);
+        }
+    }
+
+    /// Why the target takes no more writes (its file system is full or
+    /// read-only), until [`Namespace::retry_now`].
+    pub fn blocked(&self) -> Option<Blocked> {
+        self.lock().blocked()
+    }
+
+    /// Lifts a block and retries every entry in error at once (an admin
+    /// freed space, or started the migration again).
+    pub fn retry_now(&self) {
+        self.lock().retry_now();
     }
 
     /// Writes the batched changes and marks to the journal, once what they
@@ -390,4 +408,14 @@ pub struct UnchangedFile {
     pub id: EntryId,
     pub source: PathBuf,
     pub target_ino: u64,
+}
+
+/// Whether an error says the target file system takes no more writes: out
+/// of space or inodes, over quota, or read-only.
+fn blocks_the_target(err: &Error) -> Option<Blocked> {
+    let errno = err.errno();
+    matches!(errno, libc::ENOSPC | libc::EDQUOT | libc::EROFS).then(|| Blocked {
+        path: err.path().map(Path::to_path_buf).unwrap_or_default(),
+        errno,
+    })
 }

@@ -143,6 +143,23 @@ struct Failure {
     retry_at: Instant,
 }
 
+/// The first write the target refused because its file system takes no
+/// more (see [`super::Namespace::blocked`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The target path written to.
+    pub path: std::path::PathBuf,
+    /// What the file system answered (ENOSPC, EDQUOT, EROFS).
+    pub errno: i32,
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cause = std::io::Error::from_raw_os_error(self.errno);
+        write!(f, "cannot write {}: {cause}", self.path.display())
+    }
+}
+
 /// Retry delays for entries in error: 1 s doubling up to 5 min.
 fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(1u64 << attempts.min(8).saturating_sub(1)).min(Duration::from_secs(300))
@@ -181,6 +198,8 @@ pub(super) struct State {
     /// How many times dmm finished filling an entry in (see
     /// [`State::settled_count`]).
     settled: u64,
+    /// Why the target takes no more writes (full, read-only), if so.
+    blocked: Option<Blocked>,
 }
 
 /// Loading from the journal.
@@ -207,6 +226,7 @@ impl State {
             batch: Vec::new(),
             counts: Counts::default(),
             settled: 0,
+            blocked: None,
         };
         for row in snapshot.entries {
             state.next_id = state.next_id.max(row.id + 1);
@@ -661,6 +681,25 @@ impl State {
         self.batch.push(Change::RecordError(row.clone()));
         let retry_at = Instant::now() + backoff(attempts);
         self.failures.insert(id, Failure { row, retry_at });
+    }
+
+    /// The target takes no more writes until an admin acts.
+    pub(super) fn block(&mut self, why: Blocked) {
+        self.blocked.get_or_insert(why);
+    }
+
+    pub(super) fn blocked(&self) -> Option<Blocked> {
+        self.blocked.clone()
+    }
+
+    /// An admin acted: the block is lifted and every entry in error is
+    /// tried again at once.
+    pub(super) fn retry_now(&mut self) {
+        self.blocked = None;
+        let now = Instant::now();
+        for failure in self.failures.values_mut() {
+            failure.retry_at = now;
+        }
     }
 
     pub(super) fn clear_failure(&mut self, id: EntryId) {

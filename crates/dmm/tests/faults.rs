@@ -1,0 +1,114 @@
+//! The fault matrix: each test makes one thing go wrong under a running
+//! migration (a target that fills up, a source changed behind dmm's back)
+//! and checks that nothing is lost, clients get the system's error, and
+//! the migration says what happened and can go on once it is mended.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A small ext4 file system on a loop device, unmounted when dropped.
+struct LoopMount {
+    mountpoint: PathBuf,
+}
+
+impl LoopMount {
+    fn new(image: &Path, mountpoint: &Path, mebibytes: u64) -> LoopMount {
+        fs::File::create(image)
+            .unwrap()
+            .set_len(mebibytes << 20)
+            .unwrap();
+        run(tool("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(image));
+        fs::create_dir_all(mountpoint).unwrap();
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(mountpoint));
+        LoopMount {
+            mountpoint: mountpoint.to_owned(),
+        }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+    }
+}
+
+/// Waits until `migid` is in `wanted`, a failure allowed: returns the
+/// state and the catalog's last message.
+fn wait_for(daemon: &Daemon, migid: &str, wanted: &str, limit: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        let stat = daemon.json(&["stat", migid]);
+        if stat["state"] == wanted {
+            return stat.to_string();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "migration {migid} not {wanted} after {limit:?}: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A tree target that fills up: the migration fails naming the path and
+/// the cause, its copy pauses, clients writing through the access point get
+/// ENOSPC, what was copied stays; once space is freed `dmm start` finishes
+/// the migration and the target equals the source.
+#[test]
+fn a_full_tree_target_fails_the_migration_until_space_is_freed() {
+    let mut d = dirs();
+    // In a directory of their own: the client's file below changes the
+    // root's times.
+    fs::create_dir(d.source.join("data")).unwrap();
+    for i in 0..40u8 {
+        let file = d.source.join(format!("data/f{i:02}"));
+        fs::write(file, pattern(1 << 20, i)).unwrap();
+    }
+    // 96 MiB of which a 60 MiB ballast leaves too little for 40 MiB.
+    let scratch = d.state.with_file_name("small");
+    let small = LoopMount::new(&scratch.with_extension("img"), &scratch, 96);
+    let ballast = small.mountpoint.join("ballast");
+    fs::write(&ballast, vec![0x5a; 60 << 20]).unwrap();
+    let target = small.mountpoint.join("target");
+    fs::create_dir(&target).unwrap();
+    d.target = target;
+
+    let daemon = Daemon::start(&d.state, &[]);
+    let migid = create_tree(&daemon, &d, &[]);
+    let failed = wait_for(&daemon, &migid, "failed", Duration::from_secs(60));
+    let target_path = p(&d.target);
+    assert!(
+        failed.contains("No space left on device") && failed.contains(&target_path),
+        "the failure names the target path and the cause: {failed}"
+    );
+
+    // The access point still serves; a client's write gets ENOSPC.
+    let written = fs::write(d.access.join("client-file"), vec![1u8; 48 << 20]);
+    let err = written.expect_err("a 48 MiB write into a full file system");
+    assert_eq!(err.raw_os_error(), Some(28), "ENOSPC expected: {err}");
+    fs::remove_file(d.access.join("client-file")).unwrap();
+    // The copy is paused: nothing more is written while the admin acts.
+    let copied = || daemon.json(&["stat", &migid])["progress"]["bytes_written"].clone();
+    let before = copied();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(copied(), before, "the copy of a failed migration is paused");
+
+    fs::remove_file(&ballast).unwrap();
+    daemon.ok(&["start", &migid]);
+    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(120));
+    daemon.ok(&["commit", &migid]);
+    let differences = rsync_differences(&d.source.join("data"), &d.target.join("data"));
+    assert!(differences.is_empty(), "{differences}");
+    assert!(daemon.stop().success());
+}
