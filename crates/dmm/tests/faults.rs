@@ -112,3 +112,48 @@ fn a_full_tree_target_fails_the_migration_until_space_is_freed() {
     assert!(differences.is_empty(), "{differences}");
     assert!(daemon.stop().success());
 }
+
+/// Source files changed behind dmm's back while it migrates (rewritten in
+/// place, grown, shrunk, before or after their copy): each is copied again,
+/// so that the committed target equals the source as it ended, even with
+/// verification off.
+#[test]
+fn source_files_changed_during_a_tree_migration_are_copied_again() {
+    let d = dirs();
+    for i in 0..24u8 {
+        fs::write(d.source.join(format!("f{i:02}")), pattern(1 << 20, i)).unwrap();
+    }
+    let daemon = Daemon::start(&d.state, &[]);
+    let migid = create_tree(&daemon, &d, &["rate=4M", "verify=none"]);
+    let started = Instant::now();
+    while daemon.json(&["stat", &migid])["progress"]["files_done"].as_u64() < Some(4) {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Copied already (the first ones), and not yet (the last ones).
+    for (name, seed, len) in [("f00", 100u8, 1 << 20), ("f23", 101, 1 << 20)] {
+        fs::write(d.source.join(name), pattern(len, seed)).unwrap();
+    }
+    let grown = [pattern(1 << 20, 1), pattern(300_000, 102)].concat();
+    fs::write(d.source.join("f01"), grown).unwrap();
+    fs::write(d.source.join("f22"), pattern(5000, 103)).unwrap();
+    // A hole where the copy had data: stale bytes must not survive.
+    let sparse = fs::OpenOptions::new()
+        .write(true)
+        .open(d.source.join("f02"))
+        .unwrap();
+    sparse.set_len(0).unwrap();
+    sparse.set_len(1 << 20).unwrap();
+    drop(sparse);
+
+    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(120));
+    daemon.ok(&["commit", &migid]);
+    let differences = rsync_differences(&d.source, &d.target);
+    assert!(differences.is_empty(), "{differences}");
+    assert!(daemon.stop().success());
+    let log = fs::read_to_string(d.state.with_extension("log")).unwrap();
+    assert!(
+        log.contains("changed in the source after dmm copied it"),
+        "the daemon's log says what it copied again"
+    );
+}

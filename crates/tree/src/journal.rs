@@ -73,6 +73,9 @@ pub struct EntryRow {
     pub size: u64,
     pub source_ino: u64,
     pub target_ino: u64,
+    /// The source file's ctime when dmm read its size, in nanoseconds
+    /// since the epoch (0: not known, as in a journal of version 1).
+    pub source_ctime: i64,
     /// Changed through the access point (verification skips it, its times
     /// are the client's).
     pub changed: bool,
@@ -158,7 +161,8 @@ const JOURNAL: Layout = Layout {
     pragmas: "PRAGMA journal_mode = WAL;
               PRAGMA synchronous = NORMAL;
               PRAGMA busy_timeout = 5000;",
-    steps: &["
+    steps: &[
+        "
     CREATE TABLE entries (
         id         INTEGER PRIMARY KEY,
         state      TEXT NOT NULL,
@@ -188,7 +192,10 @@ const JOURNAL: Layout = Layout {
         message  TEXT NOT NULL,
         attempts INTEGER NOT NULL,
         at       INTEGER NOT NULL
-    );"],
+    );",
+        "
+    ALTER TABLE entries ADD COLUMN source_ctime INTEGER NOT NULL DEFAULT 0;",
+    ],
 };
 
 /// Whether a journal write must be on disk before the call returns.
@@ -286,8 +293,9 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
     match change {
         Change::Insert(row) => tx.execute(
             "INSERT OR REPLACE INTO entries
-                 (id, state, source, size, source_ino, target_ino, changed, merged, segments)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 (id, state, source, size, source_ino, target_ino, changed, merged, segments,
+                  source_ctime)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 row.id,
                 row.state.as_str(),
@@ -297,7 +305,8 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
                 row.target_ino as i64,
                 row.changed,
                 row.merged,
-                row.segments
+                row.segments,
+                row.source_ctime,
             ],
         ),
         Change::State(id, state) => tx.execute(
@@ -340,7 +349,8 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
 fn load(c: &Connection) -> rusqlite::Result<Snapshot> {
     let mut snapshot = Snapshot::default();
     let mut statement = c.prepare(
-        "SELECT id, state, source, size, source_ino, target_ino, changed, merged, segments
+        "SELECT id, state, source, size, source_ino, target_ino, changed, merged, segments,
+                source_ctime
          FROM entries ORDER BY id",
     )?;
     let rows = statement.query_map([], |r| {
@@ -354,6 +364,7 @@ fn load(c: &Connection) -> rusqlite::Result<Snapshot> {
             changed: r.get(6)?,
             merged: r.get(7)?,
             segments: r.get(8)?,
+            source_ctime: r.get(9)?,
         })
     })?;
     snapshot.entries = rows.collect::<rusqlite::Result<_>>()?;
@@ -395,6 +406,7 @@ mod tests {
             size: 0,
             source_ino: 0,
             target_ino: 0,
+            source_ctime: 0,
             changed: false,
             merged: false,
             segments: None,

@@ -24,6 +24,8 @@ pub(crate) enum Rank {
     Renames,
     /// `namespace`: populations that place hard-linked files.
     Linking,
+    /// `worker`: one worker at a time decides the copy is finished.
+    Settling,
     /// `namespace`: journal flushes, one batch at a time.
     Flushing,
     /// The journal's SQLite connection (`journal`; the lock is inside
@@ -87,9 +89,10 @@ mod held {
 
 #[cfg(debug_assertions)]
 impl Rank {
-    const ALL: [Rank; 10] = [
+    const ALL: [Rank; 11] = [
         Rank::Renames,
         Rank::Linking,
+        Rank::Settling,
         Rank::Flushing,
         Rank::Journal,
         Rank::State,

@@ -172,8 +172,11 @@ impl TreeMigration {
         &self.controls
     }
 
+    /// Whether every entry is copied and the workers found no source file
+    /// changed since its copy.
     pub fn is_complete(&self) -> bool {
-        self.namespace.is_complete()
+        let finished = self.workers.lock().as_ref().is_some_and(Workers::finished);
+        finished && self.namespace.is_complete()
     }
 
     /// Why the target takes no more writes, if it does not (see

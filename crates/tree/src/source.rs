@@ -57,6 +57,13 @@ pub struct Timestamp {
     pub nanos: u32,
 }
 
+impl Timestamp {
+    /// Nanoseconds since the epoch (as the journal keeps a ctime).
+    pub fn nanoseconds(self) -> i64 {
+        self.seconds * 1_000_000_000 + i64::from(self.nanos)
+    }
+}
+
 /// What dmm carries over from a source object besides its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
@@ -68,6 +75,9 @@ pub struct Meta {
     pub size: u64,
     pub atime: Timestamp,
     pub mtime: Timestamp,
+    /// Moves with every change of the file (data or metadata), and cannot
+    /// be set back: how dmm tells a source file changed behind it.
+    pub ctime: Timestamp,
     pub rdev: u64,
     /// Device and inode number in the source (hard link detection).
     pub dev: u64,
@@ -90,6 +100,10 @@ impl Meta {
             mtime: Timestamp {
                 seconds: metadata.mtime(),
                 nanos: metadata.mtime_nsec() as u32,
+            },
+            ctime: Timestamp {
+                seconds: metadata.ctime(),
+                nanos: metadata.ctime_nsec() as u32,
             },
             rdev: metadata.rdev(),
             dev: metadata.dev(),

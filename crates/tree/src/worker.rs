@@ -40,6 +40,8 @@ struct Shared {
     limiter: Mutex<RateLimiter>,
     /// Workers in the middle of a step.
     busy: AtomicUsize,
+    /// Held while one worker decides whether the migration is finished.
+    settling: Mutex<()>,
     finished: AtomicBool,
 }
 
@@ -57,6 +59,7 @@ impl Workers {
             controls,
             limiter: Mutex::new(Rank::Limiter, RateLimiter::default()),
             busy: AtomicUsize::new(0),
+            settling: Mutex::new(Rank::Settling, ()),
             finished: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
@@ -75,6 +78,12 @@ impl Workers {
         let flusher = shared.clone();
         threads.push(spawn("dmm-flush".into(), move || flusher.flusher()));
         Workers { threads, shared }
+    }
+
+    /// Whether the workers ran out of work for good: everything copied,
+    /// and no source file changed since its copy.
+    pub fn finished(&self) -> bool {
+        self.shared.finished.load(Ordering::Acquire)
     }
 
     /// Waits for the workers to end (bounded: a worker stuck in a system
@@ -102,10 +111,35 @@ impl Shared {
             return true;
         }
         if self.busy.load(Ordering::Acquire) == 0 && self.namespace.is_complete() {
-            self.finished.store(true, Ordering::Release);
-            return true;
+            return self.settle();
         }
         false
+    }
+
+    /// Everything is copied: one worker looks for source files changed
+    /// since their copy, which are copied again; with none, the migration
+    /// is finished.
+    fn settle(&self) -> bool {
+        let _settling = self.settling.lock();
+        if self.finished.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.namespace.recopy_changed_sources() {
+            Ok(recopied) if !recopied.is_empty() => {
+                for path in recopied {
+                    tracing::warn!(
+                        "{} changed in the source after dmm copied it: copying it again",
+                        path.display()
+                    );
+                }
+                return false;
+            }
+            Ok(_) => {}
+            // Verification compares what is left.
+            Err(err) => tracing::error!("{}", err.report()),
+        }
+        self.finished.store(true, Ordering::Release);
+        true
     }
 
     fn wait_unpaused(&self) {

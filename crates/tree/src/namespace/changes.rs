@@ -68,6 +68,7 @@ impl Namespace {
             source: None,
             size: 0,
             source_ino: 0,
+            source_ctime: 0,
             target_ino,
             changed: true,
             merged: false,

@@ -231,6 +231,46 @@ impl Namespace {
         Ok(written)
     }
 
+    /// Copies again, from zero, every file dmm finished copying whose
+    /// source moved since dmm read its size (its size or ctime differs):
+    /// the source is meant to stay still, but an admin may write to it.
+    /// A file a client changed through the access point is the client's
+    /// now and is left alone. Returns the source paths copied again.
+    pub fn recopy_changed_sources(&self) -> Result<Vec<std::path::PathBuf>> {
+        let mut recopied = Vec::new();
+        let copied = self.lock().copied_files();
+        for (id, source, size, ctime) in copied {
+            self.check_open()?;
+            // A source gone since is reported by verification.
+            let Ok(meta) = self.source.stat(&source) else {
+                continue;
+            };
+            let now = meta.ctime.nanoseconds();
+            if meta.size == size && now == ctime {
+                continue;
+            }
+            let (Some(path), Some(target_ino)) = (self.target_path(id), self.target_ino(id)) else {
+                continue;
+            };
+            let file = open_for_write(&path, target_ino)?;
+            // Under the state lock: a client that starts changing the file
+            // meanwhile waits for the copy to start over, then takes it.
+            let mut state = self.lock();
+            if state.entry(id).is_none_or(|e| e.changed) {
+                continue;
+            }
+            // Emptied first: stale bytes must not survive where the new
+            // source has a hole.
+            file.set_len(0)
+                .and_then(|()| file.set_len(meta.size))
+                .map_err(on(ErrorKind::Target, "truncate", &path))?;
+            state.restart_copy(id, meta.size, now);
+            recopied.push(self.source.path(&source));
+        }
+        self.progress.notify_all();
+        Ok(recopied)
+    }
+
     /// Opens file `id` in the target for writing. A client renaming it at
     /// that moment can make its path stale: it is looked up again.
     fn open_target(&self, id: EntryId, ino: u64) -> Result<(File, std::path::PathBuf)> {

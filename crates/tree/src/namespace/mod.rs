@@ -145,6 +145,7 @@ impl Namespace {
             source: Some(PathBuf::new()),
             size: 0,
             source_ino: 0,
+            source_ctime: 0,
             target_ino: std::os::unix::fs::MetadataExt::ino(&meta),
             changed: false,
             merged: true,

@@ -249,6 +249,7 @@ impl Namespace {
                 0
             },
             target_ino,
+            source_ctime: child.meta.ctime.nanoseconds(),
             changed: false,
             merged: merge,
             names: Vec::new(),

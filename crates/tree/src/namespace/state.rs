@@ -29,6 +29,8 @@ pub(super) struct Entry {
     pub(super) size: u64,
     pub(super) source_ino: u64,
     pub(super) target_ino: u64,
+    /// See [`EntryRow::source_ctime`].
+    pub(super) source_ctime: i64,
     pub(super) changed: bool,
     pub(super) merged: bool,
     /// (parent, name) pairs; a directory has one, a file one per link.
@@ -75,6 +77,7 @@ impl Entry {
             size: self.size,
             source_ino: self.source_ino,
             target_ino: self.target_ino,
+            source_ctime: self.source_ctime,
             changed: self.changed,
             merged: self.merged,
             segments: self.progress.as_ref().map(FileProgress::serialized),
@@ -91,6 +94,7 @@ impl Entry {
             size: row.size,
             source_ino: row.source_ino,
             target_ino: row.target_ino,
+            source_ctime: row.source_ctime,
             changed: row.changed,
             merged: row.merged,
             names: Vec::new(),
@@ -619,6 +623,38 @@ impl State {
             self.complete_file(id);
         }
         Some(busy)
+    }
+
+    /// Files copied whole and not changed by a client, with their source
+    /// path, size and ctime as dmm read them (when it knows the ctime).
+    pub(super) fn copied_files(&self) -> Vec<(EntryId, PathBuf, u64, i64)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.state == EntryState::Done && !e.changed && e.source_ctime != 0)
+            .filter_map(|(&id, e)| Some((id, e.source.clone()?, e.size, e.source_ctime)))
+            .collect()
+    }
+
+    /// File `id`'s source changed to `size` bytes at `ctime`: its copy
+    /// starts over (the target file was emptied and sized).
+    pub(super) fn restart_copy(&mut self, id: EntryId, size: u64, ctime: i64) {
+        let restarted = self.update_entry(id, |entry| {
+            entry.size = size;
+            entry.source_ctime = ctime;
+            entry.progress = (size > 0).then(|| FileProgress::new(size, Default::default()));
+            entry.state = if size > 0 {
+                EntryState::Pending
+            } else {
+                EntryState::Done
+            };
+            entry.row(id)
+        });
+        if let Some(row) = restarted {
+            self.batch.push(Change::Insert(row));
+            if size > 0 {
+                self.files.push_back(id);
+            }
+        }
     }
 
     /// The last segment is in: the file leaves the pending set.
