@@ -144,7 +144,19 @@ impl Counts {
 #[derive(Debug, Clone)]
 struct Failure {
     row: ErrorRow,
-    retry_at: Instant,
+    /// `None` while a retry is under way: it was handed to a worker and
+    /// its outcome is not known yet.
+    retry_at: Option<Instant>,
+}
+
+impl Failure {
+    /// Waiting for its retry time: not to be handed out before (however
+    /// often the entry sits in the queues, e.g. each time a client waits
+    /// on it), so that one fault is one attempt, not a burst of them that
+    /// pushes the backoff to minutes.
+    fn is_waiting(&self) -> bool {
+        self.retry_at.is_some()
+    }
 }
 
 /// The first write the target refused because its file system takes no
@@ -243,7 +255,7 @@ impl State {
         }
         let now = Instant::now();
         for row in snapshot.errors {
-            let retry_at = now + backoff(row.attempts);
+            let retry_at = Some(now + backoff(row.attempts));
             state.counts.errors += 1;
             state.failures.insert(row.entry, Failure { row, retry_at });
         }
@@ -360,7 +372,7 @@ impl State {
             .pop_front()
             .or_else(|| self.dirs.pop_front())
         {
-            if self.needs_population(id) {
+            if self.needs_population(id) && !self.is_waiting(id) {
                 return Some(id);
             }
         }
@@ -375,11 +387,16 @@ impl State {
             .pop_front()
             .or_else(|| self.files.pop_front())
         {
-            if self.needs_copy(id) {
+            if self.needs_copy(id) && !self.is_waiting(id) {
                 return Some(id);
             }
         }
         None
+    }
+
+    /// Whether entry `id` failed and waits for its retry time.
+    fn is_waiting(&self, id: EntryId) -> bool {
+        self.failures.get(&id).is_some_and(Failure::is_waiting)
     }
 
     /// Puts a file a worker gave up on back at the front of the queue.
@@ -401,13 +418,13 @@ impl State {
         let due: Vec<EntryId> = self
             .failures
             .iter()
-            .filter(|(_, f)| f.retry_at <= now)
+            .filter(|(_, f)| f.retry_at.is_some_and(|at| at <= now))
             .map(|(&id, _)| id)
             .collect();
         for id in due {
             if let Some(failure) = self.failures.get_mut(&id) {
                 // Not retried again until this attempt reports.
-                failure.retry_at = now + Duration::from_secs(3600);
+                failure.retry_at = None;
             }
             self.queue(id);
         }
@@ -715,7 +732,7 @@ impl State {
             self.counts.errors += 1;
         }
         self.batch.push(Change::RecordError(row.clone()));
-        let retry_at = Instant::now() + backoff(attempts);
+        let retry_at = Some(Instant::now() + backoff(attempts));
         self.failures.insert(id, Failure { row, retry_at });
     }
 
@@ -734,7 +751,7 @@ impl State {
         self.blocked = None;
         let now = Instant::now();
         for failure in self.failures.values_mut() {
-            failure.retry_at = now;
+            failure.retry_at = Some(now);
         }
     }
 
