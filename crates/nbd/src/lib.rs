@@ -14,6 +14,6 @@ pub mod proto;
 mod server;
 mod writer;
 
-pub use client::{Endpoint, NbdAddress, NbdStore, UriError};
+pub use client::{Endpoint, NbdAddress, NbdStore, RECONNECT_WITHIN, UriError};
 pub use open::{Access, OpenedStore, open_store};
 pub use server::{Export, ExportExists, ExportTable, Server, ServerConfig, bind_unix};

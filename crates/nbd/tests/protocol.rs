@@ -331,7 +331,11 @@ async fn many_requests_in_flight_all_get_replies() {
 #[tokio::test]
 async fn shutdown_answers_in_flight_requests_then_closes() {
     let (server, store) = server().await;
-    let client = NbdStore::connect_uri(&server.uri("disk")).await.unwrap();
+    // A client that does not wait for the server to come back.
+    let client = NbdStore::connect_uri(&server.uri("disk"))
+        .await
+        .unwrap()
+        .reconnecting_within(std::time::Duration::ZERO);
     let client = Arc::new(client);
     let writes: Vec<_> = (0..32u64)
         .map(|i| {

@@ -317,6 +317,32 @@ where
     }
 }
 
+/// A range asked for inside a larger extent gets extents within the range:
+/// callers walk chunk by chunk and must not learn about the next chunk.
+pub async fn extents_stay_inside_the_range<F, Fut>(factory: F)
+where
+    F: Fn(Fixture) -> Fut,
+    Fut: Future<Output = Subject>,
+{
+    let subject = make(factory, false).await;
+    let store = &*subject.store;
+    write(store, 1 << 20, &pattern(2, 1 << 20, 1 << 20)).await;
+    for (offset, len) in [
+        (1 << 20, 4096),
+        (1 << 20, 256 << 10),
+        (0, 64 << 10),
+        (3 << 20, 8192),
+    ] {
+        let extents = store.extents(offset, len).await.expect("extents");
+        assert!(!extents.is_empty(), "no extent at {offset}");
+        let end = extents.last().expect("one").end();
+        assert!(
+            extents[0].offset == offset && end <= offset + len,
+            "extents of {offset}+{len} reach past it: {extents:?}"
+        );
+    }
+}
+
 pub async fn fresh_store_is_sparse<F, Fut>(factory: F)
 where
     F: Fn(Fixture) -> Fut,
@@ -395,7 +421,7 @@ macro_rules! conformance_suite {
             overlapping_writes_keep_the_latest, zero_length_requests_succeed,
             out_of_range_is_refused, fua_write_and_flush_succeed,
             write_zeroes_reads_zero, fast_zero_is_fast_or_refused,
-            discard_keeps_neighbours, extents_describe_the_data,
+            discard_keeps_neighbours, extents_describe_the_data, extents_stay_inside_the_range,
             read_only_refuses_changes, concurrent_writes_all_land);
     };
     (@cases $factory:path; $($case:ident),*) => {

@@ -368,9 +368,11 @@ pub fn fua_writer(uri: String, mebibytes: u64, stop: Arc<Mutex<bool>>, sent: Arc
         .unwrap();
     runtime.block_on(async move {
         use dmm_store::BlockStore;
+        // It stops at the first error: a killed dmm is not waited for.
         let Ok(store) = dmm_nbd::NbdStore::connect_uri(&uri).await else {
             return;
         };
+        let store = store.reconnecting_within(Duration::ZERO);
         let mut value = 1u8;
         let mut slot = 0u64;
         while !*stop.lock().unwrap() {

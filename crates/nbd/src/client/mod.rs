@@ -8,6 +8,7 @@
 
 mod connection;
 mod handshake;
+mod link;
 mod uri;
 
 use std::sync::Arc;
@@ -23,6 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use self::connection::{Connection, Failure, Response};
 use self::handshake::{ExportInfo, HandshakeError};
+pub use self::link::RECONNECT_WITHIN;
+use self::link::{Dial, Link, Request};
 pub use self::uri::{Endpoint, NbdAddress, UriError};
 use crate::proto::{Command, cmd_flag, errno, transmission_flag as tf};
 
@@ -30,9 +33,10 @@ use crate::proto::{Command, cmd_flag, errno, transmission_flag as tf};
 /// (their length field is 32 bits).
 const MAX_UNPAYLOADED: u64 = 1 << 30;
 
-/// A remote NBD export as a [`BlockStore`].
+/// A remote NBD export as a [`BlockStore`]. One connected to an address
+/// survives a restart of the server (see [`link`](self::link)).
 pub struct NbdStore {
-    connection: Connection,
+    link: Link,
     info: ExportInfo,
     target: Arc<str>,
 }
@@ -45,37 +49,38 @@ impl NbdStore {
         NbdStore::connect(&address).await
     }
 
-    /// Connects to an export and negotiates.
+    /// Connects to an export and negotiates. The store dials the address
+    /// again if the server goes away.
     pub async fn connect(address: &NbdAddress) -> Result<NbdStore> {
-        let target = address.to_string();
-        let failed = |e: std::io::Error| Error::io(Op::Connect, target.as_str(), e);
-        match &address.endpoint {
-            Endpoint::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(failed)?;
-                NbdStore::over(stream, &address.export, target).await
-            }
-            Endpoint::Tcp { host, port } => {
-                let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(failed)?;
-                let _ = stream.set_nodelay(true);
-                NbdStore::over(stream, &address.export, target).await
-            }
-        }
+        let (connection, info) = dial(address).await?;
+        let again = address.clone();
+        let redial: Dial = Box::new(move || {
+            let address = again.clone();
+            Box::pin(async move { dial(&address).await.map_err(|e| format!("{e:?}")) })
+        });
+        Ok(NbdStore {
+            link: Link::new(connection, &info, Some(redial)),
+            info,
+            target: address.to_string().into(),
+        })
     }
 
-    /// Negotiates `export` over an already-connected stream.
-    pub async fn over<S>(mut stream: S, export: &str, target: String) -> Result<NbdStore>
+    /// How long a request waits for a lost server to come back before it
+    /// fails ([`RECONNECT_WITHIN`] by default).
+    pub fn reconnecting_within(mut self, window: std::time::Duration) -> NbdStore {
+        self.link.set_window(window);
+        self
+    }
+
+    /// Negotiates `export` over an already-connected stream (a store that
+    /// cannot dial again: a lost connection fails its requests).
+    pub async fn over<S>(stream: S, export: &str, target: String) -> Result<NbdStore>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let info = handshake::handshake(&mut stream, export)
-            .await
-            .map_err(|e| handshake_error(&target, e))?;
+        let (connection, info) = negotiate(stream, export, &target).await?;
         Ok(NbdStore {
-            connection: Connection::start(stream, &info),
+            link: Link::new(connection, &info, None),
             info,
             target: target.into(),
         })
@@ -113,8 +118,15 @@ impl NbdStore {
         payload: Option<Bytes>,
     ) -> Result<Response> {
         self.check_alignment(op, offset, length)?;
-        self.connection
-            .request(command, flags, offset, length as u32, payload)
+        let request = Request {
+            command,
+            flags,
+            offset,
+            length: length as u32,
+            payload,
+        };
+        self.link
+            .send(request)
             .await
             .map_err(|failure| self.error(op, offset, length, failure))
     }
@@ -151,6 +163,38 @@ impl NbdStore {
     }
 }
 
+/// Opens a connection to `address` and negotiates its export.
+async fn dial(address: &NbdAddress) -> Result<(Connection, ExportInfo)> {
+    let target = address.to_string();
+    let failed = |e: std::io::Error| Error::io(Op::Connect, target.as_str(), e);
+    match &address.endpoint {
+        Endpoint::Unix(path) => {
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(failed)?;
+            negotiate(stream, &address.export, &target).await
+        }
+        Endpoint::Tcp { host, port } => {
+            let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(failed)?;
+            let _ = stream.set_nodelay(true);
+            negotiate(stream, &address.export, &target).await
+        }
+    }
+}
+
+/// Negotiates `export` over `stream` and starts the connection.
+async fn negotiate<S>(mut stream: S, export: &str, target: &str) -> Result<(Connection, ExportInfo)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = handshake::handshake(&mut stream, export)
+        .await
+        .map_err(|e| handshake_error(target, e))?;
+    Ok((Connection::start(stream, &info), info))
+}
+
 fn handshake_error(target: &str, err: HandshakeError) -> Error {
     match err {
         HandshakeError::Io(e) => Error::io(Op::Connect, target, e),
@@ -173,6 +217,15 @@ fn kind_of(value: u32) -> ErrorKind {
         errno::ESHUTDOWN => ErrorKind::Shutdown,
         _ => ErrorKind::Io,
     }
+}
+
+/// The extents that start before `end`, the last one cut at `end`.
+fn clip(mut extents: Vec<Extent>, end: u64) -> Vec<Extent> {
+    extents.retain(|e| e.offset < end);
+    for extent in &mut extents {
+        extent.len = extent.len.min(end - extent.offset);
+    }
+    extents
 }
 
 fn fua_flag(fua: bool) -> u16 {
@@ -305,7 +358,9 @@ impl BlockStore for NbdStore {
             .send(Op::Extents, Command::BlockStatus, 0, offset, len, None)
             .await?
         {
-            Response::Extents(extents) if !extents.is_empty() => Ok(extents),
+            // A server may describe past the range (nbdkit does, to the
+            // end of the extent): callers must not learn beyond it.
+            Response::Extents(extents) if !extents.is_empty() => Ok(clip(extents, offset + len)),
             // A server that sent no usable descriptor: say "data" (always
             // safe) for the whole range.
             _ => Ok(vec![Extent::new(offset, len, ExtentKind::Data)]),
