@@ -61,6 +61,21 @@ fn wait_for(daemon: &Daemon, migid: &str, wanted: &str, limit: Duration) -> Stri
     }
 }
 
+/// Waits until the migration is ready to commit; the failure shows its
+/// progress and the daemon's log.
+fn wait_until_done(daemon: &Daemon, d: &Dirs, migid: &str) {
+    let started = Instant::now();
+    while daemon.state_of(migid) != "switched-over" {
+        let log = fs::read_to_string(d.state.with_extension("log")).unwrap_or_default();
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "migration {migid} not done: {}\n{log}",
+            daemon.json(&["stat", migid])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A tree target that fills up: the migration fails naming the path and
 /// the cause, its copy pauses, clients writing through the access point get
 /// ENOSPC, what was copied stays; once space is freed `dmm start` finishes
@@ -106,7 +121,7 @@ fn a_full_tree_target_fails_the_migration_until_space_is_freed() {
 
     fs::remove_file(&ballast).unwrap();
     daemon.ok(&["start", &migid]);
-    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(120));
+    wait_until_done(&daemon, &d, &migid);
     daemon.ok(&["commit", &migid]);
     let differences = rsync_differences(&d.source.join("data"), &d.target.join("data"));
     assert!(differences.is_empty(), "{differences}");
@@ -146,7 +161,7 @@ fn source_files_changed_during_a_tree_migration_are_copied_again() {
     sparse.set_len(1 << 20).unwrap();
     drop(sparse);
 
-    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(120));
+    wait_until_done(&daemon, &d, &migid);
     daemon.ok(&["commit", &migid]);
     let differences = rsync_differences(&d.source, &d.target);
     assert!(differences.is_empty(), "{differences}");
@@ -156,4 +171,72 @@ fn source_files_changed_during_a_tree_migration_are_copied_again() {
         log.contains("changed in the source after dmm copied it"),
         "the daemon's log says what it copied again"
     );
+}
+
+/// A tree source that returns EIO in the middle of a file (a FUSE view of
+/// a directory that fails reads past 3 MiB of one file): the file is
+/// listed in error with its path and cause and retried, never copied as
+/// zeros; a client reading it through the access point gets the bytes
+/// before the fault and EIO past it; once the source heals, the retry
+/// copies it and the committed target equals the source.
+#[test]
+fn a_tree_source_failing_mid_file_is_retried_and_never_copied_as_zeros() {
+    let d = dirs();
+    let real = d.state.with_file_name("real");
+    fs::create_dir(&real).unwrap();
+    for i in 0..8u8 {
+        fs::write(real.join(format!("f{i}")), pattern(256 << 10, i)).unwrap();
+    }
+    let bad = pattern(4 << 20, 77);
+    fs::write(real.join("bad"), &bad).unwrap();
+    let source = dmm_testkit::FaultySource::mount(&real, &d.source);
+    source.fail_reads("bad", 3 << 20);
+
+    let daemon = Daemon::start(&d.state, &[]);
+    let migid = create_tree(&daemon, &d, &[]);
+    let started = Instant::now();
+    let listed = loop {
+        let progress = daemon.json(&["stat", &migid])["progress"].clone();
+        let errors = progress["errors"].as_array().cloned().unwrap_or_default();
+        if let Some(error) = errors.iter().find(|e| e["path"] == "bad") {
+            break error.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{progress}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        listed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Input/output error") && m.contains("bad")),
+        "the error names the file and the cause: {listed}"
+    );
+
+    // Through the access point: right bytes before the fault, EIO past it.
+    let file = fs::File::open(d.access.join("bad")).unwrap();
+    let mut head = vec![0; 1 << 20];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0).unwrap();
+    assert!(head == bad[..1 << 20], "the bytes before the fault");
+    let mut tail = vec![0; 4096];
+    let err = std::os::unix::fs::FileExt::read_exact_at(&file, &mut tail, 7 << 19)
+        .expect_err("a read past the fault");
+    assert_eq!(err.raw_os_error(), Some(5), "EIO expected: {err}");
+    drop(file);
+    // Never complete while the source fails.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(daemon.state_of(&migid), "running");
+
+    // Healed: a client reading the file gets it whole (it need not wait
+    // for the retry's backoff, which may have grown to minutes).
+    source.heal();
+    assert!(
+        fs::read(d.access.join("bad")).unwrap() == bad,
+        "the healed file"
+    );
+    wait_until_done(&daemon, &d, &migid);
+    daemon.ok(&["commit", &migid]);
+    let differences = rsync_differences(&real, &d.target);
+    assert!(differences.is_empty(), "{differences}");
+    assert!(fs::read(d.target.join("bad")).unwrap() == bad);
+    assert!(source.failed_reads() > 0);
+    assert!(daemon.stop().success());
 }

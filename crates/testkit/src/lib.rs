@@ -5,6 +5,10 @@
 
 use std::process::{Command, Output};
 
+mod faulty;
+
+pub use faulty::FaultySource;
+
 /// A command running `name`, which must be installed.
 pub fn tool(name: &str) -> Command {
     let found = std::env::var_os("PATH")
