@@ -745,31 +745,6 @@ fn exit_when_done_waits_for_the_last_client() {
     drop(client);
 }
 
-/// nbdkit serving `image` on `socket` through a writeback cache: killed,
-/// it loses the writes it acknowledged and was not asked to flush, as a
-/// server with a write cache does in a crash.
-fn caching_nbdkit(socket: &Path, image: &Path) -> Child {
-    let _ = std::fs::remove_file(socket);
-    let child = tool("nbdkit")
-        .args(["-f", "-U"])
-        .arg(socket)
-        .args(["--filter=cache", "file"])
-        .arg(image)
-        .args(["cache=writeback", "cache-on-read=false"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "nbdkit did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
 /// The NBD destination is killed in the middle of the copy (losing what it
 /// had not flushed) and started again 2 s later: the migration waits,
 /// reconnects, sends the unflushed writes again, goes on and commits; every
@@ -782,7 +757,7 @@ fn an_nbd_destination_killed_and_restarted_loses_nothing_and_the_migration_goes_
         let source = source_image(dir.path());
         let image = image_with(dir.path(), "destination.raw", SIZE, &[]);
         let socket = dir.path().join("destination.sock");
-        let mut server = caching_nbdkit(&socket, &image);
+        let mut server = dmm_testkit::caching_nbdkit(&socket, &image);
         let destination = format!("nbd+unix:///?socket={}", socket.display());
         let args = ["--strategy", strategy, "--rate", "16M", "--segsize", "256K"];
         let migrate = Migrate::start(source.to_str().unwrap(), &destination, dir.path(), &args);
@@ -796,7 +771,7 @@ fn an_nbd_destination_killed_and_restarted_loses_nothing_and_the_migration_goes_
         server.kill().unwrap();
         server.wait().unwrap();
         std::thread::sleep(Duration::from_secs(2));
-        let mut server = caching_nbdkit(&socket, &image);
+        let mut server = dmm_testkit::caching_nbdkit(&socket, &image);
 
         let done = migrate.wait_for(&["committed", "failed"], Duration::from_secs(90));
         assert_eq!(

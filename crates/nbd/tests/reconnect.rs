@@ -6,32 +6,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{sparse_image, wait_for_socket};
+use common::sparse_image;
 use dmm_nbd::NbdStore;
 use dmm_store::BlockStore;
+use dmm_testkit::caching_nbdkit;
 
 const PIECE: usize = 64 << 10;
-
-/// nbdkit serving `image` on `socket` through a writeback cache.
-fn nbdkit(socket: &Path, image: &Path) -> Child {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new("nbdkit")
-        .args(["-f", "-U"])
-        .arg(socket)
-        .args(["--filter=cache", "file"])
-        .arg(image)
-        .args(["cache=writeback", "cache-on-read=false"])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("nbdkit is required by this test (scripts/test installs it)");
-    wait_for_socket(socket);
-    child
-}
 
 fn piece(index: usize) -> Bytes {
     Bytes::from(vec![index as u8 + 1; PIECE])
@@ -42,7 +26,7 @@ async fn writes_acknowledged_before_a_server_crash_are_sent_again_after_it_comes
     let dir = tempfile::tempdir().unwrap();
     let image = sparse_image(dir.path(), 16 << 20);
     let socket: PathBuf = dir.path().join("server.sock");
-    let mut server = nbdkit(&socket, &image);
+    let mut server = caching_nbdkit(&socket, &image);
     let uri = format!("nbd+unix:///?socket={}", socket.display());
     let store = NbdStore::connect_uri(&uri).await.unwrap();
     for index in 0..64 {
@@ -67,7 +51,7 @@ async fn writes_acknowledged_before_a_server_crash_are_sent_again_after_it_comes
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut server = nbdkit(&socket, &image);
+    let mut server = caching_nbdkit(&socket, &image);
     writing.await.unwrap();
     assert!(
         outage.elapsed() >= Duration::from_secs(1),
@@ -92,7 +76,7 @@ async fn a_server_that_does_not_come_back_fails_the_request_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let image = sparse_image(dir.path(), 1 << 20);
     let socket = dir.path().join("server.sock");
-    let mut server = nbdkit(&socket, &image);
+    let mut server = caching_nbdkit(&socket, &image);
     let uri = format!("nbd+unix:///?socket={}", socket.display());
     let store = NbdStore::connect_uri(&uri)
         .await

@@ -59,3 +59,29 @@ pub fn as_nobody(dir: &std::path::Path, script: &str) -> Command {
         .current_dir(dir);
     command
 }
+
+/// nbdkit serving `image` on the Unix socket `socket` through its cache
+/// filter in writeback mode: killed, it loses the writes it acknowledged
+/// and was not asked to flush, as a server with a write cache does in a
+/// crash. Returns once the socket is there.
+pub fn caching_nbdkit(socket: &std::path::Path, image: &std::path::Path) -> std::process::Child {
+    let _ = std::fs::remove_file(socket);
+    let child = tool("nbdkit")
+        .args(["-f", "-U"])
+        .arg(socket)
+        .args(["--filter=cache", "file"])
+        .arg(image)
+        .args(["cache=writeback", "cache-on-read=false"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start nbdkit");
+    let started = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "nbdkit did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}

@@ -59,6 +59,14 @@ pub(crate) struct Request {
 }
 
 impl Request {
+    /// Sends it on `connection` and waits for the reply.
+    async fn on(&self, connection: &Connection) -> Result<Response, Failure> {
+        let payload = self.payload.clone();
+        connection
+            .request(self.command, self.flags, self.offset, self.length, payload)
+            .await
+    }
+
     /// Whether it changes data: a write, trim or zeroing. Those without
     /// FUA may be lost with the server's cache until a flush; those with
     /// FUA are kept too, so that a replay never puts an older write back
@@ -141,15 +149,7 @@ impl Link {
         for sends in 1.. {
             let (generation, connection) = self.current.lock().clone();
             let mark = self.replay.lock().next;
-            let sent = connection
-                .request(
-                    request.command,
-                    request.flags,
-                    request.offset,
-                    request.length,
-                    request.payload.clone(),
-                )
-                .await;
+            let sent = request.on(&connection).await;
             match sent {
                 Ok(response) => {
                     self.acknowledged(&request, mark).await?;
@@ -255,15 +255,7 @@ impl Link {
             .map(|(_, r)| r.clone())
             .collect();
         for request in &kept {
-            connection
-                .request(
-                    request.command,
-                    request.flags,
-                    request.offset,
-                    request.length,
-                    request.payload.clone(),
-                )
-                .await?;
+            request.on(connection).await?;
         }
         Ok(kept.len())
     }
