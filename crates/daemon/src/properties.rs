@@ -256,6 +256,15 @@ pub const PROPERTIES: &[Property] = &[
         check: non_empty,
     },
     Property {
+        name: "access-users",
+        applies: Some(Kind::Tree),
+        default: Some("owner"),
+        change: Change::BeforeStart,
+        help: "who may use the access point: owner (the daemon's user) or all (every \
+               user, granted what the target's owners and modes grant; needs a root daemon)",
+        check: parsed::<dmm_tree::AccessUsers>,
+    },
+    Property {
         name: "collision",
         applies: Some(Kind::Tree),
         default: Some("error"),

@@ -145,6 +145,7 @@ impl Spec {
                     journal: PathBuf::new(),
                     segsize: read.size("segsize")?,
                     collision: read.typed("collision")?,
+                    access_users: read.typed("access-users")?,
                     rate: live.rate,
                     priority: live.priority,
                     dir_workers: read.count("maxnsproc")?,

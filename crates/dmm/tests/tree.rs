@@ -508,7 +508,7 @@ fn an_unprivileged_user_gets_exactly_what_the_file_system_under_it_grants() {
     fs::write(d.source.join("big"), pattern(8 << 20, 1)).unwrap();
     fs::write(reference.join("big"), pattern(8 << 20, 1)).unwrap();
     let daemon = Daemon::start(&d.state, &[]);
-    let migid = create_tree(&daemon, &d, &["rate=256K"]);
+    let migid = create_tree(&daemon, &d, &["rate=256K", "access-users=all"]);
     let cases = [
         ("read a private file of root", "cat secret"),
         ("read a public file", "cat public"),
@@ -574,4 +574,41 @@ fn an_unprivileged_user_gets_exactly_what_the_file_system_under_it_grants() {
         !stat["progress"]["complete"].as_bool().unwrap(),
         "the migration finished too soon for this test: {stat}"
     );
+}
+
+/// By default the access point is the daemon's user's only: another user
+/// gets EACCES even where the target's modes would let it in (FUSE without
+/// `allow_other`); `access-users=all` opens it to every user.
+#[test]
+fn only_the_daemons_user_may_use_the_access_point_unless_configured() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dirs();
+    let scratch = d.source.parent().unwrap();
+    for dir in [scratch, &d.source, &d.target, &d.access] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::write(d.source.join("public"), b"for everyone\n").unwrap();
+    fs::set_permissions(d.source.join("public"), fs::Permissions::from_mode(0o644)).unwrap();
+    let daemon = Daemon::start(&d.state, &[]);
+    let migid = create_tree(&daemon, &d, &[]);
+    let (ok, _, error) = nobody_runs(&d.access, "cat public");
+    assert!(
+        !ok && error == "EACCES",
+        "another user, by default: {error}"
+    );
+    assert!(fs::read(d.access.join("public")).unwrap() == b"for everyone\n");
+    daemon.ok(&["halt", "--keep", &migid]);
+    daemon.ok(&["set", "-p", "access-users=all", &migid]);
+    daemon.ok(&["start", &migid]);
+    let started = std::time::Instant::now();
+    while !is_mountpoint(&d.access) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not mounted again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let everyone = nobody_runs(&d.access, "cat public");
+    assert_eq!(everyone, (true, "for everyone\n".into(), ""));
+    assert!(daemon.stop().success());
 }

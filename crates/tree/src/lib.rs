@@ -22,6 +22,7 @@ mod threads;
 mod verify;
 mod worker;
 
+pub use access::AccessUsers;
 pub use error::{Error, ErrorKind, Result};
 pub use job::{Finished, TreeJob, TreeKind, TreePhase, TreeReport};
 pub use migration::{ErrorReport, TreeConfig, TreeMigration, TreeProgress, check};

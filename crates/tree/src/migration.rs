@@ -10,7 +10,7 @@ use dmm_control::{Controls, Priority};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::access::{self, AccessPoint};
+use crate::access::{self, AccessPoint, AccessUsers};
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::journal::{ErrorRow, Journal};
 use crate::namespace::{Collision, Counts, Namespace, Settings};
@@ -29,6 +29,8 @@ pub struct TreeConfig {
     pub journal: PathBuf,
     pub segsize: u64,
     pub collision: Collision,
+    /// Who may use the access point.
+    pub access_users: AccessUsers,
     pub rate: Option<u64>,
     pub priority: Priority,
     /// Directory workers (`maxnsproc`).
@@ -149,7 +151,7 @@ impl TreeMigration {
         let namespace = Arc::new(open_namespace(config)?);
         access::clear_stale_mount(&config.access)?;
         access::check_mountpoint(&config.access)?;
-        let access = AccessPoint::mount(namespace.clone(), &config.access)?;
+        let access = AccessPoint::mount(namespace.clone(), &config.access, config.access_users)?;
         let workers = Workers::start(
             namespace.clone(),
             controls.clone(),

@@ -23,4 +23,4 @@ mod mount;
 mod nodes;
 mod reply;
 
-pub use mount::{AccessPoint, check_mountpoint, clear_stale_mount};
+pub use mount::{AccessPoint, AccessUsers, check_mountpoint, clear_stale_mount};

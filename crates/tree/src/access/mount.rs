@@ -18,6 +18,34 @@ use crate::error::{Error, ErrorKind, Result, on};
 use crate::namespace::Namespace;
 use crate::threads::join_within;
 
+/// Who may use the access point besides the daemon's own user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessUsers {
+    /// The daemon's user only (the kernel's default for a FUSE mount).
+    Owner,
+    /// Every user, each granted what the target's owners, groups and
+    /// modes grant (FUSE's `allow_other` with `default_permissions`): the
+    /// setting for home directories that several users work in. A daemon
+    /// not run as root cannot offer it.
+    All,
+}
+
+impl std::str::FromStr for AccessUsers {
+    type Err = dmm_control::ValueError;
+
+    fn from_str(text: &str) -> std::result::Result<AccessUsers, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "owner" => Ok(AccessUsers::Owner),
+            "all" => Ok(AccessUsers::All),
+            _ => Err(dmm_control::ValueError::new(
+                "who may use the access point",
+                text,
+                "choose owner (the daemon's user) or all (every user, as the target's modes grant)",
+            )),
+        }
+    }
+}
+
 /// FUSE threads serving requests.
 const THREADS: usize = 8;
 
@@ -35,8 +63,12 @@ pub struct AccessPoint {
 }
 
 impl AccessPoint {
-    /// Mounts the namespace's target tree at `path`.
-    pub fn mount(namespace: Arc<Namespace>, path: &Path) -> Result<AccessPoint> {
+    /// Mounts the namespace's target tree at `path`, for `users`.
+    pub fn mount(
+        namespace: Arc<Namespace>,
+        path: &Path,
+        users: AccessUsers,
+    ) -> Result<AccessPoint> {
         raise_open_file_limit();
         let modes = Arc::new(IoModes::new());
         let filesystem = TreeFs::new(namespace, modes.clone())?;
@@ -48,9 +80,16 @@ impl AccessPoint {
             MountOption::Dev,
             MountOption::Suid,
         ];
-        if rustix::process::geteuid().is_root() {
-            config.acl = SessionACL::All;
-        }
+        config.acl = match users {
+            AccessUsers::Owner => SessionACL::Owner,
+            AccessUsers::All if rustix::process::geteuid().is_root() => SessionACL::All,
+            AccessUsers::All => {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    "access-users=all needs a daemon run as root (FUSE's allow_other)",
+                ));
+            }
+        };
         config.n_threads = Some(THREADS);
         config.clone_fd = true;
         let mounting = || on(ErrorKind::Access, "mount the access point at", path);

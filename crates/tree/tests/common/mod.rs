@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dmm_control::{Controls, Priority};
 #[allow(unused_imports)] // Not every test binary uses every one.
 pub use dmm_testkit::{run, tool};
-use dmm_tree::{Collision, TreeConfig, TreeMigration};
+use dmm_tree::{AccessUsers, Collision, TreeConfig, TreeMigration};
 
 /// A scratch directory (in /var/tmp: a real file system, not tmpfs) with
 /// `source`, `target`, `access` and `state`, and the migration's config.
@@ -38,6 +38,8 @@ impl Setup {
             journal: path("state").join("journal.db"),
             segsize: 1 << 20,
             collision: Collision::Error,
+            // pjdfstest and the unprivileged checks work as other users.
+            access_users: AccessUsers::All,
             rate: None,
             priority: Priority::Normal,
             dir_workers: 2,
