@@ -153,6 +153,7 @@ impl Link {
             match sent {
                 Ok(response) => {
                     self.acknowledged(&request, mark).await?;
+                    self.catch_up(&request, generation).await?;
                     return Ok(response);
                 }
                 Err(Failure::Lost(reason)) if self.dial.is_some() && sends < SENDS_PER_REQUEST => {
@@ -190,6 +191,27 @@ impl Link {
             Box::pin(self.send(flush)).await?;
         }
         Ok(())
+    }
+
+    /// A change whose reply arrived while its connection was being
+    /// replaced may have been kept after the reconnection took the replay:
+    /// it is sent again on the new connection. (Sending it twice is
+    /// harmless: the caller holds its bytes until this returns, so nothing
+    /// newer was written over them.)
+    async fn catch_up(&self, request: &Request, generation: u64) -> Result<(), Failure> {
+        if !request.changes_data() || !self.flushes || self.dial.is_none() {
+            return Ok(());
+        }
+        let replaced = self.current.lock().0 != generation;
+        if !replaced && self.reconnecting.try_lock().is_ok() {
+            return Ok(());
+        }
+        // Wait for the reconnection under way to end.
+        drop(self.reconnecting.lock().await);
+        if self.current.lock().0 == generation {
+            return Ok(());
+        }
+        Box::pin(self.send(request.clone())).await.map(drop)
     }
 
     /// Dials until a connection is up and the kept requests are replayed
