@@ -87,6 +87,8 @@ pub struct Settings {
 pub struct Namespace {
     source: Source,
     target: PathBuf,
+    /// The target's root, open for `syncfs` before each journal write.
+    target_root: std::fs::File,
     settings: Settings,
     journal: Journal,
     state: Mutex<State>,
@@ -115,9 +117,15 @@ impl Namespace {
             journal.load()?
         };
         let (state, intents) = State::load(settings.segsize, snapshot);
+        let target_root = std::fs::File::open(target).map_err(crate::error::on(
+            ErrorKind::Target,
+            "open",
+            target,
+        ))?;
         let namespace = Namespace {
             source,
             target: target.to_path_buf(),
+            target_root,
             settings,
             journal,
             state: Mutex::new(Rank::State, state),
@@ -372,9 +380,8 @@ impl Namespace {
 
     /// Makes everything written to the target's file system durable.
     fn sync_target(&self) -> Result<()> {
-        let synced = std::fs::File::open(&self.target)
-            .and_then(|root| rustix::fs::syncfs(&root).map_err(std::io::Error::from));
-        synced.map_err(crate::error::on(ErrorKind::Target, "sync", &self.target))
+        rustix::fs::syncfs(&self.target_root)
+            .map_err(|e| crate::error::on(ErrorKind::Target, "sync", &self.target)(e.into()))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
