@@ -124,6 +124,11 @@ impl Shared {
         if self.finished.load(Ordering::Acquire) {
             return true;
         }
+        // Another worker may have just restarted copies while this one
+        // waited for the lock.
+        if !self.namespace.is_complete() {
+            return false;
+        }
         match self.namespace.recopy_changed_sources() {
             Ok(recopied) if !recopied.is_empty() => {
                 for path in recopied {
