@@ -6,43 +6,9 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A small ext4 file system on a loop device, unmounted when dropped.
-struct LoopMount {
-    mountpoint: PathBuf,
-}
-
-impl LoopMount {
-    fn new(image: &Path, mountpoint: &Path, mebibytes: u64) -> LoopMount {
-        fs::File::create(image)
-            .unwrap()
-            .set_len(mebibytes << 20)
-            .unwrap();
-        run(tool("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(image));
-        fs::create_dir_all(mountpoint).unwrap();
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(image)
-            .arg(mountpoint));
-        LoopMount {
-            mountpoint: mountpoint.to_owned(),
-        }
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.mountpoint)
-            .status();
-    }
-}
 
 /// Waits until `migid` is in `wanted`, a failure allowed: returns the
 /// state and the catalog's last message.
@@ -92,10 +58,10 @@ fn a_full_tree_target_fails_the_migration_until_space_is_freed() {
     }
     // 96 MiB of which a 60 MiB ballast leaves too little for 40 MiB.
     let scratch = d.state.with_file_name("small");
-    let small = LoopMount::new(&scratch.with_extension("img"), &scratch, 96);
-    let ballast = small.mountpoint.join("ballast");
+    let _small = LoopMount::new(&scratch.with_extension("img"), &scratch, 96);
+    let ballast = scratch.join("ballast");
     fs::write(&ballast, vec![0x5a; 60 << 20]).unwrap();
-    let target = small.mountpoint.join("target");
+    let target = scratch.join("target");
     fs::create_dir(&target).unwrap();
     d.target = target;
 

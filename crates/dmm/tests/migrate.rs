@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    DMM, MIB, Sent, check_sent, fua_writer, image_with, run, scratch, stdout, terminate, tool,
-    wait_with_timeout,
+    DMM, LoopMount, MIB, Sent, check_sent, fua_writer, image_with, run, scratch, stdout, terminate,
+    tool, wait_with_timeout,
 };
 
 const SIZE: u64 = 48 * MIB;
@@ -796,4 +796,115 @@ fn an_nbd_destination_killed_and_restarted_loses_nothing_and_the_migration_goes_
         server.wait().unwrap();
         check_sent(image.to_str().unwrap(), &sent, &what);
     }
+}
+
+/// How the state directory fails.
+#[derive(Clone, Copy, Debug)]
+enum StateFault {
+    /// Its file system fills up.
+    Full,
+    /// Its file system turns read-only (ext4 after an error).
+    ReadOnly,
+}
+
+/// The state directory (a small ext4 on a loop device) fails in the middle
+/// of the copy: the migration stops with an error naming it, the FUA
+/// writer and qemu-io keep working through the export, and once the file
+/// system is mended the same command resumes the migration to a commit
+/// that kept every acknowledged write.
+fn state_directory_fails_mid_copy(fault: StateFault, strategy: &str) {
+    let what = format!("{fault:?}, {strategy}");
+    let dir = scratch();
+    let source = source_image(dir.path());
+    let destination = image_with(dir.path(), "destination.raw", SIZE, &[]);
+    let state = dir.path().join("state");
+    let mount = LoopMount::new(&dir.path().join("state.img"), &state, 16);
+    let (src, dst) = (source.to_str().unwrap(), destination.to_str().unwrap());
+    let args = ["--strategy", strategy, "--rate", "8M", "--segsize", "256K"];
+    let migrate = Migrate::start(src, dst, dir.path(), &args);
+    let stop = Arc::new(Mutex::new(false));
+    let sent = Arc::new(Mutex::new(Sent::default()));
+    let writer = {
+        let (uri, stop, sent) = (migrate.uri(), stop.clone(), sent.clone());
+        std::thread::spawn(move || fua_writer(uri, 41, stop, sent))
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    let (filler, cause) = match fault {
+        StateFault::Full => (Some(mount.fill()), "No space left on device"),
+        StateFault::ReadOnly => {
+            mount.trigger_error();
+            (None, "Read-only file system")
+        }
+    };
+    let failed = migrate.wait_for(&["failed"], Duration::from_secs(30));
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(state.to_str().unwrap()) && error.contains(cause),
+        "{what}: {failed}"
+    );
+    // Clients keep working: the FUA writer goes on, qemu-io writes, reads
+    // and flushes.
+    let acked = sent.lock().unwrap().acked.len();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        sent.lock().unwrap().acked.len() > acked + 50,
+        "{what}: the writer stalled after the failure\n{}",
+        migrate.stderr.lock().unwrap()
+    );
+    let output = stdout(tool("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 43M 64k",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x5a 43M 64k",
+        "-c",
+        "read -P 45 44M 1M",
+        &migrate.uri(),
+    ]));
+    assert!(!output.contains("failed"), "{what}: {output}");
+    *stop.lock().unwrap() = true;
+    writer.join().unwrap();
+    let sent = std::mem::take(&mut *sent.lock().unwrap());
+    assert!(
+        !migrate.stop().success(),
+        "{what}: a failed migration exits non-zero"
+    );
+
+    match filler {
+        Some(filler) => std::fs::remove_file(filler).unwrap(),
+        None => mount.repair(),
+    }
+    let resumed = Migrate::start(src, dst, dir.path(), &args);
+    let done = resumed.wait_for(&["committed", "failed"], Duration::from_secs(60));
+    assert_eq!(done["event"], "committed", "{what}: {done}");
+    let lost = format!("{what}: an acknowledged write was lost");
+    check_sent(&resumed.uri(), &sent, &lost);
+    assert!(resumed.stop().success());
+    check_sent(dst, &sent, &lost);
+    let output = stdout(tool("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5a 43M 64k",
+        "-c",
+        "read -P 45 44M 1M",
+        dst,
+    ]));
+    assert!(!output.contains("failed"), "{what}: {output}");
+}
+
+#[test]
+fn a_full_state_directory_stops_the_migration_and_clients_keep_working() {
+    state_directory_fails_mid_copy(StateFault::Full, "lr");
+    state_directory_fails_mid_copy(StateFault::Full, "mirror");
+}
+
+#[test]
+fn a_read_only_state_directory_stops_the_migration_and_clients_keep_working() {
+    state_directory_fails_mid_copy(StateFault::ReadOnly, "redirect");
+    state_directory_fails_mid_copy(StateFault::ReadOnly, "precopy");
 }

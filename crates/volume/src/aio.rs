@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use dmm_store::{BlockStore, Result};
+use dmm_store::BlockStore;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -88,14 +88,18 @@ impl AioQueue {
 
     /// Decides, under the write's shared chunk lock and before the source
     /// write, whether this write's change to `chunk` will be queued for
-    /// the destination; a clean chunk becomes dirty (journaled).
-    pub fn reserve(&self, chunk: u64, queue: bool) -> Result<bool> {
+    /// the destination; a clean chunk becomes dirty (journaled). `None` if
+    /// the ledger is frozen: the write then goes to both stores itself.
+    pub fn reserve(&self, chunk: u64, queue: bool) -> Option<bool> {
         let mut book = self.book.lock();
         let pending = book.writes.get(&chunk).copied().unwrap_or(0);
         let state = self.ledger.get(chunk);
-        if state == ChunkState::Both {
-            self.ledger
-                .change_state(chunk, ChunkState::Both, ChunkState::Source)?;
+        if state == ChunkState::Both
+            && !self
+                .ledger
+                .change_state(chunk, ChunkState::Both, ChunkState::Source)
+        {
+            return None;
         }
         let queued = queue && (state == ChunkState::Both || pending > 0);
         if queued {
@@ -103,7 +107,13 @@ impl AioQueue {
         } else {
             book.tainted.insert(chunk);
         }
-        Ok(queued)
+        Some(queued)
+    }
+
+    /// A write went to the source without the queue (the ledger is
+    /// frozen): the chunks' queued writes no longer make them clean.
+    pub fn taint(&self, chunks: Range<u64>) {
+        self.book.lock().tainted.extend(chunks);
     }
 
     /// Gives back a reservation whose source write failed.

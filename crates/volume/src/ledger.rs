@@ -14,13 +14,25 @@
 //! - a client flush flushes both stores, journals the deferred changes that
 //!   flush covers, then syncs the journal.
 //!
+//! When the state directory fails (full, read-only, failing), the ledger
+//! *freezes*: nothing more is journaled and no client write changes a
+//! chunk's state; each write goes to every store that holds its chunk
+//! ([`Plan::frozen`](crate::strategy::Plan::frozen)). The chunks whose
+//! record may not match their state in memory (changed since the last
+//! checkpoint) are made equal on both stores before the next flush is
+//! acknowledged, so that whatever record survives routes reads to a store
+//! with every acknowledged write. The migration stops; the next checkpoint
+//! that saves (the migration started again once there is room) thaws it.
+//!
 //! The ledger also counts completed client changes, which the copier uses
 //! to detect a write that raced its unlocked read. They are counted per
 //! shard of chunks, not per chunk, so that their memory stays the same
 //! however large the volume: a change to another chunk of the same shard
 //! only makes a copy look raced, and it is done again.
 
+use std::io;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -29,6 +41,7 @@ use parking_lot::Mutex;
 use roaring::RoaringBitmap;
 
 use crate::chunks::{ChunkMap, ChunkState};
+use crate::error::{ErrorKind, MigrationError, Operation};
 use crate::persist::{Journal, Phase, Record};
 
 /// Shards of the client change counters: 256 KiB of counters at most,
@@ -94,11 +107,53 @@ impl Unsettled {
     }
 }
 
-/// The journal of the current generation, and the previous one until the
-/// checkpoint that replaces it is saved.
+/// An open journal and the chunks it has records of: after a failure of
+/// the state directory, their recorded state may not be the one in memory
+/// (a record may never reach the disk).
+struct Open {
+    journal: Journal,
+    chunks: RoaringBitmap,
+}
+
+impl Open {
+    fn new(journal: Journal) -> Open {
+        Open {
+            journal,
+            chunks: RoaringBitmap::new(),
+        }
+    }
+
+    fn append(&mut self, record: Record) -> io::Result<()> {
+        if let Record::Chunk { chunk, .. } = record {
+            self.chunks.insert(chunk as u32);
+        }
+        self.journal.append(record)
+    }
+}
+
+/// The journal of the current generation, and the previous ones until a
+/// checkpoint that replaces them is saved (more than one only after a
+/// checkpoint failed: each must still be synced by a flush).
 struct Journals {
-    current: Journal,
-    retiring: Option<Journal>,
+    current: Open,
+    retiring: Vec<Open>,
+    /// Set when a journal write or sync failed; cleared by a checkpoint
+    /// whose snapshot was taken frozen.
+    frozen: Option<Frozen>,
+    /// The checkpoint in progress took its snapshot frozen: saving it
+    /// records every state the journal no longer could.
+    snapshot_frozen: bool,
+}
+
+/// Why the state directory cannot be written, and what must be settled
+/// before a flush can be acknowledged.
+struct Frozen {
+    /// The file that could not be written.
+    path: PathBuf,
+    cause: Arc<io::Error>,
+    /// Chunks whose record may not match their state in memory: each is
+    /// copied to the store that lacks it, so both hold it.
+    unsettled: RoaringBitmap,
 }
 
 /// The state of every chunk and its crash-safe record.
@@ -108,6 +163,11 @@ pub struct Ledger {
     source: Arc<dyn BlockStore>,
     destination: Arc<dyn BlockStore>,
     journals: Mutex<Journals>,
+    /// Whether the ledger is frozen (the details are in `journals`).
+    frozen: AtomicBool,
+    /// One settling of frozen chunks at a time: a flush behind it waits
+    /// until the chunks are equal on both stores.
+    settling: tokio::sync::Mutex<()>,
     /// Journal records appended so far, and how many of them a completed
     /// sync covers: a sync waits for its own records, never returns early
     /// because another one is under way.
@@ -146,9 +206,13 @@ impl Ledger {
             source,
             destination,
             journals: Mutex::new(Journals {
-                current: journal,
-                retiring: None,
+                current: Open::new(journal),
+                retiring: Vec::new(),
+                frozen: None,
+                snapshot_frozen: false,
             }),
+            frozen: AtomicBool::new(false),
+            settling: tokio::sync::Mutex::new(()),
             appended: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             syncing: tokio::sync::Mutex::new(()),
@@ -167,25 +231,101 @@ impl Ledger {
         self.chunks.get(chunk)
     }
 
-    /// Moves a chunk from `from` to `to` for a client (false if it was not
-    /// in `from`), recording the change: journaled at once, or deferred
-    /// until the chunk's fresh copy is durable. Serialized with every
-    /// other change.
-    pub fn change_state(&self, chunk: u64, from: ChunkState, to: ChunkState) -> Result<bool> {
+    /// Moves a chunk from `from` to `to` for a client, recording the
+    /// change: journaled at once, or deferred until the chunk's fresh copy
+    /// is durable. Serialized with every other change. False if it was not
+    /// in `from`, or if the ledger is (or just became) frozen: the caller
+    /// then writes where the chunk is ([`Ledger::is_frozen`]).
+    pub fn change_state(&self, chunk: u64, from: ChunkState, to: ChunkState) -> bool {
         let mut journals = self.journals.lock();
-        if self.chunks.get(chunk) != from {
-            return Ok(false);
+        if journals.frozen.is_some() || self.chunks.get(chunk) != from {
+            return false;
         }
         let mut unsettled = self.unsettled.lock();
         if unsettled.contains(chunk) {
             let number = unsettled.next_change;
             unsettled.next_change += 1;
             unsettled.deferred.push((number, chunk, to));
-        } else {
-            self.append_all(&mut journals.current, &[(chunk, to)])?;
+        } else if !self.append_all(&mut journals, &mut unsettled, false, &[(chunk, to)]) {
+            return false;
         }
         self.chunks.set(chunk, to);
-        Ok(true)
+        true
+    }
+
+    /// Whether the state directory failed: no state changes until a
+    /// checkpoint saves again.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+
+    /// Why the ledger is frozen, as the migration's error.
+    pub fn frozen_error(&self) -> Option<MigrationError> {
+        let journals = self.journals.lock();
+        let frozen = journals.frozen.as_ref()?;
+        let detail = "the migration stopped; clients are served by the stores that hold \
+                      their data; make room (or make it writable), then start it again";
+        Some(
+            MigrationError::new(ErrorKind::State, Operation::WriteState)
+                .on(frozen.path.display().to_string())
+                .with_detail(detail)
+                .with_source(frozen.cause.clone()),
+        )
+    }
+
+    /// Freezes the ledger after a journal failure on `path`: the chunks
+    /// journaled since the last checkpoint, and those whose change waited
+    /// for a flush, are to be settled.
+    fn freeze(
+        &self,
+        journals: &mut Journals,
+        unsettled: &mut Unsettled,
+        path: PathBuf,
+        cause: io::Error,
+    ) {
+        if journals.frozen.is_some() {
+            return;
+        }
+        let mut chunks = journals.current.chunks.clone();
+        for retiring in &journals.retiring {
+            chunks |= &retiring.chunks;
+        }
+        chunks.extend(
+            unsettled
+                .deferred
+                .drain(..)
+                .map(|(_, chunk, _)| chunk as u32),
+        );
+        tracing::error!(
+            path = %path.display(),
+            %cause,
+            "the migration state cannot be written: the migration stops; \
+             client writes go to every store that holds their chunk"
+        );
+        journals.frozen = Some(Frozen {
+            path,
+            cause: Arc::new(cause),
+            unsettled: chunks,
+        });
+        self.frozen.store(true, Ordering::Release);
+    }
+
+    /// Takes the chunks to settle before a flush is acknowledged, with the
+    /// lock that keeps other flushes waiting until they are settled.
+    pub async fn frozen_unsettled(&self) -> (tokio::sync::MutexGuard<'_, ()>, RoaringBitmap) {
+        let settling = self.settling.lock().await;
+        let chunks = match self.journals.lock().frozen.as_mut() {
+            Some(frozen) => std::mem::take(&mut frozen.unsettled),
+            None => RoaringBitmap::new(),
+        };
+        (settling, chunks)
+    }
+
+    /// Gives back chunks a settling could not copy, for the next flush.
+    pub fn still_unsettled(&self, chunks: RoaringBitmap) {
+        if let Some(frozen) = self.journals.lock().frozen.as_mut() {
+            frozen.unsettled |= chunks;
+        }
     }
 
     /// The copier (or a fill, or the asynchronous mirror) wrote to `side`:
@@ -271,10 +411,23 @@ impl Ledger {
     }
 
     /// Journals a phase change; the caller syncs it.
-    pub fn record_phase(&self, phase: Phase) -> std::io::Result<()> {
-        self.journals.lock().current.append(Record::Phase(phase))?;
-        self.appended.fetch_add(1, Ordering::AcqRel);
-        Ok(())
+    pub fn record_phase(&self, phase: Phase) -> std::result::Result<(), MigrationError> {
+        let mut journals = self.journals.lock();
+        if journals.frozen.is_none() {
+            let appended = journals.current.append(Record::Phase(phase));
+            match appended {
+                Ok(()) => {
+                    self.appended.fetch_add(1, Ordering::AcqRel);
+                    return Ok(());
+                }
+                Err(err) => {
+                    let path = journals.current.journal.path().to_owned();
+                    self.freeze(&mut journals, &mut self.unsettled.lock(), path, err);
+                }
+            }
+        }
+        drop(journals);
+        Err(self.frozen_error().expect("frozen"))
     }
 
     /// Whether changes wait for a flush.
@@ -298,23 +451,32 @@ impl Ledger {
     /// Makes every recorded change durable: flushes both stores, journals
     /// the changes that waited for that, and syncs the journal. This is
     /// what a client flush (and a FUA write that changed states) waits for.
+    /// Fails if the ledger is (or becomes) frozen: the caller then settles.
     pub async fn make_durable(&self) -> Result<()> {
         // Changes recorded before the flush starts rely on copies that
         // completed before it, which the flush makes durable.
         let before = self.unsettled.lock().next_change;
         tokio::try_join!(self.source.flush(), self.destination.flush())?;
-        {
+        let appended = {
             let mut journals = self.journals.lock();
             let mut unsettled = self.unsettled.lock();
             let ready = unsettled.take_before(before);
-            self.append_deferred(&mut journals, ready, unsettled.boundary)?;
+            let boundary = unsettled.boundary;
+            self.append_deferred(&mut journals, &mut unsettled, ready, boundary)
+        };
+        match appended {
+            true => self.sync_journal().await,
+            false => Err(self.frozen_store_error()),
         }
-        self.sync_journal().await
     }
 
     /// Makes the journal durable (after the stores were flushed): every
-    /// record appended before the call, whoever appended it.
+    /// record appended before the call, whoever appended it. A failure
+    /// freezes the ledger.
     pub async fn sync_journal(&self) -> Result<()> {
+        if self.is_frozen() {
+            return Err(self.frozen_store_error());
+        }
         let wanted = self.appended.load(Ordering::Acquire);
         if self.synced.load(Ordering::Acquire) >= wanted {
             return Ok(());
@@ -327,24 +489,46 @@ impl Ledger {
         let covering = self.appended.load(Ordering::Acquire);
         let (current, retiring) = {
             let journals = self.journals.lock();
-            let retiring = journals.retiring.as_ref().map(Journal::handle);
-            (journals.current.handle(), retiring)
+            let retiring: Vec<_> = journals
+                .retiring
+                .iter()
+                .map(|r| r.journal.handle())
+                .collect();
+            (journals.current.journal.handle(), retiring)
         };
         let synced = tokio::task::spawn_blocking(move || {
-            retiring.map_or(Ok(()), |file| file.sync())?;
+            retiring.iter().try_for_each(|file| file.sync())?;
             current.sync()
         })
-        .await;
-        synced
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-            .map_err(|e| Error::io(Op::Flush, self.target.as_str(), e))?;
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        if let Err(err) = synced {
+            {
+                let mut journals = self.journals.lock();
+                let path = journals.current.journal.path().to_owned();
+                self.freeze(&mut journals, &mut self.unsettled.lock(), path, err);
+            }
+            return Err(self.frozen_store_error());
+        }
         self.synced.fetch_max(covering, Ordering::AcqRel);
         Ok(())
     }
 
+    /// A client-facing error for a flush the journal could not make
+    /// durable.
+    fn frozen_store_error(&self) -> Error {
+        let journals = self.journals.lock();
+        let (path, cause) = match &journals.frozen {
+            Some(frozen) => (frozen.path.display().to_string(), &frozen.cause),
+            None => return Error::io(Op::Flush, self.target.as_str(), io::Error::other("frozen")),
+        };
+        let err = io::Error::new(cause.kind(), cause.to_string());
+        Error::io(Op::Flush, path, err)
+    }
+
     /// The current journal generation.
     pub fn generation(&self) -> u64 {
-        self.journals.lock().current.generation()
+        self.journals.lock().current.journal.generation()
     }
 
     /// A checkpoint begins: switches to the journal of the next generation
@@ -358,38 +542,55 @@ impl Ledger {
             let recent = std::mem::take(&mut unsettled.recent);
             unsettled.flushing |= recent;
             unsettled.boundary = Some(unsettled.next_change);
-            let old = std::mem::replace(&mut journals.current, next);
-            journals.retiring = Some(old);
+            journals.snapshot_frozen = journals.frozen.is_some();
+            let old = std::mem::replace(&mut journals.current, Open::new(next));
+            journals.retiring.push(old);
         }
         self.chunks.to_bitmaps()
     }
 
     /// Flushes the stores the copier wrote to since the last checkpoint,
     /// so the copies before the snapshot are durable, journals the changes
-    /// that waited for them, and syncs the journals.
+    /// that waited for them, and syncs the journals. A snapshot taken
+    /// frozen relies on every write since the last checkpoint, not only on
+    /// copies: both stores are flushed, and nothing is journaled.
     pub async fn settle_checkpoint(&self) -> Result<()> {
+        let snapshot_frozen = self.journals.lock().snapshot_frozen;
         let (into_source, into_destination) = (
-            self.take_copied_into(Side::Source),
-            self.take_copied_into(Side::Destination),
+            self.take_copied_into(Side::Source) || snapshot_frozen,
+            self.take_copied_into(Side::Destination) || snapshot_frozen,
         );
         tokio::try_join!(
             flush_if(into_source, &self.source),
             flush_if(into_destination, &self.destination)
         )?;
-        {
+        if snapshot_frozen {
+            return Ok(());
+        }
+        let appended = {
             let mut journals = self.journals.lock();
             let mut unsettled = self.unsettled.lock();
             let ready = unsettled.take_flushed();
-            self.append_deferred(&mut journals, ready, unsettled.boundary)?;
+            let boundary = unsettled.boundary;
+            self.append_deferred(&mut journals, &mut unsettled, ready, boundary)
+        };
+        match appended {
+            true => self.sync_journal().await,
+            false => Err(self.frozen_store_error()),
         }
-        self.sync_journal().await
     }
 
-    /// The checkpoint is saved: the previous journal is no longer needed.
+    /// The checkpoint is saved: the previous journal is no longer needed,
+    /// and a snapshot taken frozen thaws the ledger.
     pub fn retire_previous_journal(&self) {
         let mut journals = self.journals.lock();
-        journals.retiring.take();
+        journals.retiring.clear();
         self.unsettled.lock().boundary = None;
+        if std::mem::take(&mut journals.snapshot_frozen) {
+            journals.frozen = None;
+            self.frozen.store(false, Ordering::Release);
+            tracing::info!("the migration state is written again");
+        }
     }
 
     /// Whether the copier wrote to `side` since the last call.
@@ -399,13 +600,15 @@ impl Ledger {
 
     /// Journals deferred changes now durable: those made before the
     /// snapshot of the checkpoint in progress (`boundary`) in the journal
-    /// that snapshot replaces, the others in the current one.
+    /// that snapshot replaces, the others in the current one. False if
+    /// the ledger is (or became) frozen.
     fn append_deferred(
         &self,
         journals: &mut Journals,
+        unsettled: &mut Unsettled,
         changes: Vec<Deferred>,
         boundary: Option<u64>,
-    ) -> Result<()> {
+    ) -> bool {
         let (before, after): (Vec<Deferred>, Vec<Deferred>) = changes
             .into_iter()
             .partition(|&(number, _, _)| boundary.is_some_and(|b| number < b));
@@ -414,23 +617,45 @@ impl Ledger {
                 .map(|(_, chunk, state)| (chunk, state))
                 .collect()
         };
-        if let Some(retiring) = journals.retiring.as_mut() {
-            self.append_all(retiring, &strip(before))?;
-        } else {
-            self.append_all(&mut journals.current, &strip(before))?;
+        let (before, after) = (strip(before), strip(after));
+        let retiring = !journals.retiring.is_empty();
+        let appended = self.append_all(journals, unsettled, retiring, &before)
+            && self.append_all(journals, unsettled, false, &after);
+        if !appended && let Some(frozen) = journals.frozen.as_mut() {
+            // Taken from the deferred list, so the freeze did not see
+            // them: some may not have been journaled.
+            let chunks = before.iter().chain(&after).map(|&(chunk, _)| chunk as u32);
+            frozen.unsettled.extend(chunks);
         }
-        self.append_all(&mut journals.current, &strip(after))
+        appended
     }
 
-    fn append_all(&self, journal: &mut Journal, changes: &[(u64, ChunkState)]) -> Result<()> {
+    /// Appends changes to the current journal (or the retiring one); on a
+    /// failure freezes the ledger. False if it is frozen.
+    fn append_all(
+        &self,
+        journals: &mut Journals,
+        unsettled: &mut Unsettled,
+        retiring: bool,
+        changes: &[(u64, ChunkState)],
+    ) -> bool {
+        if journals.frozen.is_some() {
+            return false;
+        }
+        let open = match (retiring, journals.retiring.last_mut()) {
+            (true, Some(open)) => open,
+            _ => &mut journals.current,
+        };
         for &(chunk, state) in changes {
-            journal
-                .append(Record::Chunk { chunk, state })
-                .map_err(|e| Error::io(Op::Write, self.target.as_str(), e))?;
+            if let Err(err) = open.append(Record::Chunk { chunk, state }) {
+                let path = open.journal.path().to_owned();
+                self.freeze(journals, unsettled, path, err);
+                return false;
+            }
         }
         self.appended
             .fetch_add(changes.len() as u64, Ordering::AcqRel);
-        Ok(())
+        true
     }
 }
 
@@ -469,21 +694,9 @@ mod tests {
         let copy = (ChunkState::Source, ChunkState::Both);
         assert!(ledger.copy_landed(1, copy, Side::Destination));
         assert!(!ledger.copy_landed(1, copy, Side::Destination));
-        assert!(
-            ledger
-                .change_state(1, ChunkState::Both, ChunkState::Source)
-                .unwrap()
-        );
-        assert!(
-            ledger
-                .change_state(2, ChunkState::Source, ChunkState::Destination)
-                .unwrap()
-        );
-        assert!(
-            !ledger
-                .change_state(3, ChunkState::Both, ChunkState::Source)
-                .unwrap()
-        );
+        assert!(ledger.change_state(1, ChunkState::Both, ChunkState::Source));
+        assert!(ledger.change_state(2, ChunkState::Source, ChunkState::Destination));
+        assert!(!ledger.change_state(3, ChunkState::Both, ChunkState::Source));
         assert_eq!(
             ledger.get(1),
             ChunkState::Source,
@@ -516,12 +729,8 @@ mod tests {
         assert_eq!(ledger.generation(), 1);
         assert!(both.contains(0) && destination.is_empty());
         ledger.copy_landed(3, (ChunkState::Source, ChunkState::Both), Side::Destination);
-        ledger
-            .change_state(0, ChunkState::Both, ChunkState::Source)
-            .unwrap();
-        ledger
-            .change_state(3, ChunkState::Both, ChunkState::Destination)
-            .unwrap();
+        ledger.change_state(0, ChunkState::Both, ChunkState::Source);
+        ledger.change_state(3, ChunkState::Both, ChunkState::Destination);
         ledger.settle_checkpoint().await.unwrap();
         assert_eq!(state.replay(1).unwrap(), vec![moved(0, ChunkState::Source)]);
         assert!(
@@ -549,9 +758,7 @@ mod tests {
         let copy = (ChunkState::Source, ChunkState::Both);
         ledger.copy_landed(0, copy, Side::Destination);
         // Dirtied while its copy is not durable: deferred.
-        ledger
-            .change_state(0, ChunkState::Both, ChunkState::Source)
-            .unwrap();
+        ledger.change_state(0, ChunkState::Both, ChunkState::Source);
         // Copied again (the switchover's last copies), then a checkpoint.
         ledger.copy_landed(0, copy, Side::Destination);
         let (both, _) = ledger.begin_checkpoint(state.journal(1).unwrap());

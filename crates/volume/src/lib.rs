@@ -31,6 +31,6 @@ pub use device::VirtualDevice;
 pub use dmm_control::{Controls, Priority};
 pub use error::{ErrorKind, MigrationError, Operation};
 pub use migration::{Migration, MigrationConfig, Verify, negotiate};
-pub use persist::{CrashFiles, Phase, StateFile, StateFiles};
+pub use persist::{CrashFiles, DiskFiles, Phase, StateFile, StateFiles};
 pub use progress::{Activity, Progress};
 pub use strategy::Strategy;

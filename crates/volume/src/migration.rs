@@ -357,8 +357,12 @@ impl Migration {
     /// Journals a phase change and makes it durable.
     async fn record_phase(&self, phase: Phase, operation: Operation) -> Outcome {
         let ledger = self.device.ledger();
-        ledger.record_phase(phase).during(operation)?;
-        ledger.sync_journal().await.during(operation)
+        ledger.record_phase(phase)?;
+        let synced = ledger.sync_journal().await;
+        synced.map_err(|err| {
+            let during = Err::<(), _>(err).during(operation);
+            ledger.frozen_error().unwrap_or_else(|| during.unwrap_err())
+        })
     }
 
     fn set_activity(&self, activity: Activity) {
@@ -385,6 +389,11 @@ impl Migration {
     }
 
     async fn drive(&self) -> Outcome<Phase> {
+        if self.device.ledger().is_frozen() {
+            // The state directory failed in an earlier run: a checkpoint
+            // records what the journal could not, and thaws the ledger.
+            self.checkpoint().await?;
+        }
         self.reconcile().await?;
         loop {
             let phase = self.phase();
@@ -726,6 +735,9 @@ impl Migration {
                         .with_source(panicked);
                     failure.get_or_insert(err);
                 }
+            }
+            if failure.is_none() {
+                failure = self.device.ledger().frozen_error();
             }
             self.position.lock().cursor = active.first().copied().unwrap_or(next);
             let due = self.last_checkpoint.lock().elapsed() >= self.config.checkpoint_every;

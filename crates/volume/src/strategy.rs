@@ -168,6 +168,20 @@ const fn plan(to_source: bool, to_destination: bool) -> Plan {
 }
 
 impl Plan {
+    /// The plan of a change while the state cannot be recorded (the ledger
+    /// is frozen): no chunk changes state, so a write goes to every store
+    /// that holds its chunk. A discard, only a hint, is dropped: applied
+    /// to one store of a chunk both hold, it would make them differ.
+    pub fn frozen(state: ChunkState, change: Change) -> Plan {
+        match change {
+            Change::Discard => plan(false, false),
+            Change::Write => plan(
+                state != ChunkState::Destination,
+                state != ChunkState::Source,
+            ),
+        }
+    }
+
     fn moving(mut self, from: ChunkState, to: ChunkState) -> Plan {
         self.transition = Some((from, to));
         self

@@ -320,7 +320,7 @@ impl VirtualDevice {
             true => ChunkState::Destination,
             false => ChunkState::Source,
         };
-        self.ledger.change_state(chunk, ChunkState::Both, side)
+        Ok(self.ledger.change_state(chunk, ChunkState::Both, side))
     }
 
     /// Whether a chunk reads the same on both stores, without a lock: a
@@ -360,30 +360,69 @@ impl VirtualDevice {
         offset <= start && offset + len >= start + size
     }
 
-    /// The plan for every chunk of a change.
-    fn plans(&self, mode: Mode, offset: u64, len: u64, change: Change) -> Vec<(u64, Plan)> {
+    /// The plan for every chunk of a change; `frozen`, the plans of a
+    /// frozen ledger.
+    fn plans(
+        &self,
+        mode: Mode,
+        (offset, len): (u64, u64),
+        change: Change,
+        frozen: bool,
+    ) -> Vec<(u64, Plan)> {
         self.chunks()
             .span(offset, len)
             .map(|chunk| {
-                let whole = self.whole_chunk(chunk, offset, len);
-                (
-                    chunk,
-                    mode.plan_write(self.chunks().get(chunk), whole, change),
-                )
+                let state = self.chunks().get(chunk);
+                let plan = match frozen {
+                    true => Plan::frozen(state, change),
+                    false => mode.plan_write(state, self.whole_chunk(chunk, offset, len), change),
+                };
+                (chunk, plan)
             })
             .collect()
     }
 
     async fn change(&self, offset: u64, len: u64, payload: Payload, fua: bool) -> Result<()> {
         let mode = self.enter().await;
+        let was_frozen = self.ledger.is_frozen();
+        let changed = match self.aio_attached() {
+            Some(queue) if *mode == Mode::AsyncMirror && !was_frozen => {
+                let payload = payload.clone();
+                self.change_async(&queue, (offset, len), payload, fua).await
+            }
+            _ => self.change_routed(*mode, offset, len, &payload, fua).await,
+        };
+        let changed = match changed {
+            // The state directory failed during the change: it is made
+            // again, this time to every store that holds each chunk.
+            _ if self.ledger.is_frozen() && !was_frozen => {
+                self.change_routed(*mode, offset, len, &payload, fua).await
+            }
+            changed => changed,
+        }?;
+        match fua {
+            true => self.make_fua_durable(changed).await,
+            false => Ok(()),
+        }
+    }
+
+    /// A change routed chunk by chunk by the mode (or, if the ledger is
+    /// frozen, to wherever each chunk is); true if it changed a state.
+    async fn change_routed(
+        &self,
+        mode: Mode,
+        offset: u64,
+        len: u64,
+        payload: &Payload,
+        fua: bool,
+    ) -> Result<bool> {
         let span = self.chunks().span(offset, len);
-        if *mode == Mode::AsyncMirror
-            && let Some(queue) = self.aio_attached()
-        {
-            return self.change_async(&queue, offset, len, payload, fua).await;
+        let frozen = self.ledger.is_frozen();
+        if frozen && let Some(queue) = self.aio_attached() {
+            queue.taint(span.clone());
         }
         let mut guard = Arc::new(self.locks.shared(span.clone()).await);
-        let mut plans = self.plans(*mode, offset, len, payload.change());
+        let mut plans = self.plans(mode, (offset, len), payload.change(), frozen);
         if plans.iter().any(|(_, plan)| plan.fill.is_some()) {
             if matches!(payload, Payload::Discard) {
                 // A discard is a hint: skip chunks that would need a fill.
@@ -391,39 +430,40 @@ impl VirtualDevice {
             } else {
                 drop(guard);
                 guard = Arc::new(self.locks.exclusive(span).await);
-                plans = self.plans(*mode, offset, len, payload.change());
+                plans = self.plans(mode, (offset, len), payload.change(), frozen);
                 self.fill(&plans, &guard).await?;
             }
         }
-        let before = self.record_transitions(&plans, Stage::BeforeData)?;
-        let written = self.write_groups(offset, len, &plans, &payload, fua).await;
+        let before = self.record_transitions(&plans, Stage::BeforeData);
+        let written = self.write_groups(offset, len, &plans, payload, fua).await;
         self.ledger.changed(guard.chunks());
         written?;
-        let after = self.record_transitions(&plans, Stage::AfterData)?;
-        drop(guard);
-        match fua {
-            true => self.ledger.make_fua_durable(before || after).await,
-            false => Ok(()),
-        }
+        let after = self.record_transitions(&plans, Stage::AfterData);
+        Ok(before || after)
     }
 
     /// A change in asynchronous-mirroring mode: to the source, and queued
-    /// for the destination where the chunk's copy is being kept up.
+    /// for the destination where the chunk's copy is being kept up. Writes
+    /// nothing if the ledger froze (the caller then routes it).
     async fn change_async(
         &self,
         queue: &AioQueue,
-        offset: u64,
-        len: u64,
+        (offset, len): (u64, u64),
         payload: Payload,
         fua: bool,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let span = self.chunks().span(offset, len);
         let _guard = self.locks.shared(span.clone()).await;
         let data = matches!(payload, Payload::Data(_));
         let mut reserved = Vec::new();
         for chunk in span.clone() {
-            if queue.reserve(chunk, data)? {
-                reserved.push(chunk);
+            match queue.reserve(chunk, data) {
+                Some(true) => reserved.push(chunk),
+                Some(false) => {}
+                None => {
+                    reserved.iter().for_each(|&chunk| queue.release(chunk));
+                    return Ok(false);
+                }
             }
         }
         let written = payload.apply(&*self.source, offset, len, fua).await;
@@ -437,10 +477,59 @@ impl VirtualDevice {
         {
             queue.push(offset, bytes, span, reserved).await;
         }
-        match fua {
-            true => self.ledger.make_fua_durable(true).await,
-            false => Ok(()),
+        Ok(true)
+    }
+
+    /// What a FUA write waits for: its recorded changes made durable, or,
+    /// if the ledger is frozen, the chunks it could not vouch for settled.
+    async fn make_fua_durable(&self, changed: bool) -> Result<()> {
+        if !self.ledger.is_frozen() {
+            match self.ledger.make_fua_durable(changed).await {
+                Err(_) if self.ledger.is_frozen() => {}
+                other => return other,
+            }
         }
+        self.settle_frozen(false).await
+    }
+
+    /// What a client flush waits for: both stores flushed and every
+    /// recorded change durable, or, if the ledger is frozen, the chunks it
+    /// could not vouch for settled and both stores flushed.
+    async fn make_durable(&self) -> Result<()> {
+        if !self.ledger.is_frozen() {
+            match self.ledger.make_durable().await {
+                Err(_) if self.ledger.is_frozen() => {}
+                other => return other,
+            }
+        }
+        self.settle_frozen(true).await
+    }
+
+    /// Copies each chunk whose record a frozen ledger could not vouch for
+    /// to the store that lacks it, then flushes both stores: whatever
+    /// record of it survives then routes reads to a store with every
+    /// acknowledged write. `always` flushes even with nothing to settle.
+    async fn settle_frozen(&self, always: bool) -> Result<()> {
+        let (_settling, chunks) = self.ledger.frozen_unsettled().await;
+        if chunks.is_empty() && !always {
+            return Ok(());
+        }
+        let settled = async {
+            for chunk in chunks.iter().map(u64::from) {
+                match self.ledger.get(chunk) {
+                    ChunkState::Both => {}
+                    from => {
+                        self.copy_chunk(chunk, from, ChunkState::Both).await?;
+                    }
+                }
+            }
+            tokio::try_join!(self.source.flush(), self.destination.flush()).map(|_| ())
+        };
+        let settled = settled.await;
+        if settled.is_err() {
+            self.ledger.still_unsettled(chunks);
+        }
+        settled
     }
 
     /// Makes partially written chunks whole on the side that will hold
@@ -503,13 +592,14 @@ impl VirtualDevice {
     }
 
     /// Records the state changes of a write that belong to `stage`; true if
-    /// any was made.
+    /// any was made. A change the ledger refuses because it froze is left
+    /// to the caller (it writes the change again, frozen).
     ///
     /// A chunk leaving `Both` (or just filled) is recorded before the data
     /// goes out: its new home already holds its current bytes, so the
     /// record never claims more than is there. A chunk whose new home gets
     /// its bytes only from this (whole-chunk) write is recorded after.
-    fn record_transitions(&self, plans: &[(u64, Plan)], stage: Stage) -> Result<bool> {
+    fn record_transitions(&self, plans: &[(u64, Plan)], stage: Stage) -> bool {
         let mut changed = false;
         for &(chunk, plan) in plans {
             let Some((from, to)) = plan.transition else {
@@ -517,10 +607,10 @@ impl VirtualDevice {
             };
             let early = from == ChunkState::Both || plan.fill.is_some();
             if early == (stage == Stage::BeforeData) {
-                changed |= self.ledger.change_state(chunk, from, to)?;
+                changed |= self.ledger.change_state(chunk, from, to);
             }
         }
-        Ok(changed)
+        changed
     }
 
     /// Sends the change to the stores, one request per run of chunks with
@@ -586,9 +676,14 @@ impl VirtualDevice {
             }
             // Mirrored write: the source has it, so the client succeeds;
             // the chunks are dirty again and the migration learns why.
+            // Unless the ledger is frozen: they cannot be, and it fails.
             for &(chunk, _) in chunks {
-                self.ledger
-                    .change_state(chunk, ChunkState::Both, ChunkState::Source)?;
+                let dirtied = self
+                    .ledger
+                    .change_state(chunk, ChunkState::Both, ChunkState::Source);
+                if !dirtied && self.ledger.is_frozen() {
+                    return Err(err);
+                }
             }
             self.ledger.destination_failed(err);
         }
@@ -768,7 +863,7 @@ impl BlockStore for VirtualDevice {
 
     async fn flush(&self) -> Result<()> {
         let _mode = self.enter().await;
-        self.ledger.make_durable().await
+        self.make_durable().await
     }
 
     async fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<()> {

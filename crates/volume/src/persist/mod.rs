@@ -36,7 +36,7 @@ pub use crash::CrashFiles;
 pub use files::{DiskFiles, StateFile, StateFiles};
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -283,7 +283,12 @@ impl StateDir {
             .open_append(&name)
             .map_err(self.failed(Operation::OpenState, &name))?;
         self.sync_directory()?;
-        Ok(Journal { file, generation })
+        let path = self.files.location().join(&name);
+        Ok(Journal {
+            file,
+            generation,
+            path,
+        })
     }
 
     /// Every record of journals `generation` and later, in order.
@@ -328,11 +333,17 @@ impl StateDir {
 pub struct Journal {
     file: Arc<dyn StateFile>,
     generation: u64,
+    path: PathBuf,
 }
 
 impl Journal {
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Where the journal is, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Appends a record (one `write`, no sync).
