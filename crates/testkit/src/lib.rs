@@ -1,13 +1,16 @@
 //! What the end-to-end tests of several crates share: running the real
-//! tools that judge dmm's results (qemu-io, rsync, pjdfstest, fsx, fio...).
+//! tools that judge dmm's results (qemu-io, rsync, pjdfstest, fsx, fio...),
+//! a fault-injecting source and small file systems that fill up.
 //! A tool that is missing fails the test: the README's test command
 //! installs them all, and a test that skips is a test that cannot fail.
 
 use std::process::{Command, Output};
 
 mod faulty;
+mod loop_mount;
 
 pub use faulty::FaultySource;
+pub use loop_mount::LoopMount;
 
 /// A command running `name`, which must be installed.
 pub fn tool(name: &str) -> Command {

@@ -9,6 +9,7 @@
 //! [`Database`], like the catalog: this module owns only its tables and
 //! rows.
 
+use std::io;
 use std::path::Path;
 
 use dmm_catalog::{Database, Layout};
@@ -228,7 +229,11 @@ impl Journal {
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
         self.database.with(work).map_err(|err| {
-            Error::on(ErrorKind::Journal, operation, self.database.path()).with_source(err)
+            let failed = Error::on(ErrorKind::Journal, operation, self.database.path());
+            match system_errno(&err) {
+                Some(errno) => failed.with_source(io::Error::from_raw_os_error(errno)),
+                None => failed.with_source(err),
+            }
         })
     }
 
@@ -392,6 +397,21 @@ fn load(c: &Connection) -> rusqlite::Result<Snapshot> {
     })?;
     snapshot.errors = rows.collect::<rusqlite::Result<_>>()?;
     Ok(snapshot)
+}
+
+/// The system error behind an SQLite failure that says the journal's file
+/// system takes no more writes (full, read-only) or failed: the migration
+/// blocks on it as on a full target, and clients get that errno.
+fn system_errno(err: &rusqlite::Error) -> Option<i32> {
+    let rusqlite::Error::SqliteFailure(failure, _) = err else {
+        return None;
+    };
+    match failure.code {
+        rusqlite::ErrorCode::DiskFull => Some(libc::ENOSPC),
+        rusqlite::ErrorCode::ReadOnly => Some(libc::EROFS),
+        rusqlite::ErrorCode::SystemIoFailure => Some(libc::EIO),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

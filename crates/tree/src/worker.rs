@@ -222,9 +222,15 @@ impl Shared {
         }
     }
 
+    /// Journals the batched marks every [`FLUSH_EVERY`]. While the
+    /// migration is blocked (its target or journal full or read-only) the
+    /// batch waits in memory: the next run retries it.
     fn flusher(&self) {
         while !self.done() {
             thread::sleep(FLUSH_EVERY);
+            if self.namespace.blocked().is_some() {
+                continue;
+            }
             if let Err(err) = self.namespace.flush() {
                 tracing::error!("{}", err.report());
             }

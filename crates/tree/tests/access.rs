@@ -601,3 +601,107 @@ fn a_passed_through_file_reads_its_latest_data_after_writes_through_the_access_p
     migration.commit().unwrap();
     assert_eq!(read_all(&setup.config.target.join("file")), expected);
 }
+
+#[test]
+fn a_full_journal_blocks_the_migration_and_loses_no_change() {
+    let setup = Setup::new(|root| {
+        for i in 0..40u8 {
+            write(&root.join(format!("f{i:02}")), &pattern(512 << 10, i));
+        }
+    });
+    let state = setup.config.journal.parent().unwrap().to_owned();
+    let image = state.with_extension("img");
+    let small = dmm_testkit::LoopMount::new(&image, &state, 16);
+    // About 5 s of copying.
+    let migration = setup.start_with(Controls::new(Some(4 << 20), 1, Priority::Normal));
+    let overwrite = |name: &str, data: &[u8]| -> std::io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .open(setup.access(name))?;
+        file.write_all(data)
+    };
+    // A file changed through the access point (its mark journaled).
+    overwrite("f03", &pattern(512 << 10, 0x5a)).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let filler = small.fill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let blocked = loop {
+        if let Some(blocked) = migration.blocked() {
+            break blocked;
+        }
+        assert!(Instant::now() < deadline, "{:?}", migration.progress());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(blocked.errno, ENOSPC, "{blocked}");
+    assert!(
+        blocked
+            .to_string()
+            .contains(setup.config.journal.to_str().unwrap()),
+        "{blocked}"
+    );
+    // Clients: reads see the source, writes into a file already changed
+    // work; a change that must be journaled before it is made (a new name,
+    // the first change of a file still being copied) gets ENOSPC if the
+    // journal has no room left for it, as from a full file system. Nothing
+    // hangs, and every change that succeeded is kept.
+    assert_eq!(
+        fs::read(setup.access("f30")).unwrap(),
+        pattern(512 << 10, 30)
+    );
+    let mine = pattern(512 << 10, 0xa5);
+    overwrite("f03", &mine).unwrap();
+    let mut changed = vec!["f03"];
+    match overwrite("f04", &mine) {
+        Ok(()) => changed.push("f04"),
+        Err(err) => assert_eq!(err.raw_os_error(), Some(ENOSPC)),
+    }
+    let created = match fs::write(setup.access("new"), b"x") {
+        Ok(()) => true,
+        Err(err) => {
+            assert_eq!(err.raw_os_error(), Some(ENOSPC));
+            false
+        }
+    };
+
+    fs::remove_file(filler).unwrap();
+    migration.retry_now();
+    wait_complete(&migration);
+    migration.stop().unwrap();
+    // Reopened from the journal: what was done while it was full (copies,
+    // client changes) was recorded once it had room again.
+    let paused = Controls::new(None, 1, Priority::Normal);
+    paused.pause();
+    let migration = TreeMigration::start(&setup.config, Arc::new(paused)).unwrap();
+    // Paused: only what the journal holds can make it complete.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !migration.is_complete() {
+        assert!(
+            Instant::now() < deadline,
+            "what was recorded while the journal was full is lost: {:?}",
+            migration.progress()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    migration.controls().resume();
+    migration.commit().unwrap();
+    assert_eq!(setup.config.target.join("new").exists(), created);
+    if created {
+        assert_eq!(fs::read(setup.config.target.join("new")).unwrap(), b"x");
+    }
+    for name in &changed {
+        assert_eq!(fs::read(setup.config.target.join(name)).unwrap(), mine);
+    }
+    // Everything else is the source's, times included.
+    let differences = rsync_differences(&setup.config.source, &setup.config.target);
+    let unexpected: Vec<&str> = differences
+        .lines()
+        .filter(|line| {
+            let name = line.rsplit(' ').next().unwrap_or_default();
+            name != "./" && name != "new" && !changed.contains(&name)
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "{differences}");
+}
+
+/// No space left on device.
+const ENOSPC: i32 = 28;

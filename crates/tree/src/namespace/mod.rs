@@ -351,10 +351,21 @@ impl Namespace {
         self.flush_with(Durability::Durable)
     }
 
+    /// A batch the journal refused goes back in front of what was batched
+    /// since, for the next flush; a journal (or target) that is full or
+    /// read-only blocks the migration until [`Namespace::retry_now`].
     fn flush_with(&self, durability: Durability) -> Result<()> {
         let _order = self.flushing.lock();
         let batch = self.lock().take_batch();
-        self.apply(&batch, durability)
+        let applied = self.apply(&batch, durability);
+        if let Err(err) = &applied {
+            let mut state = self.lock();
+            state.put_back(batch);
+            if let Some(blocked) = blocks_the_target(err) {
+                state.block(blocked);
+            }
+        }
+        applied
     }
 
     /// Commits `changes` at once, after whatever was batched before them.

@@ -767,6 +767,13 @@ impl State {
         self.batch.extend(changes);
     }
 
+    /// Puts back a batch the journal refused, before what was batched
+    /// since.
+    pub(super) fn put_back(&mut self, mut batch: Vec<Change>) {
+        batch.append(&mut self.batch);
+        self.batch = batch;
+    }
+
     /// The changes to journal next: the batch, then the segment bitmap of
     /// every file whose marks changed (a file completed or deleted since
     /// has its final row in the batch instead).
