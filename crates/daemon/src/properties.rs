@@ -244,7 +244,8 @@ pub const PROPERTIES: &[Property] = &[
         default: None,
         change: Change::Live,
         help: "file that receives the migration's log lines (an absolute path; \
-               a regular file, never followed through a symbolic link)",
+               a regular file the daemon's user owns, with no other name, never \
+               followed through a symbolic link)",
         check: absolute_file,
     },
     Property {

@@ -513,23 +513,33 @@ impl Supervisor {
     }
 }
 
-/// Appends a line to a migration's log file.
 /// Appends a line to a migration's `logfile`: created owner-only, never
 /// through a symbolic link, and only if it is a regular file (not a device
-/// or a FIFO someone put there).
+/// or a FIFO someone put there) that the daemon's user owns and that has
+/// no other name (a hard link someone made to a file they could not write
+/// themselves). Only the daemon's owner reaches the API socket, and a
+/// token holder over TCP administers the daemon: the log goes nowhere its
+/// owner could not write, and never where another user steers it.
 fn append_line(id: MigrationId, path: &str, line: &str) {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let no_follow = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let owner = rustix::process::geteuid().as_raw();
     let appended = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .custom_flags(no_follow.bits() as i32)
         .open(path)
-        .and_then(|mut file| match file.metadata()?.is_file() {
-            true => file.write_all(line.as_bytes()),
-            false => Err(std::io::Error::other("not a regular file")),
+        .and_then(|mut file| {
+            let meta = file.metadata()?;
+            let refused = match () {
+                _ if !meta.is_file() => "not a regular file",
+                _ if meta.uid() != owner => "owned by another user",
+                _ if meta.nlink() != 1 => "it has other names (hard links)",
+                _ => return file.write_all(line.as_bytes()),
+            };
+            Err(std::io::Error::other(refused))
         });
     if let Err(err) = appended {
         tracing::warn!(migration = id, "cannot write the log file {path}: {err}");

@@ -287,6 +287,17 @@ fn a_logfile_is_a_regular_file_never_reached_through_a_link() {
     let started = Instant::now();
     super::append_line(1, &path(&fifo), "line\n");
     assert!(started.elapsed() < Duration::from_secs(1));
+    // Nor a second name of a file (a hard link to it)...
+    let hard = dir.path().join("hard.log");
+    std::fs::hard_link(&victim, &hard).unwrap();
+    super::append_line(1, &path(&hard), "line\n");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    // ...nor a file another user (nobody) owns, and could read.
+    let theirs = dir.path().join("theirs.log");
+    std::fs::write(&theirs, "").unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+    super::append_line(1, &path(&theirs), "line\n");
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "");
     // A relative path is refused when set.
     let err = crate::properties::check("logfile", "logs/vm1.log").unwrap_err();
     assert!(err.to_string().contains("absolute"), "{err}");
