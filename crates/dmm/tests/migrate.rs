@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    DMM, LoopMount, MIB, Sent, check_sent, fua_writer, image_with, run, scratch, stdout, terminate,
-    tool, wait_with_timeout,
+    DMM, FuaWriter, LoopMount, MIB, check_sent, image_with, run, scratch, stdout, terminate, tool,
+    wait_with_timeout,
 };
 
 const SIZE: u64 = 48 * MIB;
@@ -383,21 +383,14 @@ fn kill_9_at_random_instants_loses_no_acknowledged_write() {
         let args = ["--strategy", strategy, "--rate", "10M", "--segsize", "256K"];
         let (src, dst) = (source.to_str().unwrap(), destination.to_str().unwrap());
         let migrate = Migrate::start(src, dst, dir.path(), &args);
-        let stop = Arc::new(Mutex::new(false));
-        let sent = Arc::new(Mutex::new(Sent::default()));
-        let writer = {
-            let (uri, stop, sent) = (migrate.uri(), stop.clone(), sent.clone());
-            std::thread::spawn(move || fua_writer(uri, 41, stop, sent))
-        };
+        let writer = FuaWriter::start(migrate.uri(), 41);
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         // Somewhere in the copy (about 2.5 s at this rate) or the switch.
         std::thread::sleep(Duration::from_millis(200 + seed % 2800));
         migrate.kill();
-        *stop.lock().unwrap() = true;
-        writer.join().unwrap();
-        let sent = std::mem::take(&mut *sent.lock().unwrap());
+        let sent = writer.finish();
         assert!(
             !sent.acked.is_empty(),
             "trial {trial}: the writer got nothing acknowledged"
@@ -761,12 +754,7 @@ fn an_nbd_destination_killed_and_restarted_loses_nothing_and_the_migration_goes_
         let destination = format!("nbd+unix:///?socket={}", socket.display());
         let args = ["--strategy", strategy, "--rate", "16M", "--segsize", "256K"];
         let migrate = Migrate::start(source.to_str().unwrap(), &destination, dir.path(), &args);
-        let stop = Arc::new(Mutex::new(false));
-        let sent = Arc::new(Mutex::new(Sent::default()));
-        let writer = {
-            let (uri, stop, sent) = (migrate.uri(), stop.clone(), sent.clone());
-            std::thread::spawn(move || fua_writer(uri, 41, stop, sent))
-        };
+        let writer = FuaWriter::start(migrate.uri(), 41);
         std::thread::sleep(Duration::from_millis(1500));
         server.kill().unwrap();
         server.wait().unwrap();
@@ -780,9 +768,7 @@ fn an_nbd_destination_killed_and_restarted_loses_nothing_and_the_migration_goes_
             "{strategy}: {done}\n{}",
             migrate.stderr.lock().unwrap()
         );
-        *stop.lock().unwrap() = true;
-        writer.join().unwrap();
-        let sent = std::mem::take(&mut *sent.lock().unwrap());
+        let sent = writer.finish();
         assert!(
             sent.acked.len() > 100,
             "{strategy}: the client kept writing"
@@ -822,12 +808,7 @@ fn state_directory_fails_mid_copy(fault: StateFault, strategy: &str) {
     let (src, dst) = (source.to_str().unwrap(), destination.to_str().unwrap());
     let args = ["--strategy", strategy, "--rate", "8M", "--segsize", "256K"];
     let migrate = Migrate::start(src, dst, dir.path(), &args);
-    let stop = Arc::new(Mutex::new(false));
-    let sent = Arc::new(Mutex::new(Sent::default()));
-    let writer = {
-        let (uri, stop, sent) = (migrate.uri(), stop.clone(), sent.clone());
-        std::thread::spawn(move || fua_writer(uri, 41, stop, sent))
-    };
+    let writer = FuaWriter::start(migrate.uri(), 41);
     std::thread::sleep(Duration::from_millis(1000));
     let (filler, cause) = match fault {
         StateFault::Full => (Some(mount.fill()), "No space left on device"),
@@ -844,10 +825,10 @@ fn state_directory_fails_mid_copy(fault: StateFault, strategy: &str) {
     );
     // Clients keep working: the FUA writer goes on, qemu-io writes, reads
     // and flushes.
-    let acked = sent.lock().unwrap().acked.len();
+    let acked = writer.acked();
     std::thread::sleep(Duration::from_millis(1000));
     assert!(
-        sent.lock().unwrap().acked.len() > acked + 50,
+        writer.acked() > acked + 50,
         "{what}: the writer stalled after the failure\n{}",
         migrate.stderr.lock().unwrap()
     );
@@ -865,9 +846,7 @@ fn state_directory_fails_mid_copy(fault: StateFault, strategy: &str) {
         &migrate.uri(),
     ]));
     assert!(!output.contains("failed"), "{what}: {output}");
-    *stop.lock().unwrap() = true;
-    writer.join().unwrap();
-    let sent = std::mem::take(&mut *sent.lock().unwrap());
+    let sent = writer.finish();
     assert!(
         !migrate.stop().success(),
         "{what}: a failed migration exits non-zero"

@@ -198,19 +198,9 @@ async fn state_fails_mid_copy(strategy: Strategy, errno: i32, then: Then) {
     assert_store_matches(&*destination, &model, &what).await;
 }
 
-const STRATEGIES: [Strategy; 7] = [
-    Strategy::Precopy,
-    Strategy::Mirror,
-    Strategy::Aio,
-    Strategy::Slr,
-    Strategy::Lr,
-    Strategy::Redirect,
-    Strategy::Auto,
-];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_state_directory_stops_the_migration_and_clients_keep_working() {
-    for (i, strategy) in STRATEGIES.into_iter().enumerate() {
+    for (i, strategy) in Strategy::ALL.into_iter().enumerate() {
         let then = [Then::Restart, Then::Reopen][i % 2];
         state_fails_mid_copy(strategy, ENOSPC, then).await;
     }
@@ -218,7 +208,7 @@ async fn a_full_state_directory_stops_the_migration_and_clients_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_state_directory_stops_the_migration_and_clients_keep_working() {
-    for (i, strategy) in STRATEGIES.into_iter().enumerate() {
+    for (i, strategy) in Strategy::ALL.into_iter().enumerate() {
         let then = [Then::Reopen, Then::Restart][i % 2];
         state_fails_mid_copy(strategy, EROFS, then).await;
     }

@@ -394,6 +394,37 @@ pub fn fua_writer(uri: String, mebibytes: u64, stop: Arc<Mutex<bool>>, sent: Arc
     });
 }
 
+/// A [`fua_writer`] on its own thread, until [`FuaWriter::finish`].
+pub struct FuaWriter {
+    stop: Arc<Mutex<bool>>,
+    sent: Arc<Mutex<Sent>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl FuaWriter {
+    pub fn start(uri: String, mebibytes: u64) -> FuaWriter {
+        let stop = Arc::new(Mutex::new(false));
+        let sent = Arc::new(Mutex::new(Sent::default()));
+        let thread = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || fua_writer(uri, mebibytes, stop, sent))
+        };
+        FuaWriter { stop, sent, thread }
+    }
+
+    /// How many writes were acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.sent.lock().unwrap().acked.len()
+    }
+
+    /// Stops the writer; what it sent.
+    pub fn finish(self) -> Sent {
+        *self.stop.lock().unwrap() = true;
+        self.thread.join().unwrap();
+        std::mem::take(&mut *self.sent.lock().unwrap())
+    }
+}
+
 /// Checks that every acknowledged write reads back from `target`; the
 /// offset of the write in flight at the kill may hold either value.
 pub fn check_sent(target: &str, sent: &Sent, what: &str) {
