@@ -130,19 +130,31 @@ pub fn fio(args: &[&str]) -> String {
     output
 }
 
-/// Whether qemu-io reads `len` bytes at `offset` of `target` as one of the
-/// byte patterns in `values`.
-pub fn qemu_io_reads_one_of(target: &str, offset: u64, len: u64, values: &[u8]) -> bool {
-    values.iter().any(|value| {
-        let output = tool("qemu-io")
+/// The bytes qemu-io reads from `target` (`read -v`, its hex dump).
+pub fn qemu_io_bytes(target: &str, offset: u64, len: u64) -> Vec<u8> {
+    let text = stdout(
+        tool("qemu-io")
             .args(["-r", "-f", "raw", "-c"])
-            .arg(format!("read -P {value} {offset} {len}"))
-            .arg(target)
-            .output()
-            .expect("qemu-io runs");
-        let text = String::from_utf8_lossy(&output.stdout);
-        output.status.success() && !text.contains("verification failed")
-    })
+            .arg(format!("read -v {offset} {len}"))
+            .arg(target),
+    );
+    let bytes: Vec<u8> = text
+        .lines()
+        .filter_map(|line| line.split_once(":  "))
+        .flat_map(|(_, rest)| {
+            // 16 bytes as hex pairs, then their characters.
+            rest.split(' ')
+                .take(16)
+                .map_while(|pair| u8::from_str_radix(pair, 16).ok())
+                .collect::<Vec<u8>>()
+        })
+        .collect();
+    assert_eq!(
+        bytes.len() as u64,
+        len,
+        "qemu-io read -v of {target}:\n{text}"
+    );
+    bytes
 }
 
 /// Runs qemu-io with many `-c` commands (in batches) on `target`; fails the
@@ -425,8 +437,9 @@ impl FuaWriter {
     }
 }
 
-/// Checks that every acknowledged write reads back from `target`; the
-/// offset of the write in flight at the kill may hold either value.
+/// Checks that every acknowledged write reads back from `target`; each
+/// byte of the write in flight at the kill may hold either value (a kill
+/// can tear it at a page boundary, and a mirrored one between the stores).
 pub fn check_sent(target: &str, sent: &Sent, what: &str) {
     let in_flight = sent.in_flight.map(|(offset, _)| offset);
     let commands: Vec<String> = sent
@@ -439,9 +452,13 @@ pub fn check_sent(target: &str, sent: &Sent, what: &str) {
     if let Some(offset) = in_flight {
         let allowed = sent.allowed(offset);
         if allowed.len() > 1 {
+            let bytes = qemu_io_bytes(target, offset, 4096);
+            let stray = bytes.iter().position(|byte| !allowed.contains(byte));
             assert!(
-                qemu_io_reads_one_of(target, offset, 4096, &allowed),
-                "{what}: offset {offset} holds neither of {allowed:?}"
+                stray.is_none(),
+                "{what}: byte {} of the write at {offset} is {:#x}, neither of {allowed:?}",
+                stray.unwrap_or_default(),
+                bytes[stray.unwrap_or_default()]
             );
         }
     }
