@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     Daemon, Dirs, MIB, Sent, build_source, check_sent, create_tree, create_volume, dirs,
-    fua_writer, path, pattern, rsync_differences, run, tool,
+    fua_writer, path, pattern, rsync_differences, run, soak_seed, tool,
 };
 
 const STRATEGIES: [&str; 7] = ["lr", "redirect", "auto", "aio", "mirror", "slr", "precopy"];
@@ -261,7 +261,7 @@ fn finish(daemon: &Daemon, migid: &str) {
 #[test]
 fn tree_trials_kill_9_at_random_instants_lose_nothing() {
     let trials = trials("DMM_TREE_KILL_TRIALS");
-    let mut rng = Rng(0x7ee5_0a11_d00d_f00d);
+    let mut rng = Rng(soak_seed(0x7ee5_0a11_d00d_f00d));
     let mut checked = 0;
     for trial in 0..trials {
         let what = format!("tree trial {trial}");
@@ -287,7 +287,7 @@ fn tree_trials_kill_9_at_random_instants_lose_nothing() {
 #[test]
 fn daemon_trials_kill_9_at_random_instants_lose_nothing() {
     let trials = trials("DMM_DAEMON_KILL_TRIALS");
-    let mut rng = Rng(0xdae0_0b1e_55ed_0001);
+    let mut rng = Rng(soak_seed(0xdae0_0b1e_55ed_0001));
     let (mut writes, mut changes) = (0, 0);
     for trial in 0..trials {
         let d = dirs();

@@ -406,6 +406,16 @@ pub fn fua_writer(uri: String, mebibytes: u64, stop: Arc<Mutex<bool>>, sent: Arc
     });
 }
 
+/// The seed of a loop of random trials: `base`, varied by `DMM_SOAK_SEED`
+/// so that soak jobs running side by side pick other instants.
+pub fn soak_seed(base: u64) -> u64 {
+    let salt = std::env::var("DMM_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0);
+    (base ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+}
+
 /// A [`fua_writer`] on its own thread, until [`FuaWriter::finish`].
 pub struct FuaWriter {
     stop: Arc<Mutex<bool>>,
