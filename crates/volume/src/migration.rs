@@ -359,10 +359,14 @@ impl Migration {
         let ledger = self.device.ledger();
         ledger.record_phase(phase)?;
         let synced = ledger.sync_journal().await;
-        synced.map_err(|err| {
-            let during = Err::<(), _>(err).during(operation);
-            ledger.frozen_error().unwrap_or_else(|| during.unwrap_err())
-        })
+        synced.map_err(|err| self.ledger_failure(err, operation))
+    }
+
+    /// The error of a ledger step: the state error if the ledger froze
+    /// (the journal failed), else the store's.
+    fn ledger_failure(&self, err: dmm_store::Error, operation: Operation) -> MigrationError {
+        let store = MigrationError::new(ErrorKind::Store, operation).with_source(err);
+        self.device.ledger().frozen_error().unwrap_or(store)
     }
 
     fn set_activity(&self, activity: Activity) {
@@ -798,7 +802,7 @@ impl Migration {
         ledger
             .settle_checkpoint()
             .await
-            .during(Operation::Checkpoint)?;
+            .map_err(|err| self.ledger_failure(err, Operation::Checkpoint))?;
         let checkpoint = Checkpoint {
             position,
             both,
