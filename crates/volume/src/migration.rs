@@ -252,7 +252,8 @@ impl Migration {
             Some(checkpoint) => {
                 chunks.load_bitmaps(&checkpoint.both, &checkpoint.destination);
                 let mut position = checkpoint.position;
-                position.reconcile |= may_have_drifted(&position, &boot, &*source, &*destination);
+                position.reconcile |= may_have_drifted(&position, &boot, &*source, &*destination)
+                    || may_be_split(&position);
                 position
             }
             None => Position {
@@ -1096,6 +1097,15 @@ fn may_have_drifted(
 ) -> bool {
     let local = source.local_file().is_some() && destination.local_file().is_some();
     !local || boot.is_none() || saved.boot != *boot
+}
+
+/// Whether a write may have reached one store and not the other when the
+/// process died: in mirroring mode a client write to a chunk both stores
+/// hold goes to both at once, and a kill -9 between the two leaves them
+/// apart (the write was never acknowledged, but reads must keep returning
+/// what they returned).
+fn may_be_split(saved: &Position) -> bool {
+    saved.mode == Mode::Mirror
 }
 
 fn check_resume(saved: &Meta, wanted: &Meta, dir: &Path) -> Outcome<Meta> {
