@@ -393,7 +393,8 @@ fn kill_9_at_random_instants_loses_no_acknowledged_write() {
         while writer.acked() == 0 {
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "trial {trial}: the writer got nothing acknowledged"
+                "trial {trial}: the writer got nothing acknowledged; dmm said:\n{}",
+                migrate.stderr.lock().unwrap()
             );
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -380,9 +380,18 @@ pub fn fua_writer(uri: String, mebibytes: u64, stop: Arc<Mutex<bool>>, sent: Arc
         .unwrap();
     runtime.block_on(async move {
         use dmm_store::BlockStore;
-        // It stops at the first error: a killed dmm is not waited for.
-        let Ok(store) = dmm_nbd::NbdStore::connect_uri(&uri).await else {
-            return;
+        // The export's socket can appear a moment before it accepts: the
+        // first connection is tried for a few seconds. After that the
+        // writer stops at the first error: a killed dmm is not waited for.
+        let started = Instant::now();
+        let store = loop {
+            match dmm_nbd::NbdStore::connect_uri(&uri).await {
+                Ok(store) => break store,
+                Err(_) if started.elapsed() < Duration::from_secs(10) && !*stop.lock().unwrap() => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(_) => return,
+            }
         };
         let store = store.reconnecting_within(Duration::ZERO);
         let mut value = 1u8;
