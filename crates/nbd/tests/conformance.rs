@@ -12,8 +12,20 @@ use dmm_nbd::NbdStore;
 use dmm_store::conformance::{Fixture, Subject};
 use dmm_store::{BlockStore, MemoryStore};
 
+/// Connects to the server at `uri`; its socket can exist a moment before
+/// it accepts (qemu-nbd binds, then listens), so a refusal is retried for
+/// a few seconds.
 async fn connect(uri: &str) -> Arc<dyn BlockStore> {
-    Arc::new(NbdStore::connect_uri(uri).await.expect("connect"))
+    let started = std::time::Instant::now();
+    loop {
+        match NbdStore::connect_uri(uri).await {
+            Ok(store) => return Arc::new(store),
+            Err(_) if started.elapsed() < std::time::Duration::from_secs(10) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(err) => panic!("connect: {err}"),
+        }
+    }
 }
 
 async fn dmm_server(fixture: Fixture) -> Subject {
