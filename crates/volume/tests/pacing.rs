@@ -4,10 +4,12 @@
 //! The destination makes every chunk-sized write (a copy) take a few
 //! milliseconds without using the CPU, and counts how many run at once, so
 //! the copier's pace shows in the migration's time whatever the machine.
-//! Clients read in a loop through the virtual device: always busy.
+//! Clients read in a loop through the virtual device, each read taking a
+//! millisecond in the store: a read is in flight nearly all the time, so
+//! the clients stay busy even when the machine stalls a thread for a while.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -19,9 +21,12 @@ const CHUNK: u64 = 64 << 10;
 const CHUNKS: u64 = 32;
 /// What one copy costs the destination.
 const COPY: Duration = Duration::from_millis(2);
+/// What one client read (smaller than a chunk) costs either store.
+const CLIENT_READ: Duration = Duration::from_millis(1);
 
-/// A memory store whose chunk-sized writes take [`COPY`], counting the most
-/// that were ever in progress at once.
+/// A memory store whose chunk-sized writes take [`COPY`] and whose smaller
+/// reads take [`CLIENT_READ`], counting the most writes that were ever in
+/// progress at once.
 struct SlowCopies {
     store: MemoryStore,
     writing: AtomicUsize,
@@ -53,6 +58,9 @@ impl BlockStore for SlowCopies {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        if (len as u64) < CHUNK {
+            tokio::time::sleep(CLIENT_READ).await;
+        }
         self.store.read(offset, len).await
     }
 
@@ -94,7 +102,7 @@ struct Run {
 /// Migrates a source full of data to a [`SlowCopies`] destination at
 /// `priority`, with `clients` readers looping on the device meanwhile.
 async fn migrate(priority: Priority, clients: usize, verify: Verify) -> Run {
-    let source = Arc::new(MemoryStore::new(CHUNK * CHUNKS));
+    let source = Arc::new(SlowCopies::new());
     let data: Vec<u8> = (0..CHUNK * CHUNKS).map(|i| (i % 251) as u8 | 1).collect();
     source.write(0, Bytes::from(data), false).await.unwrap();
     let destination = Arc::new(SlowCopies::new());
@@ -112,9 +120,17 @@ async fn migrate(priority: Priority, clients: usize, verify: Verify) -> Run {
         .await
         .expect("open migration");
     let (stop, stopped) = watch::channel(false);
+    let all_reads = Arc::new(AtomicU64::new(0));
     let readers: Vec<_> = (0..clients)
-        .map(|id| tokio::spawn(read_until(migration.device(), id as u64, stopped.clone())))
+        .map(|id| {
+            let (device, reads) = (migration.device(), all_reads.clone());
+            tokio::spawn(read_until(device, id as u64, reads, stopped.clone()))
+        })
         .collect();
+    // The copier's first look at busy clients sees them busy.
+    while clients > 0 && all_reads.load(Ordering::Relaxed) < clients as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let started = Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(60), migration.run())
         .await
@@ -133,11 +149,12 @@ async fn migrate(priority: Priority, clients: usize, verify: Verify) -> Run {
     }
 }
 
-/// A client reading 4 KiB blocks one after another until `stop`; returns
-/// how many it read.
+/// A client reading 4 KiB blocks one after another until `stop`, counting
+/// them in `reads` as well; returns how many it read.
 async fn read_until(
     device: Arc<dmm_volume::VirtualDevice>,
     id: u64,
+    all_reads: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
 ) -> u64 {
     let mut reads = 0;
@@ -145,7 +162,7 @@ async fn read_until(
         let offset = (id * 7 + reads * 13) % (CHUNK * CHUNKS / 4096) * 4096;
         device.read(offset, 4096).await.expect("read");
         reads += 1;
-        tokio::time::sleep(Duration::from_micros(200)).await;
+        all_reads.fetch_add(1, Ordering::Relaxed);
     }
     reads
 }
