@@ -1,5 +1,6 @@
-//! The HTTP/JSON API: every verb of the CLI, an event stream, and the
-//! OpenAPI document that describes them.
+//! The HTTP/JSON API: every verb of the CLI, an event stream, the
+//! OpenAPI document that describes them, and Prometheus metrics
+//! (`/metrics`, [`crate::metrics`]).
 //!
 //! The same router serves the Unix socket (protected by its file mode) and,
 //! when asked, a TCP listener (with TLS, or on loopback only), where every
@@ -16,7 +17,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -25,6 +25,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use axum::serve::IncomingStream;
+use axum::{Extension, Router};
 use dmm_catalog::{MigrationId, MigrationRecord, Verb};
 use futures::stream::{Stream, StreamExt};
 use serde::Deserialize;
@@ -34,6 +35,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio::net::TcpListener;
 
 use crate::error::{Error, ErrorKind};
+use crate::metrics::{self, Requests};
 use crate::properties;
 use crate::supervisor::{Notice, Supervisor};
 use crate::tls::TlsListener;
@@ -228,6 +230,14 @@ async fn events(State(supervisor): Shared) -> Sse<impl Stream<Item = Result<Even
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+async fn metrics(
+    State(supervisor): Shared,
+    Extension(requests): Extension<Arc<Requests>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let text = metrics::render(&supervisor, &requests).await?;
+    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
+}
+
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -236,9 +246,11 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-/// The API routes.
-pub fn router(supervisor: Arc<Supervisor>) -> Router {
+/// The API routes; `requests` times them (one for every listener of a
+/// daemon).
+pub fn router(supervisor: Arc<Supervisor>, requests: Arc<Requests>) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/api/health", get(health))
         .route("/api/openapi.json", get(openapi))
         .route("/api/events", get(events))
@@ -251,14 +263,23 @@ pub fn router(supervisor: Arc<Supervisor>) -> Router {
         .route("/api/migrations/{id}/log", get(log))
         .route("/api/migrations/{id}/{verb}", post(verb))
         .with_state(supervisor)
+        .route_layer(middleware::from_fn_with_state(
+            requests.clone(),
+            metrics::track,
+        ))
+        .layer(Extension(requests))
 }
 
 /// The same routes, refusing any request without the bearer token; a peer
 /// that keeps presenting a wrong one is refused for a while (and logged).
-pub fn router_with_token(supervisor: Arc<Supervisor>, token: String) -> Router {
+pub fn router_with_token(
+    supervisor: Arc<Supervisor>,
+    requests: Arc<Requests>,
+    token: String,
+) -> Router {
     let expected = blake3::hash(format!("Bearer {token}").as_bytes());
     let failures = Arc::new(AuthFailures::default());
-    router(supervisor).layer(middleware::from_fn(move |request: Request, next: Next| {
+    router(supervisor, requests).layer(middleware::from_fn(move |request: Request, next: Next| {
         let failures = failures.clone();
         async move {
             let peer = request

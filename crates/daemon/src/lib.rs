@@ -14,6 +14,7 @@ mod client;
 mod engine;
 mod error;
 mod layout;
+mod metrics;
 mod properties;
 mod spec;
 mod supervisor;
@@ -135,8 +136,9 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
             }
         })
     };
+    let requests = Arc::new(metrics::Requests::default());
     let api_unix = {
-        let router = api::router(supervisor.clone());
+        let router = api::router(supervisor.clone(), requests.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
             axum::serve(api_unix, router)
@@ -145,7 +147,8 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         })
     };
     let api_tcp = api_tcp.map(|listener| {
-        let router = api::router_with_token(supervisor.clone(), token.clone().unwrap_or_default());
+        let token = token.clone().unwrap_or_default();
+        let router = api::router_with_token(supervisor.clone(), requests.clone(), token);
         let stop = stop.clone();
         tokio::spawn(async move {
             let stopped = async move { stop.cancelled().await };

@@ -1,7 +1,8 @@
 //! The daemon and the management CLI, end to end: create → start → stat →
 //! commit with fio writing through the export; kill -9 of the daemon while
 //! several migrations run; concurrent CLI clients; the bad-input table; the
-//! TCP API refusing requests without the token.
+//! TCP API refusing requests without the token; `/metrics` scraped with
+//! the token and read by the Prometheus client's own parser.
 
 mod common;
 
@@ -576,4 +577,156 @@ fn an_unprivileged_user_cannot_use_the_api_socket() {
     );
     // Its owner still can.
     assert!(daemon.ok(&["list"]).starts_with("MIGID"));
+}
+
+/// A sample of a scrape: its name, labels and value.
+type Sample = (String, serde_json::Map<String, serde_json::Value>, f64);
+
+/// The samples of a `/metrics` text, as the Prometheus Python client's own
+/// parser reads them.
+fn prometheus_samples(text: &str) -> Vec<Sample> {
+    const PARSE: &str = "import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+print(json.dumps([[s.name, s.labels, s.value]
+    for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]))";
+    // Debian's python, which has Debian's prometheus_client.
+    let mut parser = Command::new("/usr/bin/python3")
+        .args(["-c", PARSE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/install-test-deps installs python3-prometheus-client)");
+    use std::io::Write;
+    parser
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = parser.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let parsed: Vec<Sample> = serde_json::from_slice(&output.stdout).unwrap();
+    parsed
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).and_then(|x| x.as_str()) == Some(v))
+        })
+        .map(|(_, _, value)| *value)
+}
+
+#[test]
+fn metrics_are_scraped_with_the_token_and_read_by_the_prometheus_parser() {
+    let dir = scratch();
+    let token = "correct-horse-battery-staple";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let address = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let daemon = Daemon::start(
+        &dir.path().join("state"),
+        &["--listen", &address, "--token-file", path(&token_file)],
+    );
+    let url = format!("http://{address}/metrics");
+    let bearer = format!("Authorization: Bearer {token}");
+    let scrapes = std::cell::Cell::new(0);
+    let scrape = || {
+        scrapes.set(scrapes.get() + 1);
+        let (ok, answer) = curl(&url, &["-H", &bearer]);
+        let (body, code) = answer.rsplit_once('\n').unwrap();
+        assert!(ok && code == "200", "scrape: {answer}");
+        prometheus_samples(body)
+    };
+    let (ok, answer) = curl(&url, &[]);
+    assert!(ok && answer.ends_with("\n401"), "no token: {answer}");
+
+    let (migid, source, target) = create_volume(
+        &daemon,
+        dir.path(),
+        "",
+        (32 * MIB, 3),
+        &["rate=8M", "segsize=256K"],
+    );
+    let id = [("migid", migid.as_str())];
+    let started = std::time::Instant::now();
+    let (first, copied) = loop {
+        let samples = scrape();
+        let copied = sample(&samples, "dmm_migration_copied_bytes_total", &id).unwrap_or(0.0);
+        if copied > 0.0 {
+            break (samples, copied);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nothing copied in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let info = [
+        ("migid", migid.as_str()),
+        ("kind", "volume"),
+        ("source", path(&source)),
+        ("target", path(&target)),
+        ("strategy", "auto"),
+    ];
+    assert_eq!(sample(&first, "dmm_migration_info", &info), Some(1.0));
+    let running = [("migid", migid.as_str()), ("state", "running")];
+    assert_eq!(sample(&first, "dmm_migration_state", &running), Some(1.0));
+    let created = [("migid", migid.as_str()), ("state", "created")];
+    assert_eq!(sample(&first, "dmm_migration_state", &created), Some(0.0));
+    let volumes_running = [("kind", "volume"), ("state", "running")];
+    assert_eq!(
+        sample(&first, "dmm_migrations", &volumes_running),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&first, "dmm_migration_size_bytes", &id),
+        Some((32 * MIB) as f64)
+    );
+
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = scrape();
+    let later = sample(&second, "dmm_migration_copied_bytes_total", &id).unwrap();
+    assert!(
+        later > copied,
+        "the copy counter moves: {copied} then {later}"
+    );
+    let metrics_route = [("route", "/metrics"), ("method", "GET"), ("code", "200")];
+    // Every scrape but the one under way.
+    let timed = sample(
+        &second,
+        "dmm_api_request_duration_seconds_count",
+        &metrics_route,
+    );
+    assert_eq!(timed, Some(f64::from(scrapes.get() - 1)), "scrapes timed");
+
+    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(60));
+    daemon.ok(&["commit", &migid]);
+    let last = scrape();
+    let committed = [("migid", migid.as_str()), ("state", "committed")];
+    assert_eq!(sample(&last, "dmm_migration_state", &committed), Some(1.0));
+    let ended = [("kind", "volume"), ("state", "committed")];
+    assert_eq!(
+        sample(&last, "dmm_migration_duration_seconds_count", &ended),
+        Some(1.0)
+    );
+    let took = sample(&last, "dmm_migration_duration_seconds_sum", &ended).unwrap();
+    assert!(
+        (3.0..120.0).contains(&took),
+        "32 MiB at 8 MiB/s took {took} s"
+    );
+    drop(daemon);
 }
