@@ -3,28 +3,23 @@
 //! (`/metrics`, [`crate::metrics`]).
 //!
 //! The same router serves the Unix socket (protected by its file mode) and,
-//! when asked, a TCP listener (with TLS, or on loopback only), where every
-//! request must carry the bearer token (`Authorization: Bearer …`) or gets
-//! 401; an address that presents ten wrong tokens within a minute gets 429
-//! until the minute ends, and each refusal is logged. Errors are JSON
+//! when asked, TCP listeners (with TLS, or on loopback only), where every
+//! request must carry the bearer token or a dashboard session cookie
+//! ([`crate::access`]). Errors are JSON
 //! `{"error": "…"}` with one line that names the problem: 400 for a bad
 //! request, 404 for an unknown migration, 409 for a verb not valid in the
 //! migration's state, 500 when the action itself failed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use axum::serve::IncomingStream;
 use axum::{Extension, Router};
 use dmm_catalog::{MigrationId, MigrationRecord, Verb};
 use futures::stream::{Stream, StreamExt};
@@ -32,13 +27,12 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 
-use tokio::net::TcpListener;
-
+use crate::access::{self, Access};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Requests};
 use crate::properties;
 use crate::supervisor::{Notice, Supervisor};
-use crate::tls::TlsListener;
+use crate::ui::{self, Dashboard};
 use crate::view::View;
 
 /// The OpenAPI description of this router.
@@ -77,10 +71,16 @@ type Reply<T> = Result<Json<T>, ApiError>;
 
 async fn view(supervisor: &Supervisor, record: MigrationRecord) -> Result<View, ApiError> {
     let progress = supervisor.progress(record.id).await?;
+    let verbs = Verb::ALL
+        .iter()
+        .filter(|verb| verb.rule().valid.contains(&record.state))
+        .map(Verb::to_string)
+        .collect();
     Ok(View {
         effective: properties::effective(&record.properties, record.kind),
         record,
         progress,
+        verbs,
     })
 }
 
@@ -238,6 +238,24 @@ async fn metrics(
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
 }
 
+/// Every property: name, default, whether it may change while the
+/// migration runs, the kind it applies to, and its help.
+async fn property_table() -> Json<serde_json::Value> {
+    let table: Vec<_> = properties::PROPERTIES
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "default": p.default,
+                "live": p.change == properties::Change::Live,
+                "applies": p.applies.map(|kind| kind.as_str()),
+                "help": p.help,
+            })
+        })
+        .collect();
+    Json(json!(table))
+}
+
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -246,12 +264,17 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-/// The API routes; `requests` times them (one for every listener of a
-/// daemon).
-pub fn router(supervisor: Arc<Supervisor>, requests: Arc<Requests>) -> Router {
+/// The API routes and the dashboard's; `requests` times them (one for
+/// every listener of a daemon).
+pub fn router(
+    supervisor: Arc<Supervisor>,
+    requests: Arc<Requests>,
+    dashboard: Arc<Dashboard>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/api/health", get(health))
+        .route("/api/properties", get(property_table))
         .route("/api/openapi.json", get(openapi))
         .route("/api/events", get(events))
         .route("/api/migrations", get(list).post(create))
@@ -267,125 +290,19 @@ pub fn router(supervisor: Arc<Supervisor>, requests: Arc<Requests>) -> Router {
             requests.clone(),
             metrics::track,
         ))
+        .merge(ui::routes())
         .layer(Extension(requests))
+        .layer(Extension(dashboard))
 }
 
-/// The same routes, refusing any request without the bearer token; a peer
-/// that keeps presenting a wrong one is refused for a while (and logged).
-pub fn router_with_token(
-    supervisor: Arc<Supervisor>,
-    requests: Arc<Requests>,
-    token: String,
-) -> Router {
-    let expected = blake3::hash(format!("Bearer {token}").as_bytes());
-    let failures = Arc::new(AuthFailures::default());
-    router(supervisor, requests).layer(middleware::from_fn(move |request: Request, next: Next| {
-        let failures = failures.clone();
-        async move {
-            let peer = request
-                .extensions()
-                .get::<ConnectInfo<Peer>>()
-                .map(|info| info.0.0.ip());
-            if let Some(ip) = peer
-                && let Some(wait) = failures.locked_out(ip)
-            {
-                return too_many_failures(wait);
-            }
-            let presented = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .map(|value| blake3::hash(value.as_bytes()));
-            // Comparing hashes keeps the comparison independent of the token.
-            if presented == Some(expected) {
-                return next.run(request).await;
-            }
-            if let Some(ip) = peer {
-                failures.failed(ip);
-            }
-            let body = Json(json!({ "error": "missing or wrong bearer token" }));
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                body,
-            )
-                .into_response()
-        }
-    }))
-}
-
-fn too_many_failures(wait: Duration) -> Response {
-    let body = Json(json!({
-        "error": format!("too many requests with a wrong token; try again in {} s", wait.as_secs() + 1)
-    }));
-    let retry = (wait.as_secs() + 1).to_string();
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        [(header::RETRY_AFTER, retry)],
-        body,
-    )
-        .into_response()
-}
-
-/// The address of the client of a TCP connection, for the API's
-/// middleware (axum's `ConnectInfo`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Peer {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Peer {
-        Peer(*stream.remote_addr())
-    }
-}
-
-/// Wrong tokens a peer may present within [`FAILURE_WINDOW`] before it is
-/// refused until the window ends.
-const FAILURES_ALLOWED: u32 = 10;
-const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Peers remembered at most: the oldest windows go first.
-const PEERS_REMEMBERED: usize = 4096;
-
-/// Failed authentications per peer address, in fixed windows.
-#[derive(Default)]
-struct AuthFailures {
-    peers: parking_lot::Mutex<HashMap<IpAddr, (u32, Instant)>>,
-}
-
-impl AuthFailures {
-    /// How long `ip` must still wait, if it used up its failures.
-    fn locked_out(&self, ip: IpAddr) -> Option<Duration> {
-        let peers = self.peers.lock();
-        let &(count, since) = peers.get(&ip)?;
-        let left = FAILURE_WINDOW.checked_sub(since.elapsed())?;
-        (count >= FAILURES_ALLOWED).then_some(left)
-    }
-
-    fn failed(&self, ip: IpAddr) {
-        let mut peers = self.peers.lock();
-        if peers.len() >= PEERS_REMEMBERED {
-            peers.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
-        }
-        let entry = peers.entry(ip).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= FAILURE_WINDOW {
-            *entry = (0, Instant::now());
-        }
-        entry.0 += 1;
-        match entry.0 {
-            n if n < FAILURES_ALLOWED => {
-                tracing::warn!(peer = %ip, failures = n, "API request refused: missing or wrong bearer token");
-            }
-            FAILURES_ALLOWED => tracing::warn!(
-                peer = %ip,
-                "API: {FAILURES_ALLOWED} requests with a wrong token within {} s; \
-                 refusing this address until the window ends",
-                FAILURE_WINDOW.as_secs()
-            ),
-            _ => {}
-        }
-    }
+/// The same routes for a TCP listener: every request needs the token or a
+/// dashboard session ([`crate::access`]).
+pub fn tcp_router(router: Router, access: Arc<Access>, secure: bool) -> Router {
+    router
+        .layer(middleware::from_fn_with_state(
+            access.clone(),
+            access::require,
+        ))
+        .layer(Extension(access))
+        .layer(Extension(ui::Secure(secure)))
 }

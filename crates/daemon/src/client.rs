@@ -126,6 +126,18 @@ impl Client {
         self.call(Method::GET, "/api/health", None::<()>).await
     }
 
+    /// A one-time login URL of the dashboard; `listen` asks for the
+    /// loopback address it is served on.
+    pub async fn login_url(&self, listen: Option<&str>) -> Result<String, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Login {
+            url: String,
+        }
+        let body = json!({ "listen": listen });
+        let login: Login = self.call(Method::POST, "/api/ui/login", Some(body)).await?;
+        Ok(login.url)
+    }
+
     /// The OpenAPI document that describes the API.
     pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
         self.call(Method::GET, "/api/openapi.json", None::<()>)

@@ -9,6 +9,7 @@
 //! the transitions that were under way and resumes every migration where it
 //! was.
 
+mod access;
 mod api;
 mod client;
 mod engine;
@@ -19,6 +20,7 @@ mod properties;
 mod spec;
 mod supervisor;
 mod tls;
+mod ui;
 mod view;
 
 use std::future::Future;
@@ -137,9 +139,21 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         })
     };
     let requests = Arc::new(metrics::Requests::default());
+    let sessions = Arc::new(ui::Sessions::default());
+    let access = Arc::new(access::Access::new(token.as_deref(), sessions.clone()));
+    let (open_listener, listener_requests) = tokio::sync::mpsc::channel(4);
+    let api_url = api_tcp.as_ref().map(ApiListener::url).transpose()?;
+    let history = Arc::new(ui::History::default());
+    tokio::spawn(history.clone().follow(supervisor.subscribe()));
+    let dashboard = Arc::new(ui::Dashboard::new(
+        sessions,
+        history,
+        api_url,
+        open_listener,
+    ));
+    let router = api::router(supervisor.clone(), requests, dashboard);
     let api_unix = {
-        let router = api::router(supervisor.clone(), requests.clone());
-        let stop = stop.clone();
+        let (router, stop) = (router.clone(), stop.clone());
         tokio::spawn(async move {
             axum::serve(api_unix, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -147,27 +161,14 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         })
     };
     let api_tcp = api_tcp.map(|listener| {
-        let token = token.clone().unwrap_or_default();
-        let router = api::router_with_token(supervisor.clone(), requests.clone(), token);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let stopped = async move { stop.cancelled().await };
-            match listener {
-                ApiListener::Plain(tcp) => {
-                    let service = router.into_make_service_with_connect_info::<api::Peer>();
-                    axum::serve(tcp, service)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                }
-                ApiListener::Tls(tls) => {
-                    let service = router.into_make_service_with_connect_info::<api::Peer>();
-                    axum::serve(tls, service)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                }
-            }
-        })
+        let tls = matches!(listener, ApiListener::Tls(_));
+        let router = api::tcp_router(router.clone(), access.clone(), tls);
+        tokio::spawn(serve_tcp(listener, router, stop.clone()))
     });
+    let dashboards = {
+        let router = api::tcp_router(router, access, false);
+        tokio::spawn(open_dashboards(listener_requests, router, stop.clone()))
+    };
 
     shutdown.await;
     tracing::info!("stopping: every migration stays resumable");
@@ -179,6 +180,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     if let Some(task) = api_tcp {
         let _ = task.await;
     }
+    let _ = dashboards.await;
     let _ = std::fs::remove_file(layout.api_socket());
     let _ = std::fs::remove_file(layout.nbd_socket());
     Ok(())
@@ -189,6 +191,101 @@ enum ApiListener {
     /// Loopback only.
     Plain(tokio::net::TcpListener),
     Tls(tls::TlsListener),
+}
+
+impl ApiListener {
+    /// The base URL a browser uses to reach it.
+    fn url(&self) -> Result<String> {
+        let (scheme, bound) = match self {
+            ApiListener::Plain(tcp) => ("http", tcp.local_addr()?),
+            ApiListener::Tls(tls) => ("https", axum::serve::Listener::local_addr(tls)?),
+        };
+        Ok(match bound.ip().is_unspecified() {
+            true => format!("{scheme}://localhost:{}", bound.port()),
+            false => format!("{scheme}://{bound}"),
+        })
+    }
+}
+
+/// Serves `router` on a TCP listener until `stop`.
+async fn serve_tcp(
+    listener: ApiListener,
+    router: axum::Router,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let stopped = async move { stop.cancelled().await };
+    let service = router.into_make_service_with_connect_info::<access::Peer>();
+    match listener {
+        ApiListener::Plain(tcp) => {
+            axum::serve(tcp, service)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        ApiListener::Tls(tls) => {
+            axum::serve(tls, service)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+    }
+}
+
+/// Opens the dashboard's loopback listeners as `dmm ui` asks for them
+/// (one for any port, one per address asked for), serving until `stop`.
+async fn open_dashboards(
+    mut requests: tokio::sync::mpsc::Receiver<ui::OpenListener>,
+    router: axum::Router,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut opened: Vec<(Option<String>, std::net::SocketAddr)> = Vec::new();
+    let mut serving = tokio::task::JoinSet::new();
+    loop {
+        let request = tokio::select! {
+            request = requests.recv() => request,
+            () = stop.cancelled() => None,
+        };
+        let Some(request) = request else { break };
+        if let Some((_, bound)) = opened.iter().find(|(asked, _)| *asked == request.listen) {
+            let _ = request.reply.send(Ok(*bound));
+            continue;
+        }
+        let address = request
+            .listen
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1:0".to_owned());
+        let bound = match dashboard_listener(&address).await {
+            Ok(tcp) => tcp,
+            Err(err) => {
+                let _ = request.reply.send(Err(format!("{err:#}")));
+                continue;
+            }
+        };
+        let at = bound.local_addr().expect("a bound socket has an address");
+        tracing::info!(%at, "dashboard listening");
+        opened.push((request.listen, at));
+        let _ = request.reply.send(Ok(at));
+        serving.spawn(serve_tcp(
+            ApiListener::Plain(bound),
+            router.clone(),
+            stop.clone(),
+        ));
+    }
+    while serving.join_next().await.is_some() {}
+}
+
+/// Binds a dashboard listener: loopback only (its cookies and pages travel
+/// in clear; off loopback, give the daemon `--listen` with TLS).
+async fn dashboard_listener(address: &str) -> Result<tokio::net::TcpListener> {
+    let tcp = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen for the dashboard on {address}"))?;
+    let bound = tcp.local_addr()?;
+    if !bound.ip().is_loopback() {
+        bail!(
+            "refusing to serve the dashboard on {bound} in clear: listen on a loopback address \
+             such as 127.0.0.1, or start the daemon with --listen and --tls-certificates"
+        );
+    }
+    Ok(tcp)
 }
 
 /// Binds the API's TCP listener: with TLS when certificates are given;

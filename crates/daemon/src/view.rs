@@ -17,6 +17,10 @@ pub struct View {
     pub effective: BTreeMap<String, String>,
     /// A volume's or a tree's progress, while its engine is open.
     pub progress: Option<Report>,
+    /// The verbs valid in the migration's state, as the CLI spells them
+    /// (`halt --remove`, `delete -f`).
+    #[serde(default)]
+    pub verbs: Vec<String>,
 }
 
 #[cfg(test)]

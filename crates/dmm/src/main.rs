@@ -95,6 +95,7 @@ enum Command {
     Rollback(commands::admin::MigidArgs),
     /// Show a migration's event log.
     Log(commands::admin::MigidArgs),
+    Ui(commands::ui::UiArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -136,6 +137,7 @@ async fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Commit(args) => admin::verb(Verb::Commit, args, global).await,
         Command::Rollback(args) => admin::verb(Verb::Rollback, args, global).await,
         Command::Log(args) => admin::log(args, global).await,
+        Command::Ui(args) => commands::ui::run(args, global).await,
     }
 }
 

@@ -101,12 +101,12 @@ pub struct StatArgs {
     interval: Option<f64>,
 }
 
-fn client(global: &Global) -> Client {
+pub(crate) fn client(global: &Global) -> Client {
     Client::new(Endpoint::Unix(Layout::new(&global.state_dir).api_socket()))
 }
 
 /// Turns a client error into the one line the CLI prints.
-fn explain(err: ClientError) -> anyhow::Error {
+pub(crate) fn explain(err: ClientError) -> anyhow::Error {
     anyhow::anyhow!(err.to_string())
 }
 

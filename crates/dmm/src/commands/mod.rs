@@ -5,4 +5,5 @@ pub mod daemon;
 pub mod demo;
 pub mod migrate;
 pub mod serve;
+pub mod ui;
 pub mod verify;

@@ -1,0 +1,618 @@
+// The dmm dashboard: one page over the daemon's JSON API.
+//
+// Views: the overview (#/), one migration (#/m/ID) and the creation form
+// (#/new). Updates come from /api/events, read through fetch so that the
+// session cookie goes with it; a full refresh runs after every reconnect
+// and every 10 s, so that nothing is missed while the stream was down.
+// Every text comes from /ui/messages.json through t(); pages are built
+// with DOM calls, never from HTML strings, so no value from a migration
+// (paths, errors) can inject markup.
+'use strict';
+
+const DESTRUCTIVE = new Set(['halt --remove', 'delete', 'delete -f', 'rollback', 'commit']);
+const LIVE_PROPERTIES = ['rate', 'priority', 'copies'];
+const HISTORY_SECONDS = 1800;
+
+let messages = { en: {} };
+let lang = 'en';
+let properties = [];
+const views = new Map();
+const samples = new Map();
+let tab = 'attention';
+let page = { render() {}, update() {} };
+
+// ---------------------------------------------------------------- text
+
+function t(key, vars = {}) {
+  const text = (messages[lang] && messages[lang][key]) ?? messages.en[key] ?? key;
+  return text.replace(/\{(\w+)\}/g, (_, name) => String(vars[name] ?? ''));
+}
+
+function pickLanguage() {
+  const asked = new URLSearchParams(location.search).get('lang') || localStorage.getItem('dmm.lang');
+  const wanted = [asked, ...(navigator.languages || [])].filter(Boolean);
+  for (const tag of wanted) {
+    const base = tag.toLowerCase().split('-')[0];
+    if (messages[base]) return base;
+  }
+  return 'en';
+}
+
+function translateStatic() {
+  document.documentElement.lang = lang;
+  for (const node of document.querySelectorAll('[data-t]')) node.textContent = t(node.dataset.t);
+}
+
+// ----------------------------------------------------------------- DOM
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith('on')) node.addEventListener(name.slice(2), value);
+    else if (name === 'text') node.textContent = value;
+    else node.setAttribute(name, value === true ? '' : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== undefined && child !== null) node.append(child);
+  }
+  return node;
+}
+
+function toast(text, bad = false) {
+  const note = el('div', { class: bad ? 'bad' : '', text });
+  document.getElementById('toast').append(note);
+  setTimeout(() => note.remove(), bad ? 8000 : 4000);
+}
+
+// ----------------------------------------------------------------- API
+
+class ApiError extends Error {}
+
+async function api(method, path, body) {
+  const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json' } };
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  if (response.status === 401) {
+    loggedOut();
+    throw new ApiError('401');
+  }
+  const text = await response.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!response.ok) throw new ApiError((data && data.error) || response.statusText);
+  return data;
+}
+
+function loggedOut() {
+  document.getElementById('main').replaceChildren(
+    el('p', { text: 'Logged out. Run `dmm ui` on the daemon\'s machine and open the URL it prints.' }));
+  stopped = true;
+}
+
+// ------------------------------------------------------------ figures
+
+function progressOf(view) {
+  return view.progress || {};
+}
+
+function fraction(view) {
+  const p = progressOf(view);
+  if (view.kind === 'volume' && p.chunks) return p.chunks_on_destination / p.chunks;
+  if (view.kind === 'tree' && p.bytes_total) return p.bytes_done / p.bytes_total;
+  if (view.kind === 'tree' && p.files_total) return p.files_done / p.files_total;
+  return view.state === 'committed' ? 1 : 0;
+}
+
+function rateOf(view) {
+  const p = progressOf(view);
+  return (view.kind === 'volume' ? p.bytes_per_second : p.rate) || 0;
+}
+
+function errorCount(view) {
+  const p = progressOf(view);
+  const failed = view.state === 'failed' ? 1 : 0;
+  const mismatches = (p.mismatches || []).length;
+  return failed + mismatches + (p.entries_in_error || 0);
+}
+
+function phaseOf(view) {
+  const p = progressOf(view);
+  if (!p.phase) return '';
+  return p.activity && p.activity !== p.phase ? `${p.phase} (${p.activity})` : String(p.phase);
+}
+
+function category(view) {
+  if (errorCount(view) > 0 || ['failed', 'switched-over', 'rolled-back'].includes(view.state)) return 'attention';
+  if (['created', 'running', 'paused', 'verifying'].includes(view.state)) return 'running';
+  return 'done';
+}
+
+function bytes(n) {
+  if (!Number.isFinite(n)) return '';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return '';
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function when(ms) {
+  return new Date(ms).toLocaleString(lang);
+}
+
+// The charts' points: one series per migration, from the daemon's
+// history when a page opens and from progress notices after.
+function addPoint(id, raw) {
+  const t = raw.at / 1000;
+  const series = samples.get(id) || [];
+  const last = series[series.length - 1];
+  const span = last ? t - last.t : 0;
+  if (last && span < 0.25) return;
+  const requests = (raw.client_reads || 0) + (raw.client_writes || 0);
+  series.push({
+    t,
+    rate: raw.rate || 0,
+    clients: last && span > 0 ? Math.max(0, (requests - last.requests) / span) : 0,
+    requests,
+    dirty: raw.dirty_chunks || 0,
+    files: raw.files_done || 0,
+    left: Math.max(0, (raw.files_total || 0) - (raw.files_done || 0)),
+  });
+  while (series.length && series[0].t < t - HISTORY_SECONDS) series.shift();
+  samples.set(id, series);
+}
+
+function sample(view) {
+  if (!view.progress) return;
+  const p = view.progress;
+  addPoint(view.id, { ...p, at: Date.now(), rate: rateOf(view) });
+}
+
+async function loadHistory(id) {
+  try {
+    const points = await api('GET', `/api/migrations/${id}/history`);
+    samples.set(id, []);
+    for (const point of points) addPoint(id, point);
+    redraw();
+  } catch (err) { /* the notices fill the charts */ }
+}
+
+// ------------------------------------------------------------- charts
+
+function drawChart(canvas, series, lines) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth * ratio;
+  const height = canvas.clientHeight * ratio;
+  if (!width || !height) return;
+  canvas.width = width;
+  canvas.height = height;
+  const g = canvas.getContext('2d');
+  g.clearRect(0, 0, width, height);
+  g.font = `${11 * ratio}px system-ui, sans-serif`;
+  g.strokeStyle = '#d9dde3';
+  g.strokeRect(0.5, 0.5, width - 1, height - 1);
+  canvas.dataset.last = JSON.stringify(series.length ? series[series.length - 1] : null);
+  if (series.length < 2) return;
+  const t0 = series[0].t;
+  const span = Math.max(1, series[series.length - 1].t - t0);
+  const top = Math.max(1, ...lines.flatMap((line) => series.map((s) => s[line.key])));
+  lines.forEach((line, index) => {
+    g.strokeStyle = line.color;
+    g.lineWidth = 1.5 * ratio;
+    g.beginPath();
+    series.forEach((s, i) => {
+      const x = ((s.t - t0) / span) * (width - 2) + 1;
+      const y = height - 1 - (s[line.key] / top) * (height - 16 * ratio);
+      if (i) g.lineTo(x, y); else g.moveTo(x, y);
+    });
+    g.stroke();
+    g.fillStyle = line.color;
+    g.fillText(`${line.label}: ${line.format(series[series.length - 1][line.key])}`, 6 * ratio, (14 + 13 * index) * ratio);
+  });
+  g.fillStyle = '#667085';
+  g.fillText(`max ${lines[0].format(top)} · ${duration(span)}`, width - 160 * ratio, 14 * ratio);
+}
+
+// ----------------------------------------------------------- overview
+
+function overview() {
+  const main = document.getElementById('main');
+  const tabs = el('div', { class: 'tabs', role: 'tablist' });
+  const body = el('tbody');
+  const table = el('table', { id: 'migrations' },
+    el('thead', {}, el('tr', {},
+      ['col.id', 'col.kind', 'col.route', 'col.state', 'col.phase', 'col.progress', 'col.rate', 'col.eta', 'col.errors']
+        .map((key) => el('th', { text: t(key) })))),
+    body);
+  main.replaceChildren(tabs, table);
+
+  function update() {
+    const all = [...views.values()].sort((a, b) => b.id - a.id);
+    const counts = { attention: 0, running: 0, done: 0, all: all.length };
+    for (const view of all) counts[category(view)] += 1;
+    tabs.replaceChildren(...['attention', 'running', 'done', 'all'].map((name) => el('button', {
+      type: 'button', role: 'tab', class: name === tab ? 'on' : '', 'data-tab': name,
+      'aria-selected': String(name === tab),
+      onclick: () => { tab = name; update(); },
+    }, t(`tab.${name}`), el('span', { class: 'count', text: String(counts[name]) }))));
+    const shown = all.filter((view) => tab === 'all' || category(view) === tab);
+    if (!shown.length) {
+      body.replaceChildren(el('tr', {}, el('td', { colspan: '9', text: t('empty') })));
+      return;
+    }
+    body.replaceChildren(...shown.map((view) => {
+      const p = progressOf(view);
+      const done = fraction(view);
+      const errors = errorCount(view);
+      return el('tr', { class: 'row', 'data-id': String(view.id), onclick: () => { location.hash = `#/m/${view.id}`; } },
+        el('td', {}, el('a', { href: `#/m/${view.id}`, text: String(view.id) })),
+        el('td', { text: t(`kind.${view.kind}`) }),
+        el('td', { class: 'route', text: `${view.properties.source || ''} → ${view.properties.target || ''}` }),
+        el('td', {}, el('span', { class: `state state-${view.state}`, 'data-state': view.state, text: t(`state.${view.state}`) })),
+        el('td', { text: phaseOf(view) }),
+        el('td', { class: 'nowrap' }, el('progress', { max: '1', value: String(done) }), ` ${(done * 100).toFixed(1)} %`),
+        el('td', { class: 'nowrap', text: view.progress ? `${bytes(rateOf(view))}/s` : '' }),
+        el('td', { text: duration(p.eta_seconds) }),
+        el('td', { class: errors ? 'errors' : '', text: String(errors) }));
+    }));
+  }
+  return { update };
+}
+
+// ------------------------------------------------------ one migration
+
+function detail(id) {
+  const main = document.getElementById('main');
+  const title = el('h1');
+  const facts = el('dl', { class: 'facts' });
+  const verbs = el('div', { class: 'verbs', id: 'verbs' });
+  const settings = el('form', { class: 'inline', id: 'settings' });
+  const rateChart = el('canvas', { id: 'chart-rate' });
+  const ioChart = el('canvas', { id: 'chart-io' });
+  const props = el('tbody');
+  const errors = el('tbody');
+  const log = el('pre', { class: 'log', id: 'log' });
+  let logAfter = 0;
+  let settingsFor = '';
+
+  main.replaceChildren(
+    el('p', {}, el('a', { href: '#/', text: t('detail.back') })),
+    title,
+    el('div', { class: 'grid' },
+      el('section', { class: 'card' }, facts),
+      el('section', { class: 'card' }, el('h2', { text: t('detail.verbs') }), verbs,
+        el('h2', { text: t('detail.live') }), settings),
+      el('section', { class: 'card' }, el('h2', { text: t('detail.chart.rate') }), rateChart),
+      el('section', { class: 'card' }, el('h2', { id: 'io-title' }), ioChart),
+      el('section', { class: 'card' }, el('h2', { text: t('detail.properties') }),
+        el('table', {}, el('thead', {}, el('tr', {},
+          el('th', { text: t('prop.name') }), el('th', { text: t('prop.value') }), el('th', { text: t('prop.source') }))), props)),
+      el('section', { class: 'card', id: 'errors-card' }, el('h2', { text: t('detail.errors') }),
+        el('table', {}, errors)),
+      el('section', { class: 'card' }, el('h2', { text: t('detail.log') }), log)));
+
+  function fact(name, value) {
+    return [el('dt', { text: name }), el('dd', { text: value })];
+  }
+
+  function buildSettings(view) {
+    const key = `${view.state}:${view.verbs.includes('set')}`;
+    if (key === settingsFor) return;
+    settingsFor = key;
+    const live = properties.filter((p) => LIVE_PROPERTIES.includes(p.name) && p.live &&
+      (!p.applies || p.applies === view.kind));
+    if (!view.verbs.includes('set') || !live.length) {
+      settings.replaceChildren();
+      return;
+    }
+    settings.replaceChildren(...live.map((p) => el('div', {},
+      el('label', { for: `set-${p.name}`, text: p.name }),
+      el('input', { id: `set-${p.name}`, name: p.name, value: view.effective[p.name] || '', title: p.help }))),
+    el('button', { type: 'submit', id: 'apply', text: t('detail.apply') }));
+    settings.onsubmit = async (event) => {
+      event.preventDefault();
+      const current = views.get(id);
+      const changes = {};
+      for (const input of settings.querySelectorAll('input')) {
+        if (input.value !== (current.effective[input.name] || '')) changes[input.name] = input.value;
+      }
+      if (!Object.keys(changes).length) return;
+      try {
+        views.set(id, await api('PATCH', `/api/migrations/${id}/properties`, changes));
+        settingsFor = '';
+        update();
+      } catch (err) { toast(err.message, true); }
+    };
+  }
+
+  async function loadLog() {
+    try {
+      const events = await api('GET', `/api/migrations/${id}/log?after=${logAfter}`);
+      for (const event of events) appendLog(event);
+    } catch (err) { /* shown by the next update */ }
+  }
+
+  function appendLog(event) {
+    if (event.id <= logAfter) return;
+    logAfter = event.id;
+    log.append(el('div', { class: event.level, text: `${when(event.at || event.created_at)}  ${event.message}` }));
+    log.scrollTop = log.scrollHeight;
+  }
+
+  function update() {
+    const view = views.get(id);
+    if (!view) {
+      title.textContent = t('detail.title', { id });
+      return;
+    }
+    const p = progressOf(view);
+    title.replaceChildren(t('detail.title', { id }), ' ',
+      el('span', { class: `state state-${view.state}`, id: 'state', 'data-state': view.state, text: t(`state.${view.state}`) }));
+    const rows = [
+      fact(t('col.kind'), t(`kind.${view.kind}`)),
+      fact(t('col.route'), `${view.properties.source || ''} → ${view.properties.target || ''}`),
+      fact(t('col.phase'), phaseOf(view)),
+      fact(t('col.progress'), `${(fraction(view) * 100).toFixed(1)} %`),
+      fact(t('col.rate'), view.progress ? `${bytes(rateOf(view))}/s` : ''),
+      fact(t('col.eta'), duration(p.eta_seconds)),
+      fact(t('detail.copied'), bytes(view.kind === 'volume' ? p.copied_bytes : p.bytes_written)),
+      fact(t('col.updated'), when(view.updated_at)),
+    ];
+    if (view.kind === 'volume' && view.progress) {
+      rows.push(fact(t('detail.pause'), `${(p.longest_pause_ms || 0).toFixed(1)} ms`));
+      rows.push(fact(t('detail.verified'), String(p.verified_chunks || 0)));
+    }
+    if ((p.mismatches || []).length) rows.push(fact(t('detail.mismatches'), String(p.mismatches.length)));
+    if (view.error) rows.push(fact(t('detail.error'), view.error));
+    facts.replaceChildren(...rows.flat());
+
+    verbs.replaceChildren(...view.verbs.filter((verb) => verb !== 'set').map((verb) => el('button', {
+      type: 'button', class: DESTRUCTIVE.has(verb) ? 'verb danger' : 'verb', 'data-verb': verb,
+      text: t(`verb.${verb}`), onclick: () => runVerb(id, verb),
+    })));
+    buildSettings(view);
+
+    props.replaceChildren(...Object.entries(view.effective).map(([name, value]) => el('tr', {},
+      el('td', { text: name }), el('td', { class: 'route', text: value }),
+      el('td', { text: name in view.properties ? t('prop.set') : t('prop.default') }))));
+
+    const list = p.errors || [];
+    document.getElementById('errors-card').hidden = !list.length;
+    errors.replaceChildren(...list.map((e) => el('tr', {},
+      el('td', { class: 'route', text: e.path }), el('td', { text: e.message }), el('td', { text: String(e.attempts) }))));
+
+    const series = samples.get(id) || [];
+    drawChart(rateChart, series, [{ key: 'rate', label: t('col.rate'), color: '#2563eb', format: (v) => `${bytes(v)}/s` }]);
+    if (view.kind === 'volume') {
+      document.getElementById('io-title').textContent = `${t('detail.chart.clients')} · ${t('detail.chart.dirty')}`;
+      drawChart(ioChart, series, [
+        { key: 'clients', label: t('detail.chart.clients'), color: '#15803d', format: (v) => v.toFixed(0) },
+        { key: 'dirty', label: t('detail.chart.dirty'), color: '#b45309', format: (v) => v.toFixed(0) },
+      ]);
+    } else {
+      document.getElementById('io-title').textContent = `${t('detail.chart.files')} · ${t('detail.chart.left')}`;
+      drawChart(ioChart, series, [
+        { key: 'files', label: t('detail.chart.files'), color: '#15803d', format: (v) => v.toFixed(0) },
+        { key: 'left', label: t('detail.chart.left'), color: '#b45309', format: (v) => v.toFixed(0) },
+      ]);
+    }
+  }
+
+  loadLog();
+  loadHistory(id);
+  return { update, log: (event) => { if (event.migration === id) appendLog(event); } };
+}
+
+async function runVerb(id, verb) {
+  if (DESTRUCTIVE.has(verb) && !window.confirm(t('confirm', { verb: t(`verb.${verb}`), id }))) return;
+  try {
+    if (verb === 'delete' || verb === 'delete -f') {
+      await api('DELETE', `/api/migrations/${id}${verb === 'delete -f' ? '?force=true' : ''}`);
+      views.delete(id);
+      location.hash = '#/';
+      return;
+    }
+    const paths = { 'halt --remove': 'halt?remove=true', 'halt --keep': 'halt' };
+    const path = `/api/migrations/${id}/${paths[verb] || verb}`;
+    views.set(id, await api('POST', path));
+    page.update();
+  } catch (err) { toast(err.message, true); }
+}
+
+// ------------------------------------------------------------- create
+
+function create() {
+  const main = document.getElementById('main');
+  const form = el('form', { id: 'create', novalidate: true });
+  const formError = el('div', { class: 'field-error', id: 'error-form' });
+  let kind = 'volume';
+
+  function field(p) {
+    const input = el('input', {
+      id: `field-${p.name}`, name: p.name, placeholder: p.default || '',
+      required: ['source', 'target', 'access'].includes(p.name),
+    });
+    return el('div', {}, el('label', { for: input.id, text: p.name }), input,
+      el('div', { class: 'help', text: p.help }),
+      el('div', { class: 'field-error', id: `error-${p.name}` }));
+  }
+
+  function build() {
+    const kindSelect = el('select', { id: 'field-kind', name: 'kind', onchange: (e) => { kind = e.target.value; build(); } },
+      ...['volume', 'tree'].map((k) => el('option', { value: k, selected: k === kind, text: t(`kind.${k}`) })));
+    const fields = properties.filter((p) => p.name !== 'kind' && (!p.applies || p.applies === kind));
+    const first = fields.filter((p) => ['source', 'target', 'access'].includes(p.name));
+    const rest = fields.filter((p) => !first.includes(p));
+    form.replaceChildren(
+      el('h1', { text: t('create.title') }),
+      el('div', { class: 'card' },
+        el('label', { for: 'field-kind', text: t('create.kind') }), kindSelect,
+        ...first.map(field),
+        el('h2', { text: t('create.more') }),
+        el('div', { class: 'grid' }, ...rest.map(field)),
+        el('p', {}, el('label', {}, el('input', { type: 'checkbox', id: 'field-halted', class: 'check' }), ' ', t('create.halted'))),
+        formError,
+        el('button', { type: 'submit', id: 'submit', text: t('create.submit') })));
+  }
+
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    for (const node of form.querySelectorAll('.field-error')) node.textContent = '';
+    const chosen = { kind };
+    for (const input of form.querySelectorAll('input[name]')) {
+      if (input.value.trim()) chosen[input.name] = input.value.trim();
+    }
+    const halted = form.querySelector('#field-halted').checked;
+    try {
+      const view = await api('POST', '/api/migrations', { properties: chosen, halted });
+      views.set(view.id, view);
+      toast(t('done.created', { id: view.id }));
+      location.hash = `#/m/${view.id}`;
+    } catch (err) {
+      const names = properties.map((p) => p.name).sort((a, b) => b.length - a.length);
+      const named = names.find((name) => new RegExp(`(^|[^a-z-])${name}([^a-z-]|$)`).test(err.message));
+      const slot = (named && form.querySelector(`#error-${named}`)) || formError;
+      slot.textContent = err.message;
+    }
+  };
+  build();
+  main.replaceChildren(form);
+  return { update() {} };
+}
+
+// --------------------------------------------------- updates and routing
+
+let stopped = false;
+let drawing = false;
+
+function redraw() {
+  if (drawing) return;
+  drawing = true;
+  requestAnimationFrame(() => { drawing = false; page.update(); });
+}
+
+async function refresh(id) {
+  try {
+    const view = await api('GET', `/api/migrations/${id}`);
+    views.set(view.id, view);
+    sample(view);
+  } catch (err) {
+    if (err.message !== '401') views.delete(id);
+  }
+  redraw();
+}
+
+async function refreshAll() {
+  const list = await api('GET', '/api/migrations');
+  views.clear();
+  for (const view of list) {
+    views.set(view.id, view);
+    sample(view);
+  }
+  redraw();
+}
+
+function handle(kind, notice) {
+  if (kind === 'progress') {
+    const view = views.get(notice.migration);
+    if (!view) return refresh(notice.migration);
+    view.progress = notice.progress;
+    sample(view);
+    redraw();
+  } else if (kind === 'state') {
+    refresh(notice.migration);
+  } else if (kind === 'log' && page.log) {
+    page.log(notice.event);
+  }
+}
+
+function setLive(on) {
+  const live = document.getElementById('live');
+  live.textContent = t(on ? 'live.on' : 'live.off');
+  live.className = on ? 'live on' : 'live';
+}
+
+async function follow() {
+  while (!stopped) {
+    try {
+      const response = await fetch('/api/events', { credentials: 'same-origin', headers: { Accept: 'text/event-stream' } });
+      if (response.status === 401) { loggedOut(); return; }
+      if (!response.ok) throw new Error(response.statusText);
+      setLive(true);
+      await refreshAll();
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf('\n\n')) >= 0) {
+          const block = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          let event = 'message';
+          let data = '';
+          for (const line of block.split('\n')) {
+            if (line.startsWith('event:')) event = line.slice(6).trim();
+            else if (line.startsWith('data:')) data += line.slice(5).trimStart();
+          }
+          if (data) handle(event, JSON.parse(data));
+        }
+      }
+    } catch (err) { /* reconnect below */ }
+    if (stopped) return;
+    setLive(false);
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+function route() {
+  const hash = location.hash || '#/';
+  const one = hash.match(/^#\/m\/(\d+)$/);
+  if (one) page = detail(Number(one[1]));
+  else if (hash === '#/new') page = create();
+  else page = overview();
+  page.update();
+}
+
+async function start() {
+  messages = await (await fetch('/ui/messages.json', { credentials: 'same-origin' })).json();
+  lang = pickLanguage();
+  const choose = document.getElementById('lang');
+  choose.replaceChildren(...Object.keys(messages).map((code) => el('option', {
+    value: code, selected: code === lang, text: messages[code].language || code,
+  })));
+  choose.onchange = () => {
+    lang = choose.value;
+    localStorage.setItem('dmm.lang', lang);
+    translateStatic();
+    route();
+  };
+  document.getElementById('logout').onclick = async () => {
+    await fetch('/ui/logout', { method: 'POST', credentials: 'same-origin' });
+    loggedOut();
+  };
+  translateStatic();
+  try {
+    properties = await api('GET', '/api/properties');
+    await refreshAll();
+  } catch (err) {
+    return;
+  }
+  window.addEventListener('hashchange', route);
+  route();
+  follow();
+  setInterval(() => { if (!stopped) refreshAll().catch(() => {}); }, 10000);
+}
+
+start();
