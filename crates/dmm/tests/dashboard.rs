@@ -1,0 +1,327 @@
+//! The dashboard in a real browser: Debian's chromium, driven through
+//! chromedriver (WebDriver, fantoccini), against a real daemon. A newcomer's
+//! path: log in with the URL `dmm ui` prints, create a volume migration
+//! from the form, watch it move, pause it, change its rate and see the
+//! chart follow, resume, commit; then restart the daemon and find it in
+//! the history. Requests without the cookie get 401. The test saves a
+//! screenshot of the overview and of the migration's page in
+//! `target/screenshots/` (the README shows them).
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, MIB, image_with, path, scratch, source_image, tool};
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+
+/// A chromedriver on a free port, stopped on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = tool("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (scripts/install-test-deps installs chromium-driver)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Driver { child, port }
+    }
+
+    async fn browser(&self) -> Client {
+        let capabilities = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                         "--disable-gpu", "--window-size=1280,1000"],
+            },
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        ClientBuilder::new(HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .expect("a chromium session")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits up to `limit` for `check` to give `Some`, naming `what` if not.
+async fn until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(started.elapsed() < limit, "waited {limit:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An attribute of the first element matching `css`, if there is one.
+async fn attribute(browser: &Client, css: &str, name: &str) -> Option<String> {
+    let element = browser.find(Locator::Css(css)).await.ok()?;
+    element.attr(name).await.ok().flatten()
+}
+
+async fn click(browser: &Client, css: &str) {
+    let element = until(css, Duration::from_secs(10), || async {
+        browser.find(Locator::Css(css)).await.ok()
+    })
+    .await;
+    element
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
+async fn fill(browser: &Client, css: &str, text: &str) {
+    let element = browser.find(Locator::Css(css)).await.unwrap();
+    element.clear().await.unwrap();
+    element.send_keys(text).await.unwrap();
+}
+
+/// Waits until the migration page shows `state`.
+async fn shows_state(browser: &Client, state: &str, limit: Duration) {
+    until(&format!("state {state}"), limit, || async {
+        (attribute(browser, "#state", "data-state").await.as_deref() == Some(state)).then_some(())
+    })
+    .await;
+}
+
+/// The copy rate of the rate chart's newest point (bytes/s).
+async fn charted_rate(browser: &Client) -> Option<f64> {
+    let last = attribute(browser, "#chart-rate", "data-last").await?;
+    serde_json::from_str::<serde_json::Value>(&last).ok()?["rate"].as_f64()
+}
+
+fn screenshots() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn status_of(url: &str) -> String {
+    let output = tool("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_newcomer_creates_watches_controls_and_commits_a_migration_from_the_page() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let source = source_image(dir.path(), "source.raw", 96 * MIB, 9);
+    let target = image_with(dir.path(), "target.raw", 96 * MIB, &[]);
+    let daemon = Daemon::start(&state, &[]);
+    let login = daemon.ok(&["ui", "--no-browser"]).trim().to_owned();
+    let base = login.split("/ui/login").next().unwrap().to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "{login}");
+    // Nothing without the cookie, not even the list.
+    assert_eq!(status_of(&format!("{base}/api/migrations")), "401");
+    assert_eq!(status_of(&format!("{base}/metrics")), "401");
+
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let browser = runtime.block_on(driver.browser());
+    let outcome = runtime.block_on(async {
+        // Before logging in the page says how to.
+        browser.goto(&base).await.unwrap();
+        let text = browser
+            .find(Locator::Css("body"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("dmm ui"), "{text}");
+
+        browser.goto(&login).await.unwrap();
+        until("the overview", Duration::from_secs(15), || async {
+            browser.find(Locator::Css("#migrations")).await.ok()
+        })
+        .await;
+        // The code works once: a second browser could not reuse it.
+        assert_eq!(status_of(&login), "401");
+
+        // Create from the form; a bad value is refused next to its field.
+        click(&browser, "#nav-create").await;
+        until("the form", Duration::from_secs(10), || async {
+            browser.find(Locator::Css("#field-source")).await.ok()
+        })
+        .await;
+        fill(&browser, "#field-source", path(&source)).await;
+        fill(&browser, "#field-target", path(&target)).await;
+        fill(&browser, "#field-rate", "fast").await;
+        click(&browser, "#submit").await;
+        let refusal = until("the rate's error", Duration::from_secs(10), || async {
+            let text = browser
+                .find(Locator::Css("#error-rate"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (!text.is_empty()).then_some(text)
+        })
+        .await;
+        assert!(refusal.contains("rate"), "{refusal}");
+        fill(&browser, "#field-rate", "1M").await;
+        click(&browser, "#submit").await;
+        until("the migration's page", Duration::from_secs(15), || async {
+            let url = browser.current_url().await.ok()?;
+            (url.fragment() == Some("/m/1")).then_some(())
+        })
+        .await;
+        shows_state(&browser, "running", Duration::from_secs(15)).await;
+
+        // The chart shows the limited rate once the limiter's first burst
+        // has left its window.
+        let rate = until(
+            "the 1M limit on the chart",
+            Duration::from_secs(30),
+            || async {
+                charted_rate(&browser)
+                    .await
+                    .filter(|rate| *rate > 0.0 && *rate < 2.0 * MIB as f64)
+            },
+        )
+        .await;
+        std::fs::write(
+            screenshots().join("migration.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+
+        click(&browser, "[data-verb='pause']").await;
+        shows_state(&browser, "paused", Duration::from_secs(10)).await;
+        fill(&browser, "#set-rate", "16M").await;
+        click(&browser, "#apply").await;
+        until(
+            "rate=16M in the properties",
+            Duration::from_secs(10),
+            || async {
+                let text = browser
+                    .find(Locator::Css("#main"))
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                text.contains("16M").then_some(())
+            },
+        )
+        .await;
+        click(&browser, "[data-verb='resume']").await;
+        // The chart follows the new limit.
+        let faster = until(
+            "a faster copy on the chart",
+            Duration::from_secs(30),
+            || async {
+                charted_rate(&browser)
+                    .await
+                    .filter(|rate| *rate > 4.0 * MIB as f64)
+            },
+        )
+        .await;
+
+        shows_state(&browser, "switched-over", Duration::from_secs(60)).await;
+        click(&browser, "[data-verb='commit']").await;
+        browser
+            .accept_alert()
+            .await
+            .expect("commit asks for confirmation");
+        shows_state(&browser, "committed", Duration::from_secs(30)).await;
+
+        click(&browser, "a[href='#/']").await;
+        click(&browser, "[data-tab='done']").await;
+        until(
+            "the committed migration in Done",
+            Duration::from_secs(10),
+            || async {
+                let state = attribute(&browser, "tr[data-id='1'] .state", "data-state").await?;
+                (state == "committed").then_some(())
+            },
+        )
+        .await;
+        std::fs::write(
+            screenshots().join("overview.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+        (rate, faster)
+    });
+    let (slow, fast) = outcome;
+    println!("charted rate: {slow:.0} B/s at 1M, {fast:.0} B/s at 16M");
+    drop(daemon);
+
+    // After a restart the finished migration is still listed, and a new
+    // login URL is needed.
+    let daemon = Daemon::start(&state, &[]);
+    let login = daemon.ok(&["ui", "--no-browser"]).trim().to_owned();
+    runtime.block_on(async {
+        browser.goto(&login).await.unwrap();
+        click(&browser, "[data-tab='done']").await;
+        until(
+            "the history after a restart",
+            Duration::from_secs(15),
+            || async {
+                let state = attribute(&browser, "tr[data-id='1'] .state", "data-state").await?;
+                (state == "committed").then_some(())
+            },
+        )
+        .await;
+        browser.close().await.unwrap();
+    });
+    assert!(daemon.stop().success());
+    // The data is the source's.
+    let compared = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            path(&source),
+            path(&target),
+        ])
+        .output()
+        .unwrap();
+    assert!(compared.status.success(), "{compared:?}");
+}
