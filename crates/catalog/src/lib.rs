@@ -145,6 +145,62 @@ fn parse<T: std::str::FromStr<Err = UnknownName>>(text: String) -> rusqlite::Res
     })
 }
 
+/// One table's newest rows, every value as text (`None` for NULL).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableRows {
+    pub name: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+    /// Rows in the table, shown or not.
+    pub total: i64,
+}
+
+fn table_rows(c: &Connection, name: String, limit: u32) -> Result<TableRows> {
+    // The names come from sqlite_master: quoting is enough.
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let total = c
+        .query_row(&format!("SELECT count(*) FROM {quoted}"), [], |row| {
+            row.get(0)
+        })
+        .map_err(storage("read a table"))?;
+    let mut statement = c
+        .prepare(&format!(
+            "SELECT * FROM {quoted} ORDER BY rowid DESC LIMIT ?1"
+        ))
+        .map_err(storage("read a table"))?;
+    let columns: Vec<String> = statement
+        .column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let width = columns.len();
+    let rows = statement
+        .query_map([limit], |row| {
+            (0..width)
+                .map(|i| {
+                    Ok(match row.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => None,
+                        rusqlite::types::ValueRef::Integer(n) => Some(n.to_string()),
+                        rusqlite::types::ValueRef::Real(x) => Some(x.to_string()),
+                        rusqlite::types::ValueRef::Text(t) => {
+                            Some(String::from_utf8_lossy(t).into_owned())
+                        }
+                        rusqlite::types::ValueRef::Blob(b) => Some(format!("<{} bytes>", b.len())),
+                    })
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(storage("read a table"))?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(storage("read a table"))?;
+    Ok(TableRows {
+        name,
+        columns,
+        rows,
+        total,
+    })
+}
+
 /// The catalog of one state directory.
 pub struct Catalog {
     database: Database,
@@ -209,6 +265,31 @@ impl Catalog {
                 .map_err(storage("list"))
         })?;
         ids.into_iter().map(|id| self.get(id)).collect()
+    }
+
+    /// Every table of the catalog with its newest `limit` rows (by rowid),
+    /// read-only, for the admin's error recovery (the dashboard's
+    /// database view).
+    pub fn tables(&self, limit: u32) -> Result<Vec<TableRows>> {
+        self.with(|c| {
+            let names: Vec<String> = {
+                let mut statement = c
+                    .prepare(
+                        "SELECT name FROM sqlite_master WHERE type = 'table' \
+                         AND name NOT LIKE 'sqlite_%' ORDER BY name",
+                    )
+                    .map_err(storage("read the tables"))?;
+                let rows = statement
+                    .query_map([], |row| row.get(0))
+                    .map_err(storage("read the tables"))?;
+                rows.collect::<rusqlite::Result<_>>()
+                    .map_err(storage("read the tables"))?
+            };
+            names
+                .into_iter()
+                .map(|name| table_rows(c, name, limit))
+                .collect()
+        })
     }
 
     /// Sets (or replaces) properties.
@@ -507,6 +588,27 @@ mod tests {
         catalog.delete(2).unwrap();
         assert_eq!(catalog.get(2).unwrap_err().kind, ErrorKind::NotFound);
         assert_eq!(catalog.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn every_table_reads_back_newest_rows_first() {
+        let (_dir, catalog) = catalog();
+        for source in ["/a", "/b", "/c"] {
+            let properties = props(&[("source", source)]);
+            catalog
+                .create(Kind::Volume, State::Created, &properties)
+                .unwrap();
+        }
+        let tables = catalog.tables(2).unwrap();
+        let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+        for table in ["config", "events", "intents", "migrations", "properties"] {
+            assert!(names.contains(&table), "{table} in {names:?}");
+        }
+        let migrations = tables.iter().find(|t| t.name == "migrations").unwrap();
+        assert_eq!(migrations.total, 3);
+        assert_eq!(migrations.rows.len(), 2, "the limit holds");
+        let id = migrations.columns.iter().position(|c| c == "id").unwrap();
+        assert_eq!(migrations.rows[0][id].as_deref(), Some("3"), "newest first");
     }
 
     #[test]

@@ -238,6 +238,25 @@ async fn metrics(
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
 }
 
+#[derive(Deserialize)]
+struct CatalogQuery {
+    #[serde(default = "default_rows")]
+    limit: u32,
+}
+
+fn default_rows() -> u32 {
+    200
+}
+
+/// The catalog's tables, newest rows first, read-only (`GET /api/catalog`):
+/// what an admin looks at to recover from an error without a shell.
+async fn catalog_tables(
+    State(supervisor): Shared,
+    Query(query): Query<CatalogQuery>,
+) -> Reply<Vec<dmm_catalog::TableRows>> {
+    Ok(Json(supervisor.catalog().tables(query.limit.min(10_000))?))
+}
+
 /// Every property: name, default, whether it may change while the
 /// migration runs, the kind it applies to, and its help.
 async fn property_table() -> Json<serde_json::Value> {
@@ -275,6 +294,7 @@ pub fn router(
         .route("/metrics", get(metrics))
         .route("/api/health", get(health))
         .route("/api/properties", get(property_table))
+        .route("/api/catalog", get(catalog_tables))
         .route("/api/openapi.json", get(openapi))
         .route("/api/events", get(events))
         .route("/api/migrations", get(list).post(create))

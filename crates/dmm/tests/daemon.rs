@@ -248,11 +248,7 @@ fn the_tcp_api_needs_the_token() {
     let dir = scratch();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "correct-horse-battery-staple\n").unwrap();
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let address = format!("127.0.0.1:{port}");
+    let address = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
     let daemon = Daemon::start(
         &dir.path().join("state"),
         &["--listen", &address, "--token-file", path(&token_file)],
@@ -447,11 +443,7 @@ fn the_tcp_api_speaks_tls_to_curl_and_needs_it_off_loopback() {
     std::fs::write(&token_file, token).unwrap();
     let certs = dir.path().join("certs");
     let ca = certificates(&certs);
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let address = format!("127.0.0.1:{port}");
+    let address = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
     let state = dir.path().join("state");
     let daemon = Daemon::start(
         &state,
@@ -633,10 +625,7 @@ fn metrics_are_scraped_with_the_token_and_read_by_the_prometheus_parser() {
     let token = "correct-horse-battery-staple";
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token).unwrap();
-    let address = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
+    let address = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
     let daemon = Daemon::start(
         &dir.path().join("state"),
         &["--listen", &address, "--token-file", path(&token_file)],

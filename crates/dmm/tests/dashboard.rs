@@ -2,14 +2,13 @@
 //! chromedriver (WebDriver, fantoccini), against a real daemon. A newcomer's
 //! path: log in with the URL `dmm ui` prints, create a volume migration
 //! from the form, watch it move, pause it, change its rate and see the
-//! chart follow, resume, commit; then restart the daemon and find it in
-//! the history. Requests without the cookie get 401. The test saves a
-//! screenshot of the overview and of the migration's page in
-//! `target/screenshots/` (the README shows them).
+//! chart follow, resume, commit; then restart the daemon, find it in the
+//! history, and read the catalog's tables. Requests without the cookie
+//! get 401. The test saves a screenshot of the overview and of the
+//! migration's page in `target/screenshots/` (the README shows them).
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,11 +26,7 @@ struct Driver {
 
 impl Driver {
     fn start() -> Driver {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = dmm_testkit::free_loopback_port();
         let child = tool("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -98,15 +93,22 @@ async fn attribute(browser: &Client, css: &str, name: &str) -> Option<String> {
     element.attr(name).await.ok().flatten()
 }
 
+/// Clicks the first element matching `css` once there is one (found
+/// again if the page replaced it between the look and the click).
 async fn click(browser: &Client, css: &str) {
-    let element = until(css, Duration::from_secs(10), || async {
-        browser.find(Locator::Css(css)).await.ok()
-    })
+    until(
+        &format!("a click on {css}"),
+        Duration::from_secs(10),
+        || async {
+            let element = browser.find(Locator::Css(css)).await.ok()?;
+            match element.click().await {
+                Ok(()) => Some(()),
+                Err(err) if err.to_string().contains("stale element") => None,
+                Err(err) => panic!("click {css}: {err}"),
+            }
+        },
+    )
     .await;
-    element
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("click {css}: {e}"));
 }
 
 async fn fill(browser: &Client, css: &str, text: &str) {
@@ -307,6 +309,21 @@ fn a_newcomer_creates_watches_controls_and_commits_a_migration_from_the_page() {
             },
         )
         .await;
+        // The catalog's tables, read-only, for error recovery.
+        click(&browser, "#nav-catalog").await;
+        let events = until(
+            "the catalog's events table",
+            Duration::from_secs(10),
+            || async {
+                let table = browser
+                    .find(Locator::Css("[data-table='events']"))
+                    .await
+                    .ok()?;
+                table.text().await.ok()
+            },
+        )
+        .await;
+        assert!(events.contains("committed"), "{events}");
         browser.close().await.unwrap();
     });
     assert!(daemon.stop().success());

@@ -23,6 +23,13 @@ pub fn tool(name: &str) -> Command {
     Command::new(name)
 }
 
+/// A port of 127.0.0.1 that was free a moment ago, for a server the test
+/// starts.
+pub fn free_loopback_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    probe.local_addr().expect("a bound address").port()
+}
+
 /// Runs a command, failing the test with its output unless it succeeds.
 pub fn run(command: &mut Command) -> Output {
     let output = command

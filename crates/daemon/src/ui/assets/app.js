@@ -236,15 +236,26 @@ function overview() {
     body);
   main.replaceChildren(tabs, table);
 
+  // Built once, so that a click never lands on a button an update replaced.
+  const buttons = Object.fromEntries(['attention', 'running', 'done', 'all'].map((name) => {
+    const count = el('span', { class: 'count' });
+    const button = el('button', {
+      type: 'button', role: 'tab', 'data-tab': name,
+      onclick: () => { tab = name; update(); },
+    }, t(`tab.${name}`), count);
+    tabs.append(button);
+    return [name, { button, count }];
+  }));
+
   function update() {
     const all = [...views.values()].sort((a, b) => b.id - a.id);
     const counts = { attention: 0, running: 0, done: 0, all: all.length };
     for (const view of all) counts[category(view)] += 1;
-    tabs.replaceChildren(...['attention', 'running', 'done', 'all'].map((name) => el('button', {
-      type: 'button', role: 'tab', class: name === tab ? 'on' : '', 'data-tab': name,
-      'aria-selected': String(name === tab),
-      onclick: () => { tab = name; update(); },
-    }, t(`tab.${name}`), el('span', { class: 'count', text: String(counts[name]) }))));
+    for (const [name, { button, count }] of Object.entries(buttons)) {
+      button.className = name === tab ? 'on' : '';
+      button.setAttribute('aria-selected', String(name === tab));
+      count.textContent = String(counts[name]);
+    }
     const shown = all.filter((view) => tab === 'all' || category(view) === tab);
     if (!shown.length) {
       body.replaceChildren(el('tr', {}, el('td', { colspan: '9', text: t('empty') })));
@@ -376,10 +387,16 @@ function detail(id) {
     if (view.error) rows.push(fact(t('detail.error'), view.error));
     facts.replaceChildren(...rows.flat());
 
-    verbs.replaceChildren(...view.verbs.filter((verb) => verb !== 'set').map((verb) => el('button', {
-      type: 'button', class: DESTRUCTIVE.has(verb) ? 'verb danger' : 'verb', 'data-verb': verb,
-      text: t(`verb.${verb}`), onclick: () => runVerb(id, verb),
-    })));
+    // Rebuilt only when the verbs change, so that a click never lands on a
+    // button an update replaced.
+    const offered = view.verbs.filter((verb) => verb !== 'set');
+    if (offered.join('|') !== verbs.dataset.offered) {
+      verbs.dataset.offered = offered.join('|');
+      verbs.replaceChildren(...offered.map((verb) => el('button', {
+        type: 'button', class: DESTRUCTIVE.has(verb) ? 'verb danger' : 'verb', 'data-verb': verb,
+        text: t(`verb.${verb}`), onclick: () => runVerb(id, verb),
+      })));
+    }
     buildSettings(view);
 
     props.replaceChildren(...Object.entries(view.effective).map(([name, value]) => el('tr', {},
@@ -490,6 +507,25 @@ function create() {
   return { update() {} };
 }
 
+// ------------------------------------------------------------ catalog
+
+function catalog() {
+  const main = document.getElementById('main');
+  main.replaceChildren(el('h1', { text: t('catalog.title') }),
+    el('p', { class: 'help', text: t('catalog.help', { path: 'catalog.db' }) }));
+  api('GET', '/api/catalog?limit=200').then((tables) => {
+    for (const table of tables) {
+      main.append(el('section', { class: 'card', 'data-table': table.name },
+        el('h2', {}, table.name, ' ', el('span', { class: 'help', text: t('catalog.rows', { shown: table.rows.length, total: table.total }) })),
+        el('div', { class: 'scroll' }, el('table', {},
+          el('thead', {}, el('tr', {}, table.columns.map((column) => el('th', { text: column })))),
+          el('tbody', {}, table.rows.map((row) => el('tr', {},
+            row.map((value) => el('td', { class: 'route', text: value === null ? 'NULL' : value })))))))));
+    }
+  }).catch((err) => toast(err.message, true));
+  return { update() {} };
+}
+
 // --------------------------------------------------- updates and routing
 
 let stopped = false;
@@ -581,6 +617,7 @@ function route() {
   const one = hash.match(/^#\/m\/(\d+)$/);
   if (one) page = detail(Number(one[1]));
   else if (hash === '#/new') page = create();
+  else if (hash === '#/catalog') page = catalog();
   else page = overview();
   page.update();
 }
