@@ -17,6 +17,7 @@ mod error;
 mod layout;
 mod metrics;
 mod properties;
+mod schedule;
 mod spec;
 mod supervisor;
 mod tls;

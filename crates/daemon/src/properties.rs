@@ -135,6 +135,10 @@ fn rate(value: &str) -> Result<(), ValueError> {
     parse_size(value).map(|_| ())
 }
 
+fn schedule(value: &str) -> Result<(), ValueError> {
+    value.parse::<crate::schedule::Schedule>().map(drop)
+}
+
 fn count(value: &str) -> Result<(), ValueError> {
     match value.parse::<usize>() {
         Ok(1..=1024) => Ok(()),
@@ -212,6 +216,15 @@ pub const PROPERTIES: &[Property] = &[
         change: Change::Live,
         help: "copy bandwidth limit in bytes per second (0: none), N[.N][KMGTP][B]",
         check: rate,
+    },
+    Property {
+        name: "schedule",
+        applies: None,
+        default: None,
+        change: Change::Live,
+        help: "a daily bandwidth timetable in the daemon's local time, used instead of rate: \
+               HH:MM,RATE ... (RATE 0 or off: no limit), e.g. 08:00,50M 19:00,off",
+        check: schedule,
     },
     Property {
         name: "priority",

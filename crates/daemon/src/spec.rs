@@ -13,6 +13,7 @@ use dmm_control::{Priority, ValueError, parse_size};
 use dmm_volume::{MigrationConfig, Strategy, Verify};
 
 use crate::properties::{self, PropertyError};
+use crate::schedule::Schedule;
 
 /// What a migration moves and how, by kind.
 #[derive(Debug, Clone)]
@@ -91,7 +92,17 @@ impl Reader<'_> {
 
     fn live(&self) -> Result<Live, PropertyError> {
         Ok(Live {
-            rate: Some(self.size("rate")?).filter(|&rate| rate > 0),
+            // A timetable, when there is one, decides the rate.
+            rate: match self.properties.get("schedule") {
+                Some(text) => text
+                    .parse::<Schedule>()
+                    .map_err(|why| PropertyError::BadValue {
+                        name: "schedule".into(),
+                        why,
+                    })?
+                    .rate_now(),
+                None => Some(self.size("rate")?).filter(|&rate| rate > 0),
+            },
             priority: self.typed("priority")?,
             in_flight: match self.properties.contains_key("copies") {
                 true => self.count("copies")?,

@@ -720,3 +720,33 @@ fn metrics_are_scraped_with_the_token_and_read_by_the_prometheus_parser() {
     );
     drop(daemon);
 }
+
+#[test]
+fn a_schedule_decides_the_rate_and_a_new_one_applies_at_once() {
+    let dir = scratch();
+    let daemon = Daemon::start(&dir.path().join("state"), &[]);
+    // 1 MiB/s all day: the timetable decides, not `rate` (no limit).
+    let (migid, _, _) = create_volume(
+        &daemon,
+        dir.path(),
+        "",
+        (32 * MIB, 4),
+        &["schedule=00:00,1M"],
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let stat = daemon.json(&["stat", &migid]);
+    assert_eq!(stat["state"], "running", "{stat}");
+    let copied = stat["progress"]["copied_bytes"].as_u64().unwrap();
+    assert!(copied < 8 * MIB, "1 MiB/s for 4 s copied {copied} bytes");
+    // A timetable out of order is refused with one line naming it.
+    let refused = daemon.cli(&["set", &migid, "-p", "schedule=19:00,1M 08:00,2M"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("schedule"),
+        "{stderr}"
+    );
+    // Lifting the limit in the timetable applies at once.
+    daemon.ok(&["set", &migid, "-p", "schedule=00:00,off"]);
+    daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(20));
+    assert!(daemon.stop().success());
+}

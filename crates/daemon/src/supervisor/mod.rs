@@ -31,6 +31,7 @@ use crate::engine::{self, Engine, Ran, Report};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::Layout;
 use crate::properties;
+use crate::schedule::Schedule;
 use crate::spec::Spec;
 
 /// How often a running engine's progress is mirrored and published.
@@ -425,10 +426,14 @@ impl Supervisor {
         let running = engine.run();
         tokio::pin!(running);
         let mut last = None;
+        let mut scheduled = None;
         let outcome = loop {
             tokio::select! {
                 outcome = &mut running => break outcome,
-                () = tokio::time::sleep(FOLLOW_EVERY) => self.follow(id, &*engine, &mut last).await,
+                () = tokio::time::sleep(FOLLOW_EVERY) => {
+                    self.follow(id, &*engine, &mut last).await;
+                    self.follow_schedule(id, &*engine, &mut scheduled);
+                }
             }
         };
         self.follow(id, &*engine, &mut last).await;
@@ -446,6 +451,37 @@ impl Supervisor {
                     self.announce(id, State::Failed, Some(line));
                 }
             }
+        }
+    }
+
+    /// Applies the rate of the migration's `schedule` when the timetable
+    /// moves to another entry (`applied`: the rate last applied).
+    fn follow_schedule(
+        &self,
+        id: MigrationId,
+        engine: &dyn Engine,
+        applied: &mut Option<Option<u64>>,
+    ) {
+        let Ok(record) = self.catalog.get(id) else {
+            return;
+        };
+        let Some(schedule) = record.properties.get("schedule") else {
+            return;
+        };
+        let Ok(schedule) = schedule.parse::<Schedule>() else {
+            return;
+        };
+        let rate = schedule.rate_now();
+        if *applied == Some(rate) {
+            return;
+        }
+        if let Ok(spec) = Spec::parse(id, &record.properties) {
+            engine.apply(&spec);
+            if applied.is_some() {
+                let shown = rate.map_or_else(|| "no limit".to_owned(), |r| format!("{r} B/s"));
+                self.note(id, "info", &format!("schedule: rate now {shown}"));
+            }
+            *applied = Some(rate);
         }
     }
 

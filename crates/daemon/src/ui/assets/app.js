@@ -10,7 +10,7 @@
 'use strict';
 
 const DESTRUCTIVE = new Set(['halt --remove', 'delete', 'delete -f', 'rollback', 'commit']);
-const LIVE_PROPERTIES = ['rate', 'priority', 'copies'];
+const LIVE_PROPERTIES = ['rate', 'schedule', 'priority', 'copies'];
 const HISTORY_SECONDS = 1800;
 
 let messages = { en: {} };
