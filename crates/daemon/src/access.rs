@@ -69,8 +69,7 @@ impl Access {
         match cookie {
             Some(secret) if self.sessions.check(secret) => Credential::Valid,
             // An ended session is the browser's normal course, not a guess.
-            Some(_) => Credential::Missing,
-            None => Credential::Missing,
+            _ => Credential::Missing,
         }
     }
 }
