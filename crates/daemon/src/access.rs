@@ -61,12 +61,7 @@ impl Access {
                 false => Credential::Wrong("wrong bearer token"),
             };
         }
-        let cookie = headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .find_map(sessions::from_cookie_header);
-        match cookie {
+        match sessions::secret_in(headers) {
             Some(secret) if self.sessions.check(secret) => Credential::Valid,
             // An ended session is the browser's normal course, not a guess.
             _ => Credential::Missing,

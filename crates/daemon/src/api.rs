@@ -84,7 +84,7 @@ async fn view(supervisor: &Supervisor, record: MigrationRecord) -> Result<View, 
     })
 }
 
-fn migid(text: &str) -> Result<MigrationId, ApiError> {
+pub(crate) fn migid(text: &str) -> Result<MigrationId, ApiError> {
     text.parse().map_err(|_| {
         ApiError(
             StatusCode::BAD_REQUEST,

@@ -64,9 +64,14 @@ impl Schedule {
 
     /// The rate now, in the daemon's local time zone.
     pub fn rate_now(&self) -> Option<u64> {
-        let now = jiff::Zoned::now();
-        self.rate_at(now.hour() as u16 * 60 + now.minute() as u16)
+        self.rate_at(minute_now())
     }
+}
+
+/// The minute of the day now, in the daemon's local time zone.
+pub fn minute_now() -> u16 {
+    let now = jiff::Zoned::now();
+    now.hour() as u16 * 60 + now.minute() as u16
 }
 
 #[cfg(test)]

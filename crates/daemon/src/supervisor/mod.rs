@@ -71,6 +71,13 @@ struct Open {
 
 /// The daemon's migrations.
 ///
+/// Locks of the daemon crate: `open` here; the dashboard's sessions
+/// (`ui::Sessions`), its chart history (`ui::History`) and the API's
+/// wrong-credential counts (`access`) each have one too. Every one of
+/// them is a leaf: held only to read or change its map, never across an
+/// await, never while another is taken, so they have no order among
+/// themselves.
+///
 /// `open` is the supervisor's one lock: held only to look up, insert or
 /// remove an entry, never across an await or while an engine is called, so
 /// no other lock is ever taken under it. Waits for an engine's task end on
@@ -455,13 +462,20 @@ impl Supervisor {
     }
 
     /// Applies the rate of the migration's `schedule` when the timetable
-    /// moves to another entry (`applied`: the rate last applied).
+    /// moves to another entry (`applied`: the minute of the day last looked
+    /// at and the rate applied then). Entries start on whole minutes and
+    /// `set` applies a new timetable at once, so the catalog is read once
+    /// a minute, not on every tick.
     fn follow_schedule(
         &self,
         id: MigrationId,
         engine: &dyn Engine,
-        applied: &mut Option<Option<u64>>,
+        applied: &mut Option<(u16, Option<u64>)>,
     ) {
+        let minute = crate::schedule::minute_now();
+        if applied.is_some_and(|(seen, _)| seen == minute) {
+            return;
+        }
         let Ok(record) = self.catalog.get(id) else {
             return;
         };
@@ -471,17 +485,17 @@ impl Supervisor {
         let Ok(schedule) = schedule.parse::<Schedule>() else {
             return;
         };
-        let rate = schedule.rate_now();
-        if *applied == Some(rate) {
+        let rate = schedule.rate_at(minute);
+        let before = applied.replace((minute, rate));
+        if before.is_some_and(|(_, was)| was == rate) {
             return;
         }
         if let Ok(spec) = Spec::parse(id, &record.properties) {
             engine.apply(&spec);
-            if applied.is_some() {
+            if before.is_some() {
                 let shown = rate.map_or_else(|| "no limit".to_owned(), |r| format!("{r} B/s"));
                 self.note(id, "info", &format!("schedule: rate now {shown}"));
             }
-            *applied = Some(rate);
         }
     }
 

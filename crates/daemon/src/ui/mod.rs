@@ -132,10 +132,7 @@ async fn history(
     Extension(dashboard): Extension<Arc<Dashboard>>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<history::Sample>>, ApiError> {
-    let id = id
-        .parse()
-        .map_err(|_| Error::new(ErrorKind::Invalid, format!("{id:?} is not a migid")))?;
-    Ok(Json(dashboard.history.of(id)))
+    Ok(Json(dashboard.history.of(crate::api::migid(&id)?)))
 }
 
 fn page(body: &'static str, content_type: &'static str) -> Response {
@@ -182,13 +179,7 @@ async fn login(
 }
 
 async fn logout(Extension(access): Extension<Arc<Access>>, request: Request) -> impl IntoResponse {
-    let secret = request
-        .headers()
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .find_map(sessions::from_cookie_header);
-    if let Some(secret) = secret {
+    if let Some(secret) = sessions::secret_in(request.headers()) {
         access.sessions.end(secret);
     }
     (

@@ -147,6 +147,15 @@ pub fn clear_cookie() -> String {
     format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
 }
 
+/// The session secret in a request's `Cookie` headers, if any.
+pub fn secret_in(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find_map(from_cookie_header)
+}
+
 /// The session secret in a `Cookie` header, if any.
 pub fn from_cookie_header(header: &str) -> Option<&str> {
     header
