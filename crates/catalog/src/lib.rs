@@ -13,6 +13,7 @@
 
 mod database;
 mod lifecycle;
+mod queue;
 mod schema;
 
 use std::collections::BTreeMap;
@@ -98,6 +99,8 @@ pub enum ErrorKind {
     Storage,
     /// The database is newer than this dmm, or not a dmm catalog.
     Incompatible,
+    /// The migration is not where the request needs it (not queued).
+    Conflict,
 }
 
 /// A catalog error: kind, what was being done, and the cause (shown by
@@ -333,52 +336,7 @@ impl Catalog {
     pub fn begin(&self, id: MigrationId, verb: Verb, to: State) -> Result<Intent> {
         self.with(|c| {
             let tx = c.transaction().map_err(storage("begin"))?;
-            let from: Option<String> = tx
-                .query_row(
-                    "SELECT state FROM migrations WHERE id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(storage("begin"))?;
-            let from = match from {
-                Some(text) => parse::<State>(text).map_err(storage("begin"))?,
-                None => {
-                    return Err(Error::new(
-                        ErrorKind::NotFound,
-                        format!("no migration {id}"),
-                    ));
-                }
-            };
-            let busy: Option<String> = tx
-                .query_row(
-                    "SELECT operation FROM intents WHERE migration_id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(storage("begin"))?;
-            if let Some(operation) = busy {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!("migration {id} is busy with {operation}"),
-                ));
-            }
-            let at = now_ms();
-            tx.execute(
-                "INSERT INTO intents (migration_id, operation, from_state, to_state, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, verb.to_string(), from.as_str(), to.as_str(), at],
-            )
-            .map_err(storage("begin"))?;
-            let intent = Intent {
-                id: tx.last_insert_rowid(),
-                migration: id,
-                verb,
-                from,
-                to,
-                created_at: at,
-            };
+            let intent = record_intent(&tx, id, verb, |_, _| Ok(to))?;
             tx.commit().map_err(storage("begin"))?;
             Ok(intent)
         })
@@ -390,7 +348,7 @@ impl Catalog {
         self.with(|c| {
             let tx = c.transaction().map_err(storage("finish"))?;
             tx.execute(
-                "UPDATE migrations SET state = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
+                SET_STATE,
                 params![intent.migration, state.as_str(), error, now_ms()],
             )
             .map_err(storage("finish"))?;
@@ -414,12 +372,39 @@ impl Catalog {
     /// a failure), outside any requested transition.
     pub fn set_state(&self, id: MigrationId, state: State, error: Option<&str>) -> Result<()> {
         self.with(|c| {
-            c.execute(
-                "UPDATE migrations SET state = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
-                params![id, state.as_str(), error, now_ms()],
+            c.execute(SET_STATE, params![id, state.as_str(), error, now_ms()])
+                .map(|_| ())
+                .map_err(storage("set state"))
+        })
+    }
+
+    /// A daemon-wide setting, if set.
+    pub fn config(&self, key: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT value FROM config WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
             )
-            .map(|_| ())
-            .map_err(storage("set state"))
+            .optional()
+            .map_err(storage("read the configuration"))
+        })
+    }
+
+    /// Sets a daemon-wide setting, or with `None` removes it (its default
+    /// applies again).
+    pub fn set_config(&self, key: &str, value: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            match value {
+                Some(value) => c.execute(
+                    "INSERT INTO config (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    params![key, value],
+                ),
+                None => c.execute("DELETE FROM config WHERE key = ?1", params![key]),
+            }
+            .map(drop)
+            .map_err(storage("change the configuration"))
         })
     }
 
@@ -484,6 +469,67 @@ impl Catalog {
                 .map_err(storage("events"))
         })
     }
+}
+
+/// Records a migration's new state; a migration that leaves the queue
+/// leaves its place in it.
+const SET_STATE: &str = "UPDATE migrations SET state = ?2, error = ?3, updated_at = ?4,
+     queue_position = CASE WHEN ?2 = 'queued' THEN queue_position END
+     WHERE id = ?1";
+
+/// Records the intent of `verb` in `tx`, going where `to` says from the
+/// migration's state. Refused while another transition is under way.
+fn record_intent(
+    tx: &rusqlite::Transaction<'_>,
+    id: MigrationId,
+    verb: Verb,
+    to: impl FnOnce(&rusqlite::Transaction<'_>, State) -> Result<State>,
+) -> Result<Intent> {
+    let from: Option<String> = tx
+        .query_row(
+            "SELECT state FROM migrations WHERE id = ?1",
+            params![id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(storage("begin"))?;
+    let Some(from) = from else {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("no migration {id}"),
+        ));
+    };
+    let from = parse::<State>(from).map_err(storage("begin"))?;
+    let busy: Option<String> = tx
+        .query_row(
+            "SELECT operation FROM intents WHERE migration_id = ?1",
+            params![id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(storage("begin"))?;
+    if let Some(operation) = busy {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("migration {id} is busy with {operation}"),
+        ));
+    }
+    let to = to(tx, from)?;
+    let at = now_ms();
+    tx.execute(
+        "INSERT INTO intents (migration_id, operation, from_state, to_state, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, verb.to_string(), from.as_str(), to.as_str(), at],
+    )
+    .map_err(storage("begin"))?;
+    Ok(Intent {
+        id: tx.last_insert_rowid(),
+        migration: id,
+        verb,
+        from,
+        to,
+        created_at: at,
+    })
 }
 
 fn read_intent(row: &rusqlite::Row<'_>) -> rusqlite::Result<Intent> {

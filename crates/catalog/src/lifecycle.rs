@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     Created,
+    /// Started, waiting for one of the daemon's `maxrunning` slots.
+    Queued,
     Running,
     Paused,
     Stopped,
@@ -30,8 +32,9 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 10] = [
+    pub const ALL: [State; 11] = [
         State::Created,
+        State::Queued,
         State::Running,
         State::Paused,
         State::Stopped,
@@ -46,6 +49,7 @@ impl State {
     pub fn as_str(self) -> &'static str {
         match self {
             State::Created => "created",
+            State::Queued => "queued",
             State::Running => "running",
             State::Paused => "paused",
             State::Stopped => "stopped",
@@ -61,7 +65,17 @@ impl State {
     /// Whether the migration waits for the admin (nothing moves by
     /// itself until a verb): `dmm stat INTERVAL` stops repeating.
     pub fn is_settled(self) -> bool {
-        !matches!(self, State::Running | State::Paused | State::Verifying)
+        !matches!(
+            self,
+            State::Queued | State::Running | State::Paused | State::Verifying
+        )
+    }
+
+    /// Whether the migration holds one of the daemon's `maxrunning` slots:
+    /// its copy or verification is under way (a paused copy keeps its
+    /// slot, so that resuming it never waits).
+    pub fn holds_slot(self) -> bool {
+        matches!(self, State::Running | State::Paused | State::Verifying)
     }
 
     /// Whether properties that apply only before the start may change.
@@ -75,7 +89,9 @@ impl State {
             State::Running | State::Verifying | State::SwitchedOver => Reopen::Drive,
             State::Paused => Reopen::DrivePaused,
             State::Failed | State::RolledBack => Reopen::Serve,
-            State::Created | State::Stopped | State::Committed | State::Halted => Reopen::Closed,
+            State::Created | State::Queued | State::Stopped | State::Committed | State::Halted => {
+                Reopen::Closed
+            }
         }
     }
 }
@@ -268,6 +284,11 @@ impl FromStr for Verb {
 pub enum Leads {
     /// To this state (once the act is done).
     To(State),
+    /// To `running` when the daemon admits it (a `maxrunning` slot is
+    /// free, or its engine is already open: it serves clients or holds a
+    /// slot), else to `queued`, where the daemon starts it, in queue
+    /// order, once a slot frees.
+    Admitted,
     /// Nowhere: the state stays (no intent is recorded).
     Stays,
     /// The migration is deleted.
@@ -315,6 +336,7 @@ use State::*;
 /// Every state but the two that end a migration.
 const NOT_ENDED: &[State] = &[
     Created,
+    Queued,
     Running,
     Paused,
     Stopped,
@@ -328,8 +350,8 @@ const NOT_ENDED: &[State] = &[
 pub const RULES: &[Rule] = &[
     Rule {
         verb: Verb::Start,
-        valid: &[Created, Paused, Stopped, Halted, Failed],
-        leads: Leads::To(Running),
+        valid: &[Created, Queued, Paused, Stopped, Halted, Failed],
+        leads: Leads::Admitted,
         recovery: Recovery::Record,
         failure: Failure::Failed,
         note: "",
@@ -352,7 +374,7 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         verb: Verb::Stop,
-        valid: &[Running, Paused, Verifying, SwitchedOver, Failed],
+        valid: &[Queued, Running, Paused, Verifying, SwitchedOver, Failed],
         leads: Leads::To(Stopped),
         recovery: Recovery::Record,
         failure: Failure::Unchanged,
@@ -410,6 +432,7 @@ pub const RULES: &[Rule] = &[
         verb: Verb::Delete { force: false },
         valid: &[
             Created,
+            Queued,
             Stopped,
             SwitchedOver,
             Committed,

@@ -40,6 +40,8 @@ const STEPS: &[&str] = &[
          message      TEXT NOT NULL
      );
      CREATE INDEX events_by_migration ON events (migration_id, id);",
+    // 2: the start queue under the daemon's maxrunning limit.
+    "ALTER TABLE migrations ADD COLUMN queue_position INTEGER;",
 ];
 
 /// The catalog file.

@@ -31,9 +31,10 @@ use crate::access::{self, Access};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Requests};
 use crate::properties;
+use crate::settings::Shown;
 use crate::supervisor::{Notice, Supervisor};
 use crate::ui::{self, Dashboard};
-use crate::view::View;
+use crate::view::{QueueMove, QueueView, View};
 
 /// The OpenAPI description of this router.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -70,17 +71,32 @@ impl IntoResponse for ApiError {
 type Reply<T> = Result<Json<T>, ApiError>;
 
 async fn view(supervisor: &Supervisor, record: MigrationRecord) -> Result<View, ApiError> {
+    let queue = supervisor.queue()?;
+    view_in(supervisor, record, &queue).await
+}
+
+/// The view of a migration, with its place in `queue` if it waits there.
+async fn view_in(
+    supervisor: &Supervisor,
+    record: MigrationRecord,
+    queue: &[MigrationId],
+) -> Result<View, ApiError> {
     let progress = supervisor.progress(record.id).await?;
     let verbs = Verb::ALL
         .iter()
         .filter(|verb| verb.rule().valid.contains(&record.state))
         .map(Verb::to_string)
         .collect();
+    let queue_position = queue
+        .iter()
+        .position(|&id| id == record.id)
+        .map(|at| at + 1);
     Ok(View {
         effective: properties::effective(&record.properties, record.kind),
         record,
         progress,
         verbs,
+        queue_position,
     })
 }
 
@@ -114,9 +130,10 @@ async fn create(
 
 async fn list(State(supervisor): Shared) -> Reply<Vec<View>> {
     let records = supervisor.catalog().list()?;
+    let queue = supervisor.queue()?;
     let mut views = Vec::with_capacity(records.len());
     for record in records {
-        views.push(view(&supervisor, record).await?);
+        views.push(view_in(&supervisor, record, &queue).await?);
     }
     Ok(Json(views))
 }
@@ -202,6 +219,22 @@ async fn set_properties(
     Ok(Json(view(&supervisor, record).await?))
 }
 
+/// The body of `POST /api/migrations/{id}/retry`.
+#[derive(Deserialize)]
+struct RetryRequest {
+    path: String,
+}
+
+/// Retries a tree migration's file in error now.
+async fn retry(
+    State(supervisor): Shared,
+    Path(id): Path<String>,
+    Json(request): Json<RetryRequest>,
+) -> Reply<View> {
+    let record = supervisor.retry(migid(&id)?, &request.path).await?;
+    Ok(Json(view(&supervisor, record).await?))
+}
+
 #[derive(Deserialize)]
 struct LogQuery {
     #[serde(default)]
@@ -224,6 +257,7 @@ async fn events(State(supervisor): Shared) -> Sse<impl Stream<Item = Result<Even
             Notice::State { .. } => "state",
             Notice::Log { .. } => "log",
             Notice::Progress { .. } => "progress",
+            Notice::Queue(_) => "queue",
         };
         Event::default().event(kind).json_data(&notice).ok().map(Ok)
     });
@@ -275,6 +309,34 @@ async fn property_table() -> Json<serde_json::Value> {
     Json(json!(table))
 }
 
+/// The daemon's settings (`GET /api/config`).
+async fn get_config(State(supervisor): Shared) -> Reply<BTreeMap<String, Shown>> {
+    Ok(Json(supervisor.settings()?))
+}
+
+/// Changes daemon settings (`PATCH /api/config`, `{"maxrunning": "2"}`).
+async fn set_config(
+    State(supervisor): Shared,
+    Json(changes): Json<BTreeMap<String, String>>,
+) -> Reply<BTreeMap<String, Shown>> {
+    Ok(Json(supervisor.configure(&changes)?))
+}
+
+/// The start queue (`GET /api/queue`).
+async fn get_queue(State(supervisor): Shared) -> Reply<QueueView> {
+    Ok(Json(supervisor.queue_view()?))
+}
+
+/// Moves a queued migration (`POST /api/queue`, `{"migration": 3,
+/// "position": 1}`).
+async fn move_in_queue(
+    State(supervisor): Shared,
+    Json(request): Json<QueueMove>,
+) -> Reply<QueueView> {
+    supervisor.move_in_queue(request.migration, request.position)?;
+    Ok(Json(supervisor.queue_view()?))
+}
+
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -295,6 +357,8 @@ pub fn router(
         .route("/api/health", get(health))
         .route("/api/properties", get(property_table))
         .route("/api/catalog", get(catalog_tables))
+        .route("/api/config", get(get_config).patch(set_config))
+        .route("/api/queue", get(get_queue).post(move_in_queue))
         .route("/api/openapi.json", get(openapi))
         .route("/api/events", get(events))
         .route("/api/migrations", get(list).post(create))
@@ -304,6 +368,7 @@ pub fn router(
             get(get_properties).patch(set_properties),
         )
         .route("/api/migrations/{id}/log", get(log))
+        .route("/api/migrations/{id}/retry", post(retry))
         .route("/api/migrations/{id}/{verb}", post(verb))
         .with_state(supervisor)
         .route_layer(middleware::from_fn_with_state(
@@ -325,4 +390,24 @@ pub fn tcp_router(router: Router, access: Arc<Access>, secure: bool) -> Router {
         ))
         .layer(Extension(access))
         .layer(Extension(ui::Secure(secure)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_names_every_state() {
+        let spec: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut states: Vec<&str> = spec["components"]["schemas"]["State"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        let mut all: Vec<&str> = dmm_catalog::State::ALL.map(|s| s.as_str()).to_vec();
+        states.sort_unstable();
+        all.sort_unstable();
+        assert_eq!(states, all);
+    }
 }

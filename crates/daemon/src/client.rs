@@ -14,7 +14,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::view::View;
+use crate::settings::Shown as Setting;
+use crate::view::{QueueMove, QueueView, View};
 
 /// Where the daemon is.
 #[derive(Debug, Clone)]
@@ -115,10 +116,48 @@ impl Client {
         self.call(Method::PATCH, &path, Some(changes)).await
     }
 
+    /// Retries a tree migration's file in error now.
+    pub async fn retry(&self, id: MigrationId, path: &str) -> Result<View, ClientError> {
+        let route = format!("/api/migrations/{id}/retry");
+        self.call(Method::POST, &route, Some(json!({ "path": path })))
+            .await
+    }
+
     /// A migration's event log, oldest first.
     pub async fn log(&self, id: MigrationId) -> Result<Vec<Event>, ClientError> {
         let path = format!("/api/migrations/{id}/log");
         self.call(Method::GET, &path, None::<()>).await
+    }
+
+    /// The daemon's settings.
+    pub async fn settings(&self) -> Result<BTreeMap<String, Setting>, ClientError> {
+        self.call(Method::GET, "/api/config", None::<()>).await
+    }
+
+    /// Changes daemon settings.
+    pub async fn configure(
+        &self,
+        changes: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, Setting>, ClientError> {
+        self.call(Method::PATCH, "/api/config", Some(changes)).await
+    }
+
+    /// The start queue.
+    pub async fn queue(&self) -> Result<QueueView, ClientError> {
+        self.call(Method::GET, "/api/queue", None::<()>).await
+    }
+
+    /// Moves a queued migration to `position` (1: next to start).
+    pub async fn move_in_queue(
+        &self,
+        migration: MigrationId,
+        position: usize,
+    ) -> Result<QueueView, ClientError> {
+        let body = QueueMove {
+            migration,
+            position,
+        };
+        self.call(Method::POST, "/api/queue", Some(body)).await
     }
 
     /// Whether the daemon answers, and its version.

@@ -80,7 +80,7 @@ impl From<dmm_catalog::Error> for Error {
     fn from(err: dmm_catalog::Error) -> Error {
         let kind = match err.kind {
             dmm_catalog::ErrorKind::NotFound => ErrorKind::NotFound,
-            dmm_catalog::ErrorKind::Busy => ErrorKind::Conflict,
+            dmm_catalog::ErrorKind::Busy | dmm_catalog::ErrorKind::Conflict => ErrorKind::Conflict,
             _ => ErrorKind::Failed,
         };
         Error {

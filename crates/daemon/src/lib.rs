@@ -18,6 +18,7 @@ mod layout;
 mod metrics;
 mod properties;
 mod schedule;
+mod settings;
 mod spec;
 mod supervisor;
 mod tls;
@@ -41,8 +42,9 @@ pub use dmm_tree::{TreePhase, TreeReport};
 pub use engine::Report;
 pub use layout::Layout;
 pub use properties::{PropertyError, lookup as lookup_property};
+pub use settings::Shown as Setting;
 pub use supervisor::CRASH_AFTER_INTENT;
-pub use view::View;
+pub use view::{QueueMove, QueueView, View};
 
 /// Checks the body of `POST /api/migrations` as the daemon does before it
 /// opens anything (the JSON, each property, the kind, the required ones):
@@ -124,6 +126,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     tracing::info!(state_dir = %layout.root().display(), "dmm daemon ready");
 
     let stop = tokio_util::sync::CancellationToken::new();
+    let queue = tokio::spawn(supervisor.clone().run_queue(stop.clone()));
     let nbd_serving = {
         let (nbd, stop) = (nbd.clone(), stop.clone());
         tokio::spawn(async move {
@@ -174,6 +177,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     shutdown.await;
     tracing::info!("stopping: every migration stays resumable");
     stop.cancel();
+    let _ = queue.await;
     supervisor.shutdown().await;
     nbd.shutdown().await;
     let _ = nbd_serving.await;

@@ -412,7 +412,16 @@ fn kind_state(kind: Kind, state: State) -> KindState {
 /// The text of a scrape: every migration in the catalog, with the report
 /// of those whose engine is open, and the API's request durations.
 pub async fn render(supervisor: &Supervisor, requests: &Requests) -> Result<String> {
-    let scrape = Scrape::new(requests);
+    let mut scrape = Scrape::new(requests);
+    if let Some(limit) = supervisor.max_running()? {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(i64::from(limit));
+        scrape.registry.register(
+            "dmm_maxrunning",
+            "How many migrations may copy or verify at once (absent: no limit)",
+            gauge,
+        );
+    }
     for record in supervisor.catalog().list()? {
         // A migration deleted since the listing has no report: skip it.
         let Ok(report) = supervisor.progress(record.id).await else {

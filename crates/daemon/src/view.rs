@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use dmm_catalog::MigrationRecord;
+use dmm_catalog::{MigrationId, MigrationRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Report;
@@ -21,6 +21,28 @@ pub struct View {
     /// (`halt --remove`, `delete -f`).
     #[serde(default)]
     pub verbs: Vec<String>,
+    /// Its place in the start queue (1: next to start), while queued.
+    #[serde(default)]
+    pub queue_position: Option<usize>,
+}
+
+/// The start queue as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueView {
+    /// The daemon's limit: a number, or `unlimited`.
+    pub maxrunning: String,
+    /// Migrations holding a slot (running, paused or verifying).
+    pub running: u32,
+    /// The queued migrations, first to start first.
+    pub queued: Vec<MigrationId>,
+}
+
+/// A request to move a queued migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueMove {
+    pub migration: MigrationId,
+    /// 1 is next to start; past the end is the last.
+    pub position: usize,
 }
 
 #[cfg(test)]

@@ -95,6 +95,9 @@ enum Command {
     Rollback(commands::admin::MigidArgs),
     /// Show a migration's event log.
     Log(commands::admin::MigidArgs),
+    Retry(commands::admin::RetryArgs),
+    Config(commands::queue::ConfigArgs),
+    Queue(commands::queue::QueueArgs),
     Ui(commands::ui::UiArgs),
 }
 
@@ -137,6 +140,9 @@ async fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Commit(args) => admin::verb(Verb::Commit, args, global).await,
         Command::Rollback(args) => admin::verb(Verb::Rollback, args, global).await,
         Command::Log(args) => admin::log(args, global).await,
+        Command::Retry(args) => admin::retry(args, global).await,
+        Command::Config(args) => commands::queue::config(args, global).await,
+        Command::Queue(args) => commands::queue::queue(args, global).await,
         Command::Ui(args) => commands::ui::run(args, global).await,
     }
 }

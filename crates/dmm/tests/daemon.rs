@@ -292,6 +292,8 @@ fn the_tcp_api_needs_the_token() {
             "/api/migrations/{id}",
             "/api/migrations/{id}/{verb}",
             "/api/events",
+            "/api/config",
+            "/api/queue",
         ] {
             assert!(
                 spec["paths"].get(route).is_some(),
@@ -748,5 +750,58 @@ fn a_schedule_decides_the_rate_and_a_new_one_applies_at_once() {
     // Lifting the limit in the timetable applies at once.
     daemon.ok(&["set", &migid, "-p", "schedule=00:00,off"]);
     daemon.wait_state(&migid, &["switched-over"], Duration::from_secs(20));
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn maxrunning_queues_starts_in_an_order_the_admin_sets_and_both_survive_a_restart() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let daemon = Daemon::start(&state, &[]);
+    daemon.ok(&["config", "maxrunning=1"]);
+    let shown = daemon.ok(&["config"]);
+    assert!(shown.contains("maxrunning  1"), "{shown}");
+    let refused = daemon.cli(&["config", "maxrunning=0"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("from 1"),
+        "{stderr}"
+    );
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c"] {
+        let volume = (16 * MIB, 3);
+        ids.push(create_volume(&daemon, dir.path(), name, volume, &["rate=1M"]).0);
+    }
+    assert_eq!(daemon.state_of(&ids[0]), "running");
+    assert_eq!(daemon.state_of(&ids[1]), "queued");
+    let queue = daemon.json(&["queue"]);
+    assert_eq!(queue["queued"], serde_json::json!([2, 3]), "{queue}");
+    let moved = daemon.ok(&["queue", &ids[2], "1"]);
+    assert!(
+        moved.contains("1 running (maxrunning 1), 2 queued"),
+        "{moved}"
+    );
+    let lines: Vec<&str> = moved.lines().skip(2).collect();
+    assert!(
+        lines[0].starts_with("1    3 ") && lines[1].starts_with("2    2 "),
+        "{moved}"
+    );
+    let refused = daemon.cli(&["queue", &ids[0], "1"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("not queued"), "{stderr}");
+    // Restarted: the limit, the queue and its order hold.
+    assert!(daemon.stop().success());
+    let daemon = Daemon::start(&state, &[]);
+    assert_eq!(daemon.json(&["queue"])["queued"], serde_json::json!([3, 2]));
+    assert_eq!(daemon.state_of(&ids[0]), "running");
+    // The running one stops: the head of the queue starts within a second
+    // or two, the other waits.
+    daemon.ok(&["stop", &ids[0]]);
+    daemon.wait_state(&ids[2], &["running"], Duration::from_secs(5));
+    assert_eq!(daemon.state_of(&ids[1]), "queued");
+    let log = daemon.ok(&["log", &ids[1]]);
+    assert!(log.contains("queued: it starts when a slot frees"), "{log}");
+    daemon.ok(&["config", "maxrunning=unlimited"]);
+    daemon.wait_state(&ids[1], &["running"], Duration::from_secs(5));
     assert!(daemon.stop().success());
 }

@@ -342,3 +342,196 @@ fn a_newcomer_creates_watches_controls_and_commits_a_migration_from_the_page() {
         .unwrap();
     assert!(compared.status.success(), "{compared:?}");
 }
+
+/// The text of the first element matching `css`, if there is one.
+async fn text_of(browser: &Client, css: &str) -> Option<String> {
+    browser
+        .find(Locator::Css(css))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// The migids the page's queue lists, in order.
+async fn queued_on_page(browser: &Client) -> Vec<String> {
+    let Ok(items) = browser.find_all(Locator::Css("#queue li[data-id]")).await else {
+        return Vec::new();
+    };
+    let mut ids = Vec::new();
+    for item in items {
+        if let Ok(Some(id)) = item.attr("data-id").await {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// Waits until the overview row of `migid` shows `state`; returns how
+/// long that took.
+async fn row_shows(browser: &Client, migid: &str, state: &str) -> Duration {
+    let started = Instant::now();
+    let css = format!("tr[data-id='{migid}'] .state");
+    until(
+        &format!("{migid} {state} in the overview"),
+        Duration::from_secs(10),
+        || async {
+            (attribute(browser, &css, "data-state").await.as_deref() == Some(state)).then_some(())
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
+/// The admin limits how many migrations run at once and reorders the queue
+/// from the page; changes made elsewhere (the CLI) show within a second; a
+/// tree migration's page charts its files and directories and retries a
+/// file in error at the click of its button, long before its backoff.
+#[test]
+fn the_queue_is_limited_and_reordered_and_a_tree_file_is_retried_from_the_page() {
+    let d = common::dirs();
+    let real = d.state.with_file_name("real");
+    std::fs::create_dir(&real).unwrap();
+    for i in 0..4u8 {
+        let dir = real.join(format!("d{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..10u8 {
+            std::fs::write(dir.join(format!("f{f}")), common::pattern(64 << 10, i ^ f)).unwrap();
+        }
+    }
+    std::fs::write(real.join("bad"), common::pattern(2 << 20, 77)).unwrap();
+    let source = dmm_testkit::FaultySource::mount(&real, &d.source);
+    source.fail_reads("bad", 1 << 20);
+    let volumes = scratch();
+    let daemon = Daemon::start(&d.state, &[]);
+    let login = daemon.ok(&["ui", "--no-browser"]).trim().to_owned();
+
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let browser = runtime.block_on(driver.browser());
+    let seen = runtime.block_on(async {
+        browser.goto(&login).await.unwrap();
+        click(&browser, "[data-tab='running']").await;
+        fill(&browser, "#maxrunning", "1").await;
+        click(&browser, "#set-maxrunning").await;
+        until(
+            "maxrunning=1 in the daemon",
+            Duration::from_secs(10),
+            || async {
+                daemon
+                    .ok(&["config"])
+                    .contains("maxrunning  1 ")
+                    .then_some(())
+            },
+        )
+        .await;
+
+        // Three starts: one runs, two wait, listed in order within a second.
+        for tag in ["1", "2", "3"] {
+            common::create_volume(&daemon, volumes.path(), tag, (32 * MIB, 5), &["rate=1M"]);
+        }
+        let started = Instant::now();
+        until("the queue on the page", Duration::from_secs(10), || async {
+            (queued_on_page(&browser).await == ["2", "3"]).then_some(())
+        })
+        .await;
+        let queue_seen = started.elapsed();
+        // A pause from the CLI shows within a second.
+        daemon.ok(&["pause", "1"]);
+        let pause_seen = row_shows(&browser, "1", "paused").await;
+        daemon.ok(&["resume", "1"]);
+        row_shows(&browser, "1", "running").await;
+
+        // 3 moves ahead of 2: the daemon's queue follows.
+        click(&browser, "#queue li[data-id='3'] button.up").await;
+        until("3 ahead of 2", Duration::from_secs(10), || async {
+            (queued_on_page(&browser).await == ["3", "2"]).then_some(())
+        })
+        .await;
+        assert_eq!(daemon.json(&["queue"])["queued"], json!([3, 2]));
+        std::fs::write(
+            screenshots().join("queue.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+        // The running one stops: 3 starts, 2 still waits.
+        daemon.ok(&["stop", "1"]);
+        row_shows(&browser, "3", "running").await;
+        assert_eq!(queued_on_page(&browser).await, ["2"]);
+        // No limit: 2 starts too.
+        fill(&browser, "#maxrunning", "").await;
+        click(&browser, "#set-maxrunning").await;
+        row_shows(&browser, "2", "running").await;
+        for migid in ["2", "3"] {
+            daemon.ok(&["stop", migid]);
+        }
+
+        // A tree whose source fails reading one file.
+        let migid = common::create_tree(&daemon, &d, &[]);
+        browser
+            .goto(&format!(
+                "{}#/m/{migid}",
+                login.split("/ui/login").next().unwrap()
+            ))
+            .await
+            .unwrap();
+        let row = "#errors-card tr[data-path='bad']";
+        // Backed off to 8 s after its fourth attempt.
+        until(
+            "bad in error four times",
+            Duration::from_secs(60),
+            || async {
+                let attempts = text_of(&browser, &format!("{row} td:nth-child(3)")).await?;
+                (attempts.trim().parse::<u32>().ok()? >= 4).then_some(())
+            },
+        )
+        .await;
+        let chart = attribute(&browser, "#chart-io", "data-last").await.unwrap();
+        let chart: serde_json::Value = serde_json::from_str(&chart).unwrap();
+        assert!(chart["files"].as_f64().unwrap() >= 40.0, "{chart}");
+        assert!(chart["dirs"].as_f64().unwrap() >= 4.0, "{chart}");
+        source.heal();
+        click(&browser, &format!("{row} button.retry")).await;
+        let retried = Instant::now();
+        until(
+            "bad retried and copied",
+            Duration::from_secs(20),
+            || async {
+                let hidden = attribute(&browser, "#errors-card", "hidden").await;
+                hidden.is_some().then_some(())
+            },
+        )
+        .await;
+        let retry_took = retried.elapsed();
+        shows_state(&browser, "switched-over", Duration::from_secs(60)).await;
+        browser.close().await.unwrap();
+        (queue_seen, pause_seen, retry_took)
+    });
+    let (queue_seen, pause_seen, retry_took) = seen;
+    println!(
+        "queue shown {queue_seen:?} after the starts, pause {pause_seen:?} after the CLI, \
+         file retried {retry_took:?} after the click"
+    );
+    assert!(pause_seen < Duration::from_secs(1), "{pause_seen:?}");
+    assert!(
+        retry_took < Duration::from_secs(6),
+        "the retry did not wait for the 8 s backoff: {retry_took:?}"
+    );
+    let log = daemon.ok(&["log", &daemon_tree_migid(&daemon)]);
+    assert!(log.contains("retrying bad now"), "{log}");
+    assert!(daemon.stop().success());
+    drop(source);
+}
+
+/// The tree migration's migid (the only one of its kind).
+fn daemon_tree_migid(daemon: &Daemon) -> String {
+    let list = daemon.json(&["list"]);
+    let tree = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["kind"] == "tree")
+        .unwrap();
+    tree["id"].to_string()
+}

@@ -176,6 +176,12 @@ impl TreeJob {
             .collect()
     }
 
+    /// Retries the entry in error at `path` (as the report shows it) now,
+    /// without waiting for its backoff; whether there is one.
+    pub fn retry(&self, path: &str) -> bool {
+        self.engine.retry_path(path)
+    }
+
     /// Stops the workers and unmounts; the journal keeps the position.
     pub fn close(&self) -> Result<()> {
         self.engine.stop()

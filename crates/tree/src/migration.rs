@@ -192,6 +192,11 @@ impl TreeMigration {
         self.namespace.retry_now();
     }
 
+    /// Retries the entry in error at `path` now; whether there is one.
+    pub fn retry_path(&self, path: &str) -> bool {
+        self.namespace.retry_path(path)
+    }
+
     pub fn progress(&self) -> TreeProgress {
         let counts = self.namespace.counts();
         let elapsed = self.started.elapsed().as_secs_f64().max(0.001);

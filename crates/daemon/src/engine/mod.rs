@@ -18,7 +18,7 @@ use dmm_control::Controls;
 use dmm_store::BlockStore;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::spec::Spec;
 
 /// A running migration's progress, as its kind reports it.
@@ -65,6 +65,15 @@ pub trait Engine: Send + Sync {
     /// The device clients use, when the kind is served over NBD.
     fn export(&self) -> Option<(String, Arc<dyn BlockStore>)> {
         None
+    }
+
+    /// Retries the item in error at `path` now (a tree's file), without
+    /// waiting for its backoff.
+    fn retry(&self, path: &str) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Invalid,
+            format!("cannot retry {path}: only a tree migration has per-file errors"),
+        ))
     }
 
     /// Applies the live properties of a changed specification.

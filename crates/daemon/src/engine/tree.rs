@@ -92,6 +92,16 @@ impl Engine for TreeEngine {
         }
     }
 
+    fn retry(&self, path: &str) -> Result<()> {
+        match self.job.retry(path) {
+            true => Ok(()),
+            false => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no entry in error at {path}"),
+            )),
+        }
+    }
+
     fn apply(&self, spec: &Spec) {
         let live = spec.live();
         self.controls().set_rate(live.rate);

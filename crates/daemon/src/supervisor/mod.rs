@@ -10,6 +10,7 @@
 //! shared export table); the task mirrors the engine's state in the
 //! catalog as it changes. Nothing here knows what a kind moves.
 
+mod queue;
 mod recovery;
 #[cfg(test)]
 mod tests;
@@ -59,6 +60,8 @@ pub enum Notice {
         migration: MigrationId,
         progress: Report,
     },
+    /// The queue's order or `maxrunning` changed.
+    Queue(crate::view::QueueView),
 }
 
 /// A migration whose engine is open.
@@ -88,6 +91,8 @@ pub struct Supervisor {
     exports: Arc<ExportTable>,
     open: Mutex<HashMap<MigrationId, Open>>,
     notices: broadcast::Sender<Notice>,
+    /// Wakes the queue's task: a state, the queue or `maxrunning` changed.
+    queue_changed: tokio::sync::Notify,
 }
 
 impl Supervisor {
@@ -103,6 +108,7 @@ impl Supervisor {
             exports,
             open: Mutex::new(HashMap::new()),
             notices,
+            queue_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -133,6 +139,7 @@ impl Supervisor {
     }
 
     fn announce(&self, id: MigrationId, state: State, error: Option<String>) {
+        self.queue_changed.notify_one();
         let _ = self.notices.send(Notice::State {
             migration: id,
             state,
@@ -190,19 +197,20 @@ impl Supervisor {
         self.prepare(&record, verb)
             .await
             .map_err(|e| e.of(id, what))?;
-        let to = match rule.leads {
-            Leads::To(state) => state,
-            Leads::Gone => record.state,
+        let intent = match rule.leads {
+            Leads::To(state) => self.catalog.begin(id, verb, state)?,
+            Leads::Admitted => self.catalog.admit(id, verb, self.max_running()?)?,
+            Leads::Gone => self.catalog.begin(id, verb, record.state)?,
             Leads::Stays => {
-                self.act(&record, verb).await.map_err(|e| e.of(id, what))?;
+                let act = self.act(&record, verb, record.state).await;
+                act.map_err(|e| e.of(id, what))?;
                 return Ok(self.catalog.get(id)?);
             }
         };
-        let intent = self.catalog.begin(id, verb, to)?;
         crash_if_asked(verb);
-        match self.act(&record, verb).await {
+        match self.act(&record, verb, intent.to).await {
             Ok(()) if rule.leads == Leads::Gone => Ok(record),
-            Ok(()) => self.conclude(&intent, to, None),
+            Ok(()) => self.conclude(&intent, intent.to, None),
             Err(err) => Err(self.undo(&intent, err.of(id, what))?),
         }
     }
@@ -231,12 +239,17 @@ impl Supervisor {
         }
     }
 
-    /// The act of a verb, which recovery may repeat after a crash: each
-    /// brings the engine (and its files) where the verb leads, whatever
-    /// part of it was done before.
-    async fn act(self: &Arc<Self>, record: &MigrationRecord, verb: Verb) -> Result<()> {
+    /// The act of a verb leading to `to`, which recovery may repeat after
+    /// a crash: each brings the engine (and its files) where the verb
+    /// leads, whatever part of it was done before.
+    async fn act(self: &Arc<Self>, record: &MigrationRecord, verb: Verb, to: State) -> Result<()> {
         let id = record.id;
         match verb {
+            Verb::Start if to == State::Queued => self.note(
+                id,
+                "info",
+                "queued: it starts when a slot frees (maxrunning; dmm queue shows the order)",
+            ),
             Verb::Start | Verb::Resume => {
                 let engine = self.ensure_driven(record).await?;
                 engine.controls().resume();
@@ -365,6 +378,25 @@ impl Supervisor {
         let shown: Vec<String> = changes.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.note(id, "info", &format!("set {}", shown.join(" ")));
         Ok(self.catalog.get(id)?)
+    }
+
+    /// Retries a tree migration's entry in error at `path` now, while its
+    /// copy runs (a stopped or failed one retries every entry when
+    /// started).
+    pub async fn retry(&self, id: MigrationId, path: &str) -> Result<MigrationRecord> {
+        let record = self.catalog.get(id)?;
+        if !record.state.holds_slot() {
+            let line = format!(
+                "it is {} (retry is valid while it runs or is paused; \
+                 dmm start retries every entry)",
+                record.state
+            );
+            return Err(Error::new(ErrorKind::Conflict, line).of(id, "retry"));
+        }
+        let engine = self.engine(id).map_err(|e| e.of(id, "retry"))?;
+        engine.retry(path).map_err(|e| e.of(id, "retry"))?;
+        self.note(id, "info", &format!("retrying {path} now"));
+        Ok(record)
     }
 
     /// A migration's progress, if its engine is open.

@@ -43,7 +43,7 @@ impl Supervisor {
         let rule = verb.rule();
         match rule.recovery {
             Recovery::Record => Ok(self.catalog.finish(intent, intent.to, None)?),
-            Recovery::Redo => match self.act(&record, verb).await {
+            Recovery::Redo => match self.act(&record, verb, intent.to).await {
                 Ok(()) if rule.leads == Leads::Gone => Ok(()),
                 Ok(()) => Ok(self.catalog.finish(intent, intent.to, None)?),
                 Err(err) => {

@@ -117,7 +117,12 @@ async fn every_verb_in_every_state_follows_the_lifecycle_table() {
             }
             match (outcome, rule.leads) {
                 (Ok(_), Leads::Gone) => assert!(record.is_err(), "{verb} in {state}"),
-                (Ok(_), Leads::To(to)) => {
+                (Ok(_), Leads::To(_) | Leads::Admitted) => {
+                    // No maxrunning is set: every start is admitted.
+                    let to = match rule.leads {
+                        Leads::To(to) => to,
+                        _ => State::Running,
+                    };
                     let record = record.unwrap();
                     assert!(record.pending.is_none());
                     assert!(
@@ -164,6 +169,7 @@ async fn every_half_done_transition_is_finished_on_restart() {
         let rule = verb.rule();
         let to = match rule.leads {
             Leads::To(state) => state,
+            Leads::Admitted => State::Running,
             Leads::Gone => State::Stopped,
             Leads::Stays => continue,
         };
@@ -201,7 +207,7 @@ async fn every_half_done_transition_is_finished_on_restart() {
                     "{state}"
                 );
             }
-            (Leads::To(_), Recovery::Record | Recovery::Redo) => {
+            (Leads::To(_) | Leads::Admitted, Recovery::Record | Recovery::Redo) => {
                 assert_eq!(record.unwrap().state, to, "{verb}");
             }
             (Leads::Stays, _) => unreachable!(),
@@ -253,6 +259,78 @@ async fn a_paused_migration_comes_back_paused() {
     assert!(engine.controls().is_paused());
     let resumed = restarted.apply(record.id, Verb::Resume).await.unwrap();
     assert_eq!(resumed.state, State::Running);
+    restarted.shutdown().await;
+}
+
+/// Waits until the queue is `expected`.
+async fn wait_for_queue(supervisor: &Supervisor, expected: &[MigrationId]) {
+    let start = Instant::now();
+    while supervisor.queue().unwrap() != expected {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the queue is {:?} after 30 s, not {expected:?}",
+            supervisor.queue().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_beyond_maxrunning_wait_and_start_in_the_order_set() {
+    let bench = Bench::new();
+    let supervisor = bench.supervisor();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let queue = tokio::spawn(supervisor.clone().run_queue(stop.clone()));
+    let limit = BTreeMap::from([("maxrunning".to_owned(), "1".to_owned())]);
+    supervisor.configure(&limit).unwrap();
+    let mut ids = Vec::new();
+    for name in ["q1", "q2", "q3"] {
+        let properties = bench.volume(name, &[("rate", "256K")]);
+        ids.push(supervisor.create(properties, false).await.unwrap().id);
+    }
+    let [first, second, third] = ids[..] else {
+        unreachable!()
+    };
+    assert_eq!(bench.state(first), State::Running);
+    assert_eq!(bench.state(second), State::Queued);
+    assert_eq!(supervisor.queue().unwrap(), [second, third]);
+    assert!(
+        supervisor.engine(second).is_err(),
+        "a queued migration is closed"
+    );
+    supervisor.move_in_queue(third, 1).unwrap();
+    // A pause keeps the slot.
+    supervisor.apply(first, Verb::Pause).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(supervisor.queue().unwrap(), [third, second]);
+    // A stop frees it: the head of the queue starts.
+    supervisor.apply(first, Verb::Stop).await.unwrap();
+    wait_for_queue(&supervisor, &[second]).await;
+    assert_eq!(bench.state(third), State::Running);
+    // Restarted: the limit, the queue and its order are where they were.
+    stop.cancel();
+    queue.await.unwrap();
+    supervisor.shutdown().await;
+    let restarted = bench.supervisor();
+    restarted.recover().await;
+    assert_eq!(restarted.settings().unwrap()["maxrunning"].value, "1");
+    assert_eq!(restarted.queue().unwrap(), [second]);
+    assert_eq!(bench.state(second), State::Queued);
+    assert!(restarted.engine(second).is_err());
+    // Stopped while queued, it leaves the queue; a higher limit starts
+    // the others at once.
+    restarted.apply(first, Verb::Start).await.unwrap();
+    assert_eq!(restarted.queue().unwrap(), [second, first]);
+    restarted.apply(second, Verb::Stop).await.unwrap();
+    assert_eq!(restarted.queue().unwrap(), [first]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let queue = tokio::spawn(restarted.clone().run_queue(stop.clone()));
+    let unlimited = BTreeMap::from([("maxrunning".to_owned(), "unlimited".to_owned())]);
+    restarted.configure(&unlimited).unwrap();
+    wait_for_queue(&restarted, &[]).await;
+    assert_ne!(bench.state(first), State::Queued);
+    stop.cancel();
+    queue.await.unwrap();
     restarted.shutdown().await;
 }
 

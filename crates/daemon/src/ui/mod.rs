@@ -208,3 +208,52 @@ async fn login_url(
         json!({ "url": format!("{base}{LOGIN_PATH}?code={code}") }),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// The keys the page asks for: every literal `t('…')`, and the keys it
+    /// builds from a state, a verb or a kind.
+    fn keys_used() -> Vec<String> {
+        let mut keys: Vec<String> = SCRIPT
+            .match_indices("t('")
+            .filter(|(at, _)| {
+                let before = SCRIPT[..*at].chars().next_back().unwrap_or(' ');
+                !(before.is_alphanumeric() || before == '_' || before == '.')
+            })
+            .filter_map(|(at, _)| {
+                SCRIPT[at + 3..]
+                    .split_once('\'')
+                    .map(|(key, _)| key.to_owned())
+            })
+            .collect();
+        keys.extend(dmm_catalog::State::ALL.map(|s| format!("state.{s}")));
+        keys.extend(dmm_catalog::Verb::ALL.map(|v| format!("verb.{v}")));
+        keys.extend(dmm_catalog::Kind::ALL.map(|k| format!("kind.{k}")));
+        keys
+    }
+
+    #[test]
+    fn english_has_every_text_and_german_every_text_of_the_overview() {
+        let catalogs: BTreeMap<String, BTreeMap<String, String>> =
+            serde_json::from_str(MESSAGES).unwrap();
+        let used = keys_used();
+        assert!(used.len() > 50, "{used:?}");
+        for key in &used {
+            if key == "verb.set" {
+                continue;
+            }
+            assert!(catalogs["en"].contains_key(key), "English lacks {key}");
+        }
+        let overview = ["nav.", "live.", "tab.", "col.", "state.", "kind.", "queue."];
+        for key in used
+            .iter()
+            .filter(|k| overview.iter().any(|p| k.starts_with(p)))
+        {
+            assert!(catalogs["de"].contains_key(key), "German lacks {key}");
+        }
+    }
+}

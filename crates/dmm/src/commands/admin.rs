@@ -23,7 +23,7 @@ use dmm_control::human;
 pub struct NotAProperty(String);
 
 /// `-p name=value`.
-fn property(text: &str) -> Result<(String, String), NotAProperty> {
+pub(crate) fn property(text: &str) -> Result<(String, String), NotAProperty> {
     let (name, value) = text
         .split_once('=')
         .ok_or_else(|| NotAProperty(text.to_owned()))?;
@@ -93,6 +93,14 @@ pub struct GetArgs {
     migid: Option<i64>,
 }
 
+/// Retry a tree migration's file in error now, without waiting for its
+/// backoff (PATH as `dmm stat` shows it).
+#[derive(Args)]
+pub struct RetryArgs {
+    migid: i64,
+    path: String,
+}
+
 /// Show a migration's statistics; with INTERVAL (seconds), repeat until it
 /// settles.
 #[derive(Args)]
@@ -110,7 +118,7 @@ pub(crate) fn explain(err: ClientError) -> anyhow::Error {
     anyhow::anyhow!(err.to_string())
 }
 
-fn print_json(value: &impl serde::Serialize) {
+pub(crate) fn print_json(value: &impl serde::Serialize) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
@@ -166,6 +174,11 @@ async fn apply(verb: Verb, id: MigrationId, global: &Global) -> Result<()> {
 fn report_state(view: &View, global: &Global) {
     if global.json {
         print_json(view);
+    } else if let Some(position) = view.queue_position {
+        println!(
+            "{}: {} (position {position}; dmm queue shows the order)",
+            view.record.id, view.record.state
+        );
     } else {
         println!("{}: {}", view.record.id, view.record.state);
     }
@@ -175,6 +188,15 @@ pub async fn set(args: SetArgs, global: &Global) -> Result<()> {
     let changes: BTreeMap<String, String> = args.properties.into_iter().collect();
     let view = client(global)
         .set(args.migid, &changes)
+        .await
+        .map_err(explain)?;
+    report_state(&view, global);
+    Ok(())
+}
+
+pub async fn retry(args: RetryArgs, global: &Global) -> Result<()> {
+    let view = client(global)
+        .retry(args.migid, &args.path)
         .await
         .map_err(explain)?;
     report_state(&view, global);
@@ -235,7 +257,7 @@ fn progress_summary(view: &View) -> String {
     }
 }
 
-fn effective<'a>(view: &'a View, name: &str) -> &'a str {
+pub(crate) fn effective<'a>(view: &'a View, name: &str) -> &'a str {
     view.effective.get(name).map_or("", String::as_str)
 }
 

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod daemon;
 pub mod demo;
 pub mod migrate;
+pub mod queue;
 pub mod serve;
 pub mod ui;
 pub mod verify;

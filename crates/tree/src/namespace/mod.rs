@@ -339,6 +339,12 @@ impl Namespace {
         self.lock().retry_now();
     }
 
+    /// Retries the entry in error at `path` now (the dashboard's retry
+    /// button); whether there is one.
+    pub fn retry_path(&self, path: &str) -> bool {
+        self.lock().retry_path(path)
+    }
+
     /// Writes the batched changes and marks to the journal, once what they
     /// describe is on the target's disk (see [`Namespace::apply`]).
     pub fn flush(&self) -> Result<()> {

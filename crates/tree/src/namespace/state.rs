@@ -755,6 +755,23 @@ impl State {
         }
     }
 
+    /// An admin asked to retry the entry at `path` (as the report shows
+    /// it) now. Whether an entry there is in error (one whose retry is
+    /// under way counts: it is retried already).
+    pub(super) fn retry_path(&mut self, path: &str) -> bool {
+        let now = Instant::now();
+        let mut found = false;
+        for failure in self.failures.values_mut() {
+            if String::from_utf8_lossy(&failure.row.path) == path {
+                if failure.is_waiting() {
+                    failure.retry_at = Some(now);
+                }
+                found = true;
+            }
+        }
+        found
+    }
+
     pub(super) fn clear_failure(&mut self, id: EntryId) {
         if self.failures.remove(&id).is_some() {
             self.counts.errors -= 1;

@@ -19,6 +19,8 @@ let properties = [];
 const views = new Map();
 const samples = new Map();
 let tab = 'attention';
+// The start queue under maxrunning: GET /api/queue, then queue notices.
+let queue = { maxrunning: 'unlimited', running: 0, queued: [] };
 let page = { render() {}, update() {} };
 
 // ---------------------------------------------------------------- text
@@ -126,7 +128,7 @@ function phaseOf(view) {
 
 function category(view) {
   if (errorCount(view) > 0 || ['failed', 'switched-over', 'rolled-back'].includes(view.state)) return 'attention';
-  if (['created', 'running', 'paused', 'verifying'].includes(view.state)) return 'running';
+  if (['created', 'queued', 'running', 'paused', 'verifying'].includes(view.state)) return 'running';
   return 'done';
 }
 
@@ -167,6 +169,8 @@ function addPoint(id, raw) {
     dirty: raw.dirty_chunks || 0,
     files: raw.files_done || 0,
     left: Math.max(0, (raw.files_total || 0) - (raw.files_done || 0)),
+    dirs: raw.dirs_done || 0,
+    dirsLeft: Math.max(0, (raw.dirs_total || 0) - (raw.dirs_done || 0)),
   });
   while (series.length && series[0].t < t - HISTORY_SECONDS) series.shift();
   samples.set(id, series);
@@ -234,7 +238,8 @@ function overview() {
       ['col.id', 'col.kind', 'col.route', 'col.state', 'col.phase', 'col.progress', 'col.rate', 'col.eta', 'col.errors']
         .map((key) => el('th', { text: t(key) })))),
     body);
-  main.replaceChildren(tabs, table);
+  const order = queueCard();
+  main.replaceChildren(tabs, order.card, table);
 
   // Built once, so that a click never lands on a button an update replaced.
   const buttons = Object.fromEntries(['attention', 'running', 'done', 'all'].map((name) => {
@@ -256,6 +261,7 @@ function overview() {
       button.setAttribute('aria-selected', String(name === tab));
       count.textContent = String(counts[name]);
     }
+    order.update(tab === 'running');
     const shown = all.filter((view) => tab === 'all' || category(view) === tab);
     if (!shown.length) {
       body.replaceChildren(el('tr', {}, el('td', { colspan: '9', text: t('empty') })));
@@ -278,6 +284,74 @@ function overview() {
     }));
   }
   return { update };
+}
+
+// The limit of migrations running at once and the queue's order, in the
+// Running tab: built once, its list redrawn on every update (the limit's
+// field is left alone while it has the focus).
+function queueCard() {
+  const limit = el('input', { id: 'maxrunning', type: 'text', inputmode: 'numeric', placeholder: t('queue.unlimited') });
+  const error = el('div', { class: 'field-error' });
+  const status = el('span', { class: 'help' });
+  const list = el('ol', { id: 'queue', class: 'queue' });
+  const apply = el('button', {
+    type: 'submit', id: 'set-maxrunning', text: t('detail.apply'),
+  });
+  const form = el('form', {
+    class: 'inline',
+    onsubmit: async (event) => {
+      event.preventDefault();
+      error.textContent = '';
+      const value = limit.value.trim() || 'unlimited';
+      try {
+        await api('PATCH', '/api/config', { maxrunning: value });
+        await refreshQueue();
+        toast(t('queue.set', { value }));
+      } catch (err) {
+        error.textContent = err.message;
+      }
+    },
+  }, el('div', {}, el('label', { for: 'maxrunning', text: t('queue.limit') }), limit), apply);
+  const card = el('section', { class: 'card queue-card' },
+    el('h2', {}, t('queue.title'), ' ', status), form, error, list);
+
+  async function move(id, position) {
+    try {
+      const answer = await api('POST', '/api/queue', { migration: id, position });
+      setQueue(answer);
+    } catch (err) {
+      toast(err.message, true);
+    }
+  }
+
+  function update(shown) {
+    card.hidden = !shown;
+    if (!shown) return;
+    if (document.activeElement !== limit) limit.value = queue.maxrunning === 'unlimited' ? '' : queue.maxrunning;
+    status.textContent = t('queue.status', {
+      running: queue.running,
+      max: queue.maxrunning === 'unlimited' ? t('queue.unlimited') : queue.maxrunning,
+      queued: queue.queued.length,
+    });
+    const last = queue.queued.length;
+    list.replaceChildren(...queue.queued.map((id, at) => {
+      const view = views.get(id);
+      const route = view ? `${view.properties.source || ''} → ${view.properties.target || ''}` : '';
+      return el('li', { 'data-id': String(id) },
+        el('a', { href: `#/m/${id}`, text: `${id}` }), ' ',
+        el('span', { class: 'route', text: route }), ' ',
+        el('button', {
+          type: 'button', class: 'move up', title: t('queue.up'), 'aria-label': t('queue.up'),
+          disabled: at === 0, onclick: () => move(id, at),
+        }, '↑'),
+        el('button', {
+          type: 'button', class: 'move down', title: t('queue.down'), 'aria-label': t('queue.down'),
+          disabled: at === last - 1, onclick: () => move(id, at + 2),
+        }, '↓'));
+    }));
+    if (!last) list.replaceChildren(el('li', { class: 'help', text: t('queue.empty') }));
+  }
+  return { card, update };
 }
 
 // ------------------------------------------------------ one migration
@@ -384,6 +458,7 @@ function detail(id) {
       rows.push(fact(t('detail.verified'), String(p.verified_chunks || 0)));
     }
     if ((p.mismatches || []).length) rows.push(fact(t('detail.mismatches'), String(p.mismatches.length)));
+    if (view.queue_position) rows.push(fact(t('detail.queued'), `${view.queue_position} / ${queue.queued.length}`));
     if (view.error) rows.push(fact(t('detail.error'), view.error));
     facts.replaceChildren(...rows.flat());
 
@@ -403,10 +478,21 @@ function detail(id) {
       el('td', { text: name }), el('td', { class: 'route', text: value }),
       el('td', { text: name in view.properties ? t('prop.set') : t('prop.default') }))));
 
+    // Rebuilt only when the list changes (a click never lands on a
+    // replaced button); a retry is offered while the copy runs.
     const list = p.errors || [];
+    const retrying = ['running', 'paused', 'verifying'].includes(view.state);
+    const listed = JSON.stringify([retrying, list.map((e) => [e.path, e.attempts, e.message])]);
     document.getElementById('errors-card').hidden = !list.length;
-    errors.replaceChildren(...list.map((e) => el('tr', {},
-      el('td', { class: 'route', text: e.path }), el('td', { text: e.message }), el('td', { text: String(e.attempts) }))));
+    if (listed !== errors.dataset.listed) {
+      errors.dataset.listed = listed;
+      errors.replaceChildren(...list.map((e) => el('tr', { 'data-path': e.path },
+        el('td', { class: 'route', text: e.path }), el('td', { text: e.message }), el('td', { text: String(e.attempts) }),
+        el('td', {}, retrying ? el('button', {
+          type: 'button', class: 'verb retry', text: t('detail.retry'),
+          onclick: () => retryEntry(id, e.path),
+        }) : ''))));
+    }
 
     const series = samples.get(id) || [];
     drawChart(rateChart, series, [{ key: 'rate', label: t('col.rate'), color: '#2563eb', format: (v) => `${bytes(v)}/s` }]);
@@ -417,10 +503,12 @@ function detail(id) {
         { key: 'dirty', label: t('detail.chart.dirty'), color: '#b45309', format: (v) => v.toFixed(0) },
       ]);
     } else {
-      document.getElementById('io-title').textContent = `${t('detail.chart.files')} · ${t('detail.chart.left')}`;
+      document.getElementById('io-title').textContent = t('detail.chart.tree');
       drawChart(ioChart, series, [
         { key: 'files', label: t('detail.chart.files'), color: '#15803d', format: (v) => v.toFixed(0) },
         { key: 'left', label: t('detail.chart.left'), color: '#b45309', format: (v) => v.toFixed(0) },
+        { key: 'dirs', label: t('detail.chart.dirs'), color: '#2563eb', format: (v) => v.toFixed(0) },
+        { key: 'dirsLeft', label: t('detail.chart.dirs-left'), color: '#7c3aed', format: (v) => v.toFixed(0) },
       ]);
     }
   }
@@ -442,6 +530,14 @@ async function runVerb(id, verb) {
     const paths = { 'halt --remove': 'halt?remove=true', 'halt --keep': 'halt' };
     const path = `/api/migrations/${id}/${paths[verb] || verb}`;
     views.set(id, await api('POST', path));
+    page.update();
+  } catch (err) { toast(err.message, true); }
+}
+
+async function retryEntry(id, path) {
+  try {
+    views.set(id, await api('POST', `/api/migrations/${id}/retry`, { path }));
+    toast(t('detail.retrying', { path }));
     page.update();
   } catch (err) { toast(err.message, true); }
 }
@@ -555,7 +651,21 @@ async function refreshAll() {
     views.set(view.id, view);
     sample(view);
   }
+  await refreshQueue();
+}
+
+// The queue's order and limit; each queued view learns its place.
+function setQueue(answer) {
+  queue = answer;
+  for (const view of views.values()) {
+    const at = queue.queued.indexOf(view.id);
+    view.queue_position = at >= 0 ? at + 1 : null;
+  }
   redraw();
+}
+
+async function refreshQueue() {
+  setQueue(await api('GET', '/api/queue'));
 }
 
 function handle(kind, notice) {
@@ -567,6 +677,9 @@ function handle(kind, notice) {
     redraw();
   } else if (kind === 'state') {
     refresh(notice.migration);
+    refreshQueue().catch(() => {});
+  } else if (kind === 'queue') {
+    setQueue(notice);
   } else if (kind === 'log' && page.log) {
     page.log(notice.event);
   }

@@ -1,0 +1,84 @@
+//! The daemon-wide verbs: `dmm config` (settings such as `maxrunning`) and
+//! `dmm queue` (the migrations waiting for a slot, and their order).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+
+use super::admin::{client, effective, explain, print_json, property};
+use crate::Global;
+
+/// Show the daemon's settings, or change them (e.g. maxrunning=2;
+/// maxrunning=unlimited restores the default). They persist in the catalog.
+#[derive(Args)]
+pub struct ConfigArgs {
+    #[arg(value_name = "NAME=VALUE", value_parser = property)]
+    changes: Vec<(String, String)>,
+}
+
+/// Show the migrations waiting for a slot under maxrunning, in the order
+/// they start; with MIGID and POSITION, move one (1: next to start).
+#[derive(Args)]
+pub struct QueueArgs {
+    #[arg(requires = "position")]
+    migid: Option<i64>,
+    position: Option<usize>,
+}
+
+pub async fn config(args: ConfigArgs, global: &Global) -> Result<()> {
+    let client = client(global);
+    let settings = match args.changes.is_empty() {
+        true => client.settings().await,
+        false => {
+            let changes: BTreeMap<String, String> = args.changes.into_iter().collect();
+            client.configure(&changes).await
+        }
+    }
+    .map_err(explain)?;
+    if global.json {
+        print_json(&settings);
+        return Ok(());
+    }
+    println!("{:<11} {:<10} {:<8} MEANING", "SETTING", "VALUE", "SOURCE");
+    for (name, shown) in settings {
+        let source = if shown.default { "default" } else { "set" };
+        println!("{name:<11} {:<10} {source:<8} {}", shown.value, shown.help);
+    }
+    Ok(())
+}
+
+pub async fn queue(args: QueueArgs, global: &Global) -> Result<()> {
+    let client = client(global);
+    let queue = match (args.migid, args.position) {
+        (Some(id), Some(position)) => client.move_in_queue(id, position).await,
+        _ => client.queue().await,
+    }
+    .map_err(explain)?;
+    if global.json {
+        print_json(&json!(queue));
+        return Ok(());
+    }
+    println!(
+        "{} running (maxrunning {}), {} queued",
+        queue.running,
+        queue.maxrunning,
+        queue.queued.len()
+    );
+    if queue.queued.is_empty() {
+        return Ok(());
+    }
+    println!("{:<4} {:<6} {:<7} SOURCE -> TARGET", "POS", "MIGID", "KIND");
+    for (at, &id) in queue.queued.iter().enumerate() {
+        let view = client.get(id).await.map_err(explain)?;
+        println!(
+            "{:<4} {id:<6} {:<7} {} -> {}",
+            at + 1,
+            view.record.kind.as_str(),
+            effective(&view, "source"),
+            effective(&view, "target")
+        );
+    }
+    Ok(())
+}
