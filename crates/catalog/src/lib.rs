@@ -15,6 +15,7 @@ mod database;
 mod lifecycle;
 mod queue;
 mod schema;
+mod summary;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,6 +25,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 pub use crate::database::{Database, Layout};
+pub use crate::summary::Summary;
 
 pub use lifecycle::{
     Failure, Kind, Leads, RULES, Recovery, Refused, Reopen, Rule, State, UnknownName, Verb,
@@ -47,6 +49,9 @@ pub struct MigrationRecord {
     pub error: Option<String>,
     /// A state transition under way.
     pub pending: Option<Intent>,
+    /// What its runs did, kept after its engine is closed (the history).
+    #[serde(default)]
+    pub summary: Option<Summary>,
 }
 
 /// A state transition that was started and not yet finished.
@@ -352,6 +357,7 @@ impl Catalog {
                 params![intent.migration, state.as_str(), error, now_ms()],
             )
             .map_err(storage("finish"))?;
+            summary::mark_end(&tx, intent.migration, state).map_err(storage("finish"))?;
             tx.execute("DELETE FROM intents WHERE id = ?1", params![intent.id])
                 .map_err(storage("finish"))?;
             tx.commit().map_err(storage("finish"))
@@ -372,9 +378,11 @@ impl Catalog {
     /// a failure), outside any requested transition.
     pub fn set_state(&self, id: MigrationId, state: State, error: Option<&str>) -> Result<()> {
         self.with(|c| {
-            c.execute(SET_STATE, params![id, state.as_str(), error, now_ms()])
-                .map(|_| ())
-                .map_err(storage("set state"))
+            let tx = c.transaction().map_err(storage("set state"))?;
+            tx.execute(SET_STATE, params![id, state.as_str(), error, now_ms()])
+                .map_err(storage("set state"))?;
+            summary::mark_end(&tx, id, state).map_err(storage("set state"))?;
+            tx.commit().map_err(storage("set state"))
         })
     }
 
@@ -580,6 +588,7 @@ fn read_migration(c: &mut Connection, id: MigrationId) -> Result<Option<Migratio
         )
         .optional()
         .map_err(storage("read"))?;
+    let summary = summary::read(c, id).map_err(storage("read"))?;
     Ok(Some(MigrationRecord {
         id,
         kind,
@@ -589,6 +598,7 @@ fn read_migration(c: &mut Connection, id: MigrationId) -> Result<Option<Migratio
         updated_at,
         error,
         pending,
+        summary,
     }))
 }
 

@@ -78,6 +78,15 @@ impl State {
         matches!(self, State::Running | State::Paused | State::Verifying)
     }
 
+    /// Whether the migration's run has ended with a known outcome (for now:
+    /// a halted or failed one may start again). Its summary records when.
+    pub fn has_ended(self) -> bool {
+        matches!(
+            self,
+            State::Committed | State::RolledBack | State::Halted | State::Failed
+        )
+    }
+
     /// Whether properties that apply only before the start may change.
     pub fn before_start(self) -> bool {
         matches!(self, State::Created | State::Halted)

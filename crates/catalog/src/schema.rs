@@ -42,6 +42,14 @@ const STEPS: &[&str] = &[
      CREATE INDEX events_by_migration ON events (migration_id, id);",
     // 2: the start queue under the daemon's maxrunning limit.
     "ALTER TABLE migrations ADD COLUMN queue_position INTEGER;",
+    // 3: each migration's summary, kept after its engine is closed.
+    "CREATE TABLE summaries (
+         migration_id INTEGER PRIMARY KEY REFERENCES migrations (id) ON DELETE CASCADE,
+         started_at   INTEGER,
+         ended_at     INTEGER,
+         bytes        INTEGER NOT NULL DEFAULT 0,
+         verification TEXT
+     );",
 ];
 
 /// The catalog file.

@@ -333,10 +333,7 @@ impl Scrape {
         self.migrations
             .get_or_create(&kind_state(record.kind, record.state))
             .inc();
-        if matches!(
-            record.state,
-            State::Committed | State::RolledBack | State::Halted | State::Failed
-        ) {
+        if record.state.has_ended() {
             let seconds = (record.updated_at - record.created_at).max(0) as f64 / 1e3;
             self.durations
                 .get_or_create(&kind_state(record.kind, record.state))

@@ -3,9 +3,11 @@
 //! path: log in with the URL `dmm ui` prints, create a volume migration
 //! from the form, watch it move, pause it, change its rate and see the
 //! chart follow, resume, commit; then restart the daemon, find it in the
-//! history, and read the catalog's tables. Requests without the cookie
-//! get 401. The test saves a screenshot of the overview and of the
-//! migration's page in `target/screenshots/` (the README shows them).
+//! history (duration, bytes, verification), and read the catalog's
+//! tables. Requests without the cookie get 401. An admin's path: limit
+//! the migrations running at once, reorder the queue, see CLI changes
+//! within a second, retry a tree's file in error. The tests save
+//! screenshots in `target/screenshots/` (the README shows them).
 
 mod common;
 
@@ -145,6 +147,30 @@ fn status_of(url: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The Done tab's row of migration 1 shows how long it ran, the bytes it
+/// copied and what verification found (64 MiB of data in 96 MiB: holes
+/// are not copied; verified).
+async fn history_row_is_complete(browser: &Client) {
+    let field = |name: &'static str| async move {
+        let css = format!("tr[data-id='1'] [data-field='{name}']");
+        browser
+            .find(Locator::Css(&css))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert_eq!(field("copied").await, "64.0 MiB");
+    let verification = field("verification").await;
+    assert!(
+        verification.contains("chunks verified, all equal"),
+        "{verification}"
+    );
+    let ran = field("duration").await;
+    assert!(ran.ends_with('s'), "{ran}");
+}
+
 #[test]
 fn a_newcomer_creates_watches_controls_and_commits_a_migration_from_the_page() {
     let dir = scratch();
@@ -282,6 +308,7 @@ fn a_newcomer_creates_watches_controls_and_commits_a_migration_from_the_page() {
             },
         )
         .await;
+        history_row_is_complete(&browser).await;
         std::fs::write(
             screenshots().join("overview.png"),
             browser.screenshot().await.unwrap(),
@@ -309,6 +336,7 @@ fn a_newcomer_creates_watches_controls_and_commits_a_migration_from_the_page() {
             },
         )
         .await;
+        history_row_is_complete(&browser).await;
         // The catalog's tables, read-only, for error recovery.
         click(&browser, "#nav-catalog").await;
         let events = until(

@@ -29,6 +29,35 @@ pub enum Report {
     Volume(Box<dmm_volume::Progress>),
 }
 
+impl Report {
+    /// The figures a migration's summary keeps once its engine is closed:
+    /// bytes copied (volumes: by the copier, over all runs; trees: written
+    /// to the target) and what verification found, once it found
+    /// anything.
+    pub fn figures(&self) -> (u64, Option<String>) {
+        let (bytes, verified, what, mismatches) = match self {
+            Report::Volume(v) => (
+                v.copied_bytes,
+                v.verified_chunks,
+                "chunks",
+                v.mismatches.len(),
+            ),
+            Report::Tree(t) => (
+                t.progress.counts.bytes_written,
+                t.verified_files,
+                "files",
+                t.mismatches.len(),
+            ),
+        };
+        let verification = match (verified, mismatches) {
+            (_, 1..) => Some(format!("{mismatches} mismatches in {verified} {what}")),
+            (1.., 0) => Some(format!("{verified} {what} verified, all equal")),
+            (0, 0) => None,
+        };
+        (bytes, verification)
+    }
+}
+
 /// An engine's progress and the catalog state it corresponds to.
 pub struct Snapshot {
     pub state: State,

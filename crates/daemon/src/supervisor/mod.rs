@@ -251,6 +251,9 @@ impl Supervisor {
                 "queued: it starts when a slot frees (maxrunning; dmm queue shows the order)",
             ),
             Verb::Start | Verb::Resume => {
+                if verb == Verb::Start {
+                    self.catalog.record_start(id)?;
+                }
                 let engine = self.ensure_driven(record).await?;
                 engine.controls().resume();
                 self.note(
@@ -577,6 +580,10 @@ impl Supervisor {
         if let Some(task) = open.task {
             let _ = task.await;
         }
+        let (bytes, verification) = open.engine.snapshot().await.report.figures();
+        let _ = self
+            .catalog
+            .record_figures(id, bytes, verification.as_deref());
         if let Some(export) = &open.export {
             self.exports.remove(export);
         }

@@ -154,6 +154,15 @@ async fn a_migration_runs_to_switched_over_and_commits() {
     wait_for(&bench, record.id, State::SwitchedOver).await;
     let committed = supervisor.apply(record.id, Verb::Commit).await.unwrap();
     assert_eq!(committed.state, State::Committed);
+    // The history keeps what the closed engine reported.
+    let summary = bench.catalog.get(record.id).unwrap().summary.unwrap();
+    assert_eq!(summary.bytes, SIZE as u64);
+    let verification = summary.verification.unwrap();
+    assert!(
+        verification.ends_with("chunks verified, all equal"),
+        "{verification}"
+    );
+    assert!(summary.started_at <= summary.ended_at && summary.ended_at.is_some());
     let source = std::fs::read(&record.properties["source"]).unwrap();
     let target = std::fs::read(&record.properties["target"]).unwrap();
     assert!(source == target, "the target holds the volume");

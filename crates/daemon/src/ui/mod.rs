@@ -248,7 +248,16 @@ mod tests {
             }
             assert!(catalogs["en"].contains_key(key), "English lacks {key}");
         }
-        let overview = ["nav.", "live.", "tab.", "col.", "state.", "kind.", "queue."];
+        let overview = [
+            "nav.",
+            "live.",
+            "tab.",
+            "col.",
+            "state.",
+            "kind.",
+            "queue.",
+            "verification.",
+        ];
         for key in used
             .iter()
             .filter(|k| overview.iter().any(|p| k.starts_with(p)))

@@ -233,11 +233,8 @@ function overview() {
   const main = document.getElementById('main');
   const tabs = el('div', { class: 'tabs', role: 'tablist' });
   const body = el('tbody');
-  const table = el('table', { id: 'migrations' },
-    el('thead', {}, el('tr', {},
-      ['col.id', 'col.kind', 'col.route', 'col.state', 'col.phase', 'col.progress', 'col.rate', 'col.eta', 'col.errors']
-        .map((key) => el('th', { text: t(key) })))),
-    body);
+  const head = el('thead');
+  const table = el('table', { id: 'migrations' }, head, body);
   const order = queueCard();
   main.replaceChildren(tabs, order.card, table);
 
@@ -262,28 +259,70 @@ function overview() {
       count.textContent = String(counts[name]);
     }
     order.update(tab === 'running');
+    const done = tab === 'done';
+    const columns = done ? DONE_COLUMNS : COLUMNS;
+    if (head.dataset.columns !== columns.join()) {
+      head.dataset.columns = columns.join();
+      head.replaceChildren(el('tr', {}, columns.map((key) => el('th', { text: t(key) }))));
+    }
     const shown = all.filter((view) => tab === 'all' || category(view) === tab);
     if (!shown.length) {
-      body.replaceChildren(el('tr', {}, el('td', { colspan: '9', text: t('empty') })));
+      body.replaceChildren(el('tr', {}, el('td', { colspan: String(columns.length), text: t('empty') })));
       return;
     }
-    body.replaceChildren(...shown.map((view) => {
-      const p = progressOf(view);
-      const done = fraction(view);
-      const errors = errorCount(view);
-      return el('tr', { class: 'row', 'data-id': String(view.id), onclick: () => { location.hash = `#/m/${view.id}`; } },
-        el('td', {}, el('a', { href: `#/m/${view.id}`, text: String(view.id) })),
-        el('td', { text: t(`kind.${view.kind}`) }),
-        el('td', { class: 'route', text: `${view.properties.source || ''} → ${view.properties.target || ''}` }),
-        el('td', {}, el('span', { class: `state state-${view.state}`, 'data-state': view.state, text: t(`state.${view.state}`) })),
-        el('td', { text: phaseOf(view) }),
-        el('td', { class: 'nowrap' }, el('progress', { max: '1', value: String(done) }), ` ${(done * 100).toFixed(1)} %`),
-        el('td', { class: 'nowrap', text: view.progress ? `${bytes(rateOf(view))}/s` : '' }),
-        el('td', { text: duration(p.eta_seconds) }),
-        el('td', { class: errors ? 'errors' : '', text: String(errors) }));
-    }));
+    body.replaceChildren(...shown.map((view) => done ? doneRow(view) : row(view)));
   }
   return { update };
+}
+
+const COLUMNS = ['col.id', 'col.kind', 'col.route', 'col.state', 'col.phase', 'col.progress', 'col.rate', 'col.eta', 'col.errors'];
+const DONE_COLUMNS = ['col.id', 'col.kind', 'col.route', 'col.state', 'col.ended', 'col.duration', 'col.copied', 'col.verification'];
+
+// The first cells of every row: the migration, where it goes, its state.
+function rowStart(view) {
+  return [
+    el('td', {}, el('a', { href: `#/m/${view.id}`, text: String(view.id) })),
+    el('td', { text: t(`kind.${view.kind}`) }),
+    el('td', { class: 'route', text: `${view.properties.source || ''} → ${view.properties.target || ''}` }),
+    el('td', {}, el('span', { class: `state state-${view.state}`, 'data-state': view.state, text: t(`state.${view.state}`) })),
+  ];
+}
+
+function rowOf(view, cells) {
+  return el('tr', { class: 'row', 'data-id': String(view.id), onclick: () => { location.hash = `#/m/${view.id}`; } },
+    ...rowStart(view), ...cells);
+}
+
+// How long its run took: from the first start to its end (or now).
+function runTime(view) {
+  const s = view.summary;
+  if (!s || !s.started_at) return '';
+  return duration(((s.ended_at || Date.now()) - s.started_at) / 1000);
+}
+
+// A finished migration: when it ended, how long it ran, what it copied
+// and what verification found (kept by the daemon after its engine closed).
+function doneRow(view) {
+  const s = view.summary || {};
+  return rowOf(view, [
+    el('td', { class: 'nowrap', text: s.ended_at ? when(s.ended_at) : '' }),
+    el('td', { class: 'nowrap', 'data-field': 'duration', text: runTime(view) }),
+    el('td', { class: 'nowrap', 'data-field': 'copied', text: bytes(s.bytes) }),
+    el('td', { 'data-field': 'verification', text: s.verification || t('verification.none') }),
+  ]);
+}
+
+// A migration under way or waiting: phase, progress, rate, ETA, errors.
+function row(view) {
+  const p = progressOf(view);
+  const done = fraction(view);
+  const errors = errorCount(view);
+  return rowOf(view, [
+    el('td', { text: phaseOf(view) }),
+    el('td', { class: 'nowrap' }, el('progress', { max: '1', value: String(done) }), ` ${(done * 100).toFixed(1)} %`),
+    el('td', { class: 'nowrap', text: view.progress ? `${bytes(rateOf(view))}/s` : '' }),
+    el('td', { text: duration(p.eta_seconds) }),
+    el('td', { class: errors ? 'errors' : '', text: String(errors) })]);
 }
 
 // The limit of migrations running at once and the queue's order, in the
@@ -450,7 +489,11 @@ function detail(id) {
       fact(t('col.progress'), `${(fraction(view) * 100).toFixed(1)} %`),
       fact(t('col.rate'), view.progress ? `${bytes(rateOf(view))}/s` : ''),
       fact(t('col.eta'), duration(p.eta_seconds)),
-      fact(t('detail.copied'), bytes(view.kind === 'volume' ? p.copied_bytes : p.bytes_written)),
+      fact(t('detail.copied'), bytes(view.progress
+        ? (view.kind === 'volume' ? p.copied_bytes : p.bytes_written)
+        : (view.summary || {}).bytes)),
+      fact(t('col.duration'), runTime(view)),
+      fact(t('col.verification'), (view.summary || {}).verification || t('verification.none')),
       fact(t('col.updated'), when(view.updated_at)),
     ];
     if (view.kind === 'volume' && view.progress) {
