@@ -86,6 +86,8 @@ pub struct DaemonConfig {
     /// (`server-cert.pem`, `server-key.pem`); without it the API listens on
     /// loopback addresses only.
     pub tls_certificates: Option<PathBuf>,
+    /// TLS on the NBD listeners (offered or required).
+    pub nbd_tls: Option<dmm_nbd::ServerTls>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -104,7 +106,11 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let catalog = Arc::new(Catalog::open(&layout.catalog())?);
     let exports = Arc::new(ExportTable::new());
     let supervisor = Supervisor::new(catalog, &layout, exports.clone());
-    let nbd = Arc::new(Server::new(exports, ServerConfig::default()));
+    let nbd_config = ServerConfig {
+        tls: config.nbd_tls.clone(),
+        ..ServerConfig::default()
+    };
+    let nbd = Arc::new(Server::new(exports, nbd_config));
     let nbd_unix = dmm_nbd::bind_unix(&layout.nbd_socket())
         .with_context(|| format!("cannot listen on {}", layout.nbd_socket().display()))?;
     let nbd_tcp = match &config.nbd_listen {
@@ -297,7 +303,12 @@ async fn dashboard_listener(address: &str) -> Result<tokio::net::TcpListener> {
 /// without, only on a loopback address, since the bearer token would
 /// cross the network in clear.
 async fn api_listener(address: &str, certificates: Option<&Path>) -> Result<ApiListener> {
-    let config = certificates.map(tls::server_config).transpose()?;
+    let config = certificates
+        .map(|dir| {
+            let dir = dmm_tls::CertificateDir::new(dir);
+            dmm_tls::server_config(&dir, &dmm_tls::PeerCheck::Anyone)
+        })
+        .transpose()?;
     let tcp = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen for the API on {address}"))?;
@@ -312,8 +323,8 @@ async fn api_listener(address: &str, certificates: Option<&Path>) -> Result<ApiL
             "refusing to serve the API on {bound} without TLS: the bearer token would cross \
              the network in clear; give --tls-certificates DIR ({} and {}) or listen on a \
              loopback address such as 127.0.0.1",
-            tls::SERVER_CERT,
-            tls::SERVER_KEY
+            dmm_tls::SERVER_CERT,
+            dmm_tls::SERVER_KEY
         ),
     }
 }

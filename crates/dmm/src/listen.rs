@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use dmm_nbd::Server;
+use dmm_nbd::{Server, ServerTls, TlsMode};
+use dmm_tls::{CertificateDir, PeerCheck};
 use tokio::net::TcpListener;
 
 /// Where and under which name an NBD export is offered.
@@ -22,6 +23,53 @@ pub struct ExportArgs {
     /// Export name; clients asking for the empty name get it too.
     #[arg(long, value_name = "NAME", default_value = "")]
     pub export: String,
+}
+
+/// TLS of an NBD server, with the option names nbdkit uses.
+#[derive(clap::Args)]
+pub struct TlsArgs {
+    /// Offer TLS to NBD clients (on), require it (require: a client in
+    /// clear gets NBD_REP_ERR_TLS_REQD and no export), or not (off).
+    #[arg(long, value_name = "off|on|require", default_value = "off")]
+    pub tls: TlsMode,
+
+    /// Certificates directory in QEMU's layout: server-cert.pem and
+    /// server-key.pem, and ca-cert.pem to verify clients (`dmm tls issue`
+    /// makes one).
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// Require NBD clients to present a certificate signed by ca-cert.pem.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+
+    /// Accept only clients whose certificate is valid for one of these
+    /// names (implies --tls-verify-peer).
+    #[arg(long, value_name = "NAME,…", value_delimiter = ',')]
+    pub tls_allow: Vec<String>,
+}
+
+impl TlsArgs {
+    /// The server's TLS, or `None` with `--tls=off`.
+    pub fn server_tls(&self) -> Result<Option<ServerTls>> {
+        if self.tls == TlsMode::Off {
+            if self.tls_verify_peer || !self.tls_allow.is_empty() {
+                anyhow::bail!("--tls-verify-peer and --tls-allow need --tls=on or --tls=require");
+            }
+            return Ok(None);
+        }
+        let Some(dir) = &self.tls_certificates else {
+            anyhow::bail!("--tls={} needs --tls-certificates DIR", self.tls);
+        };
+        let peers = match (self.tls_verify_peer, self.tls_allow.is_empty()) {
+            (false, true) => PeerCheck::Anyone,
+            _ => PeerCheck::Verified {
+                allow: self.tls_allow.clone(),
+            },
+        };
+        let config = dmm_tls::server_config(&CertificateDir::new(dir), &peers)?;
+        Ok(ServerTls::new(self.tls, config))
+    }
 }
 
 /// The IANA port of NBD.

@@ -99,6 +99,7 @@ enum Command {
     Config(commands::queue::ConfigArgs),
     Queue(commands::queue::QueueArgs),
     Ui(commands::ui::UiArgs),
+    Tls(commands::tls::TlsArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -144,6 +145,7 @@ async fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Config(args) => commands::queue::config(args, global).await,
         Command::Queue(args) => commands::queue::queue(args, global).await,
         Command::Ui(args) => commands::ui::run(args, global).await,
+        Command::Tls(args) => commands::tls::run(args),
     }
 }
 

@@ -401,26 +401,27 @@ fn verbs_answer_within_2s_whatever_the_rate_limit() {
     assert!(daemon.stop().success());
 }
 
-/// A CA and a server certificate for 127.0.0.1 and localhost, in the
-/// layout `--tls-certificates` reads; returns the CA's file.
+/// A CA and certificates for localhost and 127.0.0.1 from `dmm tls`, in
+/// the layout `--tls-certificates` reads; returns the CA's file.
 fn certificates(dir: &std::path::Path) -> std::path::PathBuf {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    std::fs::create_dir_all(dir).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "dmm test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_params =
-        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server = server_params.signed_by(&server_key, &issuer).unwrap();
-    std::fs::write(dir.join("server-cert.pem"), server.pem()).unwrap();
-    std::fs::write(dir.join("server-key.pem"), server_key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
+    let ca = dir.with_extension("ca");
+    for args in [
+        vec!["tls", "init", path(&ca)],
+        vec![
+            "tls",
+            "issue",
+            "--ca",
+            path(&ca),
+            "localhost",
+            "--also",
+            "127.0.0.1",
+            "--out",
+            path(dir),
+        ],
+    ] {
+        let output = Command::new(DMM).args(&args).output().unwrap();
+        assert!(output.status.success(), "dmm {args:?}: {output:?}");
+    }
     dir.join("ca-cert.pem")
 }
 

@@ -37,6 +37,9 @@ where
         write_all_vectored(&mut writer, &mut slices).await?;
         drop(slices);
         batch.clear();
+        // A TLS stream may keep the end of what it encrypted until
+        // flushed (a plain socket's flush does nothing).
+        writer.flush().await?;
     }
     writer.shutdown().await
 }

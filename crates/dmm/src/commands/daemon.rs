@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::Args;
 use dmm_daemon::DaemonConfig;
 
 use crate::Global;
-use crate::listen::termination;
+use crate::listen::{TlsArgs, termination};
 
 /// Run the migration daemon: catalog, NBD exports, HTTP API.
 ///
@@ -31,19 +31,24 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
 
-    /// Serve the TCP API over TLS with server-cert.pem and server-key.pem
-    /// from DIR (the layout QEMU and libnbd use).
-    #[arg(long, value_name = "DIR", requires = "listen")]
-    tls_certificates: Option<PathBuf>,
+    /// NBD's TLS; --tls-certificates also puts the TCP API (--listen) on
+    /// TLS, with the same server-cert.pem and server-key.pem.
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub async fn run(args: DaemonArgs, global: &Global) -> Result<()> {
+    let nbd_tls = args.tls.server_tls()?;
+    if args.tls.tls_certificates.is_some() && args.listen.is_none() && nbd_tls.is_none() {
+        bail!("--tls-certificates is for the TCP API (--listen) or NBD's TLS (--tls=on|require)");
+    }
     let config = DaemonConfig {
         state_dir: global.state_dir.clone(),
         nbd_listen: args.nbd_listen,
         api_listen: args.listen,
         token_file: args.token_file,
-        tls_certificates: args.tls_certificates,
+        tls_certificates: args.tls.tls_certificates,
+        nbd_tls,
     };
     eprintln!("dmm daemon: state directory {}", config.state_dir.display());
     dmm_daemon::run(config, async {

@@ -6,5 +6,6 @@ pub mod demo;
 pub mod migrate;
 pub mod queue;
 pub mod serve;
+pub mod tls;
 pub mod ui;
 pub mod verify;

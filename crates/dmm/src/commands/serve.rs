@@ -8,7 +8,7 @@ use clap::Args;
 use dmm_nbd::{Export, ExportTable, Server, ServerConfig};
 use dmm_store::{BlockStore, FileStore, OpenOptions};
 
-use crate::listen::{ExportArgs, Listeners, termination};
+use crate::listen::{ExportArgs, Listeners, TlsArgs, termination};
 
 /// Serve a disk image or block device over NBD until SIGINT/SIGTERM.
 ///
@@ -29,9 +29,13 @@ pub struct ServeArgs {
     /// Refuse writes, trims and zeroing.
     #[arg(long)]
     read_only: bool,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
+    let tls = args.tls.server_tls()?;
     let options = OpenOptions {
         read_only: args.read_only,
     };
@@ -51,14 +55,23 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "read-write"
     };
     eprintln!(
-        "dmm: serving {} ({} bytes, {mode}) as export {:?} on {}",
+        "dmm: serving {} ({} bytes, {mode}) as export {:?} on {}{}",
         args.path.display(),
         store.size(),
         args.export.export,
-        listeners.describe().join(" and ")
+        listeners.describe().join(" and "),
+        match &tls {
+            Some(tls) if tls.required => ", TLS required",
+            Some(_) => ", TLS offered",
+            None => "",
+        }
     );
 
-    let server = Server::new(exports, ServerConfig::default());
+    let config = ServerConfig {
+        tls,
+        ..ServerConfig::default()
+    };
+    let server = Server::new(exports, config);
     let stop = async {
         let signalled = termination().await;
         server.shutdown().await;

@@ -617,3 +617,15 @@ pub fn rsync_differences(source: &Path, target: &Path) -> String {
     assert!(output.status.success(), "rsync failed");
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Waits (up to 20 s) until something listens on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "nothing listens on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

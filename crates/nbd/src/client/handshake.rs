@@ -3,7 +3,9 @@
 //! Asks for structured replies and `base:allocation` (both optional: a
 //! server that refuses them still works, with simple replies and no
 //! allocation map), then enters transmission with `NBD_OPT_GO`, or with
-//! `NBD_OPT_EXPORT_NAME` on servers that do not know `GO`.
+//! `NBD_OPT_EXPORT_NAME` on servers that do not know `GO`. Over TLS,
+//! `NBD_OPT_STARTTLS` comes first ([`start_tls`]) and the rest runs over
+//! the encrypted stream.
 
 use std::io;
 
@@ -40,8 +42,16 @@ pub(crate) enum HandshakeError {
     Refused(String),
 }
 
-/// Runs the handshake for `export` on a fresh connection.
-pub(crate) async fn handshake<S>(stream: &mut S, export: &str) -> Result<ExportInfo, HandshakeError>
+/// What the server's greeting said.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Greeting {
+    /// Fixed newstyle: options may be refused and retried (TLS needs it).
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// Reads the server's greeting and answers with the client's flags.
+pub(crate) async fn greet<S>(stream: &mut S) -> Result<Greeting, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -65,8 +75,44 @@ where
         client_flags |= handshake_flag::C_NO_ZEROES;
     }
     stream.write_u32(client_flags).await?;
-    if !fixed {
-        return export_name(stream, export, no_zeroes, false).await;
+    Ok(Greeting { fixed, no_zeroes })
+}
+
+/// Asks for TLS (`NBD_OPT_STARTTLS`); the TLS handshake comes next. A
+/// server that does not acknowledge it is refused: never a fallback to
+/// plaintext.
+pub(crate) async fn start_tls<S>(stream: &mut S, greeting: Greeting) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !greeting.fixed {
+        return Err(HandshakeError::Refused(
+            "the server cannot negotiate TLS (not fixed newstyle)".into(),
+        ));
+    }
+    let mut options = Options { stream };
+    let option = ClientOption::StartTls;
+    options.send(&option).await?;
+    match options.reply(option.code()).await? {
+        (rep::ACK, _) => Ok(()),
+        (_, message) => Err(HandshakeError::Refused(format!(
+            "the server does not offer TLS: {}",
+            String::from_utf8_lossy(&message)
+        ))),
+    }
+}
+
+/// Negotiates `export` (after the greeting, and after TLS if asked for).
+pub(crate) async fn negotiate<S>(
+    stream: &mut S,
+    export: &str,
+    greeting: Greeting,
+) -> Result<ExportInfo, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !greeting.fixed {
+        return export_name(stream, export, greeting.no_zeroes, false).await;
     }
     let mut options = Options { stream };
     let structured = options.structured_replies().await?;
@@ -81,7 +127,7 @@ where
             info.allocation = allocation;
             Ok(info)
         }
-        None => export_name(options.stream, export, no_zeroes, structured).await,
+        None => export_name(options.stream, export, greeting.no_zeroes, structured).await,
     }
 }
 

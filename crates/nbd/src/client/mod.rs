@@ -26,7 +26,7 @@ use self::connection::{Connection, Failure, Response};
 use self::handshake::{ExportInfo, HandshakeError};
 pub use self::link::RECONNECT_WITHIN;
 use self::link::{Dial, Link, Request};
-pub use self::uri::{Endpoint, NbdAddress, UriError};
+pub use self::uri::{Endpoint, NbdAddress, TlsTarget, UriError};
 use crate::proto::{Command, cmd_flag, errno, transmission_flag as tf};
 
 /// Trims, zeroing and block status go out in pieces of at most this size
@@ -78,7 +78,7 @@ impl NbdStore {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (connection, info) = negotiate(stream, export, &target).await?;
+        let (connection, info) = negotiate(stream, export, &target, None).await?;
         Ok(NbdStore {
             link: Link::new(connection, &info, None),
             info,
@@ -167,32 +167,76 @@ impl NbdStore {
 async fn dial(address: &NbdAddress) -> Result<(Connection, ExportInfo)> {
     let target = address.to_string();
     let failed = |e: std::io::Error| Error::io(Op::Connect, target.as_str(), e);
+    let tls = address
+        .tls
+        .as_ref()
+        .map(|tls| ClientTls::new(tls, &target))
+        .transpose()?;
     match &address.endpoint {
         Endpoint::Unix(path) => {
             let stream = tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(failed)?;
-            negotiate(stream, &address.export, &target).await
+            negotiate(stream, &address.export, &target, tls).await
         }
         Endpoint::Tcp { host, port } => {
             let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
                 .await
                 .map_err(failed)?;
             let _ = stream.set_nodelay(true);
-            negotiate(stream, &address.export, &target).await
+            negotiate(stream, &address.export, &target, tls).await
         }
     }
 }
 
-/// Negotiates `export` over `stream` and starts the connection.
-async fn negotiate<S>(mut stream: S, export: &str, target: &str) -> Result<(Connection, ExportInfo)>
+/// A TLS client's configuration and the name its server must prove.
+struct ClientTls {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    server: rustls::pki_types::ServerName<'static>,
+}
+
+impl ClientTls {
+    fn new(tls: &TlsTarget, target: &str) -> Result<ClientTls> {
+        let invalid = || Error::new(ErrorKind::InvalidInput, Op::Connect, target);
+        let certificates = dmm_tls::CertificateDir::new(&tls.certificates);
+        let config = dmm_tls::client_config(&certificates).map_err(|e| invalid().with_source(e))?;
+        let server = rustls::pki_types::ServerName::try_from(tls.hostname.clone())
+            .map_err(|_| invalid().with_detail(format!("{:?} is not a host name", tls.hostname)))?;
+        Ok(ClientTls { config, server })
+    }
+}
+
+/// Negotiates `export` over `stream` (through TLS when `tls` is given)
+/// and starts the connection.
+async fn negotiate<S>(
+    mut stream: S,
+    export: &str,
+    target: &str,
+    tls: Option<ClientTls>,
+) -> Result<(Connection, ExportInfo)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let info = handshake::handshake(&mut stream, export)
+    let failed = |e| handshake_error(target, e);
+    let greeting = handshake::greet(&mut stream).await.map_err(failed)?;
+    let Some(tls) = tls else {
+        let info = handshake::negotiate(&mut stream, export, greeting)
+            .await
+            .map_err(failed)?;
+        return Ok((Connection::start(stream, &info), info));
+    };
+    handshake::start_tls(&mut stream, greeting)
         .await
-        .map_err(|e| handshake_error(target, e))?;
-    Ok((Connection::start(stream, &info), info))
+        .map_err(failed)?;
+    let connector = tokio_rustls::TlsConnector::from(tls.config);
+    let mut secure = connector.connect(tls.server, stream).await.map_err(|e| {
+        Error::new(ErrorKind::PermissionDenied, Op::Connect, target)
+            .with_detail(format!("TLS handshake failed: {e}"))
+    })?;
+    let info = handshake::negotiate(&mut secure, export, greeting)
+        .await
+        .map_err(failed)?;
+    Ok((Connection::start(secure, &info), info))
 }
 
 fn handshake_error(target: &str, err: HandshakeError) -> Error {

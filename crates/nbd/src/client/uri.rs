@@ -3,7 +3,11 @@
 //! `nbd://HOST[:PORT]/EXPORT` reaches a TCP server (port 10809 by default);
 //! `nbd+unix:///EXPORT?socket=PATH` a Unix socket. The export name is the
 //! percent-decoded path without its leading slash; empty means the server's
-//! default export.
+//! default export. `nbds://` and `nbds+unix://` do the same over TLS, with
+//! the certificates of `?tls-certificates=DIR` (libnbd's query parameter)
+//! and the server's certificate checked against the host name, or against
+//! `?tls-hostname=NAME` (for a Unix socket, or a server reached by
+//! another name than its certificate's).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -23,6 +27,18 @@ pub enum Endpoint {
 pub struct NbdAddress {
     pub endpoint: Endpoint,
     pub export: String,
+    /// TLS, for `nbds` URIs.
+    pub tls: Option<TlsTarget>,
+}
+
+/// How a TLS client proves itself and checks its server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsTarget {
+    /// The certificates directory (QEMU's layout).
+    pub certificates: PathBuf,
+    /// The name the server's certificate must be valid for (the host by
+    /// default; `localhost` for a Unix socket).
+    pub hostname: String,
 }
 
 /// A string that is not a usable NBD URI, and why.
@@ -48,7 +64,17 @@ impl NbdAddress {
         let url = url::Url::parse(text).map_err(|e| fail(&e.to_string()))?;
         let path = url.path().strip_prefix('/').unwrap_or(url.path());
         let export = percent_decode(path).ok_or_else(|| fail("export name is not UTF-8"))?;
-        let endpoint = match url.scheme() {
+        let query = |name: &str| {
+            url.query_pairs()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.into_owned())
+        };
+        let (plain, secure) = match url.scheme() {
+            "nbds" => ("nbd", true),
+            "nbds+unix" => ("nbd+unix", true),
+            other => (other, false),
+        };
+        let endpoint = match plain {
             "nbd" => Endpoint::Tcp {
                 host: url
                     .host_str()
@@ -59,17 +85,29 @@ impl NbdAddress {
                 port: url.port().unwrap_or(DEFAULT_PORT),
             },
             "nbd+unix" => {
-                let socket = url
-                    .query_pairs()
-                    .find(|(key, _)| key == "socket")
-                    .map(|(_, value)| PathBuf::from(value.as_ref()))
-                    .ok_or_else(|| fail("nbd+unix needs ?socket=PATH"))?;
-                Endpoint::Unix(socket)
+                let socket = query("socket").ok_or_else(|| fail("nbd+unix needs ?socket=PATH"))?;
+                Endpoint::Unix(PathBuf::from(socket))
             }
-            "nbds" | "nbds+unix" => return Err(fail("TLS is not supported yet")),
-            other => return Err(fail(&format!("unknown scheme {other:?}"))),
+            _ => return Err(fail(&format!("unknown scheme {:?}", url.scheme()))),
         };
-        Ok(NbdAddress { endpoint, export })
+        let tls = match secure {
+            false => None,
+            true => Some(TlsTarget {
+                certificates: query("tls-certificates")
+                    .map(PathBuf::from)
+                    .ok_or_else(|| fail("nbds needs ?tls-certificates=DIR (ca-cert.pem, client-cert.pem, client-key.pem)"))?,
+                hostname: match (query("tls-hostname"), &endpoint) {
+                    (Some(name), _) => name,
+                    (None, Endpoint::Tcp { host, .. }) => host.clone(),
+                    (None, Endpoint::Unix(_)) => "localhost".to_owned(),
+                },
+            }),
+        };
+        Ok(NbdAddress {
+            endpoint,
+            export,
+            tls,
+        })
     }
 }
 
@@ -97,15 +135,28 @@ fn percent_decode(text: &str) -> Option<String> {
 
 impl fmt::Display for NbdAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.tls.is_some() { "s" } else { "" };
         match &self.endpoint {
             Endpoint::Tcp { host, port } if host.contains(':') => {
-                write!(f, "nbd://[{host}]:{port}/{}", self.export)
+                write!(f, "nbd{s}://[{host}]:{port}/{}", self.export)?
             }
-            Endpoint::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
-            Endpoint::Unix(path) => {
-                write!(f, "nbd+unix:///{}?socket={}", self.export, path.display())
-            }
+            Endpoint::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{}", self.export)?,
+            Endpoint::Unix(path) => write!(
+                f,
+                "nbd{s}+unix:///{}?socket={}",
+                self.export,
+                path.display()
+            )?,
         }
+        if let Some(tls) = &self.tls {
+            let join = if matches!(self.endpoint, Endpoint::Unix(_)) {
+                '&'
+            } else {
+                '?'
+            };
+            write!(f, "{join}tls-certificates={}", tls.certificates.display())?;
+        }
+        Ok(())
     }
 }
 
@@ -145,8 +196,27 @@ mod tests {
     }
 
     #[test]
+    fn tls_uris_name_their_certificates_and_the_server() {
+        let address =
+            NbdAddress::parse("nbds://node-b:10810/vm1?tls-certificates=/etc/dmm/tls").unwrap();
+        let tls = address.tls.clone().unwrap();
+        assert_eq!(tls.certificates, PathBuf::from("/etc/dmm/tls"));
+        assert_eq!(tls.hostname, "node-b");
+        assert_eq!(
+            address.to_string(),
+            "nbds://node-b:10810/vm1?tls-certificates=/etc/dmm/tls"
+        );
+        let unix =
+            NbdAddress::parse("nbds+unix:///vm1?socket=/run/n.sock&tls-certificates=/t").unwrap();
+        assert_eq!(unix.tls.unwrap().hostname, "localhost");
+        let named = NbdAddress::parse("nbds://10.0.0.2/x?tls-certificates=/t&tls-hostname=node-b");
+        assert_eq!(named.unwrap().tls.unwrap().hostname, "node-b");
+        let bare = NbdAddress::parse("nbds://host/x").unwrap_err().to_string();
+        assert!(bare.contains("tls-certificates=DIR"), "{bare}");
+    }
+
+    #[test]
     fn other_schemes_are_refused() {
-        assert!(NbdAddress::parse("nbds://host/x").is_err());
         assert!(NbdAddress::parse("http://host/x").is_err());
         assert!(NbdAddress::is_uri("nbd+unix:///?socket=x"));
         assert!(!NbdAddress::is_uri("/var/lib/image.raw"));

@@ -6,6 +6,15 @@
 //! metadata context. Anything malformed gets `NBD_REP_ERR_INVALID`; only a
 //! broken framing (bad magic, absurd length) or an export-name option that
 //! cannot be answered ends the connection.
+//!
+//! TLS (`NBD_OPT_STARTTLS`): on a server that offers it, the option is
+//! acknowledged and the handshake ends with [`Ending::StartTls`]; the
+//! caller runs the TLS handshake and calls [`options`] again over the
+//! encrypted stream, with the options negotiated before forgotten (the
+//! protocol requires it). A server that requires TLS answers every option
+//! but `STARTTLS` and `ABORT` before it with `NBD_REP_ERR_TLS_REQD` (and
+//! hangs up on `EXPORT_NAME`, which cannot be refused), so a plaintext
+//! client never learns an export, let alone reads one.
 
 use std::sync::Arc;
 
@@ -36,6 +45,26 @@ pub(crate) struct Session {
     pub max_payload: u32,
 }
 
+/// Where TLS stands for a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TlsState {
+    /// The server offers TLS.
+    pub offered: bool,
+    /// No option but STARTTLS or ABORT is answered before TLS.
+    pub required: bool,
+    /// The stream is encrypted already.
+    pub active: bool,
+}
+
+/// How a handshake ended.
+pub(crate) enum Ending {
+    Session(Session),
+    /// The client aborted.
+    Aborted,
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
 /// Negotiation state between options.
 struct Negotiation<'a, S> {
     stream: &'a mut S,
@@ -45,14 +74,12 @@ struct Negotiation<'a, S> {
     structured: bool,
     /// Export name for which `base:allocation` was selected.
     allocation_for: Option<String>,
+    tls: TlsState,
 }
 
-/// Runs the handshake; `Ok(None)` when the client aborted.
-pub(crate) async fn negotiate<S>(
-    stream: &mut S,
-    exports: &ExportTable,
-    max_payload: u32,
-) -> Result<Option<Session>, ConnectionError>
+/// Sends the greeting and reads the client's flags; whether the client
+/// asked for no zeroes after `NBD_OPT_EXPORT_NAME`'s reply.
+pub(crate) async fn greet<S>(stream: &mut S) -> Result<bool, ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -69,24 +96,39 @@ where
     if client_flags & !known != 0 {
         return Err(ProtocolError::Unexpected(format!("client flags {client_flags:#x}")).into());
     }
+    Ok(client_flags & handshake_flag::C_NO_ZEROES != 0)
+}
+
+/// Answers options until the handshake ends.
+pub(crate) async fn options<S>(
+    stream: &mut S,
+    exports: &ExportTable,
+    max_payload: u32,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Ending, ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut negotiation = Negotiation {
         stream,
         exports,
         max_payload,
-        no_zeroes: client_flags & handshake_flag::C_NO_ZEROES != 0,
+        no_zeroes,
         structured: false,
         allocation_for: None,
+        tls,
     };
     for _ in 0..MAX_OPTIONS {
-        if let Some(outcome) = negotiation.next_option().await? {
-            return Ok(outcome);
+        if let Some(ending) = negotiation.next_option().await? {
+            return Ok(ending);
         }
     }
     Err(ProtocolError::Unexpected(format!("more than {MAX_OPTIONS} options")).into())
 }
 
 /// How the handshake ends after an option, if it does.
-type Outcome = Option<Option<Session>>;
+type Outcome = Option<Ending>;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
     async fn next_option(&mut self) -> Result<Outcome, ConnectionError> {
@@ -125,19 +167,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
 
     async fn answer(&mut self, option: ClientOption) -> Result<Outcome, ConnectionError> {
         let code = option.code();
+        if self.tls.required && !self.tls.active {
+            match option {
+                ClientOption::StartTls | ClientOption::Abort => {}
+                ClientOption::ExportName(_) => {
+                    let message = "NBD_OPT_EXPORT_NAME in clear on a server that requires TLS";
+                    return Err(ProtocolError::Unexpected(message.into()).into());
+                }
+                _ => {
+                    let message = b"TLS is required: negotiate NBD_OPT_STARTTLS first";
+                    self.reply(code, rep::ERR_TLS_REQD, message).await?;
+                    return Ok(None);
+                }
+            }
+        }
         match option {
-            ClientOption::ExportName(name) => return self.export_name(&name).await.map(Some),
+            ClientOption::ExportName(name) => {
+                return Ok(Some(Ending::Session(self.export_name(&name).await?)));
+            }
             ClientOption::Go(request) => return self.go(code, &request).await,
             ClientOption::Abort => {
                 // The client may already be gone; the ack is a courtesy.
                 let _ = self.reply(code, rep::ACK, &[]).await;
-                return Ok(Some(None));
+                return Ok(Some(Ending::Aborted));
             }
             ClientOption::List => self.list(code).await?,
-            ClientOption::StartTls => {
-                let message = b"TLS is not configured on this server";
-                self.reply(code, rep::ERR_POLICY, message).await?
-            }
+            ClientOption::StartTls => return self.start_tls(code).await,
             ClientOption::Info(request) => {
                 self.info(code, &request).await?;
             }
@@ -152,6 +207,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
                 self.reply(code, rep::ERR_UNSUP, message.as_bytes()).await?
             }
         }
+        Ok(None)
+    }
+
+    async fn start_tls(&mut self, code: u32) -> Result<Outcome, ConnectionError> {
+        let (reply, message): (u32, &[u8]) = match self.tls {
+            TlsState { offered: false, .. } => {
+                (rep::ERR_POLICY, b"TLS is not configured on this server")
+            }
+            TlsState { active: true, .. } => (rep::ERR_INVALID, b"TLS is already negotiated"),
+            _ => {
+                self.reply(code, rep::ACK, &[]).await?;
+                return Ok(Some(Ending::StartTls));
+            }
+        };
+        self.reply(code, reply, message).await?;
         Ok(None)
     }
 
@@ -223,13 +293,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
     }
 
     async fn go(&mut self, code: u32, request: &InfoRequest) -> Result<Outcome, ConnectionError> {
-        Ok(self
-            .info(code, request)
-            .await?
-            .map(|export| Some(self.session(export))))
+        let export = self.info(code, request).await?;
+        Ok(export.map(|export| Ending::Session(self.session(export))))
     }
 
-    async fn export_name(&mut self, name: &str) -> Result<Option<Session>, ConnectionError> {
+    async fn export_name(&mut self, name: &str) -> Result<Session, ConnectionError> {
         let Some(export) = self.exports.find(name) else {
             // The option cannot be refused: the only answer is to hang up.
             return Err(ProtocolError::Unexpected(format!("unknown export {name:?}")).into());
@@ -243,7 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         }
         self.stream.write_all(&buf).await?;
         self.stream.flush().await?;
-        Ok(Some(session))
+        Ok(session)
     }
 
     fn session(&self, export: Arc<Export>) -> Session {

@@ -18,12 +18,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use exports::{Export, ExportExists, ExportTable};
 
 use crate::proto::ProtocolError;
+use handshake::{Ending, TlsState};
 
 /// Limits of a server; the defaults suit a local disk image.
 #[derive(Debug, Clone)]
@@ -34,8 +36,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Payload bytes of one connection held in memory at once.
     pub max_in_flight_bytes: usize,
-    /// Time a client has to finish the handshake.
+    /// Time a client has to finish the handshake (TLS included).
     pub handshake_timeout: Duration,
+    /// TLS, when offered.
+    pub tls: Option<crate::ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +49,7 @@ impl Default for ServerConfig {
             max_in_flight: 128,
             max_in_flight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -58,6 +63,8 @@ pub(crate) enum ConnectionError {
     Protocol(#[from] ProtocolError),
     #[error("handshake not finished in time")]
     HandshakeTimeout,
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 /// An NBD server over a table of exports.
@@ -167,7 +174,7 @@ async fn accept_failed(err: io::Error) {
 }
 
 async fn connection<S>(
-    mut stream: S,
+    stream: S,
     exports: &ExportTable,
     config: &ServerConfig,
     shutdown: CancellationToken,
@@ -175,18 +182,60 @@ async fn connection<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handshake = handshake::negotiate(&mut stream, exports, config.max_payload);
-    let session = tokio::select! {
+    let handshake = negotiate(stream, exports, config);
+    let (stream, ending) = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
         outcome = tokio::time::timeout(config.handshake_timeout, handshake) => {
             outcome.map_err(|_| ConnectionError::HandshakeTimeout)??
         }
     };
-    let Some(session) = session else {
+    let Ending::Session(session) = ending else {
         return Ok(());
     };
     tracing::debug!(export = %session.export.name, "transmission starts");
     transmission::serve(stream, session, config, shutdown).await
+}
+
+/// The stream of a connection: as accepted, or encrypted after STARTTLS.
+type Upgraded<S> = Either<S, tokio_rustls::server::TlsStream<S>>;
+
+/// Runs the handshake, through a TLS upgrade if the client asks for one.
+async fn negotiate<S>(
+    mut stream: S,
+    exports: &ExportTable,
+    config: &ServerConfig,
+) -> Result<(Upgraded<S>, Ending), ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = handshake::greet(&mut stream).await?;
+    let mut tls = TlsState {
+        offered: config.tls.is_some(),
+        required: config.tls.as_ref().is_some_and(|tls| tls.required),
+        active: false,
+    };
+    let ending =
+        handshake::options(&mut stream, exports, config.max_payload, no_zeroes, tls).await?;
+    let (Ending::StartTls, Some(server)) = (&ending, &config.tls) else {
+        return Ok((Either::Left(stream), ending));
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());
+    let mut secure = acceptor
+        .accept(stream)
+        .await
+        .map_err(ConnectionError::Tls)?;
+    if let Some(names) = secure
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
+        tracing::debug!(client = ?dmm_tls::peer_names(names), "TLS client verified");
+    }
+    tls.active = true;
+    let ending =
+        handshake::options(&mut secure, exports, config.max_payload, no_zeroes, tls).await?;
+    Ok((Either::Right(secure), ending))
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file left by a
