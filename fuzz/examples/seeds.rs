@@ -17,8 +17,9 @@ use std::sync::Arc;
 
 use dmm_fuzz::{EXPORT_SIZE, Handshake, PIPE, run};
 use dmm_nbd::proto::{
-    ClientOption, Command, InfoRequest, MetaQuery, RequestHeader, chunk, cmd_flag, encode_chunk_header,
-    encode_option_reply, encode_simple_reply, magic, opt, rep, transmission_flag as tf,
+    ClientOption, Command, InfoRequest, MetaQuery, RequestHeader, chunk, cmd_flag,
+    encode_chunk_header, encode_option_reply, encode_simple_reply, magic, opt, rep,
+    transmission_flag as tf,
 };
 use dmm_nbd::{Export, ExportTable, NbdStore, Server, ServerConfig};
 use dmm_store::{BlockStore, MemoryStore};
@@ -31,6 +32,35 @@ fn main() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), data).unwrap();
     };
+
+    // server_tls_session: options in clear, then STARTTLS.
+    let flags = (dmm_nbd::proto::handshake_flag::C_FIXED_NEWSTYLE
+        | dmm_nbd::proto::handshake_flag::C_NO_ZEROES)
+        .to_be_bytes();
+    let go = ClientOption::Go(InfoRequest {
+        name: String::new(),
+        requests: Vec::new(),
+    });
+    for (name, options) in [
+        ("go-in-clear", vec![go.clone()]),
+        (
+            "list-then-abort",
+            vec![ClientOption::List, ClientOption::Abort],
+        ),
+        (
+            "export-name-in-clear",
+            vec![ClientOption::ExportName(String::new())],
+        ),
+        ("starttls", vec![go, ClientOption::StartTls]),
+    ] {
+        let mut seed = flags.to_vec();
+        for option in &options {
+            option.encode(&mut seed);
+        }
+        let output = dmm_fuzz::serve_tls_input("seed", &seed);
+        dmm_fuzz::assert_no_export_in_clear(&output);
+        write("server_tls_session", name, &seed);
+    }
 
     // server_transmission: the choice byte, then requests.
     for choice in 0..8u8 {
@@ -56,7 +86,12 @@ fn main() {
         handshake.encode(&mut session);
         session.extend_from_slice(&requests);
         let fragment = dmm_fuzz::fragment(choice);
-        check_server(&format!("transmission {choice} in pieces of {fragment:?}"), &session, handshake, fragment);
+        check_server(
+            &format!("transmission {choice} in pieces of {fragment:?}"),
+            &session,
+            handshake,
+            fragment,
+        );
         write("server_transmission", &format!("requests-{choice}"), &seed);
     }
 
@@ -139,7 +174,15 @@ fn main() {
     {
         let mut wire = Vec::new();
         option.encode(&mut wire);
-        write("option_parser", &format!("option-{i}"), &wire[8..12].iter().chain(&wire[16..]).copied().collect::<Vec<_>>());
+        write(
+            "option_parser",
+            &format!("option-{i}"),
+            &wire[8..12]
+                .iter()
+                .chain(&wire[16..])
+                .copied()
+                .collect::<Vec<_>>(),
+        );
     }
 
     // client_replies: recorded from a dmm server, and hand-written.
@@ -151,18 +194,39 @@ fn main() {
     }
     write("client_replies", "simple-replies", &simple_server(true));
     write("client_replies", "export-name", &simple_server(false));
-    for name in ["recorded-empty", "recorded-data", "simple-replies", "export-name"] {
-        check_client(name, &std::fs::read(corpus.join("client_replies").join(name)).unwrap());
+    for name in [
+        "recorded-empty",
+        "recorded-data",
+        "simple-replies",
+        "export-name",
+    ] {
+        check_client(
+            name,
+            &std::fs::read(corpus.join("client_replies").join(name)).unwrap(),
+        );
     }
     // api_bodies and properties: requests the daemon accepts, each
     // checked to pass, so mutations start from the accepting paths.
     let volume = [
-        "source=/srv/old.raw", "target=nbd://node2/vm1", "strategy=lr", "rate=200M",
-        "segsize=1M", "priority=high", "verify=full", "export=vm1", "switchover=manual",
+        "source=/srv/old.raw",
+        "target=nbd://node2/vm1",
+        "strategy=lr",
+        "rate=200M",
+        "segsize=1M",
+        "priority=high",
+        "verify=full",
+        "export=vm1",
+        "switchover=manual",
     ];
     let tree = [
-        "kind=tree", "source=/home", "target=/mnt/new/home", "access=/srv/home",
-        "maxdfproc=4", "maxnsproc=2", "collision=rename", "rate=50M",
+        "kind=tree",
+        "source=/home",
+        "target=/mnt/new/home",
+        "access=/srv/home",
+        "maxdfproc=4",
+        "maxnsproc=2",
+        "collision=rename",
+        "rate=50M",
     ];
     for (name, lines) in [("volume", &volume[..]), ("tree", &tree[..])] {
         let text = lines.join("\n");
@@ -180,7 +244,15 @@ fn main() {
     println!("seeds written to {}", corpus.display());
 }
 
-fn request(out: &mut Vec<u8>, flags: u16, command: Command, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+fn request(
+    out: &mut Vec<u8>,
+    flags: u16,
+    command: Command,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) {
     RequestHeader {
         flags,
         command,
@@ -197,7 +269,15 @@ fn requests(handshake: Handshake) -> Vec<u8> {
     let mut out = Vec::new();
     let payload: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
     request(&mut out, 0, Command::Write, 1, 0, 4096, &payload);
-    request(&mut out, cmd_flag::FUA, Command::Write, 2, 65536 - 512, 512, &payload[..512]);
+    request(
+        &mut out,
+        cmd_flag::FUA,
+        Command::Write,
+        2,
+        65536 - 512,
+        512,
+        &payload[..512],
+    );
     request(&mut out, 0, Command::Read, 3, 0, 4096, &[]);
     // Data, then holes: the sparse read path with structured replies.
     request(&mut out, 0, Command::Read, 4, 0, 16384, &[]);
@@ -206,12 +286,36 @@ fn requests(handshake: Handshake) -> Vec<u8> {
     }
     request(&mut out, 0, Command::Flush, 6, 0, 0, &[]);
     request(&mut out, 0, Command::Trim, 7, 8192, 4096, &[]);
-    request(&mut out, cmd_flag::NO_HOLE, Command::WriteZeroes, 8, 12288, 4096, &[]);
+    request(
+        &mut out,
+        cmd_flag::NO_HOLE,
+        Command::WriteZeroes,
+        8,
+        12288,
+        4096,
+        &[],
+    );
     request(&mut out, 0, Command::WriteZeroes, 9, 16384, 8192, &[]);
     request(&mut out, 0, Command::Cache, 10, 0, 65536, &[]);
     if handshake.structured && handshake.allocation && !handshake.export_name {
-        request(&mut out, 0, Command::BlockStatus, 11, 0, EXPORT_SIZE as u32, &[]);
-        request(&mut out, cmd_flag::REQ_ONE, Command::BlockStatus, 12, 4096, 65536, &[]);
+        request(
+            &mut out,
+            0,
+            Command::BlockStatus,
+            11,
+            0,
+            EXPORT_SIZE as u32,
+            &[],
+        );
+        request(
+            &mut out,
+            cmd_flag::REQ_ONE,
+            Command::BlockStatus,
+            12,
+            4096,
+            65536,
+            &[],
+        );
     }
     request(&mut out, 0, Command::Read, 13, EXPORT_SIZE - 512, 512, &[]);
     request(&mut out, 0, Command::Disconnect, 14, 0, 0, &[]);
@@ -231,10 +335,18 @@ fn check_server(what: &str, session: &[u8], handshake: Handshake, fragment: Opti
     let mut at = 18;
     let mut options = 0;
     while output.len() >= at + 20 && output[at..at + 8] == magic::OPTION_REPLY.to_be_bytes() {
-        let (option, reply, len) = (be_u32(&output, at + 8), be_u32(&output, at + 12), be_u32(&output, at + 16));
+        let (option, reply, len) = (
+            be_u32(&output, at + 8),
+            be_u32(&output, at + 12),
+            be_u32(&output, at + 16),
+        );
         // Meta contexts need structured replies first: that refusal is right.
         let expected = option == opt::SET_META_CONTEXT && !handshake.structured;
-        assert_eq!(rep::is_error(reply), expected, "{what}: option {option} reply {reply:#x}");
+        assert_eq!(
+            rep::is_error(reply),
+            expected,
+            "{what}: option {option} reply {reply:#x}"
+        );
         at += 20 + len as usize;
         options += 1;
     }
@@ -312,7 +424,11 @@ fn check_client(what: &str, seed: &[u8]) {
             let extents = extents.unwrap();
             write.unwrap();
             flush.unwrap();
-            println!("{what}: read {} bytes ({} non-zero), extents {extents:?}", data.len(), data.iter().filter(|&&b| b != 0).count());
+            println!(
+                "{what}: read {} bytes ({} non-zero), extents {extents:?}",
+                data.len(),
+                data.iter().filter(|&&b| b != 0).count()
+            );
         }
         peer.await.unwrap();
     })
@@ -354,7 +470,9 @@ fn record(filled: bool) -> (Vec<u8>, Vec<u8>) {
         let down = tokio::spawn(tap(server_read, client_write));
         let up = tokio::spawn(tap(client_read, server_write));
         {
-            let store = NbdStore::over(client_side, "", "seed".into()).await.unwrap();
+            let store = NbdStore::over(client_side, "", "seed".into())
+                .await
+                .unwrap();
             assert_eq!(store.read(0, 4096).await.unwrap().len(), 4096);
             assert!(!store.extents(0, 4096).await.unwrap().is_empty());
             store.write(0, vec![0xa5; 512].into(), false).await.unwrap();

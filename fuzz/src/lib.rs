@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dmm_nbd::proto::{ClientOption, InfoRequest, MetaQuery, handshake_flag};
-use dmm_nbd::{Export, ExportTable, Server, ServerConfig};
+use dmm_nbd::{Export, ExportTable, Server, ServerConfig, ServerTls, TlsMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
@@ -47,8 +47,9 @@ pub fn run<F: Future>(what: &str, work: F) -> F::Output {
     })
 }
 
-/// A server with one 1 MiB memory export called `disk` (the default).
-pub fn server() -> Server {
+/// A server with one 1 MiB memory export called `disk` (the default), and
+/// TLS if given.
+pub fn server(tls: Option<ServerTls>) -> Server {
     let table = ExportTable::new();
     let store = Arc::new(dmm_store::MemoryStore::new(EXPORT_SIZE));
     table
@@ -56,9 +57,30 @@ pub fn server() -> Server {
         .expect("fresh table");
     let config = ServerConfig {
         handshake_timeout: Duration::from_secs(1),
+        tls,
         ..Default::default()
     };
     Server::new(Arc::new(table), config)
+}
+
+/// TLS required, with certificates made once per process by `dmm tls`'s
+/// PKI in a scratch directory.
+pub fn tls_required() -> ServerTls {
+    static CONFIG: OnceLock<ServerTls> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("dmm-fuzz-tls-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let ca = dir.join("ca");
+            dmm_tls::pki::init(&ca, "fuzz CA").expect("CA");
+            dmm_tls::pki::issue(&ca, &dir.join("server"), "localhost", &[]).expect("server");
+            let certificates = dmm_tls::CertificateDir::new(dir.join("server"));
+            let config = dmm_tls::server_config(&certificates, &dmm_tls::PeerCheck::Anyone)
+                .expect("server config");
+            let _ = std::fs::remove_dir_all(&dir);
+            ServerTls::new(TlsMode::Require, config).expect("required")
+        })
+        .clone()
 }
 
 /// Plays a client that sends `input` (then shuts its write side) to a fresh
@@ -67,12 +89,24 @@ pub fn serve_input(what: &str, input: &[u8]) -> Vec<u8> {
     serve_fragmented(what, input, None)
 }
 
+/// Like [`serve_input`], against a server that requires TLS.
+pub fn serve_tls_input(what: &str, input: &[u8]) -> Vec<u8> {
+    serve_with(tls_required(), what, input)
+}
+
+fn serve_with(tls: ServerTls, what: &str, input: &[u8]) -> Vec<u8> {
+    talk(what, server(Some(tls)), input, None)
+}
+
 /// Like [`serve_input`], but with `fragment` the input goes out in pieces of
 /// that many bytes, letting the server run between them, so that it sees
 /// requests and payloads arrive in parts and its reader wait for more.
 pub fn serve_fragmented(what: &str, input: &[u8], fragment: Option<usize>) -> Vec<u8> {
+    talk(what, server(None), input, fragment)
+}
+
+fn talk(what: &str, server: Server, input: &[u8], fragment: Option<usize>) -> Vec<u8> {
     run(what, async {
-        let server = server();
         let (mut client, server_side) = tokio::io::duplex(PIPE);
         server.spawn_connection(server_side, "fuzz".into());
         let (mut reader, mut writer) = tokio::io::split(&mut client);
@@ -199,4 +233,30 @@ pub fn client_input(input: &[u8]) {
         // write side; the peer then sees end of file and finishes.
         peer.await.expect("peer task");
     })
+}
+
+/// Checks what a server requiring TLS sent in clear: the greeting, then
+/// option replies that refuse (`NBD_REP_ERR_TLS_REQD` and other errors) or
+/// acknowledge `STARTTLS` or `ABORT`; after an acknowledged `STARTTLS`,
+/// only TLS. Never an export's information, a list of exports, or data.
+pub fn assert_no_export_in_clear(output: &[u8]) {
+    use dmm_nbd::proto::{OptionReplyHeader, opt, rep};
+    let mut rest = output.get(18..).unwrap_or_default();
+    while rest.len() >= OptionReplyHeader::SIZE {
+        let header: &[u8; OptionReplyHeader::SIZE] =
+            rest[..OptionReplyHeader::SIZE].try_into().expect("sized");
+        let header = OptionReplyHeader::parse(header).expect("only option replies in clear");
+        let acknowledged = header.reply == rep::ACK;
+        assert!(
+            rep::is_error(header.reply)
+                || (acknowledged && matches!(header.option, opt::STARTTLS | opt::ABORT)),
+            "sent in clear by a server requiring TLS: {header:?}"
+        );
+        if acknowledged {
+            return;
+        }
+        let end = OptionReplyHeader::SIZE + header.length as usize;
+        rest = rest.get(end..).unwrap_or_default();
+    }
+    assert!(rest.is_empty(), "a partial reply in clear: {rest:?}");
 }

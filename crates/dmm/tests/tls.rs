@@ -296,3 +296,53 @@ fn dmm_migrates_from_qemu_nbd_and_to_nbdkit_over_tls() {
         .unwrap();
     assert!(compared.status.success(), "{}", text(&compared));
 }
+
+#[test]
+fn the_daemon_serves_its_volumes_over_tls_only() {
+    let dir = scratch();
+    let pki = pki(dir.path());
+    let port = dmm_testkit::free_loopback_port();
+    let listen = format!("127.0.0.1:{port}");
+    let certificates = format!("--tls-certificates={}", path(&pki.server));
+    let daemon = common::Daemon::start(
+        &dir.path().join("state"),
+        &[
+            "--nbd-listen",
+            &listen,
+            "--tls=require",
+            &certificates,
+            "--tls-allow=client",
+        ],
+    );
+    let (migid, _, _) = common::create_volume(
+        &daemon,
+        dir.path(),
+        "",
+        (8 * MIB, 3),
+        &["export=vm1", "rate=1M"],
+    );
+    assert_eq!(daemon.state_of(&migid), "running");
+    let secure = format!(
+        "nbds://127.0.0.1:{port}/vm1?tls-certificates={}",
+        path(&pki.client)
+    );
+    let info = nbdinfo(&secure);
+    assert!(info.status.success(), "{}", text(&info));
+    assert!(
+        text(&info).contains(&format!("export-size: {}", 8 * MIB)),
+        "{}",
+        text(&info)
+    );
+    let plain = nbdinfo(&format!("nbd://127.0.0.1:{port}/vm1"));
+    assert!(
+        !plain.status.success() && text(&plain).contains("TLS"),
+        "{}",
+        text(&plain)
+    );
+    let intruder = nbdinfo(&format!(
+        "nbds://127.0.0.1:{port}/vm1?tls-certificates={}",
+        path(&pki.intruder)
+    ));
+    assert!(!intruder.status.success(), "{}", text(&intruder));
+    assert!(daemon.stop().success());
+}
