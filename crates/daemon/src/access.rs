@@ -24,6 +24,7 @@ use axum::serve::IncomingStream;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::peers::Peers;
 use crate::tls::TlsListener;
 use crate::ui::{LOGIN_PATH, Sessions, sessions};
 
@@ -33,14 +34,17 @@ pub struct Access {
     token: Option<blake3::Hash>,
     pub sessions: Arc<Sessions>,
     failures: AuthFailures,
+    /// Peer daemons, who use `/api/peer/` with their certificates.
+    peers: Arc<Peers>,
 }
 
 impl Access {
-    pub fn new(token: Option<&str>, sessions: Arc<Sessions>) -> Access {
+    pub fn new(token: Option<&str>, sessions: Arc<Sessions>, peers: Arc<Peers>) -> Access {
         Access {
             token: token.map(|t| blake3::hash(format!("Bearer {t}").as_bytes())),
             sessions,
             failures: AuthFailures::default(),
+            peers,
         }
     }
 
@@ -80,8 +84,19 @@ pub fn peer_of(request: &Request) -> Option<IpAddr> {
     request
         .extensions()
         .get::<ConnectInfo<Peer>>()
-        .map(|info| info.0.0.ip())
+        .map(|info| info.0.address.ip())
 }
+
+/// The names the client's TLS certificate is valid for (none without one).
+fn certificate_names(request: &Request) -> &[String] {
+    request
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map_or(&[], |info| &info.0.certificate)
+}
+
+/// The routes peer daemons call, with their certificates.
+pub const PEER_ROUTES: &str = "/api/peer/";
 
 /// Axum middleware of the TCP listeners.
 pub async fn require(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
@@ -90,6 +105,17 @@ pub async fn require(State(access): State<Arc<Access>>, request: Request, next: 
         && let Some(wait) = access.failures.locked_out(ip)
     {
         return too_many_failures(wait);
+    }
+    if request.uri().path().starts_with(PEER_ROUTES) {
+        let names = certificate_names(&request);
+        if access.peers.recognize(names).is_some() {
+            return next.run(request).await;
+        }
+        tracing::warn!(peer = ?peer, certificate = ?names, "peer route refused: not a known peer's certificate");
+        let body = Json(json!({
+            "error": "only this daemon's peers, by their certificates, use /api/peer/"
+        }));
+        return (StatusCode::FORBIDDEN, body).into_response();
     }
     if request.uri().path() == LOGIN_PATH {
         // The login handler checks the code and counts a wrong one.
@@ -141,20 +167,38 @@ fn too_many_failures(wait: Duration) -> Response {
         .into_response()
 }
 
-/// The address of the client of a TCP connection, for the middleware
-/// (axum's `ConnectInfo`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+/// The client of a TCP connection, for the middleware (axum's
+/// `ConnectInfo`): its address, and over TLS the names its certificate is
+/// valid for, if it presented one (verified against the CA).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub address: SocketAddr,
+    pub certificate: Arc<[String]>,
+}
 
 impl Connected<IncomingStream<'_, TcpListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Peer {
-        Peer(*stream.remote_addr())
+        Peer {
+            address: *stream.remote_addr(),
+            certificate: Arc::new([]),
+        }
     }
 }
 
 impl Connected<IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Peer {
-        Peer(*stream.remote_addr())
+        let names = stream
+            .io()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(dmm_tls::peer_names)
+            .unwrap_or_default();
+        Peer {
+            address: *stream.remote_addr(),
+            certificate: names.into(),
+        }
     }
 }
 

@@ -30,6 +30,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use crate::access::{self, Access};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Requests};
+use crate::peers::{Hello, PeerStatus, Peers};
 use crate::properties;
 use crate::settings::Shown;
 use crate::supervisor::{Notice, Supervisor};
@@ -337,6 +338,16 @@ async fn move_in_queue(
     Ok(Json(supervisor.queue_view()?))
 }
 
+/// What this daemon says about itself to a peer.
+async fn peer_hello(Extension(peers): Extension<Arc<Peers>>) -> Json<Hello> {
+    Json(peers.hello())
+}
+
+/// Every peer, asked who it is (`dmm peers`).
+async fn survey_peers(Extension(peers): Extension<Arc<Peers>>) -> Json<Vec<PeerStatus>> {
+    Json(peers.survey().await)
+}
+
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -351,6 +362,7 @@ pub fn router(
     supervisor: Arc<Supervisor>,
     requests: Arc<Requests>,
     dashboard: Arc<Dashboard>,
+    peers: Arc<Peers>,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -358,6 +370,8 @@ pub fn router(
         .route("/api/properties", get(property_table))
         .route("/api/catalog", get(catalog_tables))
         .route("/api/config", get(get_config).patch(set_config))
+        .route("/api/peers", get(survey_peers))
+        .route("/api/peer/hello", get(peer_hello))
         .route("/api/queue", get(get_queue).post(move_in_queue))
         .route("/api/openapi.json", get(openapi))
         .route("/api/events", get(events))
@@ -378,6 +392,7 @@ pub fn router(
         .merge(ui::routes())
         .layer(Extension(requests))
         .layer(Extension(dashboard))
+        .layer(Extension(peers))
 }
 
 /// The same routes for a TCP listener: every request needs the token or a

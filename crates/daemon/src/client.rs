@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::peers::{Hello, PeerStatus};
 use crate::settings::Shown as Setting;
 use crate::view::{QueueMove, QueueView, View};
 
@@ -21,7 +22,17 @@ use crate::view::{QueueMove, QueueView, View};
 #[derive(Debug, Clone)]
 pub enum Endpoint {
     Unix(PathBuf),
-    Tcp { address: String, token: String },
+    Tcp {
+        address: String,
+        token: String,
+    },
+    /// A peer daemon's API over mutual TLS: its certificate must be valid
+    /// for `name`; this node presents its own.
+    Peer {
+        address: String,
+        name: String,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    },
 }
 
 type Cause = Box<dyn std::error::Error + Send + Sync>;
@@ -160,6 +171,16 @@ impl Client {
         self.call(Method::POST, "/api/queue", Some(body)).await
     }
 
+    /// What a peer daemon says about itself (over mutual TLS).
+    pub async fn peer_hello(&self) -> Result<Hello, ClientError> {
+        self.call(Method::GET, "/api/peer/hello", None::<()>).await
+    }
+
+    /// This daemon's peers, each asked who it is.
+    pub async fn peers(&self) -> Result<Vec<PeerStatus>, ClientError> {
+        self.call(Method::GET, "/api/peers", None::<()>).await
+    }
+
     /// Whether the daemon answers, and its version.
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.call(Method::GET, "/api/health", None::<()>).await
@@ -201,6 +222,22 @@ impl Client {
                     ))
                 })?;
                 handshake(stream).await?
+            }
+            Endpoint::Peer { address, name, tls } => {
+                let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| {
+                    ClientError::NotRunning(format!(
+                        "peer {name} is not reachable at {address}: {e}"
+                    ))
+                })?;
+                let server = rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| transport("name the peer")(e.into()))?;
+                let secure = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(server, stream)
+                    .await
+                    .map_err(|e| {
+                        ClientError::NotRunning(format!("peer {name} at {address}: TLS: {e}"))
+                    })?;
+                handshake(secure).await?
             }
         };
         Ok(io)

@@ -16,6 +16,7 @@ mod engine;
 mod error;
 mod layout;
 mod metrics;
+mod peers;
 mod properties;
 mod schedule;
 mod settings;
@@ -41,6 +42,7 @@ pub use dmm_catalog::{Event, Intent, Kind, MigrationId, MigrationRecord, State, 
 pub use dmm_tree::{TreePhase, TreeReport};
 pub use engine::Report;
 pub use layout::Layout;
+pub use peers::{Hello, PeerStatus};
 pub use properties::{PropertyError, lookup as lookup_property};
 pub use settings::Shown as Setting;
 pub use supervisor::CRASH_AFTER_INTENT;
@@ -88,6 +90,10 @@ pub struct DaemonConfig {
     pub tls_certificates: Option<PathBuf>,
     /// TLS on the NBD listeners (offered or required).
     pub nbd_tls: Option<dmm_nbd::ServerTls>,
+    /// This node's name (its certificates are valid for it).
+    pub node: Option<String>,
+    /// Peer daemons by name: the TCP address of each one's API.
+    pub peers: std::collections::BTreeMap<String, String>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -103,6 +109,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         (_, Some(path)) => Some(read_token(path)?),
         (None, None) => None,
     };
+    let peers = Arc::new(peers_of(&config)?);
     let catalog = Arc::new(Catalog::open(&layout.catalog())?);
     let exports = Arc::new(ExportTable::new());
     let supervisor = Supervisor::new(catalog, &layout, exports.clone());
@@ -125,7 +132,14 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         .with_context(|| format!("cannot listen on {}", layout.api_socket().display()))?;
     std::fs::set_permissions(layout.api_socket(), std::fs::Permissions::from_mode(0o600))?;
     let api_tcp = match &config.api_listen {
-        Some(address) => Some(api_listener(address, config.tls_certificates.as_deref()).await?),
+        Some(address) => Some(
+            api_listener(
+                address,
+                config.tls_certificates.as_deref(),
+                !config.peers.is_empty(),
+            )
+            .await?,
+        ),
         None => None,
     };
     supervisor.recover().await;
@@ -150,7 +164,11 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     };
     let requests = Arc::new(metrics::Requests::default());
     let sessions = Arc::new(ui::Sessions::default());
-    let access = Arc::new(access::Access::new(token.as_deref(), sessions.clone()));
+    let access = Arc::new(access::Access::new(
+        token.as_deref(),
+        sessions.clone(),
+        peers.clone(),
+    ));
     let (open_listener, listener_requests) = tokio::sync::mpsc::channel(4);
     let api_url = api_tcp.as_ref().map(ApiListener::url).transpose()?;
     let history = Arc::new(ui::History::default());
@@ -161,7 +179,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         api_url,
         open_listener,
     ));
-    let router = api::router(supervisor.clone(), requests, dashboard);
+    let router = api::router(supervisor.clone(), requests, dashboard, peers);
     let api_unix = {
         let (router, stop) = (router.clone(), stop.clone());
         tokio::spawn(async move {
@@ -299,15 +317,52 @@ async fn dashboard_listener(address: &str) -> Result<tokio::net::TcpListener> {
     Ok(tcp)
 }
 
-/// Binds the API's TCP listener: with TLS when certificates are given;
+/// This node and its peers, from the configuration: peers need the TCP
+/// API on TLS (they call it with their certificates) and a client
+/// certificate to call them with.
+fn peers_of(config: &DaemonConfig) -> Result<peers::Peers> {
+    let mut peers = peers::Peers {
+        node: config.node.clone(),
+        addresses: config.peers.clone(),
+        nbd: config.nbd_listen.clone(),
+        nbd_tls_required: config.nbd_tls.as_ref().is_some_and(|tls| tls.required),
+        client: None,
+    };
+    if config.peers.is_empty() {
+        return Ok(peers);
+    }
+    let (Some(dir), Some(_)) = (&config.tls_certificates, &config.api_listen) else {
+        bail!(
+            "--peer needs the TCP API on TLS (--listen and --tls-certificates): peers call it with their certificates"
+        );
+    };
+    let dir = dmm_tls::CertificateDir::new(dir);
+    if !dir.has(dmm_tls::CLIENT_CERT) {
+        bail!(
+            "--peer needs {} in {} to call peers with (dmm tls issue makes it)",
+            dmm_tls::CLIENT_CERT,
+            dir.path().display()
+        );
+    }
+    peers.client = Some(dmm_tls::client_config(&dir)?);
+    Ok(peers)
+}
+
+/// Binds the API's TCP listener: with TLS when certificates are given
+/// (asking peer daemons for their certificates when there are peers);
 /// without, only on a loopback address, since the bearer token would
 /// cross the network in clear.
-async fn api_listener(address: &str, certificates: Option<&Path>) -> Result<ApiListener> {
+async fn api_listener(
+    address: &str,
+    certificates: Option<&Path>,
+    peers: bool,
+) -> Result<ApiListener> {
+    let check = match peers {
+        true => dmm_tls::PeerCheck::Optional,
+        false => dmm_tls::PeerCheck::Anyone,
+    };
     let config = certificates
-        .map(|dir| {
-            let dir = dmm_tls::CertificateDir::new(dir);
-            dmm_tls::server_config(&dir, &dmm_tls::PeerCheck::Anyone)
-        })
+        .map(|dir| dmm_tls::server_config(&dmm_tls::CertificateDir::new(dir), &check))
         .transpose()?;
     let tcp = tokio::net::TcpListener::bind(address)
         .await

@@ -96,8 +96,10 @@ enum Command {
     /// Show a migration's event log.
     Log(commands::admin::MigidArgs),
     Retry(commands::admin::RetryArgs),
-    Config(commands::queue::ConfigArgs),
-    Queue(commands::queue::QueueArgs),
+    Config(commands::node::ConfigArgs),
+    Queue(commands::node::QueueArgs),
+    /// List the peer daemons, each asked over mutual TLS who it is.
+    Peers,
     Ui(commands::ui::UiArgs),
     Tls(commands::tls::TlsArgs),
 }
@@ -142,8 +144,9 @@ async fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Rollback(args) => admin::verb(Verb::Rollback, args, global).await,
         Command::Log(args) => admin::log(args, global).await,
         Command::Retry(args) => admin::retry(args, global).await,
-        Command::Config(args) => commands::queue::config(args, global).await,
-        Command::Queue(args) => commands::queue::queue(args, global).await,
+        Command::Config(args) => commands::node::config(args, global).await,
+        Command::Queue(args) => commands::node::queue(args, global).await,
+        Command::Peers => commands::node::peers(global).await,
         Command::Ui(args) => commands::ui::run(args, global).await,
         Command::Tls(args) => commands::tls::run(args),
     }

@@ -20,6 +20,10 @@ use crate::error::{Error, Result};
 pub enum PeerCheck {
     /// Any client: none is asked for a certificate.
     Anyone,
+    /// Any client, but one that presents a certificate must have it signed
+    /// by the directory's CA (a daemon's API: peers prove themselves by
+    /// certificate, admins by their bearer token).
+    Optional,
     /// Clients presenting a certificate signed by the directory's CA; with
     /// names, only one valid for at least one of them (a DNS name or IP
     /// address in its subject alternative names, as `dmm tls issue` puts
@@ -44,6 +48,17 @@ pub fn server_config(dir: &CertificateDir, peers: &PeerCheck) -> Result<Arc<rust
         .map_err(|e| Error::new("TLS versions").because(e))?;
     let builder = match peers {
         PeerCheck::Anyone => builder.with_no_client_auth(),
+        PeerCheck::Optional => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(dir.roots()?), provider())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| {
+                        Error::at("cannot verify clients with", &dir.file(crate::CA_CERT))
+                            .because(e)
+                    })?;
+            builder.with_client_cert_verifier(verifier)
+        }
         PeerCheck::Verified { allow } => {
             let inner =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(dir.roots()?), provider())

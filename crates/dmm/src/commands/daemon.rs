@@ -35,6 +35,27 @@ pub struct DaemonArgs {
     /// TLS, with the same server-cert.pem and server-key.pem.
     #[command(flatten)]
     tls: TlsArgs,
+
+    /// This node's name: the name its certificates are valid for, as its
+    /// peers list it.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+
+    /// A peer daemon: its name (its certificate's) and its API's TCP
+    /// address. Peers call each other's API with mutual TLS (needs
+    /// --listen and --tls-certificates with client-cert.pem).
+    #[arg(long = "peer", value_name = "NAME=ADDR:PORT", value_parser = peer)]
+    peers: Vec<(String, String)>,
+}
+
+/// `--peer NAME=ADDR:PORT`.
+fn peer(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, address)) if !name.is_empty() && address.contains(':') => {
+            Ok((name.to_owned(), address.to_owned()))
+        }
+        _ => Err(format!("{text:?} is not NAME=ADDR:PORT")),
+    }
 }
 
 pub async fn run(args: DaemonArgs, global: &Global) -> Result<()> {
@@ -49,6 +70,8 @@ pub async fn run(args: DaemonArgs, global: &Global) -> Result<()> {
         token_file: args.token_file,
         tls_certificates: args.tls.tls_certificates,
         nbd_tls,
+        node: args.node,
+        peers: args.peers.into_iter().collect(),
     };
     eprintln!("dmm daemon: state directory {}", config.state_dir.display());
     dmm_daemon::run(config, async {

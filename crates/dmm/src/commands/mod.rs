@@ -4,7 +4,7 @@ pub mod admin;
 pub mod daemon;
 pub mod demo;
 pub mod migrate;
-pub mod queue;
+pub mod node;
 pub mod serve;
 pub mod tls;
 pub mod ui;

@@ -16,6 +16,9 @@ pub struct Export {
     pub description: String,
     pub store: Arc<dyn BlockStore>,
     read_only: bool,
+    /// When set, only TLS clients whose certificate is valid for one of
+    /// these names see and use it (a daemon's export for one peer).
+    peers: Option<Vec<String>>,
 }
 
 impl Export {
@@ -25,7 +28,23 @@ impl Export {
             description: String::new(),
             store,
             read_only: false,
+            peers: None,
         }
+    }
+
+    /// Offers the export only to TLS clients with a certificate valid for
+    /// one of `names`; to any other it does not exist.
+    pub fn only_for(mut self, names: Vec<String>) -> Export {
+        self.peers = Some(names);
+        self
+    }
+
+    /// Whether a client with a certificate for `client` (none in clear)
+    /// may see and use it.
+    pub fn admits(&self, client: &[String]) -> bool {
+        self.peers
+            .as_ref()
+            .is_none_or(|peers| client.iter().any(|name| peers.contains(name)))
     }
 
     pub fn with_description(mut self, description: impl Into<String>) -> Export {
@@ -127,5 +146,14 @@ mod tests {
         assert!(table.insert(Export::new("disk", store())).is_err());
         table.remove("disk");
         assert!(table.find("").is_none());
+    }
+
+    #[test]
+    fn an_export_for_one_peer_admits_only_its_certificate() {
+        let export = Export::new("receive", store()).only_for(vec!["node-a".into()]);
+        assert!(export.admits(&["node-a".into(), "10.0.0.1".into()]));
+        assert!(!export.admits(&["node-c".into()]));
+        assert!(!export.admits(&[]), "not in clear");
+        assert!(Export::new("open", store()).admits(&[]));
     }
 }

@@ -75,6 +75,8 @@ struct Negotiation<'a, S> {
     /// Export name for which `base:allocation` was selected.
     allocation_for: Option<String>,
     tls: TlsState,
+    /// The names the client's TLS certificate is valid for (none in clear).
+    client: &'a [String],
 }
 
 /// Sends the greeting and reads the client's flags; whether the client
@@ -106,6 +108,7 @@ pub(crate) async fn options<S>(
     max_payload: u32,
     no_zeroes: bool,
     tls: TlsState,
+    client: &[String],
 ) -> Result<Ending, ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -118,6 +121,7 @@ where
         structured: false,
         allocation_for: None,
         tls,
+        client,
     };
     for _ in 0..MAX_OPTIONS {
         if let Some(ending) = negotiation.next_option().await? {
@@ -210,6 +214,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         Ok(None)
     }
 
+    /// The export `name`, if this client may see it.
+    fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports
+            .find(name)
+            .filter(|export| export.admits(self.client))
+    }
+
     async fn start_tls(&mut self, code: u32) -> Result<Outcome, ConnectionError> {
         let (reply, message): (u32, &[u8]) = match self.tls {
             TlsState { offered: false, .. } => {
@@ -239,7 +250,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
     }
 
     async fn list(&mut self, code: u32) -> std::io::Result<()> {
-        for export in self.exports.list() {
+        for export in self
+            .exports
+            .list()
+            .into_iter()
+            .filter(|e| e.admits(self.client))
+        {
             let mut payload = Vec::new();
             payload.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
             payload.extend_from_slice(export.name.as_bytes());
@@ -255,7 +271,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         code: u32,
         request: &InfoRequest,
     ) -> std::io::Result<Option<Arc<Export>>> {
-        let Some(export) = self.exports.find(&request.name) else {
+        let Some(export) = self.find(&request.name) else {
             self.unknown_export(code, &request.name).await?;
             return Ok(None);
         };
@@ -298,7 +314,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
     }
 
     async fn export_name(&mut self, name: &str) -> Result<Session, ConnectionError> {
-        let Some(export) = self.exports.find(name) else {
+        let Some(export) = self.find(name) else {
             // The option cannot be refused: the only answer is to hang up.
             return Err(ProtocolError::Unexpected(format!("unknown export {name:?}")).into());
         };
@@ -318,7 +334,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         let selected = self
             .allocation_for
             .as_deref()
-            .and_then(|name| self.exports.find(name))
+            .and_then(|name| self.find(name))
             .is_some_and(|chosen| Arc::ptr_eq(&chosen, &export));
         Session {
             flags: transmission_flags(&export, self.structured),
@@ -339,7 +355,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             let message = b"structured replies must be negotiated first";
             return self.reply(code, rep::ERR_INVALID, message).await;
         }
-        if self.exports.find(&query.export).is_none() {
+        if self.find(&query.export).is_none() {
             return self.unknown_export(code, &query.export).await;
         }
         let matches = |q: &str| q == allocation::CONTEXT || (!set && q == allocation::NAMESPACE);

@@ -214,8 +214,15 @@ where
         required: config.tls.as_ref().is_some_and(|tls| tls.required),
         active: false,
     };
-    let ending =
-        handshake::options(&mut stream, exports, config.max_payload, no_zeroes, tls).await?;
+    let ending = handshake::options(
+        &mut stream,
+        exports,
+        config.max_payload,
+        no_zeroes,
+        tls,
+        &[],
+    )
+    .await?;
     let (Ending::StartTls, Some(server)) = (&ending, &config.tls) else {
         return Ok((Either::Left(stream), ending));
     };
@@ -224,17 +231,24 @@ where
         .accept(stream)
         .await
         .map_err(ConnectionError::Tls)?;
-    if let Some(names) = secure
+    let client = secure
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
-    {
-        tracing::debug!(client = ?dmm_tls::peer_names(names), "TLS client verified");
-    }
+        .and_then(|chain| chain.first())
+        .map(dmm_tls::peer_names)
+        .unwrap_or_default();
+    tracing::debug!(?client, "TLS established");
     tls.active = true;
-    let ending =
-        handshake::options(&mut secure, exports, config.max_payload, no_zeroes, tls).await?;
+    let ending = handshake::options(
+        &mut secure,
+        exports,
+        config.max_payload,
+        no_zeroes,
+        tls,
+        &client,
+    )
+    .await?;
     Ok((Either::Right(secure), ending))
 }
 

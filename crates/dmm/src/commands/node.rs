@@ -1,5 +1,6 @@
-//! The daemon-wide verbs: `dmm config` (settings such as `maxrunning`) and
-//! `dmm queue` (the migrations waiting for a slot, and their order).
+//! This node's verbs: `dmm config` (settings such as `maxrunning`),
+//! `dmm queue` (the migrations waiting for a slot, and their order) and
+//! `dmm peers` (the other daemons this one knows).
 
 use std::collections::BTreeMap;
 
@@ -79,6 +80,40 @@ pub async fn queue(args: QueueArgs, global: &Global) -> Result<()> {
             effective(&view, "source"),
             effective(&view, "target")
         );
+    }
+    Ok(())
+}
+
+/// List the peer daemons (--peer), each asked over mutual TLS who it is.
+pub async fn peers(global: &Global) -> Result<()> {
+    let peers = client(global).peers().await.map_err(explain)?;
+    if global.json {
+        print_json(&peers);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<24} {:<6} {:<10} NBD",
+        "PEER", "ADDRESS", "STATE", "VERSION"
+    );
+    for peer in peers {
+        match (&peer.hello, &peer.error) {
+            (Some(hello), None) => {
+                let tls = if hello.nbd_tls_required { " (TLS)" } else { "" };
+                let nbd = hello.nbd.as_deref().unwrap_or("-");
+                println!(
+                    "{:<16} {:<24} {:<6} {:<10} {nbd}{tls}",
+                    peer.name, peer.address, "up", hello.version
+                );
+            }
+            (_, error) => println!(
+                "{:<16} {:<24} {:<6} {:<10} {}",
+                peer.name,
+                peer.address,
+                "down",
+                "-",
+                error.as_deref().unwrap_or("")
+            ),
+        }
     }
     Ok(())
 }

@@ -1,0 +1,166 @@
+//! Daemons that know each other: each started with `--node` and `--peer`,
+//! their APIs on TLS with certificates from `dmm tls`. `dmm peers` asks
+//! each peer who it is over mutual TLS; a peer route refuses a certificate
+//! of the right CA but an unknown name, a client without a certificate
+//! and an admin's token; a peer's certificate opens no admin route.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{DMM, Daemon, path, scratch, tool};
+
+fn dmm(args: &[&str]) {
+    let output = Command::new(DMM).args(args).output().unwrap();
+    assert!(output.status.success(), "dmm {args:?}: {output:?}");
+}
+
+/// A CA in `dir/ca` and certificates for `names` (valid for 127.0.0.1
+/// too), each in `dir/NAME`.
+fn certificates(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+    let ca = dir.join("ca");
+    dmm(&["tls", "init", path(&ca)]);
+    names
+        .iter()
+        .map(|name| {
+            let out = dir.join(name);
+            dmm(&[
+                "tls",
+                "issue",
+                "--ca",
+                path(&ca),
+                name,
+                "--also",
+                "127.0.0.1",
+                "--out",
+                path(&out),
+            ]);
+            out
+        })
+        .collect()
+}
+
+/// curl over TLS with `certificates`' CA, and its client certificate if
+/// `present`; the body and the status code.
+fn curl(url: &str, certificates: &Path, present: bool, extra: &[&str]) -> String {
+    let mut command = tool("curl");
+    command
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(certificates.join("ca-cert.pem"));
+    if present {
+        command
+            .arg("--cert")
+            .arg(certificates.join("client-cert.pem"))
+            .arg("--key")
+            .arg(certificates.join("client-key.pem"));
+    }
+    let output = command.args(extra).arg(url).output().unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+struct Node {
+    daemon: Daemon,
+    api: String,
+}
+
+fn node(dir: &Path, name: &str, certificates: &Path, api: &str, peer: &str) -> Node {
+    let token = dir.join("token");
+    std::fs::write(&token, "correct-horse-battery-staple").unwrap();
+    let daemon = Daemon::start(
+        &dir.join(format!("{name}-state")),
+        &[
+            "--node",
+            name,
+            "--listen",
+            api,
+            "--token-file",
+            path(&token),
+            "--tls-certificates",
+            path(certificates),
+            "--peer",
+            peer,
+        ],
+    );
+    Node {
+        daemon,
+        api: api.to_owned(),
+    }
+}
+
+#[test]
+fn peers_know_each_other_by_certificate_and_nothing_else() {
+    let dir = scratch();
+    let certs = certificates(dir.path(), &["node-a", "node-b", "rogue"]);
+    let (a_certs, b_certs, rogue) = (&certs[0], &certs[1], &certs[2]);
+    let a_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let b_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let a = node(
+        dir.path(),
+        "node-a",
+        a_certs,
+        &a_api,
+        &format!("node-b={b_api}"),
+    );
+    let b = node(
+        dir.path(),
+        "node-b",
+        b_certs,
+        &b_api,
+        &format!("node-a={a_api}"),
+    );
+
+    let peers = a.daemon.json(&["peers"]);
+    assert_eq!(peers[0]["name"], "node-b", "{peers}");
+    assert_eq!(peers[0]["hello"]["node"], "node-b", "{peers}");
+    assert!(peers[0]["error"].is_null(), "{peers}");
+    let shown = b.daemon.ok(&["peers"]);
+    assert!(
+        shown.contains("node-a") && shown.contains(" up "),
+        "{shown}"
+    );
+
+    let hello = format!("https://{}/api/peer/hello", b.api);
+    // A known peer's certificate: served.
+    let answer = curl(&hello, a_certs, true, &[]);
+    assert!(
+        answer.ends_with("200") && answer.contains("\"node-b\""),
+        "{answer}"
+    );
+    // The right CA, an unknown name: refused.
+    let answer = curl(&hello, rogue, true, &[]);
+    assert!(answer.ends_with("403"), "{answer}");
+    // No certificate, even with the admin's token: refused.
+    let bearer = "Authorization: Bearer correct-horse-battery-staple";
+    let answer = curl(&hello, a_certs, false, &["-H", bearer]);
+    assert!(answer.ends_with("403"), "{answer}");
+    // A peer's certificate opens no admin route.
+    let list = format!("https://{}/api/migrations", b.api);
+    let answer = curl(&list, a_certs, true, &[]);
+    assert!(answer.ends_with("401"), "{answer}");
+    let log = std::fs::read_to_string(b.daemon.state.with_extension("log")).unwrap();
+    assert!(
+        log.contains("peer route refused") && log.contains("rogue"),
+        "{log}"
+    );
+
+    // A peer that is gone is shown down, with the reason.
+    assert!(b.daemon.stop().success());
+    let peers = a.daemon.json(&["peers"]);
+    assert!(peers[0]["hello"].is_null(), "{peers}");
+    assert!(
+        peers[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not reachable"),
+        "{peers}"
+    );
+    assert!(a.daemon.stop().success());
+}
