@@ -32,6 +32,7 @@ use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Requests};
 use crate::peers::{Hello, PeerStatus, Peers};
 use crate::properties;
+use crate::receive::{self, ReceiveRequest, Receiving};
 use crate::settings::Shown;
 use crate::supervisor::{Notice, Supervisor};
 use crate::ui::{self, Dashboard};
@@ -343,6 +344,32 @@ async fn peer_hello(Extension(peers): Extension<Arc<Peers>>) -> Json<Hello> {
     Json(peers.hello())
 }
 
+/// Receives a volume from the peer whose certificate made the request
+/// (`POST /api/peer/receive`).
+async fn peer_receive(
+    State(supervisor): Shared,
+    Extension(peers): Extension<Arc<Peers>>,
+    request: axum::extract::Request,
+) -> Reply<Receiving> {
+    let names = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<access::Peer>>()
+        .map(|info| info.0.certificate.clone())
+        .unwrap_or_else(|| Arc::new([]));
+    let Some(peer) = peers.recognize(&names).map(str::to_owned) else {
+        let why = "only a peer, by its certificate, sends a volume here";
+        return Err(ApiError(StatusCode::FORBIDDEN, why.into()));
+    };
+    let body = axum::body::to_bytes(request.into_body(), 64 << 10)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let wanted: ReceiveRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let in_use = supervisor.paths_in_use()?;
+    let receiving = receive::receive(&peer, &wanted, supervisor.exports(), &in_use, &peers)?;
+    Ok(Json(receiving))
+}
+
 /// Every peer, asked who it is (`dmm peers`).
 async fn survey_peers(Extension(peers): Extension<Arc<Peers>>) -> Json<Vec<PeerStatus>> {
     Json(peers.survey().await)
@@ -372,6 +399,7 @@ pub fn router(
         .route("/api/config", get(get_config).patch(set_config))
         .route("/api/peers", get(survey_peers))
         .route("/api/peer/hello", get(peer_hello))
+        .route("/api/peer/receive", post(peer_receive))
         .route("/api/queue", get(get_queue).post(move_in_queue))
         .route("/api/openapi.json", get(openapi))
         .route("/api/events", get(events))

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::peers::{Hello, PeerStatus};
+use crate::receive::{ReceiveRequest, Receiving};
 use crate::settings::Shown as Setting;
 use crate::view::{QueueMove, QueueView, View};
 
@@ -174,6 +175,12 @@ impl Client {
     /// What a peer daemon says about itself (over mutual TLS).
     pub async fn peer_hello(&self) -> Result<Hello, ClientError> {
         self.call(Method::GET, "/api/peer/hello", None::<()>).await
+    }
+
+    /// Asks a peer daemon to receive a volume (over mutual TLS).
+    pub async fn peer_receive(&self, request: &ReceiveRequest) -> Result<Receiving, ClientError> {
+        self.call(Method::POST, "/api/peer/receive", Some(request))
+            .await
     }
 
     /// This daemon's peers, each asked who it is.

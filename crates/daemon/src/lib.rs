@@ -18,6 +18,7 @@ mod layout;
 mod metrics;
 mod peers;
 mod properties;
+mod receive;
 mod schedule;
 mod settings;
 mod spec;
@@ -112,12 +113,15 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let peers = Arc::new(peers_of(&config)?);
     let catalog = Arc::new(Catalog::open(&layout.catalog())?);
     let exports = Arc::new(ExportTable::new());
-    let supervisor = Supervisor::new(catalog, &layout, exports.clone());
-    let nbd_config = ServerConfig {
+    let supervisor = Supervisor::new(catalog, &layout, exports.clone(), peers.clone());
+    // One server per kind of listener over the same exports: TLS covers
+    // TCP; nbd.sock, which only the daemon's user reaches, stays plain.
+    let nbd = Arc::new(Server::new(exports.clone(), ServerConfig::default()));
+    let tcp_config = ServerConfig {
         tls: config.nbd_tls.clone(),
         ..ServerConfig::default()
     };
-    let nbd = Arc::new(Server::new(exports, nbd_config));
+    let nbd_network = Arc::new(Server::new(exports, tcp_config));
     let nbd_unix = dmm_nbd::bind_unix(&layout.nbd_socket())
         .with_context(|| format!("cannot listen on {}", layout.nbd_socket().display()))?;
     let nbd_tcp = match &config.nbd_listen {
@@ -148,12 +152,12 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let stop = tokio_util::sync::CancellationToken::new();
     let queue = tokio::spawn(supervisor.clone().run_queue(stop.clone()));
     let nbd_serving = {
-        let (nbd, stop) = (nbd.clone(), stop.clone());
+        let (nbd, network, stop) = (nbd.clone(), nbd_network.clone(), stop.clone());
         tokio::spawn(async move {
             let unix = nbd.serve_unix(nbd_unix);
             let tcp = async {
                 if let Some(listener) = nbd_tcp {
-                    nbd.serve_tcp(listener).await;
+                    network.serve_tcp(listener).await;
                 }
             };
             tokio::select! {
@@ -204,6 +208,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let _ = queue.await;
     supervisor.shutdown().await;
     nbd.shutdown().await;
+    nbd_network.shutdown().await;
     let _ = nbd_serving.await;
     let _ = api_unix.await;
     if let Some(task) = api_tcp {
@@ -327,6 +332,7 @@ fn peers_of(config: &DaemonConfig) -> Result<peers::Peers> {
         nbd: config.nbd_listen.clone(),
         nbd_tls_required: config.nbd_tls.as_ref().is_some_and(|tls| tls.required),
         client: None,
+        certificates: config.tls_certificates.clone(),
     };
     if config.peers.is_empty() {
         return Ok(peers);

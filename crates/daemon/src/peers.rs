@@ -13,6 +13,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::client::{Client, Endpoint};
+use crate::error::{Error, ErrorKind, Result};
+use crate::receive::ReceiveRequest;
 
 /// The protocol version daemons speak on `/api/peer/`.
 pub const PROTOCOL: u32 = 1;
@@ -28,8 +30,10 @@ pub struct Peers {
     /// there, for peers that will read or write its exports.
     pub nbd: Option<String>,
     pub nbd_tls_required: bool,
-    /// How this node calls its peers (its client certificate, their CA).
+    /// How this node calls its peers (its client certificate, their CA),
+    /// and the directory that holds them (for the NBD client's URI).
     pub client: Option<Arc<rustls::ClientConfig>>,
+    pub certificates: Option<std::path::PathBuf>,
 }
 
 /// What a daemon says about itself to a peer (`GET /api/peer/hello`).
@@ -83,6 +87,38 @@ impl Peers {
         }))
     }
 
+    /// The peer and the path of a `NODE:/PATH` target, when NODE is a peer.
+    pub fn peer_target<'a>(&self, target: &'a str) -> Option<(&'a str, &'a str)> {
+        let (node, path) = target.split_once(':')?;
+        (self.addresses.contains_key(node) && path.starts_with('/')).then_some((node, path))
+    }
+
+    /// Asks `peer` to receive a volume into `path` and returns the NBD URI
+    /// (TLS, this node's certificates, the peer's name checked) of the
+    /// export it offers for it.
+    pub async fn prepare_target(&self, peer: &str, request: &ReceiveRequest) -> Result<String> {
+        let unknown = || {
+            Error::new(
+                ErrorKind::Invalid,
+                format!("{peer} is not a peer of this node"),
+            )
+        };
+        let client = self.client(peer).ok_or_else(unknown)?;
+        let receiving = client.peer_receive(request).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Failed,
+                format!("{peer} cannot receive {}: {e}", request.path),
+            )
+        })?;
+        let dir = self.certificates.as_deref().ok_or_else(unknown)?;
+        let nbd = reachable(&receiving.nbd, &self.addresses[peer]);
+        Ok(format!(
+            "nbds://{nbd}/{}?tls-certificates={}&tls-hostname={peer}",
+            receiving.export,
+            dir.display()
+        ))
+    }
+
     /// Asks every peer who it is.
     pub async fn survey(&self) -> Vec<PeerStatus> {
         let asks = self.addresses.iter().map(|(name, address)| async move {
@@ -109,5 +145,46 @@ impl Peers {
             }
         });
         futures::future::join_all(asks).await
+    }
+}
+
+/// The NBD address `nbd` a peer gave, with its host replaced by the host of
+/// its API address when it listens on every interface (0.0.0.0, [::]).
+fn reachable(nbd: &str, api: &str) -> String {
+    let Ok(address) = nbd.parse::<std::net::SocketAddr>() else {
+        return nbd.to_owned();
+    };
+    if !address.ip().is_unspecified() {
+        return nbd.to_owned();
+    }
+    let host = api.rsplit_once(':').map_or(api, |(host, _)| host);
+    format!("{host}:{}", address.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_target_names_a_known_node_and_an_absolute_path() {
+        let peers = Peers {
+            addresses: BTreeMap::from([("node-b".to_owned(), "10.0.0.2:7001".to_owned())]),
+            ..Peers::default()
+        };
+        assert_eq!(
+            peers.peer_target("node-b:/srv/vm1.raw"),
+            Some(("node-b", "/srv/vm1.raw"))
+        );
+        assert_eq!(peers.peer_target("node-c:/srv/vm1.raw"), None);
+        assert_eq!(peers.peer_target("node-b:vm1.raw"), None);
+        assert_eq!(peers.peer_target("/srv/vm1.raw"), None);
+        assert_eq!(
+            reachable("0.0.0.0:10809", "10.0.0.2:7001"),
+            "10.0.0.2:10809"
+        );
+        assert_eq!(
+            reachable("10.0.0.3:10809", "10.0.0.2:7001"),
+            "10.0.0.3:10809"
+        );
     }
 }

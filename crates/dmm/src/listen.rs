@@ -50,8 +50,10 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    /// The server's TLS, or `None` with `--tls=off`.
-    pub fn server_tls(&self) -> Result<Option<ServerTls>> {
+    /// The server's TLS, or `None` with `--tls=off`; clients are asked for
+    /// a certificate as `--tls-verify-peer` and `--tls-allow` say, or else
+    /// as `otherwise` does.
+    pub fn server_tls(&self, otherwise: PeerCheck) -> Result<Option<ServerTls>> {
         if self.tls == TlsMode::Off {
             if self.tls_verify_peer || !self.tls_allow.is_empty() {
                 anyhow::bail!("--tls-verify-peer and --tls-allow need --tls=on or --tls=require");
@@ -62,7 +64,7 @@ impl TlsArgs {
             anyhow::bail!("--tls={} needs --tls-certificates DIR", self.tls);
         };
         let peers = match (self.tls_verify_peer, self.tls_allow.is_empty()) {
-            (false, true) => PeerCheck::Anyone,
+            (false, true) => otherwise,
             _ => PeerCheck::Verified {
                 allow: self.tls_allow.clone(),
             },

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{DMM, Daemon, path, scratch, tool};
+use common::{DMM, Daemon, MIB, path, scratch, source_image, tool};
 
 fn dmm(args: &[&str]) {
     let output = Command::new(DMM).args(args).output().unwrap();
@@ -69,11 +69,19 @@ fn curl(url: &str, certificates: &Path, present: bool, extra: &[&str]) -> String
 struct Node {
     daemon: Daemon,
     api: String,
+    nbd: String,
+}
+
+impl Node {
+    fn nbd(&self) -> &str {
+        &self.nbd
+    }
 }
 
 fn node(dir: &Path, name: &str, certificates: &Path, api: &str, peer: &str) -> Node {
     let token = dir.join("token");
     std::fs::write(&token, "correct-horse-battery-staple").unwrap();
+    let nbd = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
     let daemon = Daemon::start(
         &dir.join(format!("{name}-state")),
         &[
@@ -85,6 +93,9 @@ fn node(dir: &Path, name: &str, certificates: &Path, api: &str, peer: &str) -> N
             path(&token),
             "--tls-certificates",
             path(certificates),
+            "--nbd-listen",
+            &nbd,
+            "--tls=require",
             "--peer",
             peer,
         ],
@@ -92,6 +103,7 @@ fn node(dir: &Path, name: &str, certificates: &Path, api: &str, peer: &str) -> N
     Node {
         daemon,
         api: api.to_owned(),
+        nbd,
     }
 }
 
@@ -163,4 +175,95 @@ fn peers_know_each_other_by_certificate_and_nothing_else() {
         "{peers}"
     );
     assert!(a.daemon.stop().success());
+}
+
+/// Two nodes that know each other.
+fn pair(dir: &Path) -> (Node, Node, Vec<PathBuf>) {
+    let certs = certificates(dir, &["node-a", "node-b", "rogue"]);
+    let a_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let b_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let a = node(dir, "node-a", &certs[0], &a_api, &format!("node-b={b_api}"));
+    let b = node(dir, "node-b", &certs[1], &b_api, &format!("node-a={a_api}"));
+    (a, b, certs)
+}
+
+#[test]
+fn a_volume_moves_to_a_peer_over_nbd_with_tls_while_a_client_writes() {
+    let dir = scratch();
+    let (a, b, certs) = pair(dir.path());
+    let source = source_image(dir.path(), "vm1.raw", 32 * MIB, 5);
+    let landing = dir.path().join("landing");
+    std::fs::create_dir(&landing).unwrap();
+    let destination = landing.join("vm1.raw");
+    let target = format!("target=node-b:{}", path(&destination));
+    let source_property = format!("source={}", path(&source));
+    let migid = a
+        .daemon
+        .ok(&[
+            "create",
+            "-p",
+            &source_property,
+            "-p",
+            &target,
+            "-p",
+            "export=vm1",
+            "-p",
+            "rate=8M",
+        ])
+        .trim()
+        .to_owned();
+    // A client writes through node A's export during the move.
+    let written = tool("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x6b 20M 1M",
+            "-c",
+            "read -P 0x6b 20M 1M",
+        ])
+        .arg(a.daemon.export_uri("vm1"))
+        .output()
+        .unwrap();
+    assert!(written.status.success(), "{written:?}");
+    a.daemon.wait_state(
+        &migid,
+        &["switched-over"],
+        std::time::Duration::from_secs(60),
+    );
+    // Node B received the volume, the client's write included.
+    let compared = tool("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            path(&source),
+            path(&destination),
+        ])
+        .output()
+        .unwrap();
+    assert!(compared.status.success(), "{compared:?}");
+    // The export B offers for it is the sending node's only.
+    let uri = |certs: &Path| {
+        format!(
+            "nbds://{}/receive.node-a.vm1?tls-certificates={}&tls-hostname=node-b",
+            b.nbd(),
+            path(certs)
+        )
+    };
+    let rogue = tool("nbdinfo").arg(uri(&certs[2])).output().unwrap();
+    assert!(!rogue.status.success(), "{rogue:?}");
+    // A path in use, or relative, is refused with the reason.
+    let again = a.daemon.cli(&[
+        "create",
+        "-p",
+        &source_property,
+        "-p",
+        "target=node-b:relative.raw",
+    ]);
+    assert!(!again.status.success());
+    assert!(a.daemon.stop().success());
+    assert!(b.daemon.stop().success());
 }

@@ -19,6 +19,7 @@ use dmm_store::BlockStore;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::peers::Peers;
 use crate::spec::Spec;
 
 /// A running migration's progress, as its kind reports it.
@@ -126,19 +127,22 @@ pub trait Engine: Send + Sync {
     async fn close(&self) -> Result<()>;
 }
 
-/// Opens the engine of `spec`, resuming from the state in `dir`.
-pub async fn open(spec: &Spec, dir: &Path) -> Result<Arc<dyn Engine>> {
+/// Opens the engine of `spec`, resuming from the state in `dir` (a target
+/// on a peer, `NODE:/PATH`, is prepared there first).
+pub async fn open(spec: &Spec, dir: &Path, peers: &Peers) -> Result<Arc<dyn Engine>> {
     match spec {
-        Spec::Volume(volume) => Ok(Arc::new(volume::VolumeEngine::open(volume, dir).await?)),
+        Spec::Volume(volume) => Ok(Arc::new(
+            volume::VolumeEngine::open(volume, dir, peers).await?,
+        )),
         Spec::Tree(tree) => Ok(Arc::new(tree::TreeEngine::open(tree, dir).await?)),
     }
 }
 
 /// Checks that a new migration can work (stores open, sizes and formats
 /// agree, directories usable) without recording anything.
-pub async fn check(spec: &Spec) -> Result<()> {
+pub async fn check(spec: &Spec, peers: &Peers) -> Result<()> {
     match spec {
-        Spec::Volume(volume) => volume::check(volume).await,
+        Spec::Volume(volume) => volume::check(volume, peers).await,
         Spec::Tree(tree) => tree::check(tree),
     }
 }

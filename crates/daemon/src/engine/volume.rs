@@ -15,6 +15,8 @@ use dmm_volume::{Activity, Migration, MigrationError, Phase, Progress, Strategy}
 
 use super::{Engine, Ran, Report, Snapshot};
 use crate::error::{Error, ErrorKind, Result};
+use crate::peers::Peers;
+use crate::receive::ReceiveRequest;
 use crate::spec::{Spec, VolumeSpec};
 
 /// An open volume migration.
@@ -35,8 +37,11 @@ fn failed(err: MigrationError) -> Error {
 }
 
 /// Opens the source (read-only is enough for `redirect`, which never
-/// writes it) and the target.
-async fn open_stores(spec: &VolumeSpec) -> Result<(OpenedStore, OpenedStore)> {
+/// writes it) and the target: a path or URI, or `NODE:/PATH` on a peer,
+/// which the peer is asked to receive (the volume's size, its allocated
+/// bytes and its export name are the metadata it gets first) and which is
+/// then reached over NBD with TLS.
+async fn open_stores(spec: &VolumeSpec, peers: &Peers) -> Result<(OpenedStore, OpenedStore)> {
     let source_access = Access {
         read_only: false,
         fall_back_to_read_only: spec.config.strategy == Strategy::Redirect,
@@ -47,22 +52,44 @@ async fn open_stores(spec: &VolumeSpec) -> Result<(OpenedStore, OpenedStore)> {
     let source = open_store(&spec.source, source_access)
         .await
         .map_err(open("source"))?;
-    let target = open_store(&spec.target, Access::default())
+    let target = match peers.peer_target(&spec.target) {
+        Some((peer, path)) => {
+            let request = ReceiveRequest {
+                path: path.to_owned(),
+                size: source.store.size(),
+                allocated: allocated(&*source.store).await.map_err(open("source"))?,
+                export: spec.export.clone(),
+            };
+            peers.prepare_target(peer, &request).await?
+        }
+        None => spec.target.clone(),
+    };
+    let target = open_store(&target, Access::default())
         .await
         .map_err(open("target"))?;
     Ok((source, target))
 }
 
+/// The bytes `store` holds data in (its holes left out).
+async fn allocated(store: &dyn BlockStore) -> dmm_store::Result<u64> {
+    let extents = store.extents(0, store.size()).await?;
+    Ok(extents
+        .iter()
+        .filter(|e| e.kind != dmm_store::ExtentKind::Hole)
+        .map(|e| e.len)
+        .sum())
+}
+
 /// Opens both stores and negotiates, recording nothing.
-pub async fn check(spec: &VolumeSpec) -> Result<()> {
-    let (source, target) = open_stores(spec).await?;
+pub async fn check(spec: &VolumeSpec, peers: &Peers) -> Result<()> {
+    let (source, target) = open_stores(spec, peers).await?;
     dmm_volume::negotiate(&*source.store, &*target.store, &spec.config)
         .map_err(|err| Error::new(ErrorKind::Invalid, err.to_string()))
 }
 
 impl VolumeEngine {
-    pub async fn open(spec: &VolumeSpec, dir: &Path) -> Result<VolumeEngine> {
-        let (source, target) = open_stores(spec).await?;
+    pub async fn open(spec: &VolumeSpec, dir: &Path, peers: &Peers) -> Result<VolumeEngine> {
+        let (source, target) = open_stores(spec, peers).await?;
         let names = (source.name, target.name);
         let migration =
             Migration::open(source.store, target.store, names, dir, spec.config.clone())

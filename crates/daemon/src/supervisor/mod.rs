@@ -31,6 +31,7 @@ use tokio::sync::broadcast;
 use crate::engine::{self, Engine, Ran, Report};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::Layout;
+use crate::peers::Peers;
 use crate::properties;
 use crate::schedule::Schedule;
 use crate::spec::Spec;
@@ -91,6 +92,8 @@ pub struct Supervisor {
     exports: Arc<ExportTable>,
     open: Mutex<HashMap<MigrationId, Open>>,
     notices: broadcast::Sender<Notice>,
+    /// Other daemons, for targets on them (`NODE:/PATH`).
+    peers: Arc<Peers>,
     /// Wakes the queue's task: a state, the queue or `maxrunning` changed.
     queue_changed: tokio::sync::Notify,
 }
@@ -100,6 +103,7 @@ impl Supervisor {
         catalog: Arc<Catalog>,
         layout: &Layout,
         exports: Arc<ExportTable>,
+        peers: Arc<Peers>,
     ) -> Arc<Supervisor> {
         let (notices, _) = broadcast::channel(1024);
         Arc::new(Supervisor {
@@ -108,12 +112,28 @@ impl Supervisor {
             exports,
             open: Mutex::new(HashMap::new()),
             notices,
+            peers,
             queue_changed: tokio::sync::Notify::new(),
         })
     }
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// The NBD exports this daemon serves.
+    pub fn exports(&self) -> &ExportTable {
+        &self.exports
+    }
+
+    /// The paths this daemon's migrations read or write.
+    pub fn paths_in_use(&self) -> Result<Vec<String>> {
+        let records = self.catalog.list()?;
+        Ok(records
+            .iter()
+            .flat_map(|r| ["source", "target"].map(|name| r.properties.get(name).cloned()))
+            .flatten()
+            .collect())
     }
 
     /// Receives state changes, log lines and progress.
@@ -172,7 +192,7 @@ impl Supervisor {
         halted: bool,
     ) -> Result<MigrationRecord> {
         let spec = Spec::of_new(&properties)?;
-        engine::check(&spec).await?;
+        engine::check(&spec, &self.peers).await?;
         let state = match halted {
             true => State::Halted,
             false => State::Created,
@@ -427,7 +447,7 @@ impl Supervisor {
             return Ok(engine);
         }
         let spec = Spec::parse(record.id, &record.properties)?;
-        let engine = engine::open(&spec, &self.state_dir(record)).await?;
+        let engine = engine::open(&spec, &self.state_dir(record), &self.peers).await?;
         let export = engine.export();
         if let Some((name, device)) = &export
             && let Err(err) = self

@@ -42,6 +42,7 @@ impl Bench {
             self.catalog.clone(),
             &self.layout,
             Arc::new(ExportTable::new()),
+            Arc::new(crate::peers::Peers::default()),
         )
     }
 

@@ -59,7 +59,13 @@ fn peer(text: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run(args: DaemonArgs, global: &Global) -> Result<()> {
-    let nbd_tls = args.tls.server_tls()?;
+    // With peers, NBD clients are asked for a certificate: the exports a
+    // daemon offers a peer are visible to that peer's certificate only.
+    let check = match args.peers.is_empty() {
+        true => dmm_tls::PeerCheck::Anyone,
+        false => dmm_tls::PeerCheck::Optional,
+    };
+    let nbd_tls = args.tls.server_tls(check)?;
     if args.tls.tls_certificates.is_some() && args.listen.is_none() && nbd_tls.is_none() {
         bail!("--tls-certificates is for the TCP API (--listen) or NBD's TLS (--tls=on|require)");
     }

@@ -35,7 +35,7 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let tls = args.tls.server_tls()?;
+    let tls = args.tls.server_tls(dmm_tls::PeerCheck::Anyone)?;
     let options = OpenOptions {
         read_only: args.read_only,
     };

@@ -1,0 +1,146 @@
+//! The destination side of a volume moving between nodes: a peer asks this
+//! node to receive a volume into a local path (`POST /api/peer/receive`),
+//! this node checks that it can (the path absolute, not in use by any of
+//! its migrations or exports, the size and the space there), creates the
+//! image if it is missing, and offers it as an NBD export that only that
+//! peer's certificate can see, on its TLS NBD listener. The peer's own
+//! migration then copies into that export.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use dmm_nbd::{Export, ExportTable};
+use dmm_store::{BlockStore, FileStore, OpenOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::peers::Peers;
+
+/// What a peer asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiveRequest {
+    /// The local path the volume goes to (created if missing).
+    pub path: String,
+    /// The volume's size.
+    pub size: u64,
+    /// Its allocated bytes: the space the destination needs at least.
+    pub allocated: u64,
+    /// The volume's export name on the sending node.
+    pub export: String,
+}
+
+/// Where the peer writes the volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receiving {
+    /// The export, offered to the sending peer only.
+    pub export: String,
+    /// This node's NBD listener (TLS required).
+    pub nbd: String,
+}
+
+/// The export a volume from `peer` named `export` is received under.
+fn export_name(peer: &str, export: &str) -> String {
+    format!("receive.{peer}.{export}")
+}
+
+/// Prepares the reception of a volume from `peer`. Asking again for the
+/// same path gives the same export (a sender that restarts asks again).
+pub fn receive(
+    peer: &str,
+    request: &ReceiveRequest,
+    exports: &ExportTable,
+    paths_in_use: &[String],
+    peers: &Peers,
+) -> Result<Receiving> {
+    let refuse = |why: String| Error::new(ErrorKind::Conflict, why);
+    let Some(nbd) = peers.nbd.clone().filter(|_| peers.nbd_tls_required) else {
+        return Err(refuse(format!(
+            "{} serves no NBD listener with TLS required (--nbd-listen with --tls=require)",
+            node_name(peers)
+        )));
+    };
+    let name = export_name(peer, &request.export);
+    if let Some(existing) = exports.find(&name) {
+        return match existing.description == request.path {
+            true => Ok(Receiving { export: name, nbd }),
+            false => Err(refuse(format!(
+                "export {name} already receives {}",
+                existing.description
+            ))),
+        };
+    }
+    let path = Path::new(&request.path);
+    if !path.is_absolute() {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("{} is not an absolute path", request.path),
+        ));
+    }
+    if paths_in_use.contains(&request.path) {
+        return Err(refuse(format!(
+            "{} is in use by a migration on {}",
+            request.path,
+            node_name(peers)
+        )));
+    }
+    let store = open_or_create(path, request)?;
+    let export = Export::new(name.clone(), store)
+        .with_description(request.path.clone())
+        .only_for(vec![peer.to_owned()]);
+    exports
+        .insert(export)
+        .map_err(|e| Error::caused(ErrorKind::Conflict, "cannot export it", e))?;
+    tracing::info!(%peer, path = %request.path, export = %name, "receiving a volume");
+    Ok(Receiving { export: name, nbd })
+}
+
+fn node_name(peers: &Peers) -> String {
+    peers.node.clone().unwrap_or_else(|| "this node".to_owned())
+}
+
+/// The image at `path`: an existing one must be at least the size; a new
+/// one is made sparse, where there is room for the allocated bytes.
+fn open_or_create(path: &Path, request: &ReceiveRequest) -> Result<Arc<dyn BlockStore>> {
+    let at = path.display();
+    if !path.exists() {
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let free = rustix::fs::statvfs(parent)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .map_err(|e| {
+                Error::caused(
+                    ErrorKind::Invalid,
+                    format!("cannot use {}", parent.display()),
+                    std::io::Error::from(e),
+                )
+            })?;
+        if free < request.allocated {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{} has {free} bytes free, the volume needs {}",
+                    parent.display(),
+                    request.allocated
+                ),
+            ));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .and_then(|file| file.set_len(request.size))
+            .map_err(|e| Error::caused(ErrorKind::Failed, format!("cannot create {at}"), e))?;
+    }
+    let store = FileStore::open(path, OpenOptions { read_only: false })
+        .map_err(|e| Error::caused(ErrorKind::Failed, format!("cannot open {at}"), e))?;
+    if store.size() < request.size {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "{at} holds {} bytes, the volume {}",
+                store.size(),
+                request.size
+            ),
+        ));
+    }
+    Ok(Arc::new(store))
+}
