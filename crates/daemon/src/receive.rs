@@ -144,3 +144,80 @@ fn open_or_create(path: &Path, request: &ReceiveRequest) -> Result<Arc<dyn Block
     }
     Ok(Arc::new(store))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers() -> Peers {
+        Peers {
+            node: Some("node-b".into()),
+            nbd: Some("10.0.0.2:10809".into()),
+            nbd_tls_required: true,
+            ..Peers::default()
+        }
+    }
+
+    fn asking(path: &Path, size: u64) -> ReceiveRequest {
+        ReceiveRequest {
+            path: path.display().to_string(),
+            size,
+            allocated: 4096,
+            export: "vm1".into(),
+        }
+    }
+
+    #[test]
+    fn a_reception_is_checked_made_once_and_offered_to_its_peer_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let exports = ExportTable::new();
+        let path = dir.path().join("vm1.raw");
+        let request = asking(&path, 1 << 20);
+        let plain = Peers {
+            nbd_tls_required: false,
+            ..peers()
+        };
+        let err = receive("node-a", &request, &exports, &[], &plain).unwrap_err();
+        assert!(err.to_string().contains("TLS required"), "{err}");
+        let relative = ReceiveRequest {
+            path: "vm1.raw".into(),
+            ..request.clone()
+        };
+        let err = receive("node-a", &relative, &exports, &[], &peers()).unwrap_err();
+        assert!(err.to_string().contains("not an absolute path"), "{err}");
+        let in_use = [request.path.clone()];
+        let err = receive("node-a", &request, &exports, &in_use, &peers()).unwrap_err();
+        assert!(
+            err.to_string().contains("in use by a migration on node-b"),
+            "{err}"
+        );
+
+        let receiving = receive("node-a", &request, &exports, &[], &peers()).unwrap();
+        assert_eq!(receiving.export, "receive.node-a.vm1");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            1 << 20,
+            "made sparse"
+        );
+        let export = exports.find(&receiving.export).unwrap();
+        assert!(export.admits(&["node-a".into()]) && !export.admits(&["node-c".into()]));
+        // Asked again (the sender restarted): the same export.
+        assert_eq!(
+            receive("node-a", &request, &exports, &[], &peers()).unwrap(),
+            receiving
+        );
+        // The same export name for another path: refused.
+        let other = asking(&dir.path().join("other.raw"), 1 << 20);
+        let err = receive("node-a", &other, &exports, &[], &peers()).unwrap_err();
+        assert!(err.to_string().contains("already receives"), "{err}");
+        // An existing image smaller than the volume: refused.
+        let small = dir.path().join("small.raw");
+        std::fs::write(&small, vec![0u8; 4096]).unwrap();
+        let bigger = ReceiveRequest {
+            export: "vm2".into(),
+            ..asking(&small, 1 << 20)
+        };
+        let err = receive("node-a", &bigger, &exports, &[], &peers()).unwrap_err();
+        assert!(err.to_string().contains("holds 4096 bytes"), "{err}");
+    }
+}
