@@ -351,23 +351,53 @@ async fn peer_receive(
     Extension(peers): Extension<Arc<Peers>>,
     request: axum::extract::Request,
 ) -> Reply<Receiving> {
+    let peer = calling_peer(&request, &peers)?;
+    let wanted: ReceiveRequest = json_body(request).await?;
+    let in_use = supervisor.paths_in_use()?;
+    let receiving = receive::receive(&peer, &wanted, supervisor.exports(), &in_use, &peers)?;
+    Ok(Json(receiving))
+}
+
+/// The handoff: serves a volume received from the calling peer under its
+/// export name (`POST /api/peer/serve`, `{"export": "vm1"}`).
+async fn peer_serve(
+    State(supervisor): Shared,
+    Extension(peers): Extension<Arc<Peers>>,
+    request: axum::extract::Request,
+) -> Reply<serde_json::Value> {
+    let peer = calling_peer(&request, &peers)?;
+    #[derive(Deserialize)]
+    struct Serve {
+        export: String,
+    }
+    let wanted: Serve = json_body(request).await?;
+    receive::serve(&peer, &wanted.export, supervisor.exports())?;
+    Ok(Json(json!({ "export": wanted.export })))
+}
+
+/// The configured peer whose certificate made `request`.
+fn calling_peer(request: &axum::extract::Request, peers: &Peers) -> Result<String, ApiError> {
     let names = request
         .extensions()
         .get::<axum::extract::ConnectInfo<access::Peer>>()
         .map(|info| info.0.certificate.clone())
         .unwrap_or_else(|| Arc::new([]));
-    let Some(peer) = peers.recognize(&names).map(str::to_owned) else {
-        let why = "only a peer, by its certificate, sends a volume here";
-        return Err(ApiError(StatusCode::FORBIDDEN, why.into()));
-    };
+    peers.recognize(&names).map(str::to_owned).ok_or_else(|| {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            "only a peer, by its certificate, calls this".into(),
+        )
+    })
+}
+
+/// The request's JSON body (at most 64 KiB).
+async fn json_body<T: serde::de::DeserializeOwned>(
+    request: axum::extract::Request,
+) -> Result<T, ApiError> {
     let body = axum::body::to_bytes(request.into_body(), 64 << 10)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let wanted: ReceiveRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let in_use = supervisor.paths_in_use()?;
-    let receiving = receive::receive(&peer, &wanted, supervisor.exports(), &in_use, &peers)?;
-    Ok(Json(receiving))
+    serde_json::from_slice(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 /// Every peer, asked who it is (`dmm peers`).
@@ -400,6 +430,7 @@ pub fn router(
         .route("/api/peers", get(survey_peers))
         .route("/api/peer/hello", get(peer_hello))
         .route("/api/peer/receive", post(peer_receive))
+        .route("/api/peer/serve", post(peer_serve))
         .route("/api/queue", get(get_queue).post(move_in_queue))
         .route("/api/openapi.json", get(openapi))
         .route("/api/events", get(events))

@@ -183,6 +183,15 @@ impl Client {
             .await
     }
 
+    /// Asks a peer daemon to serve a volume it received, under its export
+    /// name (the handoff).
+    pub async fn peer_serve(&self, export: &str) -> Result<(), ClientError> {
+        let body = json!({ "export": export });
+        self.call::<serde_json::Value>(Method::POST, "/api/peer/serve", Some(body))
+            .await
+            .map(drop)
+    }
+
     /// This daemon's peers, each asked who it is.
     pub async fn peers(&self) -> Result<Vec<PeerStatus>, ClientError> {
         self.call(Method::GET, "/api/peers", None::<()>).await

@@ -94,6 +94,35 @@ pub fn receive(
     Ok(Receiving { export: name, nbd })
 }
 
+/// The handoff: serves the volume received from `peer` as `export` under
+/// that name, to any client (the same store as the reception's, so the
+/// sender's forwarded writes and new clients' writes meet in one place).
+/// Asking again is answered the same.
+pub fn serve(peer: &str, export: &str, exports: &ExportTable) -> Result<()> {
+    let receiving = exports.find(&export_name(peer, export)).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("nothing is received from {peer} as {export}"),
+        )
+    })?;
+    if let Some(existing) = exports.find(export) {
+        return match Arc::ptr_eq(&existing.store, &receiving.store) {
+            true => Ok(()),
+            false => Err(Error::new(
+                ErrorKind::Conflict,
+                format!("this node already has an export named {export}"),
+            )),
+        };
+    }
+    let served = Export::new(export, receiving.store.clone())
+        .with_description(receiving.description.clone());
+    exports
+        .insert(served)
+        .map_err(|e| Error::caused(ErrorKind::Conflict, "cannot export it", e))?;
+    tracing::info!(%peer, %export, path = %receiving.description, "serving a volume handed over");
+    Ok(())
+}
+
 fn node_name(peers: &Peers) -> String {
     peers.node.clone().unwrap_or_else(|| "this node".to_owned())
 }

@@ -177,6 +177,13 @@ fn peers_know_each_other_by_certificate_and_nothing_else() {
     assert!(a.daemon.stop().success());
 }
 
+/// Whether qemu-io succeeded with no command failing (it may exit 0 when
+/// a pattern does not match).
+fn clean(output: &std::process::Output) -> bool {
+    let said = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    output.status.success() && !said.contains("failed") && !said.contains("error")
+}
+
 /// Two nodes that know each other.
 fn pair(dir: &Path) -> (Node, Node, Vec<PathBuf>) {
     let certs = certificates(dir, &["node-a", "node-b", "rogue"]);
@@ -245,7 +252,47 @@ fn a_volume_moves_to_a_peer_over_nbd_with_tls_while_a_client_writes() {
         .output()
         .unwrap();
     assert!(compared.status.success(), "{compared:?}");
-    // The export B offers for it is the sending node's only.
+    // The handoff: node B serves the volume under its name to any client
+    // of the CA, and node A forwards its own clients' writes there.
+    let on_b = format!(
+        "driver=nbd,host=127.0.0.1,port={},export=vm1,tls-creds=tls0,tls-hostname=node-b",
+        b.nbd().rsplit_once(':').unwrap().1
+    );
+    let qemu_io_b = |commands: &[&str]| {
+        let mut command = tool("qemu-io");
+        command.args([
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                path(&certs[2])
+            ),
+            "--image-opts",
+            &on_b,
+        ]);
+        for c in commands {
+            command.args(["-c", c]);
+        }
+        command.output().unwrap()
+    };
+    let started = std::time::Instant::now();
+    while !clean(&qemu_io_b(&["read -P 0x6b 20M 1M"])) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "node B never served vm1"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let forwarded = tool("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x7c 24M 64k"])
+        .arg(a.daemon.export_uri("vm1"))
+        .output()
+        .unwrap();
+    assert!(forwarded.status.success(), "{forwarded:?}");
+    let read = qemu_io_b(&["read -P 0x7c 24M 64k"]);
+    assert!(clean(&read), "{read:?}");
+    let log = a.daemon.ok(&["log", &migid]);
+    assert!(log.contains("node-b serves export vm1 now"), "{log}");
+    // The export B offers for the reception is the sending node's only.
     let uri = |certs: &Path| {
         format!(
             "nbds://{}/receive.node-a.vm1?tls-certificates={}&tls-hostname=node-b",

@@ -586,6 +586,43 @@ impl Supervisor {
                 self.note(id, "info", &format!("now {state}"));
             }
             self.announce(id, state, None);
+            if state == State::SwitchedOver {
+                self.hand_over(id, &record).await;
+            }
+        }
+    }
+
+    /// A volume moved to a peer has switched over: the peer serves it
+    /// under its export name from now on (new clients may connect there),
+    /// while this node keeps serving its own clients through the peer.
+    async fn hand_over(&self, id: MigrationId, record: &MigrationRecord) {
+        let Ok(Spec::Volume(volume)) = Spec::parse(id, &record.properties) else {
+            return;
+        };
+        let Some((peer, _)) = self.peers.peer_target(&volume.target) else {
+            return;
+        };
+        let outcome = match self.peers.client(peer) {
+            Some(client) => client
+                .peer_serve(&volume.export)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("no client certificate to call it with".to_owned()),
+        };
+        match outcome {
+            Ok(()) => self.note(
+                id,
+                "info",
+                &format!(
+                    "{peer} serves export {} now; this node forwards its clients there",
+                    volume.export
+                ),
+            ),
+            Err(err) => self.note(
+                id,
+                "error",
+                &format!("{peer} cannot serve export {}: {err}", volume.export),
+            ),
         }
     }
 
