@@ -12,7 +12,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, MIB, image_with, path, scratch, source_image, tool};
@@ -356,19 +356,7 @@ fn a_newcomer_creates_watches_controls_and_commits_a_migration_from_the_page() {
     });
     assert!(daemon.stop().success());
     // The data is the source's.
-    let compared = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            path(&source),
-            path(&target),
-        ])
-        .output()
-        .unwrap();
-    assert!(compared.status.success(), "{compared:?}");
+    common::assert_same_images(&source, &target);
 }
 
 /// The text of the first element matching `css`, if there is one.

@@ -239,19 +239,7 @@ fn a_volume_moves_to_a_peer_over_nbd_with_tls_while_a_client_writes() {
         std::time::Duration::from_secs(60),
     );
     // Node B received the volume, the client's write included.
-    let compared = tool("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            path(&source),
-            path(&destination),
-        ])
-        .output()
-        .unwrap();
-    assert!(compared.status.success(), "{compared:?}");
+    common::assert_same_images(&source, &destination);
     // The handoff: node B serves the volume under its name to any client
     // of the CA, and node A forwards its own clients' writes there.
     let on_b = format!(
@@ -292,6 +280,38 @@ fn a_volume_moves_to_a_peer_over_nbd_with_tls_while_a_client_writes() {
     assert!(clean(&read), "{read:?}");
     let log = a.daemon.ok(&["log", &migid]);
     assert!(log.contains("node-b serves export vm1 now"), "{log}");
+    // One client connection on node A across the commit: it keeps working,
+    // its requests going to node B, which owns the volume now.
+    use std::io::Write;
+    let mut client = tool("qemu-io")
+        .args(["-f", "raw"])
+        .arg(a.daemon.export_uri("vm1"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut commands = client.stdin.take().unwrap();
+    writeln!(commands, "write -P 0x11 28M 64k").unwrap();
+    commands.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    a.daemon.ok(&["commit", &migid]);
+    writeln!(
+        commands,
+        "write -P 0x22 29M 64k\nread -P 0x11 28M 64k\nread -P 0x22 29M 64k\nquit"
+    )
+    .unwrap();
+    drop(commands);
+    let session = client.wait_with_output().unwrap();
+    assert!(clean(&session), "{session:?}");
+    let said = String::from_utf8_lossy(&session.stdout);
+    assert_eq!(said.matches("read 65536/65536 bytes").count(), 2, "{said}");
+    assert!(
+        clean(&qemu_io_b(&["read -P 0x22 29M 64k"])),
+        "node B holds the write made after the commit"
+    );
+    let log = a.daemon.ok(&["log", &migid]);
+    assert!(log.contains("forwards the clients connected here"), "{log}");
     // The export B offers for the reception is the sending node's only.
     let uri = |certs: &Path| {
         format!(

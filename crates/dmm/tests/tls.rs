@@ -282,19 +282,7 @@ fn dmm_migrates_from_qemu_nbd_and_to_nbdkit_over_tls() {
     let _ = kit.kill();
     let _ = qemu.wait();
     let _ = kit.wait();
-    let compared = tool("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            path(&source),
-            path(&target),
-        ])
-        .output()
-        .unwrap();
-    assert!(compared.status.success(), "{}", text(&compared));
+    common::assert_same_images(&source, &target);
 }
 
 #[test]

@@ -313,8 +313,23 @@ impl Supervisor {
             Verb::Commit => {
                 let engine = self.ensure_open(record).await?;
                 let message = engine.commit().await?;
-                self.close(id).await;
-                self.note(id, "info", message);
+                match self.moved_to_peer(record) {
+                    // The engine stays open: its export keeps serving the
+                    // clients connected here, every request going to the
+                    // peer that owns the volume now.
+                    Some((peer, export)) => self.note(
+                        id,
+                        "info",
+                        &format!(
+                            "{message}; {peer} owns export {export}; this node forwards \
+                             the clients connected here to it until the migration is deleted"
+                        ),
+                    ),
+                    None => {
+                        self.close(id).await;
+                        self.note(id, "info", message);
+                    }
+                }
             }
             Verb::Rollback => {
                 let engine = self.ensure_open(record).await?;
@@ -596,34 +611,35 @@ impl Supervisor {
     /// under its export name from now on (new clients may connect there),
     /// while this node keeps serving its own clients through the peer.
     async fn hand_over(&self, id: MigrationId, record: &MigrationRecord) {
-        let Ok(Spec::Volume(volume)) = Spec::parse(id, &record.properties) else {
+        let Some((peer, export)) = self.moved_to_peer(record) else {
             return;
         };
-        let Some((peer, _)) = self.peers.peer_target(&volume.target) else {
-            return;
-        };
-        let outcome = match self.peers.client(peer) {
-            Some(client) => client
-                .peer_serve(&volume.export)
-                .await
-                .map_err(|e| e.to_string()),
+        let outcome = match self.peers.client(&peer) {
+            Some(client) => client.peer_serve(&export).await.map_err(|e| e.to_string()),
             None => Err("no client certificate to call it with".to_owned()),
         };
         match outcome {
             Ok(()) => self.note(
                 id,
                 "info",
-                &format!(
-                    "{peer} serves export {} now; this node forwards its clients there",
-                    volume.export
-                ),
+                &format!("{peer} serves export {export} now; this node forwards its clients there"),
             ),
             Err(err) => self.note(
                 id,
                 "error",
-                &format!("{peer} cannot serve export {}: {err}", volume.export),
+                &format!("{peer} cannot serve export {export}: {err}"),
             ),
         }
+    }
+
+    /// The peer and export of a volume migration whose target is on a
+    /// peer (`NODE:/PATH`).
+    fn moved_to_peer(&self, record: &MigrationRecord) -> Option<(String, String)> {
+        let Ok(Spec::Volume(volume)) = Spec::parse(record.id, &record.properties) else {
+            return None;
+        };
+        let (peer, _) = self.peers.peer_target(&volume.target)?;
+        Some((peer.to_owned(), volume.export))
     }
 
     /// Stops the engine resumably and frees its resources (the export

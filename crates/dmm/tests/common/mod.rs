@@ -629,3 +629,19 @@ pub fn wait_for_port(port: u16) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Asserts that qemu-img finds two raw images equal.
+pub fn assert_same_images(a: &Path, b: &Path) {
+    let compared = tool("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        compared.status.success(),
+        "qemu-img compare {} {}: {compared:?}",
+        a.display(),
+        b.display()
+    );
+}
