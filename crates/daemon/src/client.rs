@@ -69,6 +69,9 @@ pub struct Health {
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
+/// Longest a call to a peer daemon may take, connection and TLS included.
+const PEER_CALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One API client.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -262,6 +265,28 @@ impl Client {
     /// Sends a request; reads the JSON answer as `T` (no content reads as
     /// JSON `null`).
     async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let Endpoint::Peer { name, address, .. } = &self.endpoint else {
+            return self.exchange(method, path, body).await;
+        };
+        // A peer that hangs (stopped, cut off) must not hold up a verb or
+        // the supervisor's follow-up of a migration.
+        tokio::time::timeout(PEER_CALL_LIMIT, self.exchange(method, path, body))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::NotRunning(format!(
+                    "peer {name} at {address} did not answer within {} s",
+                    PEER_CALL_LIMIT.as_secs()
+                )))
+            })
+    }
+
+    /// One request and its answer.
+    async fn exchange<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,

@@ -334,3 +334,35 @@ fn a_volume_moves_to_a_peer_over_nbd_with_tls_while_a_client_writes() {
     assert!(a.daemon.stop().success());
     assert!(b.daemon.stop().success());
 }
+
+#[test]
+fn a_peer_that_never_answers_is_shown_down_within_the_call_limit() {
+    let dir = scratch();
+    let certs = certificates(dir.path(), &["node-a"]);
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap();
+    // Accepts connections and holds them without a byte.
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().take(4).collect();
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        drop(held);
+    });
+    let a_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let a = node(
+        dir.path(),
+        "node-a",
+        &certs[0],
+        &a_api,
+        &format!("node-b={address}"),
+    );
+    let started = std::time::Instant::now();
+    let peers = a.daemon.json(&["peers"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let error = peers[0]["error"].as_str().unwrap();
+    assert!(error.contains("did not answer within 10 s"), "{peers}");
+    assert!(a.daemon.stop().success(), "SIGTERM still stops it");
+}

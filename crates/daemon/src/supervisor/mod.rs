@@ -85,7 +85,10 @@ struct Open {
 /// `open` is the supervisor's one lock: held only to look up, insert or
 /// remove an entry, never across an await or while an engine is called, so
 /// no other lock is ever taken under it. Waits for an engine's task end on
-/// a stop request (the engines answer one within 2 s, tested).
+/// a stop request (the engines answer one within 2 s, tested). Calls to a
+/// peer daemon (a target on another node: its reception, the handoff at
+/// switchover) are bounded by the client's 10 s limit, so a peer that
+/// hangs delays a verb or a follow-up by that much at most.
 pub struct Supervisor {
     catalog: Arc<Catalog>,
     layout: Layout,

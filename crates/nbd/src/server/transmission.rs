@@ -151,10 +151,12 @@ impl Outbox {
                 Poll::Pending => break,
             }
         }
-        // A TLS stream may keep the end of what it encrypted until flushed
-        // (a plain socket's flush is ready at once and does nothing); when
-        // it cannot finish now, the socket wakes this task.
-        if sent && let Poll::Ready(Err(err)) = Pin::new(&mut *stream).poll_flush(cx) {
+        // A TLS stream may keep the end of what it encrypted until flushed,
+        // also from an earlier round whose write the socket cut short, so
+        // every round flushes (a plain socket's flush is ready at once and
+        // does nothing); when it cannot finish now, the socket wakes this
+        // task.
+        if let Poll::Ready(Err(err)) = Pin::new(&mut *stream).poll_flush(cx) {
             return Err(err.into());
         }
         Ok(sent)
