@@ -14,6 +14,7 @@
 mod database;
 mod lifecycle;
 mod queue;
+mod reception;
 mod schema;
 mod summary;
 
@@ -25,6 +26,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 pub use crate::database::{Database, Layout};
+pub use crate::reception::{Reception, Stage as ReceptionStage};
 pub use crate::summary::Summary;
 
 pub use lifecycle::{

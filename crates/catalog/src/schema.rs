@@ -50,6 +50,15 @@ const STEPS: &[&str] = &[
          bytes        INTEGER NOT NULL DEFAULT 0,
          verification TEXT
      );",
+    // 4: volumes this node receives from peers, or was handed by them.
+    "CREATE TABLE receptions (
+         peer      TEXT NOT NULL,
+         export    TEXT NOT NULL,
+         path      TEXT NOT NULL UNIQUE,
+         stage     TEXT NOT NULL,
+         owner_nbd TEXT,
+         PRIMARY KEY (peer, export)
+     );",
 ];
 
 /// The catalog file.

@@ -28,11 +28,12 @@ use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::access::{self, Access};
+use crate::client::Digests;
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Requests};
 use crate::peers::{Hello, PeerStatus, Peers};
 use crate::properties;
-use crate::receive::{self, ReceiveRequest, Receiving};
+use crate::receive::{ReceiveRequest, Receiving};
 use crate::settings::Shown;
 use crate::supervisor::{Notice, Supervisor};
 use crate::ui::{self, Dashboard};
@@ -354,25 +355,86 @@ async fn peer_receive(
     let peer = calling_peer(&request, &peers)?;
     let wanted: ReceiveRequest = json_body(request).await?;
     let in_use = supervisor.paths_in_use()?;
-    let receiving = receive::receive(&peer, &wanted, supervisor.exports(), &in_use, &peers)?;
+    let receiving = supervisor.receiver().receive(&peer, &wanted, &in_use)?;
     Ok(Json(receiving))
 }
 
+/// A volume the calling peer moves here, by its export name there.
+#[derive(Deserialize)]
+struct PeerVolume {
+    export: String,
+    /// `serve`: the sender's NBD listener, which requests go through
+    /// until it commits.
+    #[serde(default)]
+    owner_nbd: String,
+    /// `digests`: the byte ranges to hash.
+    #[serde(default)]
+    ranges: Vec<(u64, u64)>,
+}
+
+/// The calling peer and what it asks about.
+async fn peer_volume(
+    request: axum::extract::Request,
+    peers: &Peers,
+) -> Result<(String, PeerVolume), ApiError> {
+    let peer = calling_peer(&request, peers)?;
+    Ok((peer, json_body(request).await?))
+}
+
 /// The handoff: serves a volume received from the calling peer under its
-/// export name (`POST /api/peer/serve`, `{"export": "vm1"}`).
+/// export name (`POST /api/peer/serve`, `{"export": "vm1", "owner_nbd":
+/// "10.0.0.1:10809"}`).
 async fn peer_serve(
     State(supervisor): Shared,
     Extension(peers): Extension<Arc<Peers>>,
     request: axum::extract::Request,
 ) -> Reply<serde_json::Value> {
-    let peer = calling_peer(&request, &peers)?;
-    #[derive(Deserialize)]
-    struct Serve {
-        export: String,
-    }
-    let wanted: Serve = json_body(request).await?;
-    receive::serve(&peer, &wanted.export, supervisor.exports())?;
+    let (peer, wanted) = peer_volume(request, &peers).await?;
+    supervisor
+        .receiver()
+        .serve(&peer, &wanted.export, &wanted.owner_nbd)
+        .await?;
     Ok(Json(json!({ "export": wanted.export })))
+}
+
+/// The commit: this node owns a volume handed over (`POST /api/peer/own`).
+async fn peer_own(
+    State(supervisor): Shared,
+    Extension(peers): Extension<Arc<Peers>>,
+    request: axum::extract::Request,
+) -> Reply<serde_json::Value> {
+    let (peer, wanted) = peer_volume(request, &peers).await?;
+    supervisor.receiver().own(&peer, &wanted.export)?;
+    Ok(Json(json!({ "export": wanted.export })))
+}
+
+/// The sender deleted its migration (`POST /api/peer/release`).
+async fn peer_release(
+    State(supervisor): Shared,
+    Extension(peers): Extension<Arc<Peers>>,
+    request: axum::extract::Request,
+) -> Reply<serde_json::Value> {
+    let (peer, wanted) = peer_volume(request, &peers).await?;
+    supervisor.receiver().release(&peer, &wanted.export)?;
+    Ok(Json(json!({ "export": wanted.export })))
+}
+
+/// Digests of chunks of a volume received, computed here: the sender
+/// verifies without reading the volume back (`POST /api/peer/digests`,
+/// `{"export": "vm1", "ranges": [[0, 1048576], …]}`).
+async fn peer_digests(
+    State(supervisor): Shared,
+    Extension(peers): Extension<Arc<Peers>>,
+    request: axum::extract::Request,
+) -> Reply<Digests> {
+    let (peer, wanted) = peer_volume(request, &peers).await?;
+    let digests = supervisor
+        .receiver()
+        .digests(&peer, &wanted.export, &wanted.ranges)
+        .await?;
+    Ok(Json(Digests {
+        digests: digests.iter().map(|d| d.to_hex().to_string()).collect(),
+    }))
 }
 
 /// The configured peer whose certificate made `request`.
@@ -431,6 +493,9 @@ pub fn router(
         .route("/api/peer/hello", get(peer_hello))
         .route("/api/peer/receive", post(peer_receive))
         .route("/api/peer/serve", post(peer_serve))
+        .route("/api/peer/own", post(peer_own))
+        .route("/api/peer/release", post(peer_release))
+        .route("/api/peer/digests", post(peer_digests))
         .route("/api/queue", get(get_queue).post(move_in_queue))
         .route("/api/openapi.json", get(openapi))
         .route("/api/events", get(events))

@@ -60,6 +60,12 @@ fn transport(what: &'static str) -> impl FnOnce(Cause) -> ClientError {
     move |source| ClientError::Transport { what, source }
 }
 
+/// The answer of `POST /api/peer/digests`: BLAKE3 digests in hex.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Digests {
+    pub digests: Vec<String>,
+}
+
 /// The answer of `GET /api/health`.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Health {
@@ -187,12 +193,42 @@ impl Client {
     }
 
     /// Asks a peer daemon to serve a volume it received, under its export
-    /// name (the handoff).
-    pub async fn peer_serve(&self, export: &str) -> Result<(), ClientError> {
-        let body = json!({ "export": export });
+    /// name, through this node's NBD listener `nbd` (the handoff).
+    pub async fn peer_serve(&self, export: &str, nbd: &str) -> Result<(), ClientError> {
+        let body = json!({ "export": export, "owner_nbd": nbd });
         self.call::<serde_json::Value>(Method::POST, "/api/peer/serve", Some(body))
             .await
             .map(drop)
+    }
+
+    /// Tells a peer daemon it owns a volume it was handed (the commit).
+    pub async fn peer_own(&self, export: &str) -> Result<(), ClientError> {
+        let body = json!({ "export": export });
+        self.call::<serde_json::Value>(Method::POST, "/api/peer/own", Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// Tells a peer daemon this node's migration to it is gone.
+    pub async fn peer_release(&self, export: &str) -> Result<(), ClientError> {
+        let body = json!({ "export": export });
+        self.call::<serde_json::Value>(Method::POST, "/api/peer/release", Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// Digests of ranges of a volume a peer daemon receives, computed
+    /// there.
+    pub async fn peer_digests(
+        &self,
+        export: &str,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<String>, ClientError> {
+        let body = json!({ "export": export, "ranges": ranges });
+        let answer: Digests = self
+            .call(Method::POST, "/api/peer/digests", Some(body))
+            .await?;
+        Ok(answer.digests)
     }
 
     /// This daemon's peers, each asked who it is.

@@ -146,6 +146,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         ),
         None => None,
     };
+    supervisor.restore_receptions();
     supervisor.recover().await;
     tracing::info!(state_dir = %layout.root().display(), "dmm daemon ready");
 

@@ -110,11 +110,22 @@ impl Peers {
                 format!("{peer} cannot receive {}: {e}", request.path),
             )
         })?;
-        let dir = self.certificates.as_deref().ok_or_else(unknown)?;
-        let nbd = reachable(&receiving.nbd, &self.addresses[peer]);
+        self.nbd_uri(peer, &receiving.nbd, &receiving.export)
+    }
+
+    /// The NBD URI of `export` on `peer`'s listener `nbd`: TLS with this
+    /// node's certificates, the peer's name checked.
+    pub fn nbd_uri(&self, peer: &str, nbd: &str, export: &str) -> Result<String> {
+        let (Some(dir), Some(api)) = (self.certificates.as_deref(), self.addresses.get(peer))
+        else {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("{peer} is not a peer of this node"),
+            ));
+        };
+        let nbd = reachable(nbd, api);
         Ok(format!(
-            "nbds://{nbd}/{}?tls-certificates={}&tls-hostname={peer}",
-            receiving.export,
+            "nbds://{nbd}/{export}?tls-certificates={}&tls-hostname={peer}",
             dir.display()
         ))
     }

@@ -266,7 +266,8 @@ fn a_volume_moves_to_a_peer_over_nbd_with_tls_while_a_client_writes() {
     while !clean(&qemu_io_b(&["read -P 0x6b 20M 1M"])) {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
-            "node B never served vm1"
+            "node B never served vm1: {}",
+            a.daemon.ok(&["log", &migid])
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

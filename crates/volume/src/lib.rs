@@ -18,6 +18,7 @@ mod aio;
 mod chunks;
 mod copy;
 mod device;
+mod digest;
 mod error;
 mod ledger;
 mod locks;
@@ -28,6 +29,7 @@ mod progress;
 mod strategy;
 
 pub use device::VirtualDevice;
+pub use digest::{DIGESTS_PER_CALL, RemoteDigests, digest};
 pub use dmm_control::{Controls, Priority};
 pub use error::{ErrorKind, MigrationError, Operation};
 pub use migration::{Migration, MigrationConfig, Verify, negotiate};

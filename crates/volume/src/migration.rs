@@ -307,6 +307,19 @@ impl Migration {
         })
     }
 
+    /// Says the migration waits for its destination to come back (why:
+    /// `reason`) until [`Migration::run`] runs it again.
+    pub fn wait_for_destination(&self, reason: String) {
+        self.set_activity(Activity::WaitingForDestination);
+        *self.error.lock() = Some(reason);
+    }
+
+    /// Verification asks `remote` for the destination's digests (a store
+    /// on another node hashed there) instead of reading it back.
+    pub fn hash_destination_with(&self, remote: Arc<dyn crate::RemoteDigests>) {
+        self.device.hash_destination_with(remote);
+    }
+
     /// The volume to export to clients.
     pub fn device(&self) -> Arc<VirtualDevice> {
         self.device.clone()
@@ -378,6 +391,7 @@ impl Migration {
     /// rolled back. Errors leave the state resumable and clients served
     /// wherever the data is complete.
     pub async fn run(&self) -> Outcome<Phase> {
+        *self.error.lock() = None;
         let result = self.drive().await;
         match &result {
             Ok(_) => self.set_activity(Activity::Idle),

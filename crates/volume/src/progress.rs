@@ -24,6 +24,10 @@ pub enum Activity {
     Switching,
     /// The copy is done; the switchover waits for the admin.
     WaitingForSwitchover,
+    /// The destination cannot be reached (a peer node down, the network
+    /// cut): clients are served by the source, writes tracked, until it
+    /// answers again.
+    WaitingForDestination,
     Verifying,
     RollingBack,
     Paused,

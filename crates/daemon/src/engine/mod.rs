@@ -129,7 +129,7 @@ pub trait Engine: Send + Sync {
 
 /// Opens the engine of `spec`, resuming from the state in `dir` (a target
 /// on a peer, `NODE:/PATH`, is prepared there first).
-pub async fn open(spec: &Spec, dir: &Path, peers: &Peers) -> Result<Arc<dyn Engine>> {
+pub async fn open(spec: &Spec, dir: &Path, peers: &Arc<Peers>) -> Result<Arc<dyn Engine>> {
     match spec {
         Spec::Volume(volume) => Ok(Arc::new(
             volume::VolumeEngine::open(volume, dir, peers).await?,
@@ -140,7 +140,7 @@ pub async fn open(spec: &Spec, dir: &Path, peers: &Peers) -> Result<Arc<dyn Engi
 
 /// Checks that a new migration can work (stores open, sizes and formats
 /// agree, directories usable) without recording anything.
-pub async fn check(spec: &Spec, peers: &Peers) -> Result<()> {
+pub async fn check(spec: &Spec, peers: &Arc<Peers>) -> Result<()> {
     match spec {
         Spec::Volume(volume) => volume::check(volume, peers).await,
         Spec::Tree(tree) => tree::check(tree),

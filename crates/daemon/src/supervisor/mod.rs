@@ -33,6 +33,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::layout::Layout;
 use crate::peers::Peers;
 use crate::properties;
+use crate::receive::{self, Handoffs, Receiver};
 use crate::schedule::Schedule;
 use crate::spec::Spec;
 
@@ -82,6 +83,16 @@ struct Open {
 /// await, never while another is taken, so they have no order among
 /// themselves.
 ///
+/// What a node tells the peer it moves a volume to.
+enum PeerCall<'a> {
+    /// Serve the export (the switchover), through this node.
+    Serve(&'a str),
+    /// Serve it alone (the commit).
+    Own(&'a str),
+    /// The migration is gone.
+    Release(&'a str),
+}
+
 /// `open` is the supervisor's one lock: held only to look up, insert or
 /// remove an entry, never across an await or while an engine is called, so
 /// no other lock is ever taken under it. Waits for an engine's task end on
@@ -99,6 +110,9 @@ pub struct Supervisor {
     peers: Arc<Peers>,
     /// Wakes the queue's task: a state, the queue or `maxrunning` changed.
     queue_changed: tokio::sync::Notify,
+    /// Volumes peers handed to this node, served through them until they
+    /// commit.
+    handoffs: Handoffs,
 }
 
 impl Supervisor {
@@ -117,6 +131,7 @@ impl Supervisor {
             notices,
             peers,
             queue_changed: tokio::sync::Notify::new(),
+            handoffs: Handoffs::default(),
         })
     }
 
@@ -124,9 +139,35 @@ impl Supervisor {
         &self.catalog
     }
 
-    /// The NBD exports this daemon serves.
-    pub fn exports(&self) -> &ExportTable {
-        &self.exports
+    /// This node's side of the volumes peers move to it.
+    pub fn receiver(&self) -> Receiver<'_> {
+        Receiver {
+            catalog: &self.catalog,
+            exports: &self.exports,
+            peers: &self.peers,
+            handoffs: &self.handoffs,
+        }
+    }
+
+    /// Offers again the volumes peers moved or are moving to this node;
+    /// one handed over is served again once its sender answers.
+    pub fn restore_receptions(self: &Arc<Self>) {
+        let waiting = match receive::restore(&self.receiver()) {
+            Ok(waiting) => waiting,
+            Err(err) => {
+                tracing::error!(
+                    "cannot offer the volumes received from peers: {}",
+                    err.line()
+                );
+                return;
+            }
+        };
+        for reception in waiting {
+            let supervisor = self.clone();
+            tokio::spawn(async move {
+                receive::serve_when_owner_answers(&supervisor.receiver(), reception).await;
+            });
+        }
     }
 
     /// The paths this daemon's migrations read or write.
@@ -320,14 +361,17 @@ impl Supervisor {
                     // The engine stays open: its export keeps serving the
                     // clients connected here, every request going to the
                     // peer that owns the volume now.
-                    Some((peer, export)) => self.note(
-                        id,
-                        "info",
-                        &format!(
-                            "{message}; {peer} owns export {export}; this node forwards \
-                             the clients connected here to it until the migration is deleted"
-                        ),
-                    ),
+                    Some((peer, export)) => {
+                        self.tell_peer(id, &peer, PeerCall::Own(&export)).await;
+                        self.note(
+                            id,
+                            "info",
+                            &format!(
+                                "{message}; {peer} owns export {export}; this node forwards \
+                                 the clients connected here to it until the migration is deleted"
+                            ),
+                        )
+                    }
                     None => {
                         self.close(id).await;
                         self.note(id, "info", message);
@@ -342,6 +386,9 @@ impl Supervisor {
             }
             Verb::Delete { .. } => {
                 self.close(id).await;
+                if let Some((peer, export)) = self.moved_to_peer(record) {
+                    self.tell_peer(id, &peer, PeerCall::Release(&export)).await;
+                }
                 if let Err(err) = self.remove_state(record) {
                     tracing::warn!(migration = id, "{}", err.line());
                 }
@@ -604,7 +651,10 @@ impl Supervisor {
                 self.note(id, "info", &format!("now {state}"));
             }
             self.announce(id, state, None);
-            if state == State::SwitchedOver {
+            // Handed over once the switchover is seen (verification may be
+            // over before the follow-up looks).
+            let handed = matches!(record.state, State::Verifying | State::SwitchedOver);
+            if matches!(state, State::Verifying | State::SwitchedOver) && !handed {
                 self.hand_over(id, &record).await;
             }
         }
@@ -612,26 +662,50 @@ impl Supervisor {
 
     /// A volume moved to a peer has switched over: the peer serves it
     /// under its export name from now on (new clients may connect there),
+    /// each request going through this node's export until the commit,
     /// while this node keeps serving its own clients through the peer.
     async fn hand_over(&self, id: MigrationId, record: &MigrationRecord) {
         let Some((peer, export)) = self.moved_to_peer(record) else {
             return;
         };
-        let outcome = match self.peers.client(&peer) {
-            Some(client) => client.peer_serve(&export).await.map_err(|e| e.to_string()),
-            None => Err("no client certificate to call it with".to_owned()),
-        };
-        match outcome {
-            Ok(()) => self.note(
+        if self.tell_peer(id, &peer, PeerCall::Serve(&export)).await {
+            self.note(
                 id,
                 "info",
                 &format!("{peer} serves export {export} now; this node forwards its clients there"),
-            ),
-            Err(err) => self.note(
+            );
+        }
+    }
+
+    /// Tells the peer a volume moved to it changed hands; a failure is
+    /// logged on the migration. True if the peer acknowledged.
+    async fn tell_peer(&self, id: MigrationId, peer: &str, call: PeerCall<'_>) -> bool {
+        let Some(client) = self.peers.client(peer) else {
+            self.note(
                 id,
                 "error",
-                &format!("{peer} cannot serve export {export}: {err}"),
-            ),
+                &format!("no client certificate to call {peer} with"),
+            );
+            return false;
+        };
+        let (what, outcome) = match call {
+            PeerCall::Serve(export) => {
+                let nbd = self.peers.nbd.clone().unwrap_or_default();
+                ("serve", client.peer_serve(export, &nbd).await)
+            }
+            PeerCall::Own(export) => ("own", client.peer_own(export).await),
+            PeerCall::Release(export) => ("release", client.peer_release(export).await),
+        };
+        match outcome {
+            Ok(()) => true,
+            Err(err) => {
+                self.note(
+                    id,
+                    "error",
+                    &format!("{peer} did not {what} the volume: {err}"),
+                );
+                false
+            }
         }
     }
 

@@ -33,6 +33,7 @@ use tokio::sync::RwLock;
 use crate::aio::{AioQueue, MirrorTarget};
 use crate::chunks::{ChunkMap, ChunkState};
 use crate::copy::{Copied, copy_range, copy_range_in_kernel, read_range, write_pieces};
+use crate::digest::{Lookahead, digest};
 use crate::ledger::{Ledger, Side};
 use crate::locks::{ChunkGuard, ChunkLocks};
 use crate::pacing::{Active, ClientActivity};
@@ -95,6 +96,9 @@ pub struct VirtualDevice {
     stats: Arc<ClientStats>,
     clients: ClientActivity,
     target: String,
+    /// Digests of the destination computed where it lives, when it is on
+    /// another node (`None`: read it and hash it here).
+    remote_digests: std::sync::OnceLock<Lookahead>,
 }
 
 impl VirtualDevice {
@@ -127,6 +131,7 @@ impl VirtualDevice {
             stats: Arc::new(ClientStats::default()),
             clients: ClientActivity::default(),
             target,
+            remote_digests: std::sync::OnceLock::new(),
         }
     }
 
@@ -298,7 +303,7 @@ impl VirtualDevice {
         if self.chunks().get(chunk) != ChunkState::Both {
             return Ok(None);
         }
-        self.digests_match(chunk).await.map(Some)
+        self.digests_match(chunk, true).await.map(Some)
     }
 
     /// After a crash: compares one `Both` chunk and, if the stores differ,
@@ -313,7 +318,7 @@ impl VirtualDevice {
         // The gate before the chunk lock, as for client requests.
         let mode = self.gate.read().await;
         let _guard = self.locks.exclusive(chunk..chunk + 1).await;
-        if self.chunks().get(chunk) != ChunkState::Both || self.digests_match(chunk).await? {
+        if self.chunks().get(chunk) != ChunkState::Both || self.digests_match(chunk, true).await? {
             return Ok(false);
         }
         let side = match mode.read_from_destination(ChunkState::Both) {
@@ -327,16 +332,29 @@ impl VirtualDevice {
     /// chunk still in `Both` after both reads was not written in between
     /// (a write records leaving `Both` before its data goes out).
     async fn same_unlocked(&self, chunk: u64) -> Result<bool> {
-        Ok(self.digests_match(chunk).await? && self.chunks().get(chunk) == ChunkState::Both)
+        Ok(self.digests_match(chunk, false).await? && self.chunks().get(chunk) == ChunkState::Both)
     }
 
-    async fn digests_match(&self, chunk: u64) -> Result<bool> {
+    /// Whether both stores hold the same bytes in `chunk`. `locked`: the
+    /// caller holds the chunk's lock, and a remote destination's digest
+    /// must be of the chunk as it is now, not one fetched ahead.
+    async fn digests_match(&self, chunk: u64, locked: bool) -> Result<bool> {
         let (offset, len) = self.chunks().bytes(chunk);
-        let (source, destination) = tokio::try_join!(
-            chunk_digest(&*self.bulk_source, offset, len),
-            chunk_digest(&*self.bulk_destination, offset, len)
-        )?;
+        let destination = async {
+            match self.remote_digests.get() {
+                Some(remote) if locked => remote.now(self.chunks(), chunk).await,
+                Some(remote) => remote.ahead(self.chunks(), chunk).await,
+                None => digest(&*self.bulk_destination, offset, len).await,
+            }
+        };
+        let (source, destination) =
+            tokio::try_join!(digest(&*self.bulk_source, offset, len), destination)?;
         Ok(source == destination)
+    }
+
+    /// Hashes the destination's chunks through `remote` from now on.
+    pub(crate) fn hash_destination_with(&self, remote: Arc<dyn crate::RemoteDigests>) {
+        let _ = self.remote_digests.set(Lookahead::new(remote));
     }
 
     /// A client request enters: it counts as client activity from now on,
@@ -759,20 +777,29 @@ struct ExtentsRun;
 #[async_trait]
 impl AsyncRun<Vec<Extent>> for ExtentsRun {
     async fn run(&mut self, store: &dyn BlockStore, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        // Report the whole run: a store may answer in several calls.
-        let mut extents = Vec::new();
-        let mut at = offset;
-        while at < offset + len {
-            let part = store.extents(at, offset + len - at).await?;
-            let Some(end) = part.last().map(|e| e.end()) else {
-                extents.push(Extent::new(at, offset + len - at, ExtentKind::Data));
-                break;
-            };
-            extents.extend(part);
-            at = end;
-        }
-        Ok(extents)
+        whole_extents(store, offset, len).await
     }
+}
+
+/// The allocation map of the whole range (a store may answer in several
+/// calls).
+pub(crate) async fn whole_extents(
+    store: &dyn BlockStore,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<Extent>> {
+    let mut extents = Vec::new();
+    let mut at = offset;
+    while at < offset + len {
+        let part = store.extents(at, offset + len - at).await?;
+        let Some(end) = part.last().map(|e| e.end()) else {
+            extents.push(Extent::new(at, offset + len - at, ExtentKind::Data));
+            break;
+        };
+        extents.extend(part);
+        at = end;
+    }
+    Ok(extents)
 }
 
 struct CacheRun;
@@ -796,19 +823,6 @@ enum Stage {
 }
 
 /// BLAKE3 of a chunk, skipping the read where the store reports zeroes.
-async fn chunk_digest(store: &dyn BlockStore, offset: u64, len: u64) -> Result<blake3::Hash> {
-    let extents = ExtentsRun.run(store, offset, len).await?;
-    let mut hasher = blake3::Hasher::new();
-    for extent in extents {
-        if extent.kind.reads_as_zero() {
-            hasher.update(&vec![0u8; extent.len as usize]);
-        } else {
-            hasher.update(&store.read(extent.offset, extent.len as usize).await?);
-        }
-    }
-    Ok(hasher.finalize())
-}
-
 #[async_trait]
 impl BlockStore for VirtualDevice {
     fn target(&self) -> &str {
