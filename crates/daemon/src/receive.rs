@@ -56,6 +56,9 @@ pub struct Receiving {
     pub nbd: String,
 }
 
+/// How long a request forwarded to the sender waits for its reply.
+const OWNER_REPLY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Most ranges one digests request may name.
 pub const MOST_DIGESTS: usize = 256;
 
@@ -245,7 +248,9 @@ impl Receiver<'_> {
                 e,
             )
         })?;
-        Ok(Arc::new(store))
+        // A cut network fails the requests of the clients served here
+        // instead of holding them until TCP notices.
+        Ok(Arc::new(store.replies_within(OWNER_REPLY_WITHIN)))
     }
 
     /// Serves a volume through its sender's export.

@@ -47,11 +47,11 @@ impl TlsListener {
             match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => Some((tls, peer)),
                 Ok(Err(err)) => {
-                    tracing::info!(%peer, "API client refused: TLS handshake failed: {err}");
+                    tracing::warn!(%peer, "API client refused: TLS handshake failed: {err}");
                     None
                 }
                 Err(_) => {
-                    tracing::info!(%peer, "API client refused: no TLS handshake within {HANDSHAKE_LIMIT:?}");
+                    tracing::warn!(%peer, "API client refused: no TLS handshake within {HANDSHAKE_LIMIT:?}");
                     None
                 }
             }

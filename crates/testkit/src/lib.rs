@@ -8,9 +8,11 @@ use std::process::{Command, Output};
 
 mod faulty;
 mod loop_mount;
+mod netns;
 
 pub use faulty::FaultySource;
 pub use loop_mount::LoopMount;
+pub use netns::Network;
 
 /// A command running `name`, which must be installed.
 pub fn tool(name: &str) -> Command {

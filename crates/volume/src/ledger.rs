@@ -470,6 +470,14 @@ impl Ledger {
         }
     }
 
+    /// Makes the source and the journal durable, when the destination
+    /// cannot be flushed: the changes that wait for a flush of both stores
+    /// keep waiting.
+    pub async fn make_source_durable(&self) -> Result<()> {
+        self.source.flush().await?;
+        self.sync_journal().await
+    }
+
     /// Makes the journal durable (after the stores were flushed): every
     /// record appended before the call, whoever appended it. A failure
     /// freezes the ledger.

@@ -392,6 +392,8 @@ impl Migration {
     /// wherever the data is complete.
     pub async fn run(&self) -> Outcome<Phase> {
         *self.error.lock() = None;
+        // A destination failure of an earlier run was that run's to report.
+        self.device.ledger().take_destination_failure();
         let result = self.drive().await;
         match &result {
             Ok(_) => self.set_activity(Activity::Idle),
@@ -1027,7 +1029,7 @@ impl Migration {
 
     /// A snapshot of where the migration stands.
     pub async fn progress(&self) -> Progress {
-        let mode = self.device.mode().await;
+        let mode = self.device.shown_mode();
         let chunks = self.device.chunks();
         let position = self.position.lock().clone();
         let on_destination = chunks.len() - chunks.count(ChunkState::Source);
@@ -1148,4 +1150,34 @@ fn check_resume(saved: &Meta, wanted: &Meta, dir: &Path) -> Outcome<Meta> {
         return mismatch("strategy", a, b);
     }
     Ok(saved.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmm_store::MemoryStore;
+
+    /// The daemon drives a migration and reports on it from one task: a
+    /// report that queued behind a switch holding clients would never let
+    /// that task drive the switch again.
+    #[tokio::test]
+    async fn a_report_never_waits_for_clients_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = || Arc::new(MemoryStore::new(1 << 20)) as Arc<dyn BlockStore>;
+        let names = ("source".to_owned(), "destination".to_owned());
+        let config = MigrationConfig {
+            chunk_size: 64 << 10,
+            ..MigrationConfig::default()
+        };
+        let migration = Migration::open(store(), store(), names, dir.path(), config)
+            .await
+            .unwrap();
+        let held = migration.device.pause_clients().await;
+        let report = tokio::time::timeout(Duration::from_secs(2), migration.progress()).await;
+        assert_eq!(
+            report.expect("a report while clients are held").phase,
+            Phase::Copying
+        );
+        drop(held);
+    }
 }

@@ -115,6 +115,16 @@ pub enum Mode {
     Source,
 }
 
+impl Mode {
+    /// Whether the source holds every acknowledged write in this mode.
+    pub fn source_is_complete(self) -> bool {
+        matches!(
+            self,
+            Mode::TrackDirty | Mode::Mirror | Mode::AsyncMirror | Mode::Source
+        )
+    }
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -46,6 +46,10 @@ struct PeerLink {
 /// the migration falls back to tracking them on the source.
 const PEER_RECONNECT_WITHIN: Duration = Duration::from_secs(3);
 
+/// How long a request to a peer's export waits for its reply before the
+/// connection is presumed dead (a network cut sends no reset).
+const PEER_REPLY_WITHIN: Duration = Duration::from_secs(5);
+
 /// Failures in a row, the peer answering each time, before a move gives up
 /// (a destination that fails for another reason than being away).
 const FAILURES_WITH_PEER_UP: u32 = 3;
@@ -135,7 +139,8 @@ async fn open_stores(spec: &VolumeSpec, peers: &Arc<Peers>) -> Result<Stores> {
     let store = NbdStore::connect_uri(&uri)
         .await
         .map_err(open("target"))?
-        .reconnecting_within(PEER_RECONNECT_WITHIN);
+        .reconnecting_within(PEER_RECONNECT_WITHIN)
+        .replies_within(PEER_REPLY_WITHIN);
     let client = peers.client(peer).ok_or_else(|| {
         Error::new(
             ErrorKind::Invalid,
@@ -237,6 +242,12 @@ impl VolumeEngine {
     async fn wait_for_peer(&self, peer: &PeerLink) -> Waited {
         let mut away = false;
         let mut pause = Duration::from_millis(500);
+        // The export's link does not dial again within its window of the
+        // last attempt: the first probe waits that long.
+        tokio::select! {
+            () = tokio::time::sleep(PEER_RECONNECT_WITHIN) => {}
+            () = self.controls().until_interrupted() => return self.interrupted(),
+        }
         loop {
             let asked = tokio::select! {
                 asked = peer.peers.prepare_target(&peer.name, &peer.request) => asked,

@@ -124,6 +124,13 @@ impl Connection {
         }
     }
 
+    /// Gives the connection up: every waiting request fails, and any
+    /// later one (a server that stopped answering, a network cut that
+    /// TCP would take many minutes to notice).
+    pub(crate) fn close(&self, reason: String) {
+        self.shared.lock().close(reason);
+    }
+
     /// Sends a request and waits for its reply.
     pub(crate) async fn request(
         &self,

@@ -115,6 +115,9 @@ pub(crate) struct Link {
     dial: Option<Dial>,
     /// How long to dial before giving up.
     window: Duration,
+    /// How long a request waits for its reply before the connection is
+    /// presumed dead (`None`: as long as TCP keeps it).
+    reply_within: Option<Duration>,
     size: u64,
     /// Whether the server has a cache to flush (no flush, no replay).
     flushes: bool,
@@ -131,6 +134,7 @@ impl Link {
             current: Mutex::new((0, Arc::new(connection))),
             dial,
             window: RECONNECT_WITHIN,
+            reply_within: None,
             size: info.size,
             flushes: info.flags & crate::proto::transmission_flag::SEND_FLUSH != 0,
             replay: Mutex::new(Replay::default()),
@@ -143,13 +147,33 @@ impl Link {
         self.window = window;
     }
 
+    pub(crate) fn set_reply_within(&mut self, limit: Duration) {
+        self.reply_within = Some(limit);
+    }
+
+    /// Sends `request` on `connection`; one that gets no reply in time
+    /// gives the connection up.
+    async fn on(&self, request: &Request, connection: &Connection) -> Result<Response, Failure> {
+        let Some(limit) = self.reply_within else {
+            return request.on(connection).await;
+        };
+        match tokio::time::timeout(limit, request.on(connection)).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                let why = format!("no reply within {:.1} s", limit.as_secs_f64());
+                connection.close(why.clone());
+                Err(Failure::Lost(why))
+            }
+        }
+    }
+
     /// Sends `request`, on a new connection if the server went away and
     /// came back in time.
     pub(crate) async fn send(&self, request: Request) -> Result<Response, Failure> {
         for sends in 1.. {
             let (generation, connection) = self.current.lock().clone();
             let mark = self.replay.lock().next;
-            let sent = request.on(&connection).await;
+            let sent = self.on(&request, &connection).await;
             match sent {
                 Ok(response) => {
                     self.acknowledged(&request, mark).await?;
@@ -234,7 +258,15 @@ impl Link {
         let mut pause = FIRST_PAUSE;
         let mut last = reason.clone();
         while started.elapsed() < self.window {
-            match dial().await {
+            // A dial into a cut network would wait for TCP's own timeout.
+            let limit = self
+                .reply_within
+                .unwrap_or(self.window)
+                .min(self.window.saturating_sub(started.elapsed()));
+            let dialed = tokio::time::timeout(limit, dial())
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {:.1} s", limit.as_secs_f64())));
+            match dialed {
                 Ok((_, info)) if info.size != self.size => {
                     return Err(Failure::Lost(format!(
                         "{reason}; the export came back with {} bytes instead of {}",
@@ -277,7 +309,7 @@ impl Link {
             .map(|(_, r)| r.clone())
             .collect();
         for request in &kept {
-            request.on(connection).await?;
+            self.on(request, connection).await?;
         }
         Ok(kept.len())
     }

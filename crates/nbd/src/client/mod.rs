@@ -72,6 +72,14 @@ impl NbdStore {
         self
     }
 
+    /// How long a request waits for its reply before the connection is
+    /// presumed dead and dialed again (by default, as long as TCP keeps
+    /// it: a cut network can take many minutes to notice).
+    pub fn replies_within(mut self, limit: std::time::Duration) -> NbdStore {
+        self.link.set_reply_within(limit);
+        self
+    }
+
     /// Negotiates `export` over an already-connected stream (a store that
     /// cannot dial again: a lost connection fails its requests).
     pub async fn over<S>(stream: S, export: &str, target: String) -> Result<NbdStore>

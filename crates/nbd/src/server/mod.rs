@@ -137,6 +137,10 @@ impl Server {
             tracing::debug!(%peer, "client connected");
             match connection(stream, &exports, &config, shutdown).await {
                 Ok(()) => tracing::debug!(%peer, "client disconnected"),
+                // A certificate refused is worth an admin's attention.
+                Err(err @ ConnectionError::Tls(_)) => {
+                    tracing::warn!(%peer, "client refused: {err}")
+                }
                 Err(err) => tracing::info!(%peer, "client dropped: {err}"),
             }
         });

@@ -90,6 +90,8 @@ pub struct VirtualDevice {
     ledger: Arc<Ledger>,
     locks: Arc<ChunkLocks>,
     gate: RwLock<Mode>,
+    /// The mode as last seen through the gate, for reports.
+    last_mode: Mutex<Mode>,
     aio: Mutex<Option<Arc<AioQueue>>>,
     /// Both stores are local files the kernel copies between.
     kernel_copies: AtomicBool,
@@ -126,6 +128,7 @@ impl VirtualDevice {
             ledger: Arc::new(ledger),
             locks: ChunkLocks::new(),
             gate: RwLock::new(mode),
+            last_mode: Mutex::new(mode),
             aio: Mutex::new(None),
             kernel_copies: AtomicBool::new(kernel_copies),
             stats: Arc::new(ClientStats::default()),
@@ -148,8 +151,18 @@ impl VirtualDevice {
         &self.stats
     }
 
-    pub(crate) async fn mode(&self) -> Mode {
-        *self.gate.read().await
+    /// The routing mode for a report, without waiting at the gate: a
+    /// report must never queue behind a switch (the task that reports may
+    /// be the one that drives the switch); while clients are held it is
+    /// the mode last seen.
+    pub(crate) fn shown_mode(&self) -> Mode {
+        match self.gate.try_read() {
+            Ok(mode) => {
+                *self.last_mode.lock() = *mode;
+                *mode
+            }
+            Err(_) => *self.last_mode.lock(),
+        }
     }
 
     /// Holds client requests back while the returned guard lives: requests
@@ -419,8 +432,31 @@ impl VirtualDevice {
             changed => changed,
         }?;
         match fua {
-            true => self.make_fua_durable(changed).await,
+            true => {
+                let durable = self.make_fua_durable(changed).await;
+                self.unless_destination_alone(*mode, durable).await
+            }
             false => Ok(()),
+        }
+    }
+
+    /// A durability wait that failed on the destination alone while the
+    /// source holds every acknowledged write (`mode`) is met by the
+    /// source: the client's writes are durable there. The migration learns
+    /// why (its run fails and falls back to tracking writes), and the
+    /// copies that waited for the destination's flush stay unrecorded, to
+    /// be made again.
+    async fn unless_destination_alone(&self, mode: Mode, durable: Result<()>) -> Result<()> {
+        match durable {
+            Err(err)
+                if mode.source_is_complete()
+                    && err.target() == self.destination.target()
+                    && !self.ledger.is_frozen() =>
+            {
+                self.ledger.destination_failed(err);
+                self.ledger.make_source_durable().await
+            }
+            other => other,
         }
     }
 
@@ -876,8 +912,9 @@ impl BlockStore for VirtualDevice {
     }
 
     async fn flush(&self) -> Result<()> {
-        let _mode = self.enter().await;
-        self.make_durable().await
+        let mode = self.enter().await;
+        let durable = self.make_durable().await;
+        self.unless_destination_alone(*mode, durable).await
     }
 
     async fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
