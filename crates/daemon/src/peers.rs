@@ -93,9 +93,10 @@ impl Peers {
         (self.addresses.contains_key(node) && path.starts_with('/')).then_some((node, path))
     }
 
-    /// Asks `peer` to receive a volume into `path` and returns the NBD URI
-    /// (TLS, this node's certificates, the peer's name checked) of the
-    /// export it offers for it.
+    /// Asks `peer` who it is (it must speak this node's peer protocol),
+    /// then to receive a volume into `path`; returns the NBD URI (TLS, this
+    /// node's certificates, the peer's name checked) of the export it
+    /// offers for it.
     pub async fn prepare_target(&self, peer: &str, request: &ReceiveRequest) -> Result<String> {
         let unknown = || {
             Error::new(
@@ -104,12 +105,26 @@ impl Peers {
             )
         };
         let client = self.client(peer).ok_or_else(unknown)?;
-        let receiving = client.peer_receive(request).await.map_err(|e| {
+        let cannot = |why: String| {
             Error::new(
                 ErrorKind::Failed,
-                format!("{peer} cannot receive {}: {e}", request.path),
+                format!("{peer} cannot receive {}: {why}", request.path),
             )
-        })?;
+        };
+        let hello = client
+            .peer_hello()
+            .await
+            .map_err(|e| cannot(e.to_string()))?;
+        if hello.protocol != PROTOCOL {
+            return Err(cannot(format!(
+                "it speaks peer protocol {} (this node {PROTOCOL})",
+                hello.protocol
+            )));
+        }
+        let receiving = client
+            .peer_receive(request)
+            .await
+            .map_err(|e| cannot(e.to_string()))?;
         self.nbd_uri(peer, &receiving.nbd, &receiving.export)
     }
 

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use common::{DMM, Daemon, MIB, path, scratch, source_image, tool};
 
@@ -366,4 +366,87 @@ fn a_peer_that_never_answers_is_shown_down_within_the_call_limit() {
     let error = peers[0]["error"].as_str().unwrap();
     assert!(error.contains("did not answer within 10 s"), "{peers}");
     assert!(a.daemon.stop().success(), "SIGTERM still stops it");
+}
+
+/// qemu-io commands on `export` of node B over TLS, with `certificates`.
+fn qemu_io_on(b: &Node, certificates: &Path, export: &str, commands: &[&str]) -> Output {
+    let mut command = tool("qemu-io");
+    command.args([
+        "--object",
+        &format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            path(certificates)
+        ),
+        "--image-opts",
+        &format!(
+            "driver=nbd,host=127.0.0.1,port={},export={export},tls-creds=tls0,tls-hostname=node-b",
+            b.nbd().rsplit_once(':').unwrap().1
+        ),
+    ]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn a_rollback_after_the_handoff_brings_back_what_clients_of_both_nodes_wrote() {
+    let dir = scratch();
+    let (a, b, certs) = pair(dir.path());
+    let source = source_image(dir.path(), "vm2.raw", 16 * MIB, 9);
+    let destination = dir.path().join("vm2-on-b.raw");
+    let migid = a
+        .daemon
+        .ok(&[
+            "create",
+            "-p",
+            &format!("source={}", path(&source)),
+            "-p",
+            &format!("target=node-b:{}", path(&destination)),
+            "-p",
+            "export=vm2",
+        ])
+        .trim()
+        .to_owned();
+    a.daemon.wait_state(
+        &migid,
+        &["switched-over"],
+        std::time::Duration::from_secs(60),
+    );
+    // After the handoff: one write through node A, one through node B
+    // (which goes through node A's migration until the commit).
+    let on_a = tool("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x3a 1M 64k"])
+        .arg(a.daemon.export_uri("vm2"))
+        .output()
+        .unwrap();
+    assert!(clean(&on_a), "{on_a:?}");
+    let started = std::time::Instant::now();
+    while !clean(&qemu_io_on(&b, &certs[2], "vm2", &["write -P 0x3b 5M 64k"])) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "node B never served vm2"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    a.daemon.ok(&["rollback", &migid]);
+    a.daemon
+        .wait_state(&migid, &["rolled-back"], std::time::Duration::from_secs(60));
+    a.daemon.ok(&["delete", &migid]);
+    // The source holds both writes; node B no longer serves the volume.
+    let read = tool("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3a 1M 64k",
+            "-c",
+            "read -P 0x3b 5M 64k",
+        ])
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(clean(&read), "{read:?}");
+    let gone = qemu_io_on(&b, &certs[2], "vm2", &["read 0 4k"]);
+    assert!(!clean(&gone), "{gone:?}");
 }
