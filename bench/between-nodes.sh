@@ -60,14 +60,13 @@ done
 ip -n "$ns_a" link set "v${$}a" up
 ip -n "$ns_b" link set "v${$}b" up
 in_a() { ip netns exec "$ns_a" "$@"; }
-in_b() { ip netns exec "$ns_b" "$@"; }
 
 # Certificates: one CA, a certificate per node (dmm's directories are laid
 # out as QEMU's tls-creds-x509 and libnbd expect).
 "$DMM" tls init "$work/ca" >/dev/null
-for name in node-a node-b; do
-    "$DMM" tls issue --ca "$work/ca" "$name" --out "$work/$name" >/dev/null
-done
+# libnbd checks the server's certificate against the address too.
+"$DMM" tls issue --ca "$work/ca" node-a --also 127.0.0.1 --also "$addr_a" --out "$work/node-a" >/dev/null
+"$DMM" tls issue --ca "$work/ca" node-b --also "$addr_b" --out "$work/node-b" >/dev/null
 echo token-for-the-benchmark >"$work/token"
 
 # Starts node NAME's daemon in its namespace; sets DAEMON_PID.
@@ -76,7 +75,7 @@ start_node() {
     ip netns exec "$ns" "$DMM" daemon --state-dir "$work/$name-state" --node "$name" \
         --listen "$addr:7001" --token-file "$work/token" --tls-certificates "$work/$name" \
         --nbd-listen "0.0.0.0:10809" --tls=require --peer "$peer=$peer_addr:7001" \
-        2>>"$work/$name.log" &
+        >/dev/null 2>>"$work/$name.log" &
     DAEMON_PID=$!
     bench_track "$DAEMON_PID"
     DAEMON_STATE=$work/$name-state
@@ -109,15 +108,29 @@ forget() {
 # B, both with TLS.
 start_qemu_nbd() {
     empty_image "$destination" "$size"
-    in_a qemu-nbd -f raw --object "tls-creds-x509,id=tls0,endpoint=server,dir=$work/node-a" \
-        --tls-creds tls0 -p 10810 -b 127.0.0.1 -t "$source_image" 2>/dev/null &
+    # Not through in_a: $! must be the server itself, to stop it.
+    ip netns exec "$ns_a" qemu-nbd -f raw \
+        --object "tls-creds-x509,id=tls0,endpoint=server,dir=$work/node-a" \
+        --tls-creds tls0 -p 10810 -b 127.0.0.1 -t "$source_image" >/dev/null 2>&1 &
     qemu_a=$!
     bench_track "$qemu_a"
-    in_b qemu-nbd -f raw --object "tls-creds-x509,id=tls0,endpoint=server,dir=$work/node-b" \
-        --tls-creds tls0 -p 10810 -b "$addr_b" -t "$destination" 2>/dev/null &
+    ip netns exec "$ns_b" qemu-nbd -f raw \
+        --object "tls-creds-x509,id=tls0,endpoint=server,dir=$work/node-b" \
+        --tls-creds tls0 -p 10810 -b "$addr_b" -t "$destination" >/dev/null 2>&1 &
     qemu_b=$!
     bench_track "$qemu_b"
-    sleep 0.5
+    wait_port "$ns_a" 127.0.0.1 10810
+    wait_port "$ns_b" "$addr_b" 10810
+}
+
+# Waits until something listens on ADDR:PORT in namespace NS.
+wait_port() {
+    for _ in $(seq 200); do
+        ip netns exec "$1" bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on $2:$3 in $1" >&2
+    exit 1
 }
 
 stop_qemu_nbd() {
@@ -152,7 +165,7 @@ copy_checked() {
     nbdcopy)
         start_qemu_nbd
         start=$(now)
-        in_a nbdcopy --request-size=1M \
+        in_a nbdcopy --request-size=1048576 \
             "nbds://127.0.0.1:10810?tls-certificates=$work/node-a&tls-hostname=node-a" \
             "nbds://$addr_b:10810?tls-certificates=$work/node-a&tls-hostname=node-b"
         took=$(since "$start")
@@ -166,12 +179,12 @@ copy_checked() {
 }
 
 tools=(dmm dmm-verified qemu-img nbdcopy)
-declare -A samples
+declare -A copy_times
 for round in $(seq "$ROUNDS"); do
     for tool in "${tools[@]}"; do
         cat "$source_image" >/dev/null
         took=$(copy_checked "$tool")
-        samples[$tool]+="$took "
+        copy_times[$tool]+="$took "
         echo "round $round $tool ${took}s" >&2
     done
 done
@@ -188,10 +201,11 @@ plain_or_tls_once() {
         tls_args=(--tls=require --tls-certificates "$work/node-b")
         uri="nbds://$addr_b:10811/?tls-certificates=$work/node-a&tls-hostname=node-b"
     fi
-    in_b "$DMM" serve "$destination" --listen "$addr_b:10811" "${tls_args[@]}" 2>/dev/null &
+    ip netns exec "$ns_b" "$DMM" serve "$destination" --listen "$addr_b:10811" "${tls_args[@]}" \
+        >/dev/null 2>&1 &
     server=$!
     bench_track "$server"
-    sleep 0.5
+    wait_port "$ns_b" "$addr_b" 10811
     rm -rf "$work/migrate-state"
     start=$(now)
     in_a "$DMM" migrate --state-dir "$work/migrate-state" --socket "$work/migrate.sock" \
@@ -215,7 +229,7 @@ done
 
 # --- A client during a move --------------------------------------------------
 
-move_seconds=$(median_of samples dmm-verified)
+move_seconds=$(median_of copy_times dmm-verified)
 fio_seconds=$(awk -v s="$move_seconds" 'BEGIN {printf "%d", s + 1}')
 
 # fio's job through SOCKET for fio_seconds; prints "IOPS p99_usec".
@@ -230,7 +244,7 @@ client_job() {
 declare -A client
 for round in $(seq "$ROUNDS"); do
     cat "$source_image" >/dev/null
-    "$DMM" serve "$source_image" --socket "$work/serve.sock" 2>/dev/null &
+    "$DMM" serve "$source_image" --socket "$work/serve.sock" >/dev/null 2>&1 &
     server=$!
     bench_track "$server"
     wait_socket "$work/serve.sock"
@@ -265,9 +279,9 @@ report() {
     echo "- \`dmm-verified\`: the same with the default verification: each node hashes its chunks (BLAKE3),"
     echo "  only the digests cross the link. The peers verify nothing."
     echo "- \`qemu-img\`: \`qemu-img convert -n -W -m 16\` in node A between qemu-nbd exports with TLS (the"
-    echo "  source on node A, the destination on node B). \`nbdcopy\`: the same exports, \`--request-size=1M\`."
+    echo "  source on node A, the destination on node B). \`nbdcopy\`: the same exports, \`--request-size=1048576\`."
     echo
-    time_ratio_table --volume "$size" samples "${tools[@]}"
+    time_ratio_table --volume "$size" copy_times "${tools[@]}"
     echo
     echo "The cost of TLS: \`dmm migrate --verify none\` in node A into \`dmm serve\` in node B, the same copy"
     echo "with \`--tls=require\` and in plain text:"
@@ -295,7 +309,7 @@ report() {
     echo "All samples (seconds, one per round):"
     echo
     echo '```'
-    for tool in "${tools[@]}"; do printf '%-13s %s\n' "$tool" "${samples[$tool]}"; done
+    for tool in "${tools[@]}"; do printf '%-13s %s\n' "$tool" "${copy_times[$tool]}"; done
     for mode in tls plain; do printf '%-13s %s\n' "migrate-$mode" "${wire[$mode]}"; done
     for key in baseline/iops baseline/p99 move/iops move/p99; do printf '%-13s %s\n' "$key" "${client[$key]}"; done
     echo '```'

@@ -12,32 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{DMM, Daemon, MIB, path, scratch, source_image, tool};
+use common::{Daemon, MIB, certificates, path, scratch, source_image, tool};
 use dmm_testkit::Network;
 
 /// The NBD port of every node (each has its own namespace).
 const NBD_PORT: u16 = 10809;
 /// The API port of every node.
 const API_PORT: u16 = 7001;
-
-fn dmm(args: &[&str]) {
-    let output = Command::new(DMM).args(args).output().unwrap();
-    assert!(output.status.success(), "dmm {args:?}: {output:?}");
-}
-
-/// A CA in `dir/ca` and a certificate directory per name.
-fn certificates(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
-    let ca = dir.join("ca");
-    dmm(&["tls", "init", path(&ca)]);
-    names
-        .iter()
-        .map(|name| {
-            let out = dir.join(name);
-            dmm(&["tls", "issue", "--ca", path(&ca), name, "--out", path(&out)]);
-            out
-        })
-        .collect()
-}
 
 /// Two nodes and a client, each in its namespace.
 struct Cluster {

@@ -7,39 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{DMM, Daemon, MIB, path, scratch, source_image, tool};
-
-fn dmm(args: &[&str]) {
-    let output = Command::new(DMM).args(args).output().unwrap();
-    assert!(output.status.success(), "dmm {args:?}: {output:?}");
-}
-
-/// A CA in `dir/ca` and certificates for `names` (valid for 127.0.0.1
-/// too), each in `dir/NAME`.
-fn certificates(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
-    let ca = dir.join("ca");
-    dmm(&["tls", "init", path(&ca)]);
-    names
-        .iter()
-        .map(|name| {
-            let out = dir.join(name);
-            dmm(&[
-                "tls",
-                "issue",
-                "--ca",
-                path(&ca),
-                name,
-                "--also",
-                "127.0.0.1",
-                "--out",
-                path(&out),
-            ]);
-            out
-        })
-        .collect()
-}
+use common::{Daemon, MIB, certificates, path, scratch, source_image, tool};
 
 /// curl over TLS with `certificates`' CA, and its client certificate if
 /// `present`; the body and the status code.

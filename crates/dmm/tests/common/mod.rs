@@ -645,3 +645,35 @@ pub fn assert_same_images(a: &Path, b: &Path) {
         b.display()
     );
 }
+
+// Certificates for the tests between nodes.
+
+fn dmm(args: &[&str]) {
+    let output = Command::new(DMM).args(args).output().unwrap();
+    assert!(output.status.success(), "dmm {args:?}: {output:?}");
+}
+
+/// A CA in `dir/ca` (made by `dmm tls`) and certificates for `names` (valid for 127.0.0.1
+/// too), each in `dir/NAME`.
+pub fn certificates(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+    let ca = dir.join("ca");
+    dmm(&["tls", "init", path(&ca)]);
+    names
+        .iter()
+        .map(|name| {
+            let out = dir.join(name);
+            dmm(&[
+                "tls",
+                "issue",
+                "--ca",
+                path(&ca),
+                name,
+                "--also",
+                "127.0.0.1",
+                "--out",
+                path(&out),
+            ]);
+            out
+        })
+        .collect()
+}
