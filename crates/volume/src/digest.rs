@@ -50,6 +50,11 @@ pub trait RemoteDigests: Send + Sync {
 /// tolerates (a chunk that changed meanwhile left `Both` and is not
 /// compared; one that differs is compared again, locked, with a digest
 /// asked for then).
+///
+/// Locks: `fetched` is taken with no chunk lock held and never under the
+/// clients' gate; the locked comparison ([`Lookahead::now`]) does not take
+/// it. Its wait is bounded by the remote's own limit (a peer call gives up
+/// after 10 s), and a stop request ends the sweep that waits.
 pub(crate) struct Lookahead {
     remote: Arc<dyn RemoteDigests>,
     fetched: tokio::sync::Mutex<HashMap<u64, blake3::Hash>>,
