@@ -12,12 +12,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dmm_store::{BlockStore, Error, ErrorKind, Op, Result};
+use roaring::RoaringTreemap;
 
 use crate::chunks::{ChunkMap, ChunkState};
 use crate::device::whole_extents;
 
 /// How many chunks one call to a [`RemoteDigests`] asks for at most.
 pub const DIGESTS_PER_CALL: usize = 64;
+
+/// How many digests fetched ahead are kept before those behind the
+/// sweep are dropped.
+const KEPT_AHEAD: usize = 4 * DIGESTS_PER_CALL;
 
 /// The BLAKE3 digest of `len` bytes at `offset`: holes and zero extents
 /// hash as the zeroes they read as, so a sparse and a full copy of the
@@ -51,44 +56,81 @@ pub trait RemoteDigests: Send + Sync {
 /// compared; one that differs is compared again, locked, with a digest
 /// asked for then).
 ///
+/// A sweep verifies a few chunks at once, so they are asked for nearly,
+/// not exactly, in order: the chunks handed out in this sweep are
+/// remembered and not fetched again; a chunk asked for a second time
+/// starts a new sweep.
+///
 /// Locks: `fetched` is taken with no chunk lock held and never under the
 /// clients' gate; the locked comparison ([`Lookahead::now`]) does not take
 /// it. Its wait is bounded by the remote's own limit (a peer call gives up
 /// after 10 s), and a stop request ends the sweep that waits.
 pub(crate) struct Lookahead {
     remote: Arc<dyn RemoteDigests>,
-    fetched: tokio::sync::Mutex<HashMap<u64, blake3::Hash>>,
+    fetched: tokio::sync::Mutex<Fetched>,
 }
 
-impl Lookahead {
-    pub(crate) fn new(remote: Arc<dyn RemoteDigests>) -> Lookahead {
-        Lookahead {
-            remote,
-            fetched: tokio::sync::Mutex::new(HashMap::new()),
+/// Digests fetched ahead and not yet handed out, and the chunks handed
+/// out in the current sweep.
+#[derive(Default)]
+struct Fetched {
+    ahead: HashMap<u64, blake3::Hash>,
+    handed: RoaringTreemap,
+}
+
+impl Fetched {
+    /// The digest of `chunk` if it was fetched ahead.
+    fn take(&mut self, chunk: u64) -> Option<blake3::Hash> {
+        if self.handed.contains(chunk) {
+            *self = Fetched::default();
         }
+        if self.ahead.len() >= KEPT_AHEAD {
+            // Left behind: chunks written since they were fetched.
+            self.ahead.retain(|&kept, _| kept > chunk);
+        }
+        let hash = self.ahead.remove(&chunk);
+        self.handed.insert(chunk);
+        hash
     }
 
-    /// The digest of `chunk`, fetched with those after it if it was not.
-    pub(crate) async fn ahead(&self, chunks: &ChunkMap, chunk: u64) -> Result<blake3::Hash> {
-        let mut fetched = self.fetched.lock().await;
-        if let Some(hash) = fetched.remove(&chunk) {
-            return Ok(hash);
-        }
+    /// `chunk` and the chunks after it held by both stores that were
+    /// neither fetched nor handed out in this sweep.
+    fn wanted(&self, chunks: &ChunkMap, chunk: u64) -> Vec<u64> {
         let mut wanted = vec![chunk];
         let mut next = chunk + 1;
         while wanted.len() < DIGESTS_PER_CALL {
             let Some(found) = chunks.next_in(ChunkState::Both, next) else {
                 break;
             };
-            wanted.push(found);
+            if !self.handed.contains(found) && !self.ahead.contains_key(&found) {
+                wanted.push(found);
+            }
             next = found + 1;
         }
+        wanted
+    }
+}
+
+impl Lookahead {
+    pub(crate) fn new(remote: Arc<dyn RemoteDigests>) -> Lookahead {
+        Lookahead {
+            remote,
+            fetched: tokio::sync::Mutex::new(Fetched::default()),
+        }
+    }
+
+    /// The digest of `chunk`, fetched with those after it if it was not.
+    pub(crate) async fn ahead(&self, chunks: &ChunkMap, chunk: u64) -> Result<blake3::Hash> {
+        let mut fetched = self.fetched.lock().await;
+        if let Some(hash) = fetched.take(chunk) {
+            return Ok(hash);
+        }
+        let wanted = fetched.wanted(chunks, chunk);
         let ranges = wanted.iter().map(|&c| chunks.bytes(c)).collect();
         let hashes = self.remote.digests(ranges).await?;
         let mut hashes = wanted.iter().copied().zip(hashes);
         let first = hashes.next().map(|(_, hash)| hash);
-        fetched.clear();
-        fetched.extend(hashes);
+        fetched.ahead.extend(hashes);
         first.ok_or_else(|| no_answer(chunks, chunk))
     }
 
