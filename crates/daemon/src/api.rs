@@ -29,6 +29,7 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use crate::access::{self, Access};
 use crate::client::Digests;
+use crate::cluster::{ClusterView, Node, Whereabouts};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Requests};
 use crate::peers::{Hello, PeerStatus, Peers};
@@ -467,6 +468,30 @@ async fn survey_peers(Extension(peers): Extension<Arc<Peers>>) -> Json<Vec<PeerS
     Json(peers.survey().await)
 }
 
+/// This node in its cluster, or why there is none.
+fn in_cluster(node: Option<Arc<Node>>) -> Result<Arc<Node>, ApiError> {
+    node.ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "this daemon is not in a cluster (start it with --etcd URLS and --node NAME)"
+                .to_owned(),
+        )
+    })
+}
+
+/// The nodes of the cluster, and this node's fence (`dmm nodes`).
+async fn cluster_nodes(Extension(node): Extension<Option<Arc<Node>>>) -> Reply<ClusterView> {
+    Ok(Json(in_cluster(node)?.view().await?))
+}
+
+/// Who owns a volume (`dmm where`).
+async fn cluster_volume(
+    Extension(node): Extension<Option<Arc<Node>>>,
+    Path(volume): Path<String>,
+) -> Reply<Whereabouts> {
+    Ok(Json(in_cluster(node)?.whereabouts(&volume).await?))
+}
+
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -482,6 +507,7 @@ pub fn router(
     requests: Arc<Requests>,
     dashboard: Arc<Dashboard>,
     peers: Arc<Peers>,
+    node: Option<Arc<Node>>,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -490,6 +516,8 @@ pub fn router(
         .route("/api/catalog", get(catalog_tables))
         .route("/api/config", get(get_config).patch(set_config))
         .route("/api/peers", get(survey_peers))
+        .route("/api/cluster/nodes", get(cluster_nodes))
+        .route("/api/cluster/volumes/{volume}", get(cluster_volume))
         .route("/api/peer/hello", get(peer_hello))
         .route("/api/peer/receive", post(peer_receive))
         .route("/api/peer/serve", post(peer_serve))
@@ -517,6 +545,7 @@ pub fn router(
         .layer(Extension(requests))
         .layer(Extension(dashboard))
         .layer(Extension(peers))
+        .layer(Extension(node))
 }
 
 /// The same routes for a TCP listener: every request needs the token or a

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::cluster::{ClusterView, Whereabouts};
 use crate::peers::{Hello, PeerStatus};
 use crate::receive::{ReceiveRequest, Receiving};
 use crate::settings::Shown as Setting;
@@ -236,6 +237,18 @@ impl Client {
         self.call(Method::GET, "/api/peers", None::<()>).await
     }
 
+    /// The nodes of the daemon's cluster (`dmm nodes`).
+    pub async fn cluster_nodes(&self) -> Result<ClusterView, ClientError> {
+        self.call(Method::GET, "/api/cluster/nodes", None::<()>)
+            .await
+    }
+
+    /// Which node owns a volume (`dmm where`).
+    pub async fn whereabouts(&self, volume: &str) -> Result<Whereabouts, ClientError> {
+        let path = format!("/api/cluster/volumes/{}", path_segment(volume));
+        self.call(Method::GET, &path, None::<()>).await
+    }
+
     /// Whether the daemon answers, and its version.
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.call(Method::GET, "/api/health", None::<()>).await
@@ -379,4 +392,19 @@ where
         .map_err(|e| transport("handshake")(e.into()))?;
     tokio::spawn(connection);
     Ok(sender)
+}
+
+/// `text` as one segment of a URL's path: every byte but the unreserved
+/// ones percent-encoded.
+fn path_segment(text: &str) -> String {
+    let mut segment = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                segment.push(byte as char)
+            }
+            other => segment.push_str(&format!("%{other:02X}")),
+        }
+    }
+    segment
 }

@@ -12,6 +12,7 @@
 mod access;
 mod api;
 mod client;
+mod cluster;
 mod engine;
 mod error;
 mod layout;
@@ -39,6 +40,7 @@ use dmm_nbd::{ExportTable, Server, ServerConfig};
 use crate::supervisor::Supervisor;
 
 pub use client::{Client, ClientError, Endpoint, Health};
+pub use cluster::{ClusterView, Joining, Whereabouts};
 pub use dmm_catalog::{Event, Intent, Kind, MigrationId, MigrationRecord, State, Verb};
 pub use dmm_tree::{TreePhase, TreeReport};
 pub use engine::Report;
@@ -95,6 +97,8 @@ pub struct DaemonConfig {
     pub node: Option<String>,
     /// Peer daemons by name: the TCP address of each one's API.
     pub peers: std::collections::BTreeMap<String, String>,
+    /// The cluster on etcd this node joins (`--etcd`), if any.
+    pub cluster: Option<Joining>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -112,8 +116,18 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     };
     let peers = Arc::new(peers_of(&config)?);
     let catalog = Arc::new(Catalog::open(&layout.catalog())?);
+    let node = join_cluster(&config, &layout).await?;
     let exports = Arc::new(ExportTable::new());
-    let supervisor = Supervisor::new(catalog, &layout, exports.clone(), peers.clone());
+    if let Some(node) = &node {
+        cluster::Router::install(node.clone(), peers.clone(), &exports);
+    }
+    let supervisor = Supervisor::new(
+        catalog,
+        &layout,
+        exports.clone(),
+        peers.clone(),
+        node.clone(),
+    );
     // One server per kind of listener over the same exports: TLS covers
     // TCP; nbd.sock, which only the daemon's user reaches, stays plain.
     let nbd = Arc::new(Server::new(exports.clone(), ServerConfig::default()));
@@ -184,7 +198,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         api_url,
         open_listener,
     ));
-    let router = api::router(supervisor.clone(), requests, dashboard, peers);
+    let router = api::router(supervisor.clone(), requests, dashboard, peers, node.clone());
     let api_unix = {
         let (router, stop) = (router.clone(), stop.clone());
         tokio::spawn(async move {
@@ -216,9 +230,34 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         let _ = task.await;
     }
     let _ = dashboards.await;
+    if let Some(node) = node {
+        node.leave().await;
+    }
     let _ = std::fs::remove_file(layout.api_socket());
     let _ = std::fs::remove_file(layout.nbd_socket());
     Ok(())
+}
+
+/// Joins the cluster on etcd when the daemon is given one.
+async fn join_cluster(
+    config: &DaemonConfig,
+    layout: &Layout,
+) -> Result<Option<Arc<cluster::Node>>> {
+    let Some(joining) = &config.cluster else {
+        return Ok(None);
+    };
+    let Some(name) = &config.node else {
+        bail!("--etcd needs --node NAME: the name this node's certificate is valid for");
+    };
+    let node = cluster::Node::join(
+        joining,
+        name,
+        config.api_listen.clone(),
+        config.nbd_listen.clone(),
+        layout.root(),
+    )
+    .await?;
+    Ok(Some(node))
 }
 
 /// The TCP listener of the API.

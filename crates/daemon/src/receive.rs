@@ -31,6 +31,7 @@ use dmm_store::{BlockStore, Capabilities, Extent, FileStore, OpenOptions, ZeroMo
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::Node;
 use crate::error::{Error, ErrorKind, Result};
 use crate::peers::Peers;
 
@@ -69,6 +70,9 @@ pub struct Receiver<'a> {
     pub exports: &'a ExportTable,
     pub peers: &'a Peers,
     pub handoffs: &'a Handoffs,
+    /// This node in its cluster, if it is in one: the volumes it serves
+    /// are fenced.
+    pub node: Option<&'a Arc<Node>>,
 }
 
 /// The volumes handed over and not committed yet, by export name.
@@ -222,6 +226,15 @@ impl Receiver<'_> {
         }
         reception.stage = Stage::Serving;
         reception.owner_nbd = Some(owner_nbd.to_owned());
+        if let Some(node) = self.node {
+            // The sender made this node the owner before asking: read it
+            // now rather than at the next renewal, so the fence admits
+            // the first requests.
+            node.cluster
+                .owner(export)
+                .await
+                .map_err(crate::cluster::unavailable)?;
+        }
         let owner = self.connect_owner(&reception).await?;
         self.catalog
             .record_reception(&reception)
@@ -266,6 +279,10 @@ impl Receiver<'_> {
 
     /// Serves a volume under its export name.
     fn publish(&self, reception: &Reception, store: Arc<dyn BlockStore>) -> Result<()> {
+        let store = match self.node {
+            Some(node) => node.fenced(&reception.export, store),
+            None => store,
+        };
         let served =
             Export::new(reception.export.clone(), store).with_description(reception.path.clone());
         self.exports
@@ -539,6 +556,7 @@ mod tests {
             exports: &exports,
             peers,
             handoffs: &handoffs,
+            node: None,
         };
         let path = dir.path().join("vm1.raw");
         let request = asking(&path, 1 << 20);
@@ -607,6 +625,7 @@ mod stages {
             exports: &exports,
             peers: &peers,
             handoffs: &handoffs,
+            node: None,
         };
         let path = dir.path().join("vm1.raw");
         let request = ReceiveRequest {

@@ -100,6 +100,10 @@ enum Command {
     Queue(commands::node::QueueArgs),
     /// List the peer daemons, each asked over mutual TLS who it is.
     Peers,
+    /// List the nodes of the daemon's cluster on etcd, up or down, and the
+    /// volumes each owns.
+    Nodes,
+    Where(commands::node::WhereArgs),
     Ui(commands::ui::UiArgs),
     Tls(commands::tls::TlsArgs),
 }
@@ -147,6 +151,8 @@ async fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Config(args) => commands::node::config(args, global).await,
         Command::Queue(args) => commands::node::queue(args, global).await,
         Command::Peers => commands::node::peers(global).await,
+        Command::Nodes => commands::node::nodes(global).await,
+        Command::Where(args) => commands::node::whereabouts(args, global).await,
         Command::Ui(args) => commands::ui::run(args, global).await,
         Command::Tls(args) => commands::tls::run(args),
     }

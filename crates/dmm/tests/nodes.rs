@@ -7,9 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use common::{Daemon, MIB, certificates, path, scratch, source_image, tool};
+use common::{
+    MIB, PeerNode as Node, certificates, clean, path, peer_daemon, qemu_io_on, scratch,
+    source_image, tool,
+};
 
 /// curl over TLS with `certificates`' CA, and its client certificate if
 /// `present`; the body and the status code.
@@ -36,47 +38,6 @@ fn curl(url: &str, certificates: &Path, present: bool, extra: &[&str]) -> String
     String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
 }
 
-struct Node {
-    daemon: Daemon,
-    api: String,
-    nbd: String,
-}
-
-impl Node {
-    fn nbd(&self) -> &str {
-        &self.nbd
-    }
-}
-
-fn node(dir: &Path, name: &str, certificates: &Path, api: &str, peer: &str) -> Node {
-    let token = dir.join("token");
-    std::fs::write(&token, "correct-horse-battery-staple").unwrap();
-    let nbd = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
-    let daemon = Daemon::start(
-        &dir.join(format!("{name}-state")),
-        &[
-            "--node",
-            name,
-            "--listen",
-            api,
-            "--token-file",
-            path(&token),
-            "--tls-certificates",
-            path(certificates),
-            "--nbd-listen",
-            &nbd,
-            "--tls=require",
-            "--peer",
-            peer,
-        ],
-    );
-    Node {
-        daemon,
-        api: api.to_owned(),
-        nbd,
-    }
-}
-
 #[test]
 fn peers_know_each_other_by_certificate_and_nothing_else() {
     let dir = scratch();
@@ -84,19 +45,21 @@ fn peers_know_each_other_by_certificate_and_nothing_else() {
     let (a_certs, b_certs, rogue) = (&certs[0], &certs[1], &certs[2]);
     let a_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
     let b_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
-    let a = node(
+    let a = peer_daemon(
         dir.path(),
         "node-a",
         a_certs,
         &a_api,
         &format!("node-b={b_api}"),
+        &[],
     );
-    let b = node(
+    let b = peer_daemon(
         dir.path(),
         "node-b",
         b_certs,
         &b_api,
         &format!("node-a={a_api}"),
+        &[],
     );
 
     let peers = a.daemon.json(&["peers"]);
@@ -147,20 +110,27 @@ fn peers_know_each_other_by_certificate_and_nothing_else() {
     assert!(a.daemon.stop().success());
 }
 
-/// Whether qemu-io succeeded with no command failing (it may exit 0 when
-/// a pattern does not match).
-fn clean(output: &std::process::Output) -> bool {
-    let said = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
-    output.status.success() && !said.contains("failed") && !said.contains("error")
-}
-
 /// Two nodes that know each other.
 fn pair(dir: &Path) -> (Node, Node, Vec<PathBuf>) {
     let certs = certificates(dir, &["node-a", "node-b", "rogue"]);
     let a_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
     let b_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
-    let a = node(dir, "node-a", &certs[0], &a_api, &format!("node-b={b_api}"));
-    let b = node(dir, "node-b", &certs[1], &b_api, &format!("node-a={a_api}"));
+    let a = peer_daemon(
+        dir,
+        "node-a",
+        &certs[0],
+        &a_api,
+        &format!("node-b={b_api}"),
+        &[],
+    );
+    let b = peer_daemon(
+        dir,
+        "node-b",
+        &certs[1],
+        &b_api,
+        &format!("node-a={a_api}"),
+        &[],
+    );
     (a, b, certs)
 }
 
@@ -319,12 +289,13 @@ fn a_peer_that_never_answers_is_shown_down_within_the_call_limit() {
         drop(held);
     });
     let a_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
-    let a = node(
+    let a = peer_daemon(
         dir.path(),
         "node-a",
         &certs[0],
         &a_api,
         &format!("node-b={address}"),
+        &[],
     );
     let started = std::time::Instant::now();
     let peers = a.daemon.json(&["peers"]);
@@ -336,27 +307,6 @@ fn a_peer_that_never_answers_is_shown_down_within_the_call_limit() {
     let error = peers[0]["error"].as_str().unwrap();
     assert!(error.contains("did not answer within 10 s"), "{peers}");
     assert!(a.daemon.stop().success(), "SIGTERM still stops it");
-}
-
-/// qemu-io commands on `export` of node B over TLS, with `certificates`.
-fn qemu_io_on(b: &Node, certificates: &Path, export: &str, commands: &[&str]) -> Output {
-    let mut command = tool("qemu-io");
-    command.args([
-        "--object",
-        &format!(
-            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-            path(certificates)
-        ),
-        "--image-opts",
-        &format!(
-            "driver=nbd,host=127.0.0.1,port={},export={export},tls-creds=tls0,tls-hostname=node-b",
-            b.nbd().rsplit_once(':').unwrap().1
-        ),
-    ]);
-    for c in commands {
-        command.args(["-c", c]);
-    }
-    command.output().unwrap()
 }
 
 #[test]

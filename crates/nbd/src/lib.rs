@@ -17,5 +17,5 @@ mod writer;
 
 pub use client::{Endpoint, NbdAddress, NbdStore, RECONNECT_WITHIN, TlsTarget, UriError};
 pub use open::{Access, OpenedStore, open_store};
-pub use server::{Export, ExportExists, ExportTable, Server, ServerConfig, bind_unix};
+pub use server::{Export, ExportExists, ExportTable, Route, Server, ServerConfig, bind_unix};
 pub use tls::{ServerTls, TlsMode};

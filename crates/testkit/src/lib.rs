@@ -6,10 +6,12 @@
 
 use std::process::{Command, Output};
 
+mod etcd;
 mod faulty;
 mod loop_mount;
 mod netns;
 
+pub use etcd::{Etcd, EtcdMember};
 pub use faulty::FaultySource;
 pub use loop_mount::LoopMount;
 pub use netns::Network;

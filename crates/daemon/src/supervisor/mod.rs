@@ -10,6 +10,7 @@
 //! shared export table); the task mirrors the engine's state in the
 //! catalog as it changes. Nothing here knows what a kind moves.
 
+mod handoff;
 mod queue;
 mod recovery;
 #[cfg(test)]
@@ -28,6 +29,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::cluster::Node;
 use crate::engine::{self, Engine, Ran, Report};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::Layout;
@@ -113,6 +115,15 @@ pub struct Supervisor {
     /// Volumes peers handed to this node, served through them until they
     /// commit.
     handoffs: Handoffs,
+    /// This node in its cluster on etcd, if it is in one.
+    node: Option<Arc<Node>>,
+    /// Migrations whose handoff task runs ([`Supervisor::start_handoff`]).
+    handing: Mutex<std::collections::HashSet<MigrationId>>,
+    /// Held across each change of a volume's owner and the check of the
+    /// migration's state that decides it, so a handoff retried in the
+    /// background never follows a rollback's take-back. Taken before the
+    /// catalog; never held while waiting for a verb.
+    owner_changes: tokio::sync::Mutex<()>,
 }
 
 impl Supervisor {
@@ -121,6 +132,7 @@ impl Supervisor {
         layout: &Layout,
         exports: Arc<ExportTable>,
         peers: Arc<Peers>,
+        node: Option<Arc<Node>>,
     ) -> Arc<Supervisor> {
         let (notices, _) = broadcast::channel(1024);
         Arc::new(Supervisor {
@@ -132,6 +144,9 @@ impl Supervisor {
             peers,
             queue_changed: tokio::sync::Notify::new(),
             handoffs: Handoffs::default(),
+            node,
+            handing: Mutex::new(std::collections::HashSet::new()),
+            owner_changes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -146,6 +161,7 @@ impl Supervisor {
             exports: &self.exports,
             peers: &self.peers,
             handoffs: &self.handoffs,
+            node: self.node.as_ref(),
         }
     }
 
@@ -237,6 +253,9 @@ impl Supervisor {
     ) -> Result<MigrationRecord> {
         let spec = Spec::of_new(&properties)?;
         engine::check(&spec, &self.peers).await?;
+        if let (Some(node), Spec::Volume(volume)) = (&self.node, &spec) {
+            node.owned_here(&volume.export).await?;
+        }
         let state = match halted {
             true => State::Halted,
             false => State::Created,
@@ -356,13 +375,20 @@ impl Supervisor {
             }
             Verb::Commit => {
                 let engine = self.ensure_open(record).await?;
+                let moved = self.moved_to_peer(record);
+                if let Some((peer, export)) = &moved {
+                    self.hand_over_in_cluster(export, peer).await?;
+                }
                 let message = engine.commit().await?;
-                match self.moved_to_peer(record) {
+                match moved {
                     // The engine stays open: its export keeps serving the
                     // clients connected here, every request going to the
                     // peer that owns the volume now.
                     Some((peer, export)) => {
                         self.tell_peer(id, &peer, PeerCall::Own(&export)).await;
+                        if let Err(err) = self.committed_in_cluster(&export).await {
+                            self.note(id, "error", &err.line());
+                        }
                         self.note(
                             id,
                             "info",
@@ -380,6 +406,9 @@ impl Supervisor {
             }
             Verb::Rollback => {
                 let engine = self.ensure_open(record).await?;
+                if let Some((peer, export)) = self.moved_to_peer(record) {
+                    self.take_back_in_cluster(&export, &peer).await?;
+                }
                 engine.rollback().await?;
                 self.ensure_driven(record).await?;
                 self.note(id, "info", "rolling back");
@@ -388,6 +417,9 @@ impl Supervisor {
                 self.close(id).await;
                 if let Some((peer, export)) = self.moved_to_peer(record) {
                     self.tell_peer(id, &peer, PeerCall::Release(&export)).await;
+                }
+                if let Err(err) = self.release_in_cluster(record).await {
+                    tracing::warn!(migration = id, "{}", err.line());
                 }
                 if let Err(err) = self.remove_state(record) {
                     tracing::warn!(migration = id, "{}", err.line());
@@ -513,7 +545,13 @@ impl Supervisor {
         }
         let spec = Spec::parse(record.id, &record.properties)?;
         let engine = engine::open(&spec, &self.state_dir(record), &self.peers).await?;
-        let export = engine.export();
+        let export = match self.claim(engine.export()).await {
+            Ok(export) => export,
+            Err(err) => {
+                let _ = engine.close().await;
+                return Err(err);
+            }
+        };
         if let Some((name, device)) = &export
             && let Err(err) = self
                 .exports
@@ -621,7 +659,12 @@ impl Supervisor {
 
     /// Mirrors the engine's state in the catalog, logs its new per-item
     /// errors, and publishes progress.
-    async fn follow(&self, id: MigrationId, engine: &dyn Engine, last: &mut Option<State>) {
+    async fn follow(
+        self: &Arc<Self>,
+        id: MigrationId,
+        engine: &dyn Engine,
+        last: &mut Option<State>,
+    ) {
         let snapshot = engine.snapshot().await;
         for line in engine.take_news(&snapshot.report) {
             self.note(id, "error", &line);
@@ -655,38 +698,28 @@ impl Supervisor {
             // over before the follow-up looks).
             let handed = matches!(record.state, State::Verifying | State::SwitchedOver);
             if matches!(state, State::Verifying | State::SwitchedOver) && !handed {
-                self.hand_over(id, &record).await;
+                self.start_handoff(id);
             }
-        }
-    }
-
-    /// A volume moved to a peer has switched over: the peer serves it
-    /// under its export name from now on (new clients may connect there),
-    /// each request going through this node's export until the commit,
-    /// while this node keeps serving its own clients through the peer.
-    async fn hand_over(&self, id: MigrationId, record: &MigrationRecord) {
-        let Some((peer, export)) = self.moved_to_peer(record) else {
-            return;
-        };
-        if self.tell_peer(id, &peer, PeerCall::Serve(&export)).await {
-            self.note(
-                id,
-                "info",
-                &format!("{peer} serves export {export} now; this node forwards its clients there"),
-            );
         }
     }
 
     /// Tells the peer a volume moved to it changed hands; a failure is
     /// logged on the migration. True if the peer acknowledged.
     async fn tell_peer(&self, id: MigrationId, peer: &str, call: PeerCall<'_>) -> bool {
+        match self.ask_peer(peer, call).await {
+            Ok(()) => true,
+            Err(line) => {
+                self.note(id, "error", &line);
+                false
+            }
+        }
+    }
+
+    /// Tells the peer a volume moved to it changed hands; the failure on
+    /// one line.
+    async fn ask_peer(&self, peer: &str, call: PeerCall<'_>) -> std::result::Result<(), String> {
         let Some(client) = self.peers.client(peer) else {
-            self.note(
-                id,
-                "error",
-                &format!("no client certificate to call {peer} with"),
-            );
-            return false;
+            return Err(format!("no client certificate to call {peer} with"));
         };
         let (what, outcome) = match call {
             PeerCall::Serve(export) => {
@@ -696,16 +729,14 @@ impl Supervisor {
             PeerCall::Own(export) => ("own", client.peer_own(export).await),
             PeerCall::Release(export) => ("release", client.peer_release(export).await),
         };
-        match outcome {
-            Ok(()) => true,
-            Err(err) => {
-                self.note(
-                    id,
-                    "error",
-                    &format!("{peer} did not {what} the volume: {err}"),
-                );
-                false
-            }
+        outcome.map_err(|err| format!("{peer} did not {what} the volume: {err}"))
+    }
+
+    /// The export name of a volume migration.
+    fn export_of(&self, record: &MigrationRecord) -> Option<String> {
+        match Spec::parse(record.id, &record.properties) {
+            Ok(Spec::Volume(volume)) => Some(volume.export),
+            _ => None,
         }
     }
 

@@ -78,6 +78,10 @@ impl Supervisor {
             Ok(()) => {
                 let message = format!("resumed after a daemon restart ({})", record.state);
                 self.note(record.id, "info", &message);
+                let switched = matches!(record.state, State::Verifying | State::SwitchedOver);
+                if switched && self.moved_to_peer(record).is_some() {
+                    self.start_handoff(record.id);
+                }
             }
             Err(err) => {
                 let message = format!("cannot resume after a restart: {}", err.line());

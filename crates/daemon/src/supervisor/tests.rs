@@ -43,6 +43,7 @@ impl Bench {
             &self.layout,
             Arc::new(ExportTable::new()),
             Arc::new(crate::peers::Peers::default()),
+            None,
         )
     }
 

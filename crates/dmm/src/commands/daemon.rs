@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use dmm_daemon::DaemonConfig;
+use dmm_daemon::{DaemonConfig, Joining};
 
 use crate::Global;
 use crate::listen::{TlsArgs, termination};
@@ -46,6 +46,27 @@ pub struct DaemonArgs {
     /// --listen and --tls-certificates with client-cert.pem).
     #[arg(long = "peer", value_name = "NAME=ADDR:PORT", value_parser = peer)]
     peers: Vec<(String, String)>,
+
+    /// Join the cluster on this etcd (its client URLs, comma-separated):
+    /// the node registers itself (needs --node), owns the volumes it
+    /// exports, and serves each only while it knows its lease is alive.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',', requires = "node")]
+    etcd: Vec<String>,
+
+    /// The node's lease in the cluster: a node that stops renewing it is
+    /// down after this long, and stops serving its volumes a third of it
+    /// sooner.
+    #[arg(long, value_name = "DURATION", default_value = "6s", value_parser = lease_ttl)]
+    lease_ttl: std::time::Duration,
+}
+
+/// `--lease-ttl`: whole seconds, at least 2.
+fn lease_ttl(text: &str) -> Result<std::time::Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl.as_secs() < 2 || ttl.subsec_nanos() != 0 {
+        return Err(format!("{text}: a lease is whole seconds, at least 2s"));
+    }
+    Ok(ttl)
 }
 
 /// `--peer NAME=ADDR:PORT`.
@@ -78,6 +99,10 @@ pub async fn run(args: DaemonArgs, global: &Global) -> Result<()> {
         nbd_tls,
         node: args.node,
         peers: args.peers.into_iter().collect(),
+        cluster: (!args.etcd.is_empty()).then_some(Joining {
+            endpoints: args.etcd,
+            lease_ttl: args.lease_ttl,
+        }),
     };
     eprintln!("dmm daemon: state directory {}", config.state_dir.display());
     dmm_daemon::run(config, async {

@@ -1,11 +1,14 @@
 //! This node's verbs: `dmm config` (settings such as `maxrunning`),
-//! `dmm queue` (the migrations waiting for a slot, and their order) and
-//! `dmm peers` (the other daemons this one knows).
+//! `dmm queue` (the migrations waiting for a slot, and their order),
+//! `dmm peers` (the other daemons this one knows), and in a cluster on
+//! etcd `dmm nodes` (every node, up or down, and what it owns) and
+//! `dmm where` (which node owns a volume).
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
 use clap::Args;
+use dmm_control::human;
 use serde_json::json;
 
 use super::admin::{client, effective, explain, print_json, property};
@@ -79,6 +82,80 @@ pub async fn queue(args: QueueArgs, global: &Global) -> Result<()> {
             view.record.kind.as_str(),
             effective(&view, "source"),
             effective(&view, "target")
+        );
+    }
+    Ok(())
+}
+
+/// Show which node of the cluster owns a volume (by its export name), its
+/// fencing token, and the move between nodes under way if any.
+#[derive(Args)]
+pub struct WhereArgs {
+    volume: String,
+}
+
+/// List the nodes of the cluster (--etcd): each up or down, its addresses
+/// and free space, the volumes it owns; and whether this node is fenced.
+pub async fn nodes(global: &Global) -> Result<()> {
+    let view = client(global).cluster_nodes().await.map_err(explain)?;
+    if global.json {
+        print_json(&view);
+        return Ok(());
+    }
+    let fence = match view.fenced {
+        true => "FENCED: it serves none of its volumes until its lease is renewed",
+        false => "serving",
+    };
+    println!(
+        "this node: {} ({fence}); refused: {} while fenced, {} not its own, {} stale tokens",
+        view.node, view.refused_fenced, view.refused_not_owner, view.refused_stale
+    );
+    println!(
+        "{:<14} {:<5} {:<22} {:<22} {:>10} VOLUMES",
+        "NODE", "STATE", "API", "NBD", "FREE"
+    );
+    for node in view.nodes {
+        let record = node.record.as_ref();
+        let address = |a: Option<&String>| a.map_or("-".to_owned(), String::clone);
+        let free = record.map_or("-".to_owned(), |r| human(r.free_bytes));
+        println!(
+            "{:<14} {:<5} {:<22} {:<22} {:>10} {}",
+            node.name,
+            if node.up { "up" } else { "down" },
+            address(record.and_then(|r| r.api.as_ref())),
+            address(record.and_then(|r| r.nbd.as_ref())),
+            free,
+            node.owns.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// Which node owns a volume.
+pub async fn whereabouts(args: WhereArgs, global: &Global) -> Result<()> {
+    let found = client(global)
+        .whereabouts(&args.volume)
+        .await
+        .map_err(explain)?;
+    if global.json {
+        print_json(&found);
+        return Ok(());
+    }
+    let Some(owner) = found.owner else {
+        println!("{}: no node owns it", found.volume);
+        return Ok(());
+    };
+    let state = if found.owner_up { "up" } else { "down" };
+    println!(
+        "{}: owned by {} ({state}), token {}",
+        found.volume, owner.node, owner.token
+    );
+    if let Some(moving) = owner.moving {
+        println!(
+            "moving from {} to {}: {}",
+            moving.from,
+            moving.to,
+            moving.phase.as_str()
         );
     }
     Ok(())

@@ -677,3 +677,85 @@ pub fn certificates(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
         })
         .collect()
 }
+
+/// A daemon started with `--node` and `--peer`: its API on TLS, its NBD
+/// listener requiring TLS.
+pub struct PeerNode {
+    pub name: String,
+    pub daemon: Daemon,
+    pub api: String,
+    pub nbd: String,
+}
+
+impl PeerNode {
+    pub fn nbd(&self) -> &str {
+        &self.nbd
+    }
+}
+
+/// Starts node `name` with its certificates, its API on `api`, one peer
+/// (`NAME=ADDR:PORT`) and `extra` arguments.
+pub fn peer_daemon(
+    dir: &Path,
+    name: &str,
+    certificates: &Path,
+    api: &str,
+    peer: &str,
+    extra: &[&str],
+) -> PeerNode {
+    let token = dir.join("token");
+    std::fs::write(&token, "correct-horse-battery-staple").unwrap();
+    let nbd = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let mut args = vec![
+        "--node",
+        name,
+        "--listen",
+        api,
+        "--token-file",
+        path(&token),
+        "--tls-certificates",
+        path(certificates),
+        "--nbd-listen",
+        &nbd,
+        "--tls=require",
+        "--peer",
+        peer,
+    ];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(&dir.join(format!("{name}-state")), &args);
+    PeerNode {
+        name: name.to_owned(),
+        daemon,
+        api: api.to_owned(),
+        nbd,
+    }
+}
+
+/// Whether qemu-io succeeded with no command failing (it may exit 0 when
+/// a pattern does not match).
+pub fn clean(output: &Output) -> bool {
+    let said = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    output.status.success() && !said.contains("failed") && !said.contains("error")
+}
+
+/// qemu-io commands on `export` of `node` over TLS, with `certificates`.
+pub fn qemu_io_on(node: &PeerNode, certificates: &Path, export: &str, commands: &[&str]) -> Output {
+    let mut command = tool("qemu-io");
+    command.args([
+        "--object",
+        &format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            path(certificates)
+        ),
+        "--image-opts",
+        &format!(
+            "driver=nbd,host=127.0.0.1,port={},export={export},tls-creds=tls0,tls-hostname={}",
+            node.nbd().rsplit_once(':').unwrap().1,
+            node.name
+        ),
+    ]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    command.output().unwrap()
+}

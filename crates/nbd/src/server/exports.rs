@@ -2,11 +2,14 @@
 //!
 //! The table can change while the server runs (the daemon adds an export per
 //! migration); a connection keeps the export it negotiated even if the name
-//! is later removed.
+//! is later removed. A name the table does not hold may still be served
+//! through its [`Route`] (a daemon in a cluster forwards a volume another
+//! node owns).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use dmm_store::BlockStore;
 use parking_lot::RwLock;
 
@@ -75,11 +78,20 @@ struct Table {
     default: Option<String>,
 }
 
+/// Exports made on demand for names the table does not hold.
+#[async_trait]
+pub trait Route: Send + Sync {
+    /// An export for `name`, asked for by a client whose TLS certificate
+    /// is valid for `client` (none in clear); `None`: no such export.
+    async fn route(&self, name: &str, client: &[String]) -> Option<Arc<Export>>;
+}
+
 /// Exports by name, plus the one a client gets when it asks for the empty
-/// name.
+/// name, and the route of names it does not hold.
 #[derive(Default)]
 pub struct ExportTable {
     table: RwLock<Table>,
+    route: RwLock<Option<Arc<dyn Route>>>,
 }
 
 impl ExportTable {
@@ -118,6 +130,25 @@ impl ExportTable {
             other => other,
         };
         table.by_name.get(name).cloned()
+    }
+
+    /// Serves the names the table does not hold through `route`.
+    pub fn set_route(&self, route: Arc<dyn Route>) {
+        *self.route.write() = Some(route);
+    }
+
+    /// The export called `name` for a client with a certificate for
+    /// `client`: the table's if it holds one the client may use, else the
+    /// route's.
+    pub async fn find_for(&self, name: &str, client: &[String]) -> Option<Arc<Export>> {
+        if let Some(export) = self.find(name).filter(|export| export.admits(client)) {
+            return Some(export);
+        }
+        let route = self.route.read().clone();
+        match (name, route) {
+            ("", _) | (_, None) => None,
+            (name, Some(route)) => route.route(name, client).await,
+        }
     }
 
     /// Every export, in name order.

@@ -77,6 +77,9 @@ struct Negotiation<'a, S> {
     tls: TlsState,
     /// The names the client's TLS certificate is valid for (none in clear).
     client: &'a [String],
+    /// Exports the table's route made during this handshake, by name, so
+    /// that each name finds the same one.
+    routed: std::collections::HashMap<String, Arc<Export>>,
 }
 
 /// Sends the greeting and reads the client's flags; whether the client
@@ -122,6 +125,7 @@ where
         allocation_for: None,
         tls,
         client,
+        routed: std::collections::HashMap::new(),
     };
     for _ in 0..MAX_OPTIONS {
         if let Some(ending) = negotiation.next_option().await? {
@@ -215,10 +219,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
     }
 
     /// The export `name`, if this client may see it.
-    fn find(&self, name: &str) -> Option<Arc<Export>> {
-        self.exports
-            .find(name)
-            .filter(|export| export.admits(self.client))
+    async fn find(&mut self, name: &str) -> Option<Arc<Export>> {
+        if let Some(routed) = self.routed.get(name) {
+            return Some(routed.clone());
+        }
+        let export = self.exports.find_for(name, self.client).await?;
+        if self.exports.find(name).is_none() {
+            self.routed.insert(name.to_owned(), export.clone());
+        }
+        Some(export)
     }
 
     async fn start_tls(&mut self, code: u32) -> Result<Outcome, ConnectionError> {
@@ -271,7 +280,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         code: u32,
         request: &InfoRequest,
     ) -> std::io::Result<Option<Arc<Export>>> {
-        let Some(export) = self.find(&request.name) else {
+        let Some(export) = self.find(&request.name).await else {
             self.unknown_export(code, &request.name).await?;
             return Ok(None);
         };
@@ -309,16 +318,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
     }
 
     async fn go(&mut self, code: u32, request: &InfoRequest) -> Result<Outcome, ConnectionError> {
-        let export = self.info(code, request).await?;
-        Ok(export.map(|export| Ending::Session(self.session(export))))
+        let Some(export) = self.info(code, request).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Ending::Session(self.session(export).await)))
     }
 
     async fn export_name(&mut self, name: &str) -> Result<Session, ConnectionError> {
-        let Some(export) = self.find(name) else {
+        let Some(export) = self.find(name).await else {
             // The option cannot be refused: the only answer is to hang up.
             return Err(ProtocolError::Unexpected(format!("unknown export {name:?}")).into());
         };
-        let session = self.session(export);
+        let session = self.session(export).await;
         let mut buf = Vec::with_capacity(134);
         buf.extend_from_slice(&session.export.store.size().to_be_bytes());
         buf.extend_from_slice(&session.flags.to_be_bytes());
@@ -330,12 +341,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         Ok(session)
     }
 
-    fn session(&self, export: Arc<Export>) -> Session {
-        let selected = self
-            .allocation_for
-            .as_deref()
-            .and_then(|name| self.find(name))
-            .is_some_and(|chosen| Arc::ptr_eq(&chosen, &export));
+    async fn session(&mut self, export: Arc<Export>) -> Session {
+        let chosen = match self.allocation_for.clone() {
+            Some(name) => self.find(&name).await,
+            None => None,
+        };
+        let selected = chosen.is_some_and(|chosen| Arc::ptr_eq(&chosen, &export));
         Session {
             flags: transmission_flags(&export, self.structured),
             structured: self.structured,
@@ -355,7 +366,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             let message = b"structured replies must be negotiated first";
             return self.reply(code, rep::ERR_INVALID, message).await;
         }
-        if self.find(&query.export).is_none() {
+        if self.find(&query.export).await.is_none() {
             return self.unknown_export(code, &query.export).await;
         }
         let matches = |q: &str| q == allocation::CONTEXT || (!set && q == allocation::NAMESPACE);

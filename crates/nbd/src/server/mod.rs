@@ -22,7 +22,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use exports::{Export, ExportExists, ExportTable};
+pub use exports::{Export, ExportExists, ExportTable, Route};
 
 use crate::proto::ProtocolError;
 use handshake::{Ending, TlsState};
