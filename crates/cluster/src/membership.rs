@@ -138,6 +138,11 @@ impl Cluster {
         Ok(nodes.into_values().collect())
     }
 
+    /// Every volume's owner, as etcd says now.
+    pub async fn owners(&self) -> Result<BTreeMap<String, Owner>> {
+        read_owners(&self.etcd).await
+    }
+
     /// Stops renewing and revokes the lease: the node is down at once.
     pub async fn leave(&self) {
         self.stop.cancel();
@@ -218,7 +223,11 @@ impl Cluster {
     /// longer knows closes the fence and is replaced.
     async fn renew_once(&self) -> Result<()> {
         let sent = Instant::now();
-        let ttl = self.keep_alive().await?;
+        let ttl = match self.keep_alive().await {
+            // etcd no longer knows the lease.
+            Err(err) if err.kind() == ErrorKind::Refused => 0,
+            answer => answer?,
+        };
         if ttl == 0 {
             self.fence.close();
             tracing::warn!(node = %self.node, "the lease expired; joining again");

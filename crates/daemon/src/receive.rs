@@ -279,16 +279,22 @@ impl Receiver<'_> {
 
     /// Serves a volume under its export name.
     fn publish(&self, reception: &Reception, store: Arc<dyn BlockStore>) -> Result<()> {
-        let store = match self.node {
-            Some(node) => node.fenced(&reception.export, store),
-            None => store,
-        };
         let served =
             Export::new(reception.export.clone(), store).with_description(reception.path.clone());
         self.exports
             .insert(served)
             .map(drop)
             .map_err(|e| Error::caused(ErrorKind::Conflict, "cannot export it", e))
+    }
+
+    /// The image of a volume this node owns, as it serves it: in a
+    /// cluster, fenced. (Until the commit every request goes through the
+    /// sender's export, which the sender fences.)
+    fn owned(&self, export: &str, image: Arc<dyn BlockStore>) -> Arc<dyn BlockStore> {
+        match self.node {
+            Some(node) => node.fenced(export, image),
+            None => image,
+        }
     }
 
     /// The commit: the volume handed over is served from the local image
@@ -298,6 +304,7 @@ impl Receiver<'_> {
         if reception.stage == Stage::Owned {
             return Ok(());
         }
+        let image = self.owned(export, image);
         let handed = self.handoffs.0.lock().remove(export);
         match handed {
             Some(handed) => handed.settle(image),
@@ -360,7 +367,10 @@ pub fn restore(receiver: &Receiver<'_>) -> Result<Vec<Reception>> {
         receiver.offer(&reception, image.clone())?;
         match reception.stage {
             Stage::Receiving => {}
-            Stage::Owned => receiver.publish(&reception, image)?,
+            Stage::Owned => {
+                let image = receiver.owned(&reception.export, image);
+                receiver.publish(&reception, image)?
+            }
             Stage::Serving => waiting.push(reception),
         }
     }

@@ -6,8 +6,9 @@
 //! history (duration, bytes, verification), and read the catalog's
 //! tables. Requests without the cookie get 401. An admin's path: limit
 //! the migrations running at once, reorder the queue, see CLI changes
-//! within a second, retry a tree's file in error. The tests save
-//! screenshots in `target/screenshots/` (the README shows them).
+//! within a second, retry a tree's file in error. In a cluster on etcd:
+//! the Nodes page lists the nodes and where each volume lives. The tests
+//! save screenshots in `target/screenshots/` (the README shows them).
 
 mod common;
 
@@ -550,4 +551,82 @@ fn daemon_tree_migid(daemon: &Daemon) -> String {
         .find(|m| m["kind"] == "tree")
         .unwrap();
     tree["id"].to_string()
+}
+
+#[test]
+fn the_nodes_page_shows_the_cluster_and_where_each_volume_lives() {
+    let dir = scratch();
+    let etcd = dmm_testkit::Etcd::start();
+    let certs = common::certificates(dir.path(), &["node-a", "node-b"]);
+    let a_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let b_api = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let endpoint = etcd.endpoint();
+    let cluster = ["--etcd", &endpoint, "--lease-ttl", "3s"];
+    let start = |name: &str, certs: &Path, api: &str, peer: String| {
+        common::peer_daemon(dir.path(), name, certs, api, &peer, &cluster)
+    };
+    let a = start("node-a", &certs[0], &a_api, format!("node-b={b_api}"));
+    let b = start("node-b", &certs[1], &b_api, format!("node-a={a_api}"));
+    let source = source_image(dir.path(), "vm1.raw", 8 * MIB, 3);
+    let target = image_with(dir.path(), "vm1-copy.raw", 8 * MIB, &[]);
+    a.daemon.ok(&[
+        "create",
+        "-p",
+        &format!("source={}", path(&source)),
+        "-p",
+        &format!("target={}", path(&target)),
+        "-p",
+        "export=vm1",
+        "-p",
+        "switchover=manual",
+    ]);
+    // On a loopback listener of its own: the TCP API's TLS certificate is
+    // not one the browser knows.
+    let dashboard = format!("127.0.0.1:{}", dmm_testkit::free_loopback_port());
+    let login = a
+        .daemon
+        .ok(&["ui", "--no-browser", "--listen", &dashboard])
+        .trim()
+        .to_owned();
+
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let browser = runtime.block_on(driver.browser());
+    runtime.block_on(async {
+        browser.goto(&login).await.unwrap();
+        // The link shows on a daemon that is in a cluster.
+        until("the Nodes link", Duration::from_secs(15), || async {
+            let link = browser.find(Locator::Css("#nav-nodes")).await.ok()?;
+            link.is_displayed().await.ok()?.then_some(())
+        })
+        .await;
+        click(&browser, "#nav-nodes").await;
+        until("both nodes up", Duration::from_secs(15), || async {
+            let a = attribute(&browser, "tr[data-node='node-a']", "data-up").await?;
+            let b = attribute(&browser, "tr[data-node='node-b']", "data-up").await?;
+            (a == "true" && b == "true").then_some(())
+        })
+        .await;
+        let owner = attribute(&browser, "tr[data-volume='vm1']", "data-owner").await;
+        assert_eq!(owner.as_deref(), Some("node-a"));
+        let this = text_of(&browser, "#this-node").await.unwrap_or_default();
+        assert!(
+            this.contains("node-a") && this.contains("serving"),
+            "{this}"
+        );
+        std::fs::write(
+            screenshots().join("nodes.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+        // A node that stops is gone from the list once it left.
+        assert!(b.daemon.stop().success());
+        until("node-b gone", Duration::from_secs(15), || async {
+            let row = browser.find(Locator::Css("tr[data-node='node-b']")).await;
+            row.is_err().then_some(())
+        })
+        .await;
+        browser.close().await.unwrap();
+    });
+    assert!(a.daemon.stop().success());
 }

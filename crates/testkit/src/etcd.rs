@@ -1,28 +1,35 @@
 //! etcd servers for the cluster's tests: Debian's etcd-server, started on
 //! a data directory of the test's, killed and restarted at will.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One etcd member: its name, the addresses it serves clients and peers
-/// on, and its data directory.
+/// One etcd member: its name, the URLs it listens on and advertises to
+/// clients and to the other members, and its data directory.
 #[derive(Debug, Clone)]
 pub struct EtcdMember {
     pub name: String,
-    pub client: String,
-    pub peer: String,
+    pub listen_client: String,
+    pub listen_peer: String,
+    /// Where clients reach it (the first one is advertised).
+    pub client: Vec<String>,
+    /// Where the other members reach it (one per network it is on).
+    pub peer: Vec<String>,
     pub data: PathBuf,
 }
 
 impl EtcdMember {
-    /// A member on `host` with the given ports, its data under `dir`.
-    pub fn new(name: &str, host: &str, client_port: u16, peer_port: u16, dir: &Path) -> EtcdMember {
+    /// A member on 127.0.0.1 with the given ports, its data under `dir`.
+    pub fn on_loopback(name: &str, client_port: u16, peer_port: u16, dir: &Path) -> EtcdMember {
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
         EtcdMember {
             name: name.to_owned(),
-            client: format!("http://{host}:{client_port}"),
-            peer: format!("http://{host}:{peer_port}"),
+            listen_client: client.clone(),
+            listen_peer: peer.clone(),
+            client: vec![client],
+            peer: vec![peer],
             data: dir.join(name),
         }
     }
@@ -32,7 +39,7 @@ impl EtcdMember {
     pub fn command(&self, all: &[EtcdMember]) -> Command {
         let cluster = all
             .iter()
-            .map(|m| format!("{}={}", m.name, m.peer))
+            .flat_map(|m| m.peer.iter().map(move |url| format!("{}={url}", m.name)))
             .collect::<Vec<_>>()
             .join(",");
         let mut command = crate::tool("etcd");
@@ -40,10 +47,10 @@ impl EtcdMember {
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(&self.data)
-            .args(["--listen-client-urls", &self.client])
-            .args(["--advertise-client-urls", &self.client])
-            .args(["--listen-peer-urls", &self.peer])
-            .args(["--initial-advertise-peer-urls", &self.peer])
+            .args(["--listen-client-urls", &self.listen_client])
+            .args(["--advertise-client-urls", &self.client[0]])
+            .args(["--listen-peer-urls", &self.listen_peer])
+            .args(["--initial-advertise-peer-urls", &self.peer.join(",")])
             .args(["--initial-cluster", &cluster])
             .args(["--initial-cluster-state", "new"])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
@@ -54,33 +61,29 @@ impl EtcdMember {
         command
     }
 
-    /// Waits until the member says it is healthy (a leader is elected).
-    pub fn wait_healthy(&self, within: Duration) {
-        let address = self.client.trim_start_matches("http://").to_owned();
+    /// Waits until the member says it is healthy (it has a leader), asking
+    /// with curl run through `wrap` (to run it in the member's network
+    /// namespace, say).
+    pub fn wait_healthy(&self, wrap: impl Fn(Command) -> Command, within: Duration) {
         let start = Instant::now();
-        while start.elapsed() < within {
-            if healthy(&address) {
+        loop {
+            let mut curl = crate::tool("curl");
+            curl.args(["-s", "--max-time", "1"]).arg(format!(
+                "{}/health",
+                self.listen_client.replace("0.0.0.0", "127.0.0.1")
+            ));
+            let answer = wrap(curl).output().map(|o| o.stdout).unwrap_or_default();
+            if String::from_utf8_lossy(&answer).contains("\"health\":\"true\"") {
                 return;
             }
+            assert!(
+                start.elapsed() < within,
+                "etcd member {} not healthy within {within:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("etcd member {} not healthy within {within:?}", self.name);
     }
-}
-
-/// Whether etcd at `address` answers `/health` with `"health":"true"`.
-fn healthy(address: &str) -> bool {
-    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let request = format!("GET /health HTTP/1.0\r\nHost: {address}\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer.contains("\"health\":\"true\"")
 }
 
 /// A one-member etcd on loopback, killed when dropped.
@@ -95,7 +98,7 @@ impl Etcd {
     pub fn start() -> Etcd {
         let dir = tempfile::tempdir().expect("a directory for etcd");
         let (client, peer) = (crate::free_loopback_port(), crate::free_loopback_port());
-        let member = EtcdMember::new("test", "127.0.0.1", client, peer, dir.path());
+        let member = EtcdMember::on_loopback("test", client, peer, dir.path());
         let mut etcd = Etcd {
             member,
             child: None,
@@ -107,7 +110,7 @@ impl Etcd {
 
     /// Its client URL.
     pub fn endpoint(&self) -> String {
-        self.member.client.clone()
+        self.member.client[0].clone()
     }
 
     /// SIGKILL: it answers nothing until restarted.
@@ -127,7 +130,8 @@ impl Etcd {
             .spawn()
             .expect("start etcd");
         self.child = Some(child);
-        self.member.wait_healthy(Duration::from_secs(20));
+        self.member
+            .wait_healthy(|command| command, Duration::from_secs(20));
     }
 }
 

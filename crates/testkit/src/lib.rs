@@ -14,7 +14,7 @@ mod netns;
 pub use etcd::{Etcd, EtcdMember};
 pub use faulty::FaultySource;
 pub use loop_mount::LoopMount;
-pub use netns::Network;
+pub use netns::{Network, enter_namespace};
 
 /// A command running `name`, which must be installed.
 pub fn tool(name: &str) -> Command {

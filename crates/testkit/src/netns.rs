@@ -144,6 +144,19 @@ impl Network {
     }
 }
 
+/// Moves the calling thread into the network namespace `name` (made by
+/// `ip netns add`): sockets it opens afterwards are in that namespace. For
+/// a client the test runs in-process, on a thread of its own.
+pub fn enter_namespace(name: &str) {
+    let path = format!("/run/netns/{name}");
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&file),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .unwrap_or_else(|e| panic!("cannot enter the network namespace {name}: {e}"));
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         // Deleting a namespace deletes the veth ends in it.

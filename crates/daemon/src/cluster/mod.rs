@@ -72,6 +72,8 @@ pub struct ClusterView {
     pub refused_not_owner: u64,
     pub refused_stale: u64,
     pub nodes: Vec<NodeState>,
+    /// Every volume's owner, its token and the move under way.
+    pub volumes: std::collections::BTreeMap<String, Owner>,
 }
 
 /// What `dmm where VOLUME` shows (`GET /api/cluster/volumes/VOLUME`).
@@ -155,6 +157,7 @@ impl Node {
 
     pub async fn view(&self) -> Result<ClusterView> {
         let nodes = self.cluster.nodes().await.map_err(unavailable)?;
+        let volumes = self.cluster.owners().await.map_err(unavailable)?;
         Ok(ClusterView {
             node: self.cluster.node().to_owned(),
             fenced: !self.cluster.fence().is_open(),
@@ -163,6 +166,7 @@ impl Node {
             refused_not_owner: self.refusals.not_owner.load(Ordering::Relaxed),
             refused_stale: self.refusals.stale.load(Ordering::Relaxed),
             nodes,
+            volumes,
         })
     }
 

@@ -150,6 +150,8 @@ impl Reach {
             .peers
             .nbd_uri(&owner.node, &nbd, &tokened(&self.volume, owner.token))
             .map_err(|e| unreachable(e.line()))?;
+        // Any failure to reach it (the owner not serving the volume yet,
+        // say) is one more reason to read the owner again and retry.
         let store = tokio::time::timeout(DIAL_WITHIN, NbdStore::connect_uri(&uri))
             .await
             .map_err(|_| {
@@ -157,7 +159,8 @@ impl Reach {
                     "{} did not answer within {DIAL_WITHIN:?}",
                     owner.node
                 ))
-            })??;
+            })?
+            .map_err(|e| unreachable(e.to_string()))?;
         tracing::debug!(volume = %self.volume, owner = %owner.node, token = owner.token, "forwarding");
         Ok(Arc::new(Link {
             token: owner.token,

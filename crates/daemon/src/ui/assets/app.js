@@ -665,6 +665,65 @@ function catalog() {
   return { update() {} };
 }
 
+// ------------------------------------------------------------ nodes
+
+// The cluster on etcd: every node, and where each volume lives. Read
+// again every few seconds while shown.
+function nodes() {
+  const main = document.getElementById('main');
+  main.replaceChildren(el('h1', { text: t('nodes.title') }),
+    el('p', { class: 'help', text: t('nodes.help') }));
+  const shown = el('div', { id: 'cluster' });
+  main.append(shown);
+  const address = (value) => value || '-';
+  async function load() {
+    let view;
+    try {
+      view = await api('GET', '/api/cluster/nodes');
+    } catch (err) {
+      toast(err.message, true);
+      return;
+    }
+    const self = el('section', { class: 'card', id: 'this-node' },
+      el('h2', { text: t('nodes.this', { node: view.node }) }),
+      el('p', { class: view.fenced ? 'bad' : '', text: t(view.fenced ? 'nodes.fenced' : 'nodes.serving') }),
+      el('p', { class: 'help', text: t('nodes.refused', { fenced: view.refused_fenced, owner: view.refused_not_owner, stale: view.refused_stale }) }));
+    const table = el('section', { class: 'card' }, el('div', { class: 'scroll' }, el('table', { id: 'node-table' },
+      el('thead', {}, el('tr', {}, ['nodes.col.node', 'nodes.col.state', 'nodes.col.api', 'nodes.col.nbd', 'nodes.col.free', 'nodes.col.volumes']
+        .map((key) => el('th', { text: t(key) })))),
+      el('tbody', {}, view.nodes.map((node) => el('tr', { 'data-node': node.name, 'data-up': String(node.up) },
+        el('td', { text: node.name }),
+        el('td', { class: node.up ? '' : 'bad', text: t(node.up ? 'nodes.up' : 'nodes.down') }),
+        el('td', { class: 'route', text: address(node.record && node.record.api) }),
+        el('td', { class: 'route', text: address(node.record && node.record.nbd) }),
+        el('td', { text: node.record ? bytes(node.record.free_bytes) : '-' }),
+        el('td', { class: 'route', text: node.owns.join(', ') })))))));
+    const volumes = Object.entries(view.volumes);
+    const owners = el('section', { class: 'card' }, el('h2', { text: t('nodes.volumes') }),
+      volumes.length === 0 ? el('p', { class: 'help', text: t('nodes.none') }) :
+        el('div', { class: 'scroll' }, el('table', { id: 'volume-table' },
+          el('thead', {}, el('tr', {}, ['nodes.col.volume', 'nodes.col.owner', 'nodes.col.token', 'nodes.col.move']
+            .map((key) => el('th', { text: t(key) })))),
+          el('tbody', {}, volumes.map(([name, owner]) => el('tr', { 'data-volume': name, 'data-owner': owner.node },
+            el('td', { class: 'route', text: name }),
+            el('td', { text: owner.node }),
+            el('td', { text: String(owner.token) }),
+            el('td', { text: owner.moving ? t('nodes.moving', { from: owner.moving.from, to: owner.moving.to, phase: owner.moving.phase }) : '' })))))));
+    shown.replaceChildren(self, table, owners);
+  }
+  load();
+  const timer = setInterval(() => { if (location.hash === '#/nodes') load(); else clearInterval(timer); }, 3000);
+  return { update() {} };
+}
+
+// Shows the Nodes link on a daemon that is in a cluster.
+async function showNodesLink() {
+  try {
+    await api('GET', '/api/cluster/nodes');
+    document.getElementById('nav-nodes').hidden = false;
+  } catch (err) { /* not in a cluster */ }
+}
+
 // --------------------------------------------------- updates and routing
 
 let stopped = false;
@@ -774,6 +833,7 @@ function route() {
   if (one) page = detail(Number(one[1]));
   else if (hash === '#/new') page = create();
   else if (hash === '#/catalog') page = catalog();
+  else if (hash === '#/nodes') page = nodes();
   else page = overview();
   page.update();
 }
@@ -804,6 +864,7 @@ async function start() {
   }
   window.addEventListener('hashchange', route);
   route();
+  showNodesLink();
   follow();
   setInterval(() => { if (!stopped) refreshAll().catch(() => {}); }, 10000);
 }
