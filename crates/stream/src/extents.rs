@@ -1,0 +1,302 @@
+//! A stream's extent map: which extent holds each offset, on which tier,
+//! and how a move changes it, phase by phase (the phases and their order
+//! are one table, [`NEXT`]).
+//!
+//! A stream with no move under way is one extent, its tail. A move to
+//! another tier, as `DESIGN.md` describes it:
+//!
+//! | phase | extents, in stream order |
+//! |---|---|
+//! | (none) | source `[start, len)`, the tail |
+//! | `Prepared` | the same; the receiving and the target extent exist, empty |
+//! | `Switched` | source `[start, s)`; target `[s, len)`, the tail |
+//! | `Drained` | receiving `[start, s)`; target `[s, len)`, the tail |
+//! | `Linked` | receiving `[start, len)`, the tail (the target's bytes appended to it) |
+
+/// One extent: a file of one tier holding `[start, end)` of the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// The file's number, unique within the stream.
+    pub file: u64,
+    /// The tier's index in the orbit.
+    pub tier: usize,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// How far a move went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Prepared,
+    Switched,
+    Drained,
+    Linked,
+}
+
+/// Each phase and the one that follows it.
+pub const NEXT: [(Phase, Phase); 3] = [
+    (Phase::Prepared, Phase::Switched),
+    (Phase::Switched, Phase::Drained),
+    (Phase::Drained, Phase::Linked),
+];
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Prepared => "prepared",
+            Phase::Switched => "switched",
+            Phase::Drained => "drained",
+            Phase::Linked => "linked",
+        }
+    }
+
+    /// The phase after this one, if any.
+    pub fn next(self) -> Option<Phase> {
+        NEXT.iter()
+            .find(|(from, _)| *from == self)
+            .map(|(_, to)| *to)
+    }
+}
+
+/// A move under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub phase: Phase,
+    /// The tier it moves to.
+    pub tier: usize,
+    /// The files of the receiving and the target extent.
+    pub receiving: u64,
+    pub target: u64,
+    /// The switch offset, once switched.
+    pub switched_at: Option<u64>,
+}
+
+/// A step asked for in the wrong phase.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {step}: {state}")]
+pub struct PhaseError {
+    step: &'static str,
+    state: String,
+}
+
+/// A stream's extents and its move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentMap {
+    extents: Vec<Extent>,
+    moving: Option<Move>,
+    next_file: u64,
+}
+
+impl ExtentMap {
+    /// A new, empty stream on `tier`.
+    pub fn new(tier: usize) -> ExtentMap {
+        ExtentMap {
+            extents: vec![Extent {
+                file: 0,
+                tier,
+                start: 0,
+                end: 0,
+            }],
+            moving: None,
+            next_file: 1,
+        }
+    }
+
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    pub fn moving(&self) -> Option<&Move> {
+        self.moving.as_ref()
+    }
+
+    /// The stream's length.
+    pub fn len(&self) -> u64 {
+        self.tail().end
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The extent appends go to.
+    pub fn tail(&self) -> &Extent {
+        self.extents.last().expect("a stream has an extent")
+    }
+
+    /// `bytes` were appended to the tail.
+    pub fn appended(&mut self, bytes: u64) {
+        self.extents.last_mut().expect("a stream has an extent").end += bytes;
+    }
+
+    /// The extent holding `offset`, if it is below the stream's length.
+    pub fn locate(&self, offset: u64) -> Option<&Extent> {
+        let at = self.extents.partition_point(|e| e.end <= offset);
+        self.extents.get(at).filter(|e| e.start <= offset)
+    }
+
+    /// Starts a move of the tail to `tier`: numbers its receiving and
+    /// target files (which the caller creates and syncs).
+    pub fn prepare(&mut self, tier: usize) -> Result<Move, PhaseError> {
+        if let Some(moving) = &self.moving {
+            return Err(self.refuse("prepare a move", moving));
+        }
+        let moving = Move {
+            phase: Phase::Prepared,
+            tier,
+            receiving: self.next_file,
+            target: self.next_file + 1,
+            switched_at: None,
+        };
+        self.next_file += 2;
+        self.moving = Some(moving);
+        Ok(moving)
+    }
+
+    /// The switch: the tail is the target extent from the stream's length
+    /// on; returns that switch offset.
+    pub fn switch(&mut self) -> Result<u64, PhaseError> {
+        let moving = self.step("switch", Phase::Prepared)?;
+        let at = self.len();
+        self.extents.push(Extent {
+            file: moving.target,
+            tier: moving.tier,
+            start: at,
+            end: at,
+        });
+        self.advance(Some(at));
+        Ok(at)
+    }
+
+    /// The source extent was drained into the receiving extent: reads
+    /// below the switch offset come from there.
+    pub fn drained(&mut self) -> Result<(), PhaseError> {
+        let moving = self.step("record the drain", Phase::Switched)?;
+        let source = self.extents.len() - 2;
+        self.extents[source] = Extent {
+            file: moving.receiving,
+            tier: moving.tier,
+            ..self.extents[source]
+        };
+        self.advance(None);
+        Ok(())
+    }
+
+    /// The target extent was appended to the receiving extent: one extent
+    /// again, and the move is over.
+    pub fn linked(&mut self) -> Result<(), PhaseError> {
+        self.step("link", Phase::Drained)?;
+        let target = self.extents.pop().expect("the target extent");
+        self.extents.last_mut().expect("the receiving extent").end = target.end;
+        self.moving = None;
+        Ok(())
+    }
+
+    /// The move, if it is in `phase`.
+    fn step(&self, step: &'static str, phase: Phase) -> Result<Move, PhaseError> {
+        match self.moving {
+            Some(moving) if moving.phase == phase => Ok(moving),
+            Some(moving) => Err(self.refuse(step, &moving)),
+            None => Err(PhaseError {
+                step,
+                state: "no move is under way".to_owned(),
+            }),
+        }
+    }
+
+    /// Moves to the next phase (the switch offset set when given).
+    fn advance(&mut self, switched_at: Option<u64>) {
+        let moving = self.moving.as_mut().expect("a move");
+        moving.phase = moving.phase.next().expect("a phase before linked");
+        if switched_at.is_some() {
+            moving.switched_at = switched_at;
+        }
+    }
+
+    fn refuse(&self, step: &'static str, moving: &Move) -> PhaseError {
+        PhaseError {
+            step,
+            state: format!(
+                "the move to tier {} is {}",
+                moving.tier,
+                moving.phase.as_str()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which (file, tier) serves each of `offsets`.
+    fn served(map: &ExtentMap, offsets: &[u64]) -> Vec<Option<(u64, usize)>> {
+        offsets
+            .iter()
+            .map(|&o| map.locate(o).map(|e| (e.file, e.tier)))
+            .collect()
+    }
+
+    #[test]
+    fn every_offset_is_served_by_the_right_extent_in_every_phase() {
+        let mut map = ExtentMap::new(0);
+        assert_eq!(map.locate(0), None, "an empty stream holds no offset");
+        map.appended(100);
+        let moving = map.prepare(1).unwrap();
+        assert_eq!((moving.receiving, moving.target), (1, 2));
+        assert_eq!(
+            served(&map, &[0, 99, 100]),
+            [Some((0, 0)), Some((0, 0)), None]
+        );
+        assert_eq!(map.switch().unwrap(), 100);
+        map.appended(50);
+        assert_eq!(
+            served(&map, &[99, 100, 149, 150]),
+            [Some((0, 0)), Some((2, 1)), Some((2, 1)), None]
+        );
+        map.drained().unwrap();
+        map.appended(10);
+        assert_eq!(
+            served(&map, &[0, 99, 100, 159]),
+            [Some((1, 1)), Some((1, 1)), Some((2, 1)), Some((2, 1))]
+        );
+        map.linked().unwrap();
+        assert_eq!(
+            map.extents(),
+            [Extent {
+                file: 1,
+                tier: 1,
+                start: 0,
+                end: 160
+            }]
+        );
+        assert_eq!(map.moving(), None);
+        map.appended(5);
+        assert_eq!((map.len(), map.tail().file), (165, 1));
+    }
+
+    #[test]
+    fn each_step_only_in_its_phase() {
+        let mut map = ExtentMap::new(0);
+        assert!(
+            map.switch()
+                .unwrap_err()
+                .to_string()
+                .contains("no move is under way")
+        );
+        map.prepare(1).unwrap();
+        let refused = map.prepare(2).unwrap_err().to_string();
+        assert!(
+            refused.contains("the move to tier 1 is prepared"),
+            "{refused}"
+        );
+        assert!(map.drained().is_err());
+        assert!(map.linked().is_err());
+        map.switch().unwrap();
+        assert!(map.switch().is_err());
+        map.drained().unwrap();
+        map.linked().unwrap();
+        assert_eq!(Phase::Linked.next(), None);
+        assert_eq!(Phase::Prepared.next(), Some(Phase::Switched));
+    }
+}
