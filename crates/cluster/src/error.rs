@@ -16,6 +16,8 @@ pub enum ErrorKind {
     Corrupt,
     /// The request was refused by etcd (for example a lease that expired).
     Refused,
+    /// What the node was given is not an etcd endpoint (a malformed URL).
+    Invalid,
 }
 
 impl ErrorKind {
@@ -26,6 +28,7 @@ impl ErrorKind {
             ErrorKind::Fenced => "this node is fenced",
             ErrorKind::Corrupt => "unreadable record",
             ErrorKind::Refused => "refused by etcd",
+            ErrorKind::Invalid => "not an etcd endpoint",
         }
     }
 }

@@ -90,6 +90,7 @@ fn kind_of(err: &etcd_client::Error) -> ErrorKind {
             _ => ErrorKind::Refused,
         },
         E::LeaseKeepAliveError(_) => ErrorKind::Refused,
+        E::InvalidUri(_) | E::InvalidArgs(_) => ErrorKind::Invalid,
         _ => ErrorKind::Corrupt,
     }
 }

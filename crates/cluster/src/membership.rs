@@ -106,6 +106,12 @@ impl Cluster {
 
     /// Every node: those up, and those down that still own volumes.
     pub async fn nodes(&self) -> Result<Vec<NodeState>> {
+        Ok(self.survey().await?.0)
+    }
+
+    /// Every node, and every volume's owner, as etcd says now (one read of
+    /// the owners for both).
+    pub async fn survey(&self) -> Result<(Vec<NodeState>, BTreeMap<String, Owner>)> {
         let listed = self
             .etcd
             .call("list", "nodes", |mut c| async move {
@@ -124,7 +130,8 @@ impl Cluster {
             };
             nodes.insert(state.name.clone(), state);
         }
-        for (volume, owner) in read_owners(&self.etcd).await? {
+        let owners = read_owners(&self.etcd).await?;
+        for (volume, owner) in &owners {
             let node = nodes
                 .entry(owner.node.clone())
                 .or_insert_with(|| NodeState {
@@ -133,14 +140,9 @@ impl Cluster {
                     record: None,
                     owns: Vec::new(),
                 });
-            node.owns.push(volume);
+            node.owns.push(volume.clone());
         }
-        Ok(nodes.into_values().collect())
-    }
-
-    /// Every volume's owner, as etcd says now.
-    pub async fn owners(&self) -> Result<BTreeMap<String, Owner>> {
-        read_owners(&self.etcd).await
+        Ok((nodes.into_values().collect(), owners))
     }
 
     /// Stops renewing and revokes the lease: the node is down at once.

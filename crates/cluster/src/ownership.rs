@@ -58,6 +58,12 @@ impl Cluster {
         self.view.read().get(volume).cloned()
     }
 
+    /// The token of `volume` as this node last read it (checked on every
+    /// forwarded request: nothing is copied).
+    pub fn token_seen(&self, volume: &str) -> Option<Token> {
+        self.view.read().get(volume).map(|owner| owner.token)
+    }
+
     /// The token under which this node serves `volume` now: its fence is
     /// open, and as last read it owns the volume or is the node the volume
     /// moves from (whose export every request of the move goes through
@@ -67,7 +73,9 @@ impl Cluster {
             return Err(Error::new(ErrorKind::Fenced, "serve", volume)
                 .with_detail("its lease may have expired; it serves again once renewed"));
         }
-        match self.owner_seen(volume) {
+        // Read in place: this runs on every request a node serves.
+        let view = self.view.read();
+        match view.get(volume) {
             Some(owner) if owner.node == self.node => Ok(owner.token),
             Some(owner) if owner.moving.as_ref().is_some_and(|m| m.from == self.node) => {
                 Ok(owner.token)

@@ -156,8 +156,7 @@ impl Node {
     }
 
     pub async fn view(&self) -> Result<ClusterView> {
-        let nodes = self.cluster.nodes().await.map_err(unavailable)?;
-        let volumes = self.cluster.owners().await.map_err(unavailable)?;
+        let (nodes, volumes) = self.cluster.survey().await.map_err(unavailable)?;
         Ok(ClusterView {
             node: self.cluster.node().to_owned(),
             fenced: !self.cluster.fence().is_open(),

@@ -170,7 +170,7 @@ impl Reach {
 
     /// The owner's token as this node last read it.
     fn token_seen(&self) -> Option<Token> {
-        self.node.cluster.owner_seen(&self.volume).map(|o| o.token)
+        self.node.cluster.token_seen(&self.volume)
     }
 }
 
