@@ -50,6 +50,18 @@ impl Phase {
         }
     }
 
+    /// The phase `text` names (as [`Phase::as_str`] writes it).
+    pub fn parse(text: &str) -> Option<Phase> {
+        [
+            Phase::Prepared,
+            Phase::Switched,
+            Phase::Drained,
+            Phase::Linked,
+        ]
+        .into_iter()
+        .find(|phase| phase.as_str() == text)
+    }
+
     /// The phase after this one, if any.
     pub fn next(self) -> Option<Phase> {
         NEXT.iter()
@@ -100,6 +112,28 @@ impl ExtentMap {
             moving: None,
             next_file: 1,
         }
+    }
+
+    /// A map as the journal recorded it (the extents' ends set from their
+    /// files by the caller through [`ExtentMap::set_end`]).
+    pub fn restore(extents: Vec<Extent>, moving: Option<Move>, next_file: u64) -> ExtentMap {
+        assert!(!extents.is_empty(), "a stream has an extent");
+        ExtentMap {
+            extents,
+            moving,
+            next_file,
+        }
+    }
+
+    /// The number the next file of the stream gets.
+    pub fn next_file(&self) -> u64 {
+        self.next_file
+    }
+
+    /// Sets the end of the extent at `index` (when a restart learns it
+    /// from the extent's file).
+    pub fn set_end(&mut self, index: usize, end: u64) {
+        self.extents[index].end = end;
     }
 
     pub fn extents(&self) -> &[Extent] {

@@ -1,0 +1,214 @@
+//! The move of one stream to another tier, phase by phase (`DESIGN.md`,
+//! "The move"): prepare, switch, drain, link. Each phase is recorded in
+//! the journal in one transaction once its files are durable; a move
+//! interrupted (stopped, or by a crash the store resolved) goes on from
+//! the phase recorded.
+//!
+//! The writer never waits for the move's I/O: the move takes the stream's
+//! appending lock only for the switch and for the link's last step, both
+//! a few pointer stores ([`Stream::swap`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmm_control::{Controls, RateLimiter};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::extent_file::{ExtentFile, sync_dir};
+use crate::extents::{Move, Phase};
+use crate::journal::Figures;
+use crate::seekable::FRAME_BYTES;
+use crate::store::StreamStore;
+use crate::stream::Stream;
+
+/// The drain syncs the receiving extent every this many bytes, so that the
+/// writer's fsync never has much of the drain's data to flush with it.
+const SYNC_EVERY: u64 = 4 << 20;
+
+/// How often a paused drain looks at its controls again.
+const PAUSED_POLL: Duration = Duration::from_millis(50);
+
+/// How a move's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// The stream is on its new tier, in one extent.
+    Linked(Figures),
+    /// Stopped on request; the journal resumes it.
+    Stopped,
+}
+
+impl StreamStore {
+    /// Moves `stream` to tier `to` (or goes on with the move under way),
+    /// draining at the controls' rate; pauses while they say so.
+    pub fn move_stream(&self, stream: &Stream, to: usize, controls: &Controls) -> Result<Moved> {
+        loop {
+            let map = stream.map();
+            let Some(moving) = map.moving().copied() else {
+                self.prepare(stream, to)?;
+                continue;
+            };
+            match moving.phase {
+                Phase::Prepared => self.switch(stream)?,
+                Phase::Switched => {
+                    if !self.drain(stream, &moving, controls)? {
+                        return Ok(Moved::Stopped);
+                    }
+                }
+                Phase::Drained => return self.link(stream, &moving).map(Moved::Linked),
+                Phase::Linked => unreachable!("a linked move is no move"),
+            }
+        }
+    }
+
+    /// Creates the receiving and the target extent on the new tier, syncs
+    /// them with their directory, then records the move as prepared.
+    fn prepare(&self, stream: &Stream, to: usize) -> Result<()> {
+        let map = stream.map();
+        let from = map.tail().tier;
+        if to <= from || to >= self.orbit().tiers().len() {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{} is on tier {}: it moves only to a denser tier of the orbit",
+                    stream.name(),
+                    self.orbit().tiers()[from].name
+                ),
+            ));
+        }
+        let tier = &self.orbit().tiers()[to];
+        let numbers = [map.next_file(), map.next_file() + 1];
+        let mut created = Vec::new();
+        for file in numbers {
+            let path = self.path(stream.name(), file, to);
+            let _ = std::fs::remove_file(&path);
+            created.push((file, Arc::new(ExtentFile::create(&path, tier.format)?)));
+        }
+        sync_dir(&tier.dir)?;
+        let map = stream.update(|view| {
+            view.files.extend(created);
+            let moving = view.map.prepare(to)?;
+            debug_assert_eq!([moving.receiving, moving.target], numbers);
+            Ok::<_, Error>(view.map.clone())
+        })?;
+        self.journal().record(stream.name(), &map)
+    }
+
+    /// The switch: between two appends, the tail becomes the target
+    /// extent. Recorded after (a crash before the record is resolved from
+    /// the files).
+    fn switch(&self, stream: &Stream) -> Result<()> {
+        let map = stream.swap(|view| {
+            view.map.switch()?;
+            Ok::<_, Error>(view.map.clone())
+        })?;
+        self.journal().record(stream.name(), &map)
+    }
+
+    /// Copies the source extent into the receiving extent (from where a
+    /// stopped drain left it), syncs it, compares both, and records the
+    /// drain: reads below the switch offset then come from the new tier,
+    /// and the source extent is released.
+    /// False if stopped first.
+    fn drain(&self, stream: &Stream, moving: &Move, controls: &Controls) -> Result<bool> {
+        let map = stream.map();
+        let source_extent = map.extents()[0];
+        let switched_at = moving.switched_at.expect("a switched move");
+        let (source, receiving) = (
+            stream.file(source_extent.file),
+            stream.file(moving.receiving),
+        );
+        let size = switched_at - source_extent.start;
+        let mut limiter = RateLimiter::default();
+        let mut at = receiving.len();
+        let mut unsynced = 0;
+        while at < size {
+            while controls.is_paused() && !controls.interrupted() {
+                std::thread::sleep(PAUSED_POLL);
+            }
+            if controls.interrupted() {
+                receiving.sync()?;
+                return Ok(false);
+            }
+            let bytes = source.read_at(at, FRAME_BYTES.min((size - at) as usize))?;
+            receiving.append(&bytes)?;
+            at += bytes.len() as u64;
+            unsynced += bytes.len() as u64;
+            if unsynced >= SYNC_EVERY {
+                receiving.sync()?;
+                unsynced = 0;
+            }
+            std::thread::sleep(limiter.spend(bytes.len() as u64, controls.rate()));
+        }
+        receiving.sync()?;
+        if digest(&source, size)? != digest(&receiving, size)? {
+            receiving.cut(0)?;
+            return Err(
+                Error::on(ErrorKind::Mismatch, "drain", source.path()).with_detail(format!(
+                    "{} reads back different",
+                    receiving.path().display()
+                )),
+            );
+        }
+        let map = stream.update(|view| {
+            view.map.drained()?;
+            Ok::<_, Error>(view.map.clone())
+        })?;
+        self.journal().record(stream.name(), &map)?;
+        stream.update(|view| view.files.remove(&source_extent.file));
+        self.remove_file(stream.name(), source_extent.file, source_extent.tier)?;
+        Ok(true)
+    }
+
+    /// Appends the target extent to the receiving extent while the writer
+    /// goes on appending to the target, then, between two appends, makes
+    /// the receiving extent the tail (it takes over the bytes the target
+    /// held only in memory); records the link and removes the target's
+    /// file.
+    fn link(&self, stream: &Stream, moving: &Move) -> Result<Figures> {
+        let map = stream.map();
+        let source_extent = map.extents()[0];
+        let switched_at = moving.switched_at.expect("a drained move was switched");
+        let (receiving, target) = (stream.file(moving.receiving), stream.file(moving.target));
+        let mut copied = 0;
+        let (map, redirected) = loop {
+            copied = receiving.copy_from(&target, copied)?;
+            receiving.sync()?;
+            let linked = stream.swap(|view| {
+                if target.on_disk() != copied {
+                    return None;
+                }
+                receiving.adopt_pending(&target);
+                view.map.linked().expect("a drained move links");
+                Some((view.map.clone(), target.len()))
+            });
+            if let Some(linked) = linked {
+                break linked;
+            }
+        };
+        self.journal().record(stream.name(), &map)?;
+        let figures = Figures {
+            drained: switched_at - source_extent.start,
+            redirected,
+            moves: 1,
+        };
+        self.journal().add_figures(figures)?;
+        stream.update(|view| view.files.remove(&moving.target));
+        self.remove_file(stream.name(), moving.target, moving.tier)?;
+        Ok(figures)
+    }
+}
+
+/// The BLAKE3 digest of the first `len` stream bytes of `file`.
+fn digest(file: &ExtentFile, len: u64) -> Result<blake3::Hash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut at = 0;
+    while at < len {
+        let bytes = file.read_at(at, FRAME_BYTES.min((len - at) as usize))?;
+        if bytes.is_empty() {
+            break;
+        }
+        hasher.update(&bytes);
+        at += bytes.len() as u64;
+    }
+    Ok(hasher.finalize())
+}
