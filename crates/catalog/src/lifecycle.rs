@@ -170,15 +170,19 @@ pub enum Kind {
     Volume,
     /// A directory tree behind a FUSE access point.
     Tree,
+    /// Append-only streams behind a FUSE access point, moved along an
+    /// orbit of tiers while they are written.
+    Stream,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Volume, Kind::Tree];
+    pub const ALL: [Kind; 3] = [Kind::Volume, Kind::Tree, Kind::Stream];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Volume => "volume",
             Kind::Tree => "tree",
+            Kind::Stream => "stream",
         }
     }
 }

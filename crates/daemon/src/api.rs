@@ -305,7 +305,8 @@ async fn property_table() -> Json<serde_json::Value> {
                 "name": p.name,
                 "default": p.default,
                 "live": p.change == properties::Change::Live,
-                "applies": p.applies.map(|kind| kind.as_str()),
+                "applies": (!p.applies.is_empty())
+                    .then(|| p.applies.iter().map(|kind| kind.as_str()).collect::<Vec<_>>()),
                 "help": p.help,
             })
         })

@@ -42,6 +42,7 @@ use crate::supervisor::Supervisor;
 pub use client::{Client, ClientError, Endpoint, Health};
 pub use cluster::{ClusterView, Joining, Whereabouts};
 pub use dmm_catalog::{Event, Intent, Kind, MigrationId, MigrationRecord, State, Verb};
+pub use dmm_stream::StreamReport;
 pub use dmm_tree::{TreePhase, TreeReport};
 pub use engine::Report;
 pub use layout::Layout;

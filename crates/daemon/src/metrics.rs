@@ -392,6 +392,20 @@ impl Scrape {
                     .get_or_create(&id)
                     .set(int(tree.mismatches.len() as u64));
             }
+            Some(Report::Stream(stream)) => {
+                let bytes: u64 = stream.streams.iter().map(|s| s.bytes).sum();
+                self.errors.get_or_create(&id).set(failed);
+                self.size.get_or_create(&id).set(int(bytes));
+                self.copied
+                    .get_or_create(&id)
+                    .inc_by(stream.figures.drained + stream.figures.redirected);
+                self.files
+                    .get_or_create(&id)
+                    .set(int(stream.streams.len() as u64));
+                self.files_done
+                    .get_or_create(&id)
+                    .set(int((stream.streams.len() - stream.pending) as u64));
+            }
             None => {
                 self.errors.get_or_create(&id).set(failed);
             }

@@ -33,8 +33,8 @@ pub struct Property {
     pub name: &'static str,
     pub default: Option<&'static str>,
     pub change: Change,
-    /// The kind it applies to (`None`: every kind).
-    pub applies: Option<Kind>,
+    /// The kinds it applies to (empty: every kind).
+    pub applies: &'static [Kind],
     pub help: &'static str,
     check: fn(&str) -> Result<(), ValueError>,
 }
@@ -48,10 +48,13 @@ pub enum PropertyError {
     BadValue { name: String, why: ValueError },
     #[error("missing property {name} (-p {name}=…)")]
     Missing { name: &'static str },
-    #[error("{name} applies to {meant} migrations only, not to a {kind} migration")]
+    #[error(
+        "{name} applies to {} migrations only, not to a {kind} migration",
+        kinds(meant)
+    )]
     NotForKind {
         name: &'static str,
-        meant: Kind,
+        meant: &'static [Kind],
         kind: Kind,
     },
     #[error(
@@ -150,19 +153,23 @@ fn count(value: &str) -> Result<(), ValueError> {
     }
 }
 
+const VOLUME_AND_TREE: &[Kind] = &[Kind::Volume, Kind::Tree];
+const TREE_AND_STREAM: &[Kind] = &[Kind::Tree, Kind::Stream];
+
 /// Every property, in the order `dmm get` shows them.
 pub const PROPERTIES: &[Property] = &[
     Property {
         name: "kind",
-        applies: None,
+        applies: &[],
         default: Some("volume"),
         change: Change::BeforeStart,
-        help: "what is migrated: volume or tree (a directory tree)",
+        help: "what is migrated: volume, tree (a directory tree) or stream (append-only \
+               files moved along an orbit of tiers while they are written)",
         check: kind,
     },
     Property {
         name: "source",
-        applies: None,
+        applies: VOLUME_AND_TREE,
         default: None,
         change: Change::BeforeStart,
         help: "volume: image file, block device or NBD URI; tree: a directory (read-only)",
@@ -170,7 +177,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "target",
-        applies: None,
+        applies: VOLUME_AND_TREE,
         default: None,
         change: Change::BeforeStart,
         help: "volume: image file, block device or NBD URI, at least as large as the \
@@ -179,7 +186,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "strategy",
-        applies: Some(Kind::Volume),
+        applies: &[Kind::Volume],
         default: Some("auto"),
         change: Change::BeforeStart,
         help: "precopy, mirror, aio, slr, lr, redirect or auto",
@@ -187,7 +194,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "export",
-        applies: Some(Kind::Volume),
+        applies: &[Kind::Volume],
         default: None,
         change: Change::BeforeStart,
         help: "NBD export name (default: the migid)",
@@ -195,7 +202,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "switchover",
-        applies: Some(Kind::Volume),
+        applies: &[Kind::Volume],
         default: Some("auto"),
         change: Change::Live,
         help: "auto: switch as soon as the strategy allows; manual: wait for `dmm switchover`",
@@ -203,7 +210,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "segsize",
-        applies: None,
+        applies: VOLUME_AND_TREE,
         default: Some("1M"),
         change: Change::BeforeStart,
         help: "chunk (volume) or file segment (tree) size, N[.N][KMGTP][B]",
@@ -211,7 +218,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "rate",
-        applies: None,
+        applies: &[],
         default: Some("0"),
         change: Change::Live,
         help: "copy bandwidth limit in bytes per second (0: none), N[.N][KMGTP][B]",
@@ -219,7 +226,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "schedule",
-        applies: None,
+        applies: &[],
         default: None,
         change: Change::Live,
         help: "a daily bandwidth timetable in the daemon's local time, used instead of rate: \
@@ -228,7 +235,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "priority",
-        applies: None,
+        applies: &[],
         default: Some("normal"),
         change: Change::Live,
         help: "low, normal or high",
@@ -236,7 +243,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "copies",
-        applies: Some(Kind::Volume),
+        applies: &[Kind::Volume],
         default: Some("8"),
         change: Change::Live,
         help: "chunks copied at once",
@@ -244,7 +251,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "verify",
-        applies: None,
+        applies: VOLUME_AND_TREE,
         default: Some("full"),
         change: Change::BeforeStart,
         help: "none or full (BLAKE3 comparison of every chunk, or of every file not \
@@ -253,7 +260,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "logfile",
-        applies: None,
+        applies: &[],
         default: None,
         change: Change::Live,
         help: "file that receives the migration's log lines (an absolute path; \
@@ -263,15 +270,16 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "access",
-        applies: Some(Kind::Tree),
+        applies: TREE_AND_STREAM,
         default: None,
         change: Change::BeforeStart,
-        help: "empty directory where the FUSE access point is mounted",
+        help: "empty directory where the FUSE access point is mounted (a stream store's \
+               shows one file per stream)",
         check: non_empty,
     },
     Property {
         name: "access-users",
-        applies: Some(Kind::Tree),
+        applies: TREE_AND_STREAM,
         default: Some("owner"),
         change: Change::BeforeStart,
         help: "who may use the access point: owner (the daemon's user) or all (every \
@@ -280,7 +288,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "collision",
-        applies: Some(Kind::Tree),
+        applies: &[Kind::Tree],
         default: Some("error"),
         change: Change::BeforeStart,
         help: "a name in both source and target: error, overwrite or rename",
@@ -288,7 +296,7 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "maxnsproc",
-        applies: Some(Kind::Tree),
+        applies: &[Kind::Tree],
         default: Some("2"),
         change: Change::BeforeStart,
         help: "directory workers",
@@ -296,11 +304,37 @@ pub const PROPERTIES: &[Property] = &[
     },
     Property {
         name: "maxdfproc",
-        applies: Some(Kind::Tree),
+        applies: &[Kind::Tree],
         default: Some("4"),
         change: Change::BeforeStart,
         help: "file workers",
         check: count,
+    },
+    Property {
+        name: "orbit",
+        applies: &[Kind::Stream],
+        default: None,
+        change: Change::BeforeStart,
+        help: "the tiers streams move along, least dense first: \
+               NAME:/DIRECTORY[:plain|:zstd],… e.g. fast:/ssd/streams,dense:/hdd/streams:zstd",
+        check: parsed::<dmm_stream::orbit::Orbit>,
+    },
+    Property {
+        name: "after",
+        applies: &[Kind::Stream],
+        default: None,
+        change: Change::Live,
+        help: "move a stream to the next tier once its last append is older than this \
+               (e.g. 1h, 30m); with neither after nor above, streams move at once",
+        check: duration,
+    },
+    Property {
+        name: "above",
+        applies: &[Kind::Stream],
+        default: None,
+        change: Change::Live,
+        help: "move a stream to the next tier once it is larger than this, N[.N][KMGTP][B]",
+        check: rate,
     },
 ];
 
@@ -337,6 +371,23 @@ pub fn kind_of(properties: &BTreeMap<String, String>) -> Result<Kind, PropertyEr
     })
 }
 
+/// Kinds as a sentence names them: "volume", "tree or stream".
+fn kinds(kinds: &[Kind]) -> String {
+    let names: Vec<_> = kinds.iter().map(|k| k.as_str()).collect();
+    names.join(" or ")
+}
+
+/// A duration such as `90s`, `30m`, `1h`.
+fn duration(value: &str) -> Result<(), ValueError> {
+    parse_duration(value).map(drop)
+}
+
+/// The duration `value` names.
+pub fn parse_duration(value: &str) -> Result<std::time::Duration, ValueError> {
+    humantime::parse_duration(value)
+        .map_err(|_| ValueError::new("a duration", value, "e.g. 90s, 30m, 1h"))
+}
+
 /// Checks a set of properties for a new migration: each one valid and
 /// meant for its kind, `source` and `target` (and a tree's `access`)
 /// present.
@@ -351,6 +402,7 @@ pub fn check_new(properties: &BTreeMap<String, String>) -> Result<(), PropertyEr
     let required: &[&'static str] = match kind {
         Kind::Tree => &["source", "target", "access"],
         Kind::Volume => &["source", "target"],
+        Kind::Stream => &["orbit", "access"],
     };
     match required
         .iter()
@@ -364,14 +416,14 @@ pub fn check_new(properties: &BTreeMap<String, String>) -> Result<(), PropertyEr
 /// Refuses a property that does not apply to a kind of migration.
 pub fn check_applies(name: &str, kind: Kind) -> Result<(), PropertyError> {
     let property = lookup(name)?;
-    match property.applies {
-        Some(meant) if meant != kind => Err(PropertyError::NotForKind {
-            name: property.name,
-            meant,
-            kind,
-        }),
-        _ => Ok(()),
+    if property.applies.is_empty() || property.applies.contains(&kind) {
+        return Ok(());
     }
+    Err(PropertyError::NotForKind {
+        name: property.name,
+        meant: property.applies,
+        kind,
+    })
 }
 
 /// Checks that `name` may change in `state`.
@@ -399,7 +451,7 @@ pub fn value<'a>(properties: &'a BTreeMap<String, String>, name: &str) -> Option
 pub fn effective(properties: &BTreeMap<String, String>, kind: Kind) -> BTreeMap<String, String> {
     PROPERTIES
         .iter()
-        .filter(|p| p.applies.is_none_or(|k| k == kind))
+        .filter(|p| p.applies.is_empty() || p.applies.contains(&kind))
         .filter_map(|p| value(properties, p.name).map(|v| (p.name.to_owned(), v.to_owned())))
         .collect()
 }
@@ -440,7 +492,7 @@ mod tests {
         let err = check_new(&props(&[("kind", "disk")]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("volume, tree"), "{err}");
+        assert!(err.contains("volume, tree, stream"), "{err}");
         let err = check_change("segsize", State::Running).unwrap_err();
         assert!(err.is_conflict());
         assert!(
@@ -451,7 +503,7 @@ mod tests {
         let err = check_applies("access", Kind::Volume)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("tree migrations only"), "{err}");
+        assert!(err.contains("tree or stream migrations only"), "{err}");
     }
 
     #[test]

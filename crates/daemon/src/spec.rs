@@ -20,6 +20,7 @@ use crate::schedule::Schedule;
 pub enum Spec {
     Volume(VolumeSpec),
     Tree(TreeSpec),
+    Stream(StreamSpec),
 }
 
 /// A volume migration.
@@ -42,6 +43,18 @@ pub struct TreeSpec {
     pub config: dmm_tree::TreeConfig,
     /// Compare checksums before the migration is ready to commit.
     pub verify: bool,
+}
+
+/// A stream store.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    pub orbit: dmm_stream::orbit::Orbit,
+    /// Where the access point is mounted.
+    pub access: PathBuf,
+    pub access_users: dmm_tree::AccessUsers,
+    pub policy: dmm_stream::Policy,
+    pub rate: Option<u64>,
+    pub priority: Priority,
 }
 
 /// The controls a running migration picks up at once.
@@ -88,6 +101,28 @@ impl Reader<'_> {
                 name: name.to_owned(),
                 why: ValueError::new("a whole number", self.text(name), "e.g. 4"),
             })
+    }
+
+    /// When streams move (`after`, `above`).
+    fn policy(&self) -> Result<dmm_stream::Policy, PropertyError> {
+        let bad = |name: &str| {
+            let name = name.to_owned();
+            move |why| PropertyError::BadValue { name, why }
+        };
+        Ok(dmm_stream::Policy {
+            after: self
+                .properties
+                .get("after")
+                .map(|text| properties::parse_duration(text))
+                .transpose()
+                .map_err(bad("after"))?,
+            above: self
+                .properties
+                .get("above")
+                .map(|text| parse_size(text))
+                .transpose()
+                .map_err(bad("above"))?,
+        })
     }
 
     fn live(&self) -> Result<Live, PropertyError> {
@@ -164,6 +199,14 @@ impl Spec {
                 },
                 verify: verify == Verify::Full,
             })),
+            Kind::Stream => Ok(Spec::Stream(StreamSpec {
+                orbit: read.typed("orbit")?,
+                access: read.text("access").into(),
+                access_users: read.typed("access-users")?,
+                policy: read.policy()?,
+                rate: live.rate,
+                priority: live.priority,
+            })),
         }
     }
 
@@ -171,6 +214,7 @@ impl Spec {
         match self {
             Spec::Volume(_) => Kind::Volume,
             Spec::Tree(_) => Kind::Tree,
+            Spec::Stream(_) => Kind::Stream,
         }
     }
 
@@ -185,6 +229,11 @@ impl Spec {
             Spec::Tree(tree) => Live {
                 rate: tree.config.rate,
                 priority: tree.config.priority,
+                in_flight: 1,
+            },
+            Spec::Stream(stream) => Live {
+                rate: stream.rate,
+                priority: stream.priority,
                 in_flight: 1,
             },
         }
@@ -218,6 +267,36 @@ mod tests {
         assert_eq!(volume.config.verify, Verify::Full);
         assert_eq!(volume.export, "7");
         assert!(!volume.manual_switchover);
+    }
+
+    #[test]
+    fn a_stream_spec_follows_the_properties() {
+        let spec = Spec::parse(
+            5,
+            &props(&[
+                ("kind", "stream"),
+                ("orbit", "fast:/ssd/s,dense:/hdd/s:zstd"),
+                ("access", "/m"),
+                ("above", "1G"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(spec.kind(), Kind::Stream);
+        let Spec::Stream(stream) = spec else {
+            panic!("a stream store")
+        };
+        assert_eq!(stream.orbit.tiers().len(), 2);
+        assert_eq!(stream.policy.above, Some(1 << 30));
+        assert_eq!(stream.policy.after, None);
+        let err = Spec::of_new(&props(&[("kind", "stream"), ("access", "/m")])).unwrap_err();
+        assert!(err.to_string().contains("missing property orbit"), "{err}");
+        let err = Spec::of_new(&props(&[
+            ("kind", "stream"),
+            ("orbit", "fast:/a,fast:/b"),
+            ("access", "/m"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("named twice"), "{err}");
     }
 
     #[test]

@@ -11,21 +11,27 @@
 //! - `stream`: the appender, the reader, and the swap of the tail;
 //! - `journal`: the phased commits of the maps and moves (SQLite);
 //! - `store`: the streams of a store, reopened after a crash;
-//! - `mover`: a move, phase by phase.
+//! - `mover`: a move, phase by phase;
+//! - `policy`: which streams move when, and the loop that moves them;
+//! - `access`: the FUSE access point.
 
+mod access;
 mod error;
 mod extent_file;
 pub mod extents;
 mod journal;
 mod mover;
 pub mod orbit;
+mod policy;
 pub mod seekable;
 mod store;
 mod stream;
 
+pub use access::{StreamFs, mount};
 pub use error::{Error, ErrorKind, Result};
 pub use extent_file::ExtentFile;
 pub use journal::{Figures, Owner};
 pub use mover::Moved;
+pub use policy::{Policy, StreamReport, StreamRow};
 pub use store::StreamStore;
 pub use stream::{Attributes, Stream};

@@ -57,6 +57,19 @@ impl Orbit {
     }
 }
 
+impl From<OrbitError> for dmm_control::ValueError {
+    fn from(err: OrbitError) -> dmm_control::ValueError {
+        dmm_control::ValueError::new(
+            "an orbit",
+            &err.text,
+            format!(
+                "{}; NAME:/DIRECTORY[:plain|:zstd],… least dense first",
+                err.why
+            ),
+        )
+    }
+}
+
 impl FromStr for Orbit {
     type Err = OrbitError;
 

@@ -22,7 +22,7 @@ mod threads;
 mod verify;
 mod worker;
 
-pub use access::AccessUsers;
+pub use access::{AccessPoint, AccessUsers, check_mountpoint, clear_stale_mount};
 pub use error::{Error, ErrorKind, Result};
 pub use job::{Finished, TreeJob, TreeKind, TreePhase, TreeReport};
 pub use migration::{ErrorReport, TreeConfig, TreeMigration, TreeProgress, check};

@@ -2,10 +2,11 @@
 //! drives, whatever the kind moves.
 //!
 //! The supervisor's verbs call only [`Engine`]; each kind implements it in
-//! its own file ([`volume`], [`tree`]) and is opened from its typed
+//! its own file ([`volume`], [`tree`], [`stream`]) and is opened from its typed
 //! [`Spec`] by [`open`]. A new kind is a new file here, a variant of
 //! [`Spec`] and of [`Report`], and nothing in the supervisor.
 
+mod stream;
 mod tree;
 mod volume;
 
@@ -28,6 +29,7 @@ use crate::spec::Spec;
 pub enum Report {
     Tree(Box<dmm_tree::TreeReport>),
     Volume(Box<dmm_volume::Progress>),
+    Stream(Box<dmm_stream::StreamReport>),
 }
 
 impl Report {
@@ -48,6 +50,14 @@ impl Report {
                 t.verified_files,
                 "files",
                 t.mismatches.len(),
+            ),
+            // A drain that differs from its source fails its move: the
+            // moves counted were all verified equal.
+            Report::Stream(s) => (
+                s.figures.drained + s.figures.redirected,
+                s.figures.moves,
+                "drained extents",
+                0,
             ),
         };
         let verification = match (verified, mismatches) {
@@ -135,6 +145,7 @@ pub async fn open(spec: &Spec, dir: &Path, peers: &Arc<Peers>) -> Result<Arc<dyn
             volume::VolumeEngine::open(volume, dir, peers).await?,
         )),
         Spec::Tree(tree) => Ok(Arc::new(tree::TreeEngine::open(tree, dir).await?)),
+        Spec::Stream(stream) => Ok(Arc::new(stream::StreamEngine::open(stream, dir).await?)),
     }
 }
 
@@ -144,6 +155,7 @@ pub async fn check(spec: &Spec, peers: &Arc<Peers>) -> Result<()> {
     match spec {
         Spec::Volume(volume) => volume::check(volume, peers).await,
         Spec::Tree(tree) => tree::check(tree),
+        Spec::Stream(stream) => stream::check(stream),
     }
 }
 

@@ -88,7 +88,7 @@ impl Engine for TreeEngine {
     fn take_news(&self, report: &Report) -> Vec<String> {
         match report {
             Report::Tree(report) => self.job.take_news(report),
-            Report::Volume(_) => Vec::new(),
+            Report::Volume(_) | Report::Stream(_) => Vec::new(),
         }
     }
 

@@ -73,6 +73,18 @@ impl Sample {
                     dirs_total: counts.dirs_total,
                 }
             }
+            Report::Stream(s) => Sample {
+                at,
+                rate: 0,
+                copied_bytes: s.figures.drained + s.figures.redirected,
+                client_reads: 0,
+                client_writes: 0,
+                dirty_chunks: 0,
+                files_done: (s.streams.len() - s.pending) as u64,
+                files_total: s.streams.len() as u64,
+                dirs_done: 0,
+                dirs_total: 0,
+            },
         }
     }
 }

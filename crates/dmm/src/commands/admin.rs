@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use anyhow::{Result, bail};
 use clap::{ArgAction, Args};
 use dmm_daemon::{
-    Client, ClientError, Endpoint, Layout, MigrationId, MigrationRecord, Report, TreeReport, Verb,
-    View,
+    Client, ClientError, Endpoint, Layout, MigrationId, MigrationRecord, Report, StreamReport,
+    TreeReport, Verb, View,
 };
 use serde_json::json;
 
@@ -254,6 +254,10 @@ fn progress_summary(view: &View) -> String {
             let percent = volume.chunks_on_destination * 100 / volume.chunks.max(1);
             format!("{percent}% of {}", human(volume.volume_bytes))
         }
+        Some(Report::Stream(store)) => {
+            let settled = store.streams.len() - store.pending;
+            format!("{settled}/{} streams", store.streams.len())
+        }
     }
 }
 
@@ -325,6 +329,7 @@ fn stat_line(view: &View) -> String {
     let p = match &view.progress {
         None => return format!("{}: {} (not running)", record.id, record.state),
         Some(Report::Tree(tree)) => return tree_stat_line(record, tree),
+        Some(Report::Stream(store)) => return stream_stat_line(record, store),
         Some(Report::Volume(volume)) => volume,
     };
     let error = p
@@ -362,6 +367,41 @@ fn name_of(value: &impl serde::Serialize) -> String {
 }
 
 /// A tree migration's progress; per-file errors follow on their own lines.
+/// A stream store's line, then one per stream: its size, what it takes
+/// on its tier, and its move.
+fn stream_stat_line(record: &MigrationRecord, store: &StreamReport) -> String {
+    let paused = if store.paused { ", paused" } else { "" };
+    let figures = &store.figures;
+    let mut line = format!(
+        "{}: {}{paused}, {} streams, {} moving or due, {} moves linked: {} drained, {} redirected",
+        record.id,
+        record.state,
+        store.streams.len(),
+        store.pending,
+        figures.moves,
+        human(figures.drained),
+        human(figures.redirected),
+    );
+    if let Some(error) = &record.error {
+        line += &format!(", error: {error}");
+    }
+    for stream in &store.streams {
+        let moving = stream
+            .moving
+            .as_ref()
+            .map(|(phase, to)| format!(", moving to {to}: {phase}"))
+            .unwrap_or_default();
+        line += &format!(
+            "\n  {}: {} on {} (stored in {}){moving}",
+            stream.name,
+            human(stream.bytes),
+            stream.tier,
+            human(stream.stored)
+        );
+    }
+    line
+}
+
 fn tree_stat_line(record: &MigrationRecord, tree: &TreeReport) -> String {
     let counts = &tree.progress.counts;
     let paused = if tree.paused { ", paused" } else { "" };

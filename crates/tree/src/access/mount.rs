@@ -69,9 +69,22 @@ impl AccessPoint {
         path: &Path,
         users: AccessUsers,
     ) -> Result<AccessPoint> {
-        raise_open_file_limit();
         let modes = Arc::new(IoModes::new());
         let filesystem = TreeFs::new(namespace, modes.clone())?;
+        let mut access = AccessPoint::serve(filesystem, path, users)?;
+        access.modes = modes;
+        Ok(access)
+    }
+
+    /// Mounts `filesystem` at `path`, for `users`, served by several FUSE
+    /// threads: the mount of any access point of dmm (a tree's, a stream
+    /// store's).
+    pub fn serve(
+        filesystem: impl fuser::Filesystem,
+        path: &Path,
+        users: AccessUsers,
+    ) -> Result<AccessPoint> {
+        raise_open_file_limit();
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("dmm".into()),
@@ -103,7 +116,7 @@ impl AccessPoint {
             session: Some(thread),
             unmounter,
             path: path.to_path_buf(),
-            modes,
+            modes: Arc::new(IoModes::new()),
         })
     }
 

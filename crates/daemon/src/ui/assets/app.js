@@ -10,7 +10,13 @@
 'use strict';
 
 const DESTRUCTIVE = new Set(['halt --remove', 'delete', 'delete -f', 'rollback', 'commit']);
-const LIVE_PROPERTIES = ['rate', 'schedule', 'priority', 'copies'];
+const LIVE_PROPERTIES = ['rate', 'schedule', 'priority', 'copies', 'after', 'above'];
+// The kinds the creation form offers, each with the properties it needs.
+const REQUIRED = {
+  volume: ['source', 'target'],
+  tree: ['source', 'target', 'access'],
+  stream: ['orbit', 'access'],
+};
 const HISTORY_SECONDS = 1800;
 
 let messages = { en: {} };
@@ -105,7 +111,21 @@ function fraction(view) {
   if (view.kind === 'volume' && p.chunks) return p.chunks_on_destination / p.chunks;
   if (view.kind === 'tree' && p.bytes_total) return p.bytes_done / p.bytes_total;
   if (view.kind === 'tree' && p.files_total) return p.files_done / p.files_total;
+  if (view.kind === 'stream' && (p.streams || []).length) return (p.streams.length - p.pending) / p.streams.length;
   return view.state === 'committed' ? 1 : 0;
+}
+
+// What a migration moves from and to, as its row shows it.
+function routeOf(view) {
+  if (view.kind === 'stream') return view.properties.orbit || '';
+  return `${view.properties.source || ''} → ${view.properties.target || ''}`;
+}
+
+function copiedOf(view) {
+  const p = progressOf(view);
+  if (view.kind === 'volume') return p.copied_bytes;
+  if (view.kind === 'stream') return p.figures ? p.figures.drained + p.figures.redirected : 0;
+  return p.bytes_written;
 }
 
 function rateOf(view) {
@@ -283,7 +303,7 @@ function rowStart(view) {
   return [
     el('td', {}, el('a', { href: `#/m/${view.id}`, text: String(view.id) })),
     el('td', { text: t(`kind.${view.kind}`) }),
-    el('td', { class: 'route', text: `${view.properties.source || ''} → ${view.properties.target || ''}` }),
+    el('td', { class: 'route', text: routeOf(view) }),
     el('td', {}, el('span', { class: `state state-${view.state}`, 'data-state': view.state, text: t(`state.${view.state}`) })),
   ];
 }
@@ -375,7 +395,7 @@ function queueCard() {
     const last = queue.queued.length;
     list.replaceChildren(...queue.queued.map((id, at) => {
       const view = views.get(id);
-      const route = view ? `${view.properties.source || ''} → ${view.properties.target || ''}` : '';
+      const route = view ? routeOf(view) : '';
       return el('li', { 'data-id': String(id) },
         el('a', { href: `#/m/${id}`, text: `${id}` }), ' ',
         el('span', { class: 'route', text: route }), ' ',
@@ -434,7 +454,7 @@ function detail(id) {
     if (key === settingsFor) return;
     settingsFor = key;
     const live = properties.filter((p) => LIVE_PROPERTIES.includes(p.name) && p.live &&
-      (!p.applies || p.applies === view.kind));
+      (!p.applies || p.applies.includes(view.kind)));
     if (!view.verbs.includes('set') || !live.length) {
       settings.replaceChildren();
       return;
@@ -484,13 +504,13 @@ function detail(id) {
       el('span', { class: `state state-${view.state}`, id: 'state', 'data-state': view.state, text: t(`state.${view.state}`) }));
     const rows = [
       fact(t('col.kind'), t(`kind.${view.kind}`)),
-      fact(t('col.route'), `${view.properties.source || ''} → ${view.properties.target || ''}`),
+      fact(t('col.route'), routeOf(view)),
       fact(t('col.phase'), phaseOf(view)),
       fact(t('col.progress'), `${(fraction(view) * 100).toFixed(1)} %`),
       fact(t('col.rate'), view.progress ? `${bytes(rateOf(view))}/s` : ''),
       fact(t('col.eta'), duration(p.eta_seconds)),
       fact(t('detail.copied'), bytes(view.progress
-        ? (view.kind === 'volume' ? p.copied_bytes : p.bytes_written)
+        ? copiedOf(view)
         : (view.summary || {}).bytes)),
       fact(t('col.duration'), runTime(view)),
       fact(t('col.verification'), (view.summary || {}).verification || t('verification.none')),
@@ -499,6 +519,10 @@ function detail(id) {
     if (view.kind === 'volume' && view.progress) {
       rows.push(fact(t('detail.pause'), `${(p.longest_pause_ms || 0).toFixed(1)} ms`));
       rows.push(fact(t('detail.verified'), String(p.verified_chunks || 0)));
+    }
+    for (const stream of (p.streams || []).slice(0, 50)) {
+      const moving = stream.moving ? ` → ${stream.moving[1]} (${stream.moving[0]})` : '';
+      rows.push(fact(stream.name, `${bytes(stream.bytes)} · ${stream.tier} (${bytes(stream.stored)})${moving}`));
     }
     if ((p.mismatches || []).length) rows.push(fact(t('detail.mismatches'), String(p.mismatches.length)));
     if (view.queue_position) rows.push(fact(t('detail.queued'), `${view.queue_position} / ${queue.queued.length}`));
@@ -596,7 +620,7 @@ function create() {
   function field(p) {
     const input = el('input', {
       id: `field-${p.name}`, name: p.name, placeholder: p.default || '',
-      required: ['source', 'target', 'access'].includes(p.name),
+      required: REQUIRED[kind].includes(p.name),
     });
     return el('div', {}, el('label', { for: input.id, text: p.name }), input,
       el('div', { class: 'help', text: p.help }),
@@ -605,9 +629,9 @@ function create() {
 
   function build() {
     const kindSelect = el('select', { id: 'field-kind', name: 'kind', onchange: (e) => { kind = e.target.value; build(); } },
-      ...['volume', 'tree'].map((k) => el('option', { value: k, selected: k === kind, text: t(`kind.${k}`) })));
-    const fields = properties.filter((p) => p.name !== 'kind' && (!p.applies || p.applies === kind));
-    const first = fields.filter((p) => ['source', 'target', 'access'].includes(p.name));
+      ...Object.keys(REQUIRED).map((k) => el('option', { value: k, selected: k === kind, text: t(`kind.${k}`) })));
+    const fields = properties.filter((p) => p.name !== 'kind' && (!p.applies || p.applies.includes(kind)));
+    const first = fields.filter((p) => REQUIRED[kind].includes(p.name));
     const rest = fields.filter((p) => !first.includes(p));
     form.replaceChildren(
       el('h1', { text: t('create.title') }),
