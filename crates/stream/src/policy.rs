@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use dmm_control::Controls;
+use dmm_control::{Controls, Priority};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -70,9 +70,12 @@ impl StreamStore {
     /// Moves every stream the policy makes due, and goes on with moves a
     /// restart interrupted, until stopped.
     /// `policy` is read at every pass (it may change while this runs).
+    /// The calling thread is niced after the controls' priority (call it
+    /// on a thread of its own).
     pub fn keep_moving(&self, policy: impl Fn() -> Policy, controls: &Controls) -> Result<()> {
         while !controls.interrupted() {
             let pass = Instant::now();
+            nice(controls.priority());
             for stream in self.list() {
                 if let Some(to) = self.destination(&stream, &policy())
                     && self.move_stream(&stream, to, controls)? == Moved::Stopped
@@ -124,5 +127,26 @@ impl StreamStore {
             });
         }
         Ok(report)
+    }
+}
+
+/// Nices the calling thread after `priority`, so that the writer and the
+/// FUSE threads serving it win the CPU whenever the drain (reading,
+/// compressing, writing) wants it too: a low or normal priority move takes
+/// only what they leave. A thread not run as root cannot lower its nice
+/// value again: it stays at the lowest priority it was given.
+fn nice(priority: Priority) {
+    let value = match priority {
+        Priority::Low => 19,
+        Priority::Normal => 10,
+        Priority::High => 0,
+    };
+    // SAFETY: setpriority and gettid take no pointers.
+    let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, value) };
+    if done != 0 {
+        tracing::debug!(
+            "cannot set the stream mover's nice value to {value}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

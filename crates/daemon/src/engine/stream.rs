@@ -132,8 +132,22 @@ impl Engine for StreamEngine {
             self.controls.clone(),
             self.policy.clone(),
         );
-        blocking(move || store.keep_moving(|| *policy.lock(), &controls)).await?;
-        Ok(Ran::Stopped)
+        // A thread of its own: the mover nices it (`keep_moving`).
+        let (done, moved) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("dmm-stream-mover".into())
+            .spawn(move || {
+                let _ = done.send(store.keep_moving(|| *policy.lock(), &controls));
+            })
+            .map_err(|err| Error::caused(ErrorKind::Failed, "cannot start the stream mover", err))?;
+        match moved.await {
+            Ok(Ok(())) => Ok(Ran::Stopped),
+            Ok(Err(err)) => Err(Error::new(ErrorKind::Failed, err.report())),
+            Err(_) => Err(Error::new(
+                ErrorKind::Failed,
+                "the stream mover's thread ended without a word",
+            )),
+        }
     }
 
     async fn snapshot(&self) -> Snapshot {
