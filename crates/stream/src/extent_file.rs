@@ -1,8 +1,8 @@
 //! One extent's file on a tier, in the tier's format, open for appends
 //! and reads at once: the writer appends, readers read any offset, the
-//! mover copies it into another extent, and none of them waits for
-//! another's I/O (each copies what it needs under a short lock and does
-//! its I/O outside it).
+//! mover fills a target's head, and none of them waits for another's I/O
+//! (each copies what it needs under a short lock and does its I/O outside
+//! it).
 //!
 //! A plain file holds the extent's bytes as they are. A zstd file holds
 //! frames ([`crate::seekable`]); the bytes appended since the last frame
@@ -10,12 +10,18 @@
 //! closes a short frame, so fsynced bytes are never only in memory), and
 //! the seek table is written when the extent is sealed.
 //!
-//! One appender at a time: [`ExtentFile::append`], `sync`, `seal`,
-//! `cut` and `copy_from` are called by the one owner of the extent's end
-//! (the stream's writer for its tail, the mover for a receiving extent).
+//! A move's target has a *head*: the room for the drained bytes, reserved
+//! at the switch before the appends that follow it ([`ExtentFile::reserve_head`]),
+//! filled by the drain ([`ExtentFile::fill_head`]) and closed by the link
+//! ([`ExtentFile::close_head`]). The file's byte 0 is the source's first
+//! stream byte either way.
+//!
+//! One appender per end: the stream's writer appends to the tail
+//! (`append`, `sync`, `seal`), the mover fills the head (`fill_head`,
+//! `flush`, `close_head`).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -23,9 +29,6 @@ use parking_lot::Mutex;
 use crate::error::{Error, ErrorKind, Result, on};
 use crate::orbit::Format;
 use crate::seekable::{self, FRAME_BYTES, Frame};
-
-/// Bytes a plain copy moves per read and write.
-const COPY_BYTES: usize = 1 << 20;
 
 /// An open extent file.
 pub struct ExtentFile {
@@ -38,32 +41,36 @@ pub struct ExtentFile {
 /// What the file holds; its lock is held only to copy or update it.
 #[derive(Default)]
 struct Held {
-    /// Stream bytes held, in the file and in `pending`.
+    /// Stream bytes held: a head's (once reserved), the tail's, in the
+    /// file and in `pending`.
     len: u64,
-    /// zstd: the frames in the file.
+    /// zstd: the frames in the file, in order (a head's first).
     frames: Vec<Frame>,
     /// zstd: bytes after the last frame, not in the file yet.
     pending: Vec<u8>,
-    /// Bytes of the file holding data (a seek table may follow).
+    /// The file offset the next tail frame or bytes go to.
     file_end: u64,
+    /// A head being filled.
+    head: Option<Head>,
     /// zstd: a seek table follows the frames.
     sealed: bool,
     /// Written since the last sync.
     dirty: bool,
 }
 
-impl Held {
-    /// Stream bytes in the file (not only in memory).
-    fn on_disk(&self) -> u64 {
-        self.len - self.pending.len() as u64
-    }
-
-    /// A frame written after the last.
-    fn record(&mut self, frame: Frame) {
-        self.file_end = frame.file_end();
-        self.frames.push(frame);
-        self.dirty = true;
-    }
+/// A target's head while the drain fills it.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    /// Its stream bytes.
+    bytes: u64,
+    /// Stream bytes filled so far.
+    filled: u64,
+    /// File bytes reserved for it.
+    reserved: u64,
+    /// zstd: its frames so far (the first of `frames`), and where the
+    /// next goes.
+    frames: usize,
+    cursor: u64,
 }
 
 impl ExtentFile {
@@ -83,10 +90,12 @@ impl ExtentFile {
         })
     }
 
-    /// Opens an extent file after a restart: a zstd file's frames are
-    /// read from its seek table or found by a scan, and bytes a crash
-    /// left after the last whole frame are cut.
-    pub fn open(path: &Path, format: Format) -> Result<ExtentFile> {
+    /// Opens an extent file after a restart; `head` is a target's head
+    /// when the move is switched but not linked: its stream bytes, and
+    /// whether the drain filled it. A zstd file's frames are read from its
+    /// seek table or found by a scan, and bytes a crash left after the
+    /// last whole frame are cut.
+    pub fn open(path: &Path, format: Format, head: Option<(u64, bool)>) -> Result<ExtentFile> {
         let file = File::options()
             .read(true)
             .write(true)
@@ -97,34 +106,20 @@ impl ExtentFile {
             .map_err(on(ErrorKind::Tier, "stat", path))?
             .len();
         let held = match format {
-            Format::Plain => Held {
-                len: size,
-                file_end: size,
-                ..Held::default()
-            },
-            Format::Zstd => {
-                let found = seekable::frames_of(&file).map_err(on(
-                    ErrorKind::Tier,
-                    "read frames of",
-                    path,
-                ))?;
-                let file_end = found.frames_end();
-                if !found.sealed && file_end < size {
-                    file.set_len(file_end).map_err(on(
-                        ErrorKind::Tier,
-                        "cut the torn frame of",
-                        path,
-                    ))?;
-                }
-                Held {
-                    len: found.frames.last().map_or(0, Frame::end),
-                    frames: found.frames,
-                    file_end,
-                    sealed: found.sealed,
-                    ..Held::default()
-                }
-            }
+            Format::Plain => plain_held(size, head),
+            Format::Zstd => zstd_held(&file, head.map(|(bytes, _)| bytes)).map_err(on(
+                ErrorKind::Tier,
+                "read frames of",
+                path,
+            ))?,
         };
+        if format == Format::Zstd && !held.sealed && held.file_end < size {
+            file.set_len(held.file_end).map_err(on(
+                ErrorKind::Tier,
+                "cut the torn frame of",
+                path,
+            ))?;
+        }
         Ok(ExtentFile {
             file,
             path: path.to_owned(),
@@ -137,11 +132,7 @@ impl ExtentFile {
         &self.path
     }
 
-    pub fn format(&self) -> Format {
-        self.format
-    }
-
-    /// The stream bytes it holds.
+    /// The stream bytes it holds (a head's included once reserved).
     pub fn len(&self) -> u64 {
         self.held.lock().len
     }
@@ -150,15 +141,9 @@ impl ExtentFile {
         self.len() == 0
     }
 
-    /// The stream bytes it holds in the file (a zstd tail keeps up to a
-    /// frame in memory until the next sync).
-    pub fn on_disk(&self) -> u64 {
-        self.held.lock().on_disk()
-    }
-
-    /// The file's size on its tier.
+    /// The bytes it takes on its tier (a head's padding takes none).
     pub fn stored_bytes(&self) -> u64 {
-        self.held.lock().file_end
+        self.file.metadata().map_or(0, |m| m.blocks() * 512)
     }
 
     /// Appends `data` after its last byte.
@@ -200,6 +185,12 @@ impl ExtentFile {
         if pending > 0 {
             self.close_frame(pending)?;
         }
+        self.flush()
+    }
+
+    /// Makes what is in the file durable (not the bytes a zstd tail holds
+    /// in memory): the mover's sync of a head.
+    pub fn flush(&self) -> Result<()> {
         let dirty = std::mem::take(&mut self.held.lock().dirty);
         if dirty {
             self.file.sync_data().map_err(|err| {
@@ -231,91 +222,122 @@ impl ExtentFile {
         Ok(())
     }
 
-    /// Keeps only its first `len` stream bytes (a zstd file: `len` must
-    /// end a frame). Used when a move starts a step again after a crash.
-    pub fn cut(&self, len: u64) -> Result<()> {
+    /// The switch, on a new target: room for `bytes` stream bytes before
+    /// the appends that follow. No I/O (it runs between two appends).
+    pub fn reserve_head(&self, bytes: u64) {
         let mut held = self.held.lock();
-        let file_end = match self.format {
-            Format::Plain => len,
-            Format::Zstd => {
-                let keep = held.frames.partition_point(|f| f.end() <= len);
-                if held.frames[..keep].last().map_or(0, Frame::end) != len {
-                    return Err(Error::on(ErrorKind::Tier, "cut", &self.path)
-                        .with_detail(format!("{len} does not end a frame")));
-                }
-                held.frames.truncate(keep);
-                held.pending.clear();
-                held.sealed = false;
-                held.frames.last().map_or(0, Frame::file_end)
-            }
+        assert!(
+            held.len == 0 && held.head.is_none(),
+            "a head is reserved once, first"
+        );
+        let reserved = match self.format {
+            Format::Plain => bytes,
+            Format::Zstd => seekable::head_bytes(bytes),
         };
-        self.file
-            .set_len(file_end)
-            .map_err(on(ErrorKind::Tier, "cut", &self.path))?;
-        held.len = len;
-        held.file_end = file_end;
-        held.dirty = true;
+        held.len = bytes;
+        held.file_end = reserved;
+        held.head = Some(Head {
+            bytes,
+            filled: 0,
+            reserved,
+            frames: 0,
+            cursor: 0,
+        });
+    }
+
+    /// The stream bytes of its head filled so far (where a drain goes on
+    /// from), if it has a head.
+    pub fn head_filled(&self) -> Option<u64> {
+        self.held.lock().head.map(|h| h.filled)
+    }
+
+    /// Writes the next `data` of the head (the drain).
+    pub fn fill_head(&self, data: &[u8]) -> Result<()> {
+        let head = self.held.lock().head.ok_or_else(|| self.no_head())?;
+        if head.filled + data.len() as u64 > head.bytes {
+            return Err(Error::on(ErrorKind::Tier, "fill the head of", &self.path)
+                .with_detail(format!("{} bytes overflow its {}", data.len(), head.bytes)));
+        }
+        let filling = || on(ErrorKind::Tier, "fill the head of", &self.path);
+        match self.format {
+            Format::Plain => {
+                self.file
+                    .write_all_at(data, head.filled)
+                    .map_err(filling())?;
+                let mut held = self.held.lock();
+                let head = held.head.as_mut().expect("a head");
+                head.filled += data.len() as u64;
+                held.dirty = true;
+            }
+            Format::Zstd => {
+                for piece in data.chunks(FRAME_BYTES) {
+                    let compressed = seekable::compress(piece).map_err(filling())?;
+                    let at = self.held.lock().head.expect("a head").cursor;
+                    self.file.write_all_at(&compressed, at).map_err(filling())?;
+                    let mut held = self.held.lock();
+                    let head = held.head.as_mut().expect("a head");
+                    let frame = Frame {
+                        at,
+                        compressed: compressed.len() as u32,
+                        start: head.filled,
+                        decompressed: piece.len() as u32,
+                    };
+                    let index = head.frames;
+                    head.frames += 1;
+                    head.cursor += compressed.len() as u64;
+                    head.filled += piece.len() as u64;
+                    held.frames.insert(index, frame);
+                    held.dirty = true;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Appends the bytes `other` holds in its file from its stream offset
-    /// `from` on (a zstd file copies whole frames, not recompressed;
-    /// `from` must start one); returns the offset it copied up to. The
-    /// link of a target extent into a receiving extent, while the target
-    /// is still appended to.
-    pub fn copy_from(&self, other: &ExtentFile, from: u64) -> Result<u64> {
-        match self.format {
-            Format::Plain => self.copy_bytes(other, from),
-            Format::Zstd => self.copy_frames(other, from),
-        }
-    }
-
-    fn copy_bytes(&self, other: &ExtentFile, from: u64) -> Result<u64> {
-        let end = other.on_disk();
-        let mut at = from;
-        while at < end {
-            let bytes = other.read_at(at, COPY_BYTES.min((end - at) as usize))?;
-            self.append(&bytes)?;
-            at += bytes.len() as u64;
-        }
-        Ok(at)
-    }
-
-    fn copy_frames(&self, other: &ExtentFile, from: u64) -> Result<u64> {
-        let frames: Vec<Frame> = {
-            let held = other.held.lock();
-            let first = held.frames.partition_point(|f| f.start < from);
-            held.frames[first..].to_vec()
-        };
-        let mut at = from;
-        for frame in frames {
-            if frame.start != at {
-                return Err(Error::on(ErrorKind::Tier, "link", &other.path)
-                    .with_detail(format!("no frame starts at {at}")));
-            }
-            let mut bytes = vec![0; frame.compressed as usize];
-            other.file.read_exact_at(&mut bytes, frame.at).map_err(on(
-                ErrorKind::Tier,
-                "read a frame of",
-                &other.path,
-            ))?;
-            let copy = self.write_frame(&bytes, frame.decompressed)?;
-            let mut held = self.held.lock();
-            held.len += u64::from(frame.decompressed);
-            held.record(copy);
-            at = frame.end();
-        }
-        Ok(at)
-    }
-
-    /// Takes over the bytes `other` holds only in memory (a zstd tail's
-    /// unfinished frame), as the last step of a link: no I/O. `other`
-    /// keeps its copy for readers that still hold it.
-    pub fn adopt_pending(&self, other: &ExtentFile) {
-        let pending = other.held.lock().pending.clone();
+    /// Starts the head again (a drain that read back different).
+    pub fn reset_head(&self) -> Result<()> {
         let mut held = self.held.lock();
-        held.len += pending.len() as u64;
-        held.pending.extend_from_slice(&pending);
+        let head = held.head.as_mut().ok_or_else(|| self.no_head())?;
+        let frames = head.frames;
+        (head.filled, head.frames, head.cursor) = (0, 0, 0);
+        held.frames.drain(..frames);
+        Ok(())
+    }
+
+    /// The link: a filled head becomes part of the file (zstd: padding
+    /// frames fill what its frames left of the room).
+    pub fn close_head(&self) -> Result<()> {
+        let head = self.held.lock().head.ok_or_else(|| self.no_head())?;
+        if head.filled != head.bytes {
+            return Err(
+                Error::on(ErrorKind::Tier, "link", &self.path).with_detail(format!(
+                    "its head holds {} of {} bytes",
+                    head.filled, head.bytes
+                )),
+            );
+        }
+        if self.format == Format::Zstd {
+            let padding = seekable::padding(head.cursor, head.reserved, head.bytes);
+            let closing = || on(ErrorKind::Tier, "pad the head of", &self.path);
+            for (frame, header) in &padding {
+                self.file
+                    .write_all_at(header, frame.at)
+                    .map_err(closing())?;
+            }
+            // The room ends inside the file even with no appends after it
+            // (a byte of the last padding frame: no data is overwritten).
+            self.file
+                .write_all_at(&[0], head.reserved - 1)
+                .map_err(closing())?;
+            let mut held = self.held.lock();
+            let at = head.frames;
+            held.frames
+                .splice(at..at, padding.into_iter().map(|(frame, _)| frame));
+        }
+        let mut held = self.held.lock();
+        held.head = None;
+        held.dirty = true;
+        Ok(())
     }
 
     /// Up to `len` stream bytes from `offset` (fewer at its end).
@@ -356,51 +378,44 @@ impl ExtentFile {
         }
         let first = held.frames.partition_point(|f| f.end() <= offset);
         let last = held.frames.partition_point(|f| f.start < end);
-        let on_disk = held.on_disk();
-        let tail = if end > on_disk {
-            let from = (offset.max(on_disk) - on_disk) as usize;
-            held.pending[from..(end - on_disk) as usize].to_vec()
+        let in_memory = held.len - held.pending.len() as u64;
+        let tail = if end > in_memory {
+            let from = (offset.max(in_memory) - in_memory) as usize;
+            held.pending[from..(end - in_memory) as usize].to_vec()
         } else {
             Vec::new()
         };
-        (held.frames[first..last].to_vec(), tail)
+        let frames = held.frames[first..last]
+            .iter()
+            .filter(|f| f.decompressed > 0)
+            .copied()
+            .collect();
+        (frames, tail)
     }
 
-    /// Compresses the first `bytes` of the pending bytes into a frame.
+    /// Compresses the first `bytes` of the pending bytes into a frame
+    /// after the last.
     fn close_frame(&self, bytes: usize) -> Result<()> {
-        let data = self.held.lock().pending[..bytes].to_vec();
-        let compressed = seekable::compress(&data).map_err(on(
-            ErrorKind::Tier,
-            "compress a frame of",
-            &self.path,
-        ))?;
-        let frame = self.write_frame(&compressed, bytes as u32)?;
-        let mut held = self.held.lock();
-        held.pending.drain(..bytes);
-        held.record(frame);
-        Ok(())
-    }
-
-    /// Writes one compressed frame after the last; the caller records
-    /// it (with the bytes it holds) under one lock, so that readers see
-    /// the frame and the pending bytes change together.
-    fn write_frame(&self, compressed: &[u8], decompressed: u32) -> Result<Frame> {
-        let (at, start) = {
+        let (data, at, start) = {
             let mut held = self.held.lock();
             self.unseal(&mut held)?;
-            (held.file_end, held.frames.last().map_or(0, Frame::end))
+            let start = held.len - held.pending.len() as u64;
+            (held.pending[..bytes].to_vec(), held.file_end, start)
         };
-        self.file.write_all_at(compressed, at).map_err(on(
-            ErrorKind::Tier,
-            "append a frame to",
-            &self.path,
-        ))?;
-        Ok(Frame {
+        let writing = || on(ErrorKind::Tier, "append a frame to", &self.path);
+        let compressed = seekable::compress(&data).map_err(writing())?;
+        self.file.write_all_at(&compressed, at).map_err(writing())?;
+        let mut held = self.held.lock();
+        held.pending.drain(..bytes);
+        held.file_end = at + compressed.len() as u64;
+        held.frames.push(Frame {
             at,
             compressed: compressed.len() as u32,
             start,
-            decompressed,
-        })
+            decompressed: bytes as u32,
+        });
+        held.dirty = true;
+        Ok(())
     }
 
     /// Removes the seek table before the frames grow over it.
@@ -415,6 +430,68 @@ impl ExtentFile {
         }
         Ok(())
     }
+
+    fn no_head(&self) -> Error {
+        Error::on(ErrorKind::Conflict, "fill the head of", &self.path)
+            .with_detail("it is no switched target")
+    }
+}
+
+/// What a plain file holds after a restart: its bytes, or a head's room
+/// and the appends after it.
+fn plain_held(size: u64, head: Option<(u64, bool)>) -> Held {
+    let len = head.map_or(size, |(bytes, _)| size.max(bytes));
+    Held {
+        len,
+        file_end: len,
+        // A drain not finished starts again: the head's bytes written
+        // before the crash are overwritten with the same.
+        head: head.map(|(bytes, drained)| Head {
+            bytes,
+            filled: if drained { bytes } else { 0 },
+            reserved: bytes,
+            frames: 0,
+            cursor: 0,
+        }),
+        ..Held::default()
+    }
+}
+
+/// What a zstd file holds after a restart: its frames (a head's, then
+/// the tail's after its room, when it has a head).
+fn zstd_held(file: &File, head: Option<u64>) -> std::io::Result<Held> {
+    let Some(bytes) = head else {
+        let found = seekable::frames_of(file)?;
+        return Ok(Held {
+            len: found.frames.last().map_or(0, Frame::end),
+            file_end: found.frames_end(),
+            frames: found.frames,
+            sealed: found.sealed,
+            ..Held::default()
+        });
+    };
+    let reserved = seekable::head_bytes(bytes);
+    let head_frames: Vec<Frame> = seekable::scan(file, 0, 0, reserved)?
+        .into_iter()
+        .filter(|f| f.decompressed > 0)
+        .collect();
+    let tail = seekable::scan(file, reserved, bytes, u64::MAX)?;
+    let filled = head_frames.last().map_or(0, Frame::end);
+    let cursor = head_frames.last().map_or(0, Frame::file_end);
+    let held = Held {
+        len: tail.last().map_or(bytes, Frame::end),
+        file_end: tail.last().map_or(reserved, Frame::file_end),
+        head: Some(Head {
+            bytes,
+            filled,
+            reserved,
+            frames: head_frames.len(),
+            cursor,
+        }),
+        frames: head_frames.into_iter().chain(tail).collect(),
+        ..Held::default()
+    };
+    Ok(held)
 }
 
 /// Syncs the directory `dir`, so that files created or removed in it stay

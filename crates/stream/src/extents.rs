@@ -3,15 +3,17 @@
 //! are one table, [`NEXT`]).
 //!
 //! A stream with no move under way is one extent, its tail. A move to
-//! another tier, as `DESIGN.md` describes it:
+//! another tier, as `DESIGN.md` describes it, with one new file, the
+//! target: its head (the receiving extent) receives the drained bytes, its
+//! tail the appends from the switch on.
 //!
 //! | phase | extents, in stream order |
 //! |---|---|
 //! | (none) | source `[start, len)`, the tail |
-//! | `Prepared` | the same; the receiving and the target extent exist, empty |
-//! | `Switched` | source `[start, s)`; target `[s, len)`, the tail |
-//! | `Drained` | receiving `[start, s)`; target `[s, len)`, the tail |
-//! | `Linked` | receiving `[start, len)`, the tail (the target's bytes appended to it) |
+//! | `Prepared` | the same; the target file exists, empty |
+//! | `Switched` | source `[start, s)`; target's tail `[s, len)`, the tail |
+//! | `Drained` | target's head `[start, s)`; target's tail `[s, len)`, the tail |
+//! | `Linked` | target `[start, len)`, the tail (its head and tail one extent) |
 
 /// One extent: a file of one tier holding `[start, end)` of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +24,9 @@ pub struct Extent {
     pub tier: usize,
     pub start: u64,
     pub end: u64,
+    /// The stream offset of the file's first byte (a target's tail starts
+    /// after its head).
+    pub base: u64,
 }
 
 /// How far a move went.
@@ -76,8 +81,7 @@ pub struct Move {
     pub phase: Phase,
     /// The tier it moves to.
     pub tier: usize,
-    /// The files of the receiving and the target extent.
-    pub receiving: u64,
+    /// The target's file.
     pub target: u64,
     /// The switch offset, once switched.
     pub switched_at: Option<u64>,
@@ -108,6 +112,7 @@ impl ExtentMap {
                 tier,
                 start: 0,
                 end: 0,
+                base: 0,
             }],
             moving: None,
             next_file: 1,
@@ -169,8 +174,8 @@ impl ExtentMap {
         self.extents.get(at).filter(|e| e.start <= offset)
     }
 
-    /// Starts a move of the tail to `tier`: numbers its receiving and
-    /// target files (which the caller creates and syncs).
+    /// Starts a move of the tail to `tier`: numbers its target file
+    /// (which the caller creates and syncs).
     pub fn prepare(&mut self, tier: usize) -> Result<Move, PhaseError> {
         if let Some(moving) = &self.moving {
             return Err(self.refuse("prepare a move", moving));
@@ -178,11 +183,10 @@ impl ExtentMap {
         let moving = Move {
             phase: Phase::Prepared,
             tier,
-            receiving: self.next_file,
-            target: self.next_file + 1,
+            target: self.next_file,
             switched_at: None,
         };
-        self.next_file += 2;
+        self.next_file += 1;
         self.moving = Some(moving);
         Ok(moving)
     }
@@ -192,23 +196,25 @@ impl ExtentMap {
     pub fn switch(&mut self) -> Result<u64, PhaseError> {
         let moving = self.step("switch", Phase::Prepared)?;
         let at = self.len();
+        let base = self.tail().start;
         self.extents.push(Extent {
             file: moving.target,
             tier: moving.tier,
             start: at,
             end: at,
+            base,
         });
         self.advance(Some(at));
         Ok(at)
     }
 
-    /// The source extent was drained into the receiving extent: reads
-    /// below the switch offset come from there.
+    /// The source extent was drained into the target's head: reads below
+    /// the switch offset come from there.
     pub fn drained(&mut self) -> Result<(), PhaseError> {
         let moving = self.step("record the drain", Phase::Switched)?;
         let source = self.extents.len() - 2;
         self.extents[source] = Extent {
-            file: moving.receiving,
+            file: moving.target,
             tier: moving.tier,
             ..self.extents[source]
         };
@@ -216,12 +222,12 @@ impl ExtentMap {
         Ok(())
     }
 
-    /// The target extent was appended to the receiving extent: one extent
-    /// again, and the move is over.
+    /// The target's head and tail are one extent again, and the move is
+    /// over.
     pub fn linked(&mut self) -> Result<(), PhaseError> {
         self.step("link", Phase::Drained)?;
-        let target = self.extents.pop().expect("the target extent");
-        self.extents.last_mut().expect("the receiving extent").end = target.end;
+        let tail = self.extents.pop().expect("the target's tail");
+        self.extents.last_mut().expect("the target's head").end = tail.end;
         self.moving = None;
         Ok(())
     }
@@ -277,7 +283,7 @@ mod tests {
         assert_eq!(map.locate(0), None, "an empty stream holds no offset");
         map.appended(100);
         let moving = map.prepare(1).unwrap();
-        assert_eq!((moving.receiving, moving.target), (1, 2));
+        assert_eq!(moving.target, 1);
         assert_eq!(
             served(&map, &[0, 99, 100]),
             [Some((0, 0)), Some((0, 0)), None]
@@ -286,13 +292,18 @@ mod tests {
         map.appended(50);
         assert_eq!(
             served(&map, &[99, 100, 149, 150]),
-            [Some((0, 0)), Some((2, 1)), Some((2, 1)), None]
+            [Some((0, 0)), Some((1, 1)), Some((1, 1)), None]
+        );
+        assert_eq!(
+            map.tail().base,
+            0,
+            "the target's first byte is the stream's"
         );
         map.drained().unwrap();
         map.appended(10);
         assert_eq!(
             served(&map, &[0, 99, 100, 159]),
-            [Some((1, 1)), Some((1, 1)), Some((2, 1)), Some((2, 1))]
+            [Some((1, 1)), Some((1, 1)), Some((1, 1)), Some((1, 1))]
         );
         map.linked().unwrap();
         assert_eq!(
@@ -301,7 +312,8 @@ mod tests {
                 file: 1,
                 tier: 1,
                 start: 0,
-                end: 160
+                end: 160,
+                base: 0,
             }]
         );
         assert_eq!(map.moving(), None);

@@ -19,9 +19,10 @@
 //! | `extents` | `stream`, `file` | the extent's file, `NAME.FILE.log` or `.zst` on its tier |
 //! | | `tier` | the tier's index in the orbit |
 //! | | `start` | the stream offset of its first byte |
+//! | | `base` | the stream offset of its file's first byte (a target's tail starts after its head) |
 //! | `moves` | `stream` | the stream that moves |
 //! | | `phase` | `prepared`, `switched` or `drained` (a linked move has no row) |
-//! | | `tier`, `receiving`, `target` | where it moves and its two new files |
+//! | | `tier`, `target` | where it moves and its new file |
 //! | | `switched_at` | the switch offset, once switched |
 //! | `figures` | `name`, `value` | bytes drained, bytes redirected, moves linked |
 
@@ -52,13 +53,13 @@ const JOURNAL: Layout = Layout {
         file   INTEGER NOT NULL,
         tier   INTEGER NOT NULL,
         start  INTEGER NOT NULL,
-        PRIMARY KEY (stream, file)
+        base   INTEGER NOT NULL,
+        PRIMARY KEY (stream, file, start)
     );
     CREATE TABLE moves (
         stream      TEXT PRIMARY KEY,
         phase       TEXT NOT NULL,
         tier        INTEGER NOT NULL,
-        receiving   INTEGER NOT NULL,
         target      INTEGER NOT NULL,
         switched_at INTEGER
     );
@@ -90,9 +91,9 @@ pub struct Saved {
 /// What the store's moves did, summed over its life.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Figures {
-    /// Bytes copied from source extents into receiving extents.
+    /// Bytes copied from source extents into targets' heads.
     pub drained: u64,
-    /// Bytes appended to target extents (written to the new tier once).
+    /// Bytes appended to targets between their switch and their link.
     pub redirected: u64,
     /// Moves linked.
     pub moves: u64,
@@ -251,13 +252,14 @@ impl Journal {
 
 fn extents(c: &Connection, name: &str) -> rusqlite::Result<Vec<Extent>> {
     let mut query =
-        c.prepare("SELECT file, tier, start FROM extents WHERE stream = ?1 ORDER BY start, file")?;
+        c.prepare("SELECT file, tier, start, base FROM extents WHERE stream = ?1 ORDER BY start")?;
     let rows = query.query_map([name], |r| {
         Ok(Extent {
             file: r.get(0)?,
             tier: r.get(1)?,
             start: r.get(2)?,
             end: r.get(2)?,
+            base: r.get(3)?,
         })
     })?;
     rows.collect()
@@ -265,7 +267,7 @@ fn extents(c: &Connection, name: &str) -> rusqlite::Result<Vec<Extent>> {
 
 fn moving(c: &Connection, name: &str) -> rusqlite::Result<Option<Move>> {
     c.query_row(
-        "SELECT phase, tier, receiving, target, switched_at FROM moves WHERE stream = ?1",
+        "SELECT phase, tier, target, switched_at FROM moves WHERE stream = ?1",
         [name],
         |r| {
             let phase: String = r.get(0)?;
@@ -279,9 +281,8 @@ fn moving(c: &Connection, name: &str) -> rusqlite::Result<Option<Move>> {
             Ok(Move {
                 phase,
                 tier: r.get(1)?,
-                receiving: r.get(2)?,
-                target: r.get(3)?,
-                switched_at: r.get(4)?,
+                target: r.get(2)?,
+                switched_at: r.get(3)?,
             })
         },
     )
@@ -293,20 +294,19 @@ fn write_map(t: &Transaction<'_>, name: &str, map: &ExtentMap) -> rusqlite::Resu
     t.execute("DELETE FROM extents WHERE stream = ?1", [name])?;
     for extent in map.extents() {
         t.execute(
-            "INSERT INTO extents (stream, file, tier, start) VALUES (?1, ?2, ?3, ?4)",
-            params![name, extent.file, extent.tier, extent.start],
+            "INSERT INTO extents (stream, file, tier, start, base) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, extent.file, extent.tier, extent.start, extent.base],
         )?;
     }
     t.execute("DELETE FROM moves WHERE stream = ?1", [name])?;
     if let Some(moving) = map.moving() {
         t.execute(
-            "INSERT INTO moves (stream, phase, tier, receiving, target, switched_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO moves (stream, phase, tier, target, switched_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 name,
                 moving.phase.as_str(),
                 moving.tier,
-                moving.receiving,
                 moving.target,
                 moving.switched_at
             ],

@@ -4,9 +4,12 @@
 //! interrupted (stopped, or by a crash the store resolved) goes on from
 //! the phase recorded.
 //!
-//! The writer never waits for the move's I/O: the move takes the stream's
-//! appending lock only for the switch and for the link's last step, both
-//! a few pointer stores ([`Stream::swap`]).
+//! The move has one new file, the target: the switch reserves its head
+//! for the bytes already written and sends the appends after it; the drain
+//! fills the head; the link closes it. Each stream byte is written once to
+//! the new tier. The writer never waits for the move's I/O: the move takes
+//! the stream's appending lock only for the switch, a few pointer stores
+//! ([`Stream::swap`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +24,10 @@ use crate::seekable::FRAME_BYTES;
 use crate::store::StreamStore;
 use crate::stream::Stream;
 
-/// The drain syncs the receiving extent every this many bytes, so that the
-/// writer's fsync never has much of the drain's data to flush with it.
-const SYNC_EVERY: u64 = 4 << 20;
+/// The drain syncs the target's head every this many bytes, so that the
+/// writer's fsync of the target never has much of the drain's data to
+/// flush with it.
+const SYNC_EVERY: u64 = 1 << 20;
 
 /// How often a paused drain looks at its controls again.
 const PAUSED_POLL: Duration = Duration::from_millis(50);
@@ -48,7 +52,7 @@ impl StreamStore {
                 continue;
             };
             match moving.phase {
-                Phase::Prepared => self.switch(stream)?,
+                Phase::Prepared => self.switch(stream, &moving)?,
                 Phase::Switched => {
                     if !self.drain(stream, &moving, controls)? {
                         return Ok(Moved::Stopped);
@@ -60,8 +64,8 @@ impl StreamStore {
         }
     }
 
-    /// Creates the receiving and the target extent on the new tier, syncs
-    /// them with their directory, then records the move as prepared.
+    /// Creates the target on the new tier, syncs it with its directory,
+    /// then records the move as prepared.
     fn prepare(&self, stream: &Stream, to: usize) -> Result<()> {
         let map = stream.map();
         let from = map.tail().tier;
@@ -76,78 +80,70 @@ impl StreamStore {
             ));
         }
         let tier = &self.orbit().tiers()[to];
-        let numbers = [map.next_file(), map.next_file() + 1];
-        let mut created = Vec::new();
-        for file in numbers {
-            let path = self.path(stream.name(), file, to);
-            let _ = std::fs::remove_file(&path);
-            created.push((file, Arc::new(ExtentFile::create(&path, tier.format)?)));
-        }
+        let number = map.next_file();
+        let path = self.path(stream.name(), number, to);
+        let _ = std::fs::remove_file(&path);
+        let target = Arc::new(ExtentFile::create(&path, tier.format)?);
         sync_dir(&tier.dir)?;
         let map = stream.update(|view| {
-            view.files.extend(created);
+            view.files.insert(number, target);
             let moving = view.map.prepare(to)?;
-            debug_assert_eq!([moving.receiving, moving.target], numbers);
+            debug_assert_eq!(moving.target, number);
             Ok::<_, Error>(view.map.clone())
         })?;
         self.journal().record(stream.name(), &map)
     }
 
-    /// The switch: between two appends, the tail becomes the target
-    /// extent. Recorded after (a crash before the record is resolved from
-    /// the files).
-    fn switch(&self, stream: &Stream) -> Result<()> {
+    /// The switch: between two appends, the tail becomes the target, its
+    /// head reserved for the bytes written so far. Recorded after (a crash
+    /// before the record is resolved from the files).
+    fn switch(&self, stream: &Stream, moving: &Move) -> Result<()> {
+        let target = stream.file(moving.target);
         let map = stream.swap(|view| {
+            let source = *view.map.tail();
             view.map.switch()?;
+            target.reserve_head(source.end - source.base);
             Ok::<_, Error>(view.map.clone())
         })?;
         self.journal().record(stream.name(), &map)
     }
 
-    /// Copies the source extent into the receiving extent (from where a
+    /// Copies the source extent into the target's head (from where a
     /// stopped drain left it), syncs it, compares both, and records the
     /// drain: reads below the switch offset then come from the new tier,
-    /// and the source extent is released.
-    /// False if stopped first.
+    /// and the source extent is released. False if stopped first.
     fn drain(&self, stream: &Stream, moving: &Move, controls: &Controls) -> Result<bool> {
         let map = stream.map();
         let source_extent = map.extents()[0];
         let switched_at = moving.switched_at.expect("a switched move");
-        let (source, receiving) = (
-            stream.file(source_extent.file),
-            stream.file(moving.receiving),
-        );
-        let size = switched_at - source_extent.start;
+        let (source, target) = (stream.file(source_extent.file), stream.file(moving.target));
+        let size = switched_at - source_extent.base;
         let mut limiter = RateLimiter::default();
-        let mut at = receiving.len();
+        let mut at = target.head_filled().expect("a switched target has a head");
         let mut unsynced = 0;
         while at < size {
             while controls.is_paused() && !controls.interrupted() {
                 std::thread::sleep(PAUSED_POLL);
             }
             if controls.interrupted() {
-                receiving.sync()?;
+                target.flush()?;
                 return Ok(false);
             }
             let bytes = source.read_at(at, FRAME_BYTES.min((size - at) as usize))?;
-            receiving.append(&bytes)?;
+            target.fill_head(&bytes)?;
             at += bytes.len() as u64;
             unsynced += bytes.len() as u64;
             if unsynced >= SYNC_EVERY {
-                receiving.sync()?;
+                target.flush()?;
                 unsynced = 0;
             }
             std::thread::sleep(limiter.spend(bytes.len() as u64, controls.rate()));
         }
-        receiving.sync()?;
-        if digest(&source, size)? != digest(&receiving, size)? {
-            receiving.cut(0)?;
-            return Err(
-                Error::on(ErrorKind::Mismatch, "drain", source.path()).with_detail(format!(
-                    "{} reads back different",
-                    receiving.path().display()
-                )),
-            );
+        target.flush()?;
+        if digest(&source, size)? != digest(&target, size)? {
+            target.reset_head()?;
+            return Err(Error::on(ErrorKind::Mismatch, "drain", source.path())
+                .with_detail(format!("{} reads back different", target.path().display())));
         }
         let map = stream.update(|view| {
             view.map.drained()?;
@@ -159,41 +155,25 @@ impl StreamStore {
         Ok(true)
     }
 
-    /// Appends the target extent to the receiving extent while the writer
-    /// goes on appending to the target, then, between two appends, makes
-    /// the receiving extent the tail (it takes over the bytes the target
-    /// held only in memory); records the link and removes the target's
-    /// file.
+    /// Closes the target's head (zstd: padding frames over the room its
+    /// frames left), syncs it, and records the stream as one extent.
     fn link(&self, stream: &Stream, moving: &Move) -> Result<Figures> {
-        let map = stream.map();
-        let source_extent = map.extents()[0];
-        let switched_at = moving.switched_at.expect("a drained move was switched");
-        let (receiving, target) = (stream.file(moving.receiving), stream.file(moving.target));
-        let mut copied = 0;
-        let (map, redirected) = loop {
-            copied = receiving.copy_from(&target, copied)?;
-            receiving.sync()?;
-            let linked = stream.swap(|view| {
-                if target.on_disk() != copied {
-                    return None;
-                }
-                receiving.adopt_pending(&target);
-                view.map.linked().expect("a drained move links");
-                Some((view.map.clone(), target.len()))
-            });
-            if let Some(linked) = linked {
-                break linked;
-            }
-        };
+        let target = stream.file(moving.target);
+        target.close_head()?;
+        target.flush()?;
+        let (map, len) = stream.update(|view| {
+            view.map.linked()?;
+            Ok::<_, Error>((view.map.clone(), view.map.len()))
+        })?;
         self.journal().record(stream.name(), &map)?;
+        let extent = map.extents()[0];
+        let switched_at = moving.switched_at.expect("a drained move was switched");
         let figures = Figures {
-            drained: switched_at - source_extent.start,
-            redirected,
+            drained: switched_at - extent.base,
+            redirected: len - switched_at,
             moves: 1,
         };
         self.journal().add_figures(figures)?;
-        stream.update(|view| view.files.remove(&moving.target));
-        self.remove_file(stream.name(), moving.target, moving.tier)?;
         Ok(figures)
     }
 }

@@ -142,7 +142,8 @@ fn nice(priority: Priority) {
         Priority::High => 0,
     };
     // SAFETY: setpriority and gettid take no pointers.
-    let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, value) };
+    let done =
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, value) };
     if done != 0 {
         tracing::debug!(
             "cannot set the stream mover's nice value to {value}: {}",

@@ -25,6 +25,15 @@
 //! when the extent is sealed. A file without one, or whose last frame a
 //! crash tore, is read by [`scan`], which walks the frames from the start
 //! and keeps those that decompress with a good checksum.
+//!
+//! A move's target file holds the drained bytes in its *head*, a region
+//! reserved at the switch ([`head_bytes`]: room for the drained bytes
+//! compressed, whatever they compress to) before the frames appended from
+//! the switch on. Once drained, what the head's frames left of it becomes
+//! *padding*: skippable frames (magic `0x184D2A50`, a 4-byte size, then
+//! nothing written: a hole), which `zstd -d` skips and the seek table
+//! lists as frames of no stream bytes. So no byte is written twice to the
+//! new tier, and the target is one zstd file.
 
 use std::fs::File;
 use std::io;
@@ -36,6 +45,12 @@ use zstd::zstd_safe;
 pub const FRAME_BYTES: usize = 256 << 10;
 
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A5E;
+/// The skippable frames that pad a target's head.
+const PADDING_MAGIC: u32 = 0x184D_2A50;
+/// A skippable frame's header: magic and size.
+const SKIPPABLE_HEADER: u64 = 8;
+/// The largest padding frame (its size field is a u32).
+const PADDING_MAX: u64 = 1 << 31;
 const SEEKABLE_MAGIC: u32 = 0x8F92_EAB1;
 const FOOTER_BYTES: usize = 9;
 const ENTRY_BYTES: usize = 8;
@@ -79,8 +94,47 @@ pub fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
     compressor.compress(data)
 }
 
-/// The stream bytes of `frame`, read from `file`.
+/// The file bytes a target reserves for a head of `stream_bytes` (drained
+/// in frames of [`FRAME_BYTES`]): their compressed bound, and room for a
+/// padding frame's header.
+pub fn head_bytes(stream_bytes: u64) -> u64 {
+    let frames = stream_bytes / FRAME_BYTES as u64;
+    let last = (stream_bytes % FRAME_BYTES as u64) as usize;
+    let bound = |len: usize| zstd_safe::compress_bound(len) as u64;
+    frames * bound(FRAME_BYTES) + if last > 0 { bound(last) } else { 0 } + SKIPPABLE_HEADER
+}
+
+/// The padding frames filling `[at, end)` of a file (at least
+/// [`SKIPPABLE_HEADER`] bytes): where each goes and its header.
+pub fn padding(mut at: u64, end: u64, start: u64) -> Vec<(Frame, [u8; 8])> {
+    let mut frames = Vec::new();
+    while at < end {
+        let mut len = (end - at).min(PADDING_MAX);
+        if end - at - len < SKIPPABLE_HEADER && end - at > len {
+            len -= SKIPPABLE_HEADER;
+        }
+        let mut header = [0u8; 8];
+        header[..4].copy_from_slice(&PADDING_MAGIC.to_le_bytes());
+        header[4..].copy_from_slice(&((len - SKIPPABLE_HEADER) as u32).to_le_bytes());
+        frames.push((
+            Frame {
+                at,
+                compressed: len as u32,
+                start,
+                decompressed: 0,
+            },
+            header,
+        ));
+        at += len;
+    }
+    frames
+}
+
+/// The stream bytes of `frame`, read from `file` (none for padding).
 pub fn decompress(file: &File, frame: &Frame) -> io::Result<Vec<u8>> {
+    if frame.decompressed == 0 {
+        return Ok(Vec::new());
+    }
     let mut compressed = vec![0; frame.compressed as usize];
     file.read_exact_at(&mut compressed, frame.at)?;
     zstd::bulk::decompress(&compressed, frame.decompressed as usize)
@@ -126,7 +180,7 @@ pub fn frames_of(file: &File) -> io::Result<Found> {
             sealed: true,
         }),
         None => Ok(Found {
-            frames: scan(file)?,
+            frames: scan(file, 0, 0, u64::MAX)?,
             sealed: false,
         }),
     }
@@ -169,18 +223,19 @@ fn table(file: &File) -> io::Result<Option<Vec<Frame>>> {
     Ok((at == size - table_bytes).then_some(frames))
 }
 
-/// The frames of `file` found by walking them from its start: each one
-/// whose size its header gives, that fits in the file, and that
-/// decompresses with a good checksum. The walk stops at the first that
-/// does not (a frame a crash tore) or at a seek table.
-pub fn scan(file: &File) -> io::Result<Vec<Frame>> {
-    let size = file.metadata()?.len();
-    let (mut frames, mut at, mut start) = (Vec::new(), 0u64, 0u64);
+/// The frames of `file` found by walking them from file offset `at`
+/// (stream offset `start`) up to `limit`: each one whose size its header
+/// gives, that fits in the file, and that decompresses with a good
+/// checksum, and padding frames. The walk stops at the first that does
+/// not (a frame a crash tore, a head not filled yet) or at a seek table.
+pub fn scan(file: &File, mut at: u64, mut start: u64, limit: u64) -> io::Result<Vec<Frame>> {
+    let size = file.metadata()?.len().min(limit);
+    let mut frames = Vec::new();
     let mut window = vec![0u8; FRAME_BOUND];
     while at < size {
         let len = ((size - at) as usize).min(FRAME_BOUND);
         file.read_exact_at(&mut window[..len], at)?;
-        let Some(frame) = frame_at(&window[..len], at, start) else {
+        let Some(frame) = frame_at(&window[..len], at, start, size - at) else {
             break;
         };
         at = frame.file_end();
@@ -190,8 +245,18 @@ pub fn scan(file: &File) -> io::Result<Vec<Frame>> {
     Ok(frames)
 }
 
-/// The whole, valid frame at the start of `bytes`, if there is one.
-fn frame_at(bytes: &[u8], at: u64, start: u64) -> Option<Frame> {
+/// The whole, valid frame at the start of `bytes` (`left` bytes of the
+/// file from there), if there is one.
+fn frame_at(bytes: &[u8], at: u64, start: u64, left: u64) -> Option<Frame> {
+    if bytes.len() >= SKIPPABLE_HEADER as usize && word(&bytes[..4]) == PADDING_MAGIC {
+        let len = SKIPPABLE_HEADER + u64::from(word(&bytes[4..8]));
+        return (len <= left).then_some(Frame {
+            at,
+            compressed: len as u32,
+            start,
+            decompressed: 0,
+        });
+    }
     if bytes.len() >= 4 && word(&bytes[..4]) == SKIPPABLE_MAGIC {
         return None;
     }

@@ -171,20 +171,46 @@ impl StreamStore {
             created,
             mut map,
         } = saved;
+        let moving = map.moving().copied();
         let mut files = BTreeMap::new();
-        let mut wanted: Vec<(u64, usize)> =
-            map.extents().iter().map(|e| (e.file, e.tier)).collect();
-        if let Some(moving) = map.moving() {
-            wanted.push((moving.receiving, moving.tier));
-            wanted.push((moving.target, moving.tier));
-        }
-        for (file, tier) in wanted {
-            let path = self.path(&name, file, tier);
-            let format = self.orbit.tiers()[tier].format;
-            files.insert(file, Arc::new(ExtentFile::open(&path, format)?));
+        for extent in map.extents() {
+            if moving.is_none_or(|m| m.target != extent.file) {
+                let format = self.orbit.tiers()[extent.tier].format;
+                let path = self.path(&name, extent.file, extent.tier);
+                files.insert(
+                    extent.file,
+                    Arc::new(ExtentFile::open(&path, format, None)?),
+                );
+            }
         }
         set_ends(&mut map, &files);
-        let changed = resolve_move(&mut map, &files)?;
+        let mut changed = false;
+        if let Some(moving) = moving {
+            let path = self.path(&name, moving.target, moving.tier);
+            let format = self.orbit.tiers()[moving.tier].format;
+            let source = map.extents()[0];
+            let head = match moving.phase {
+                // The switch happened if the target holds bytes (a crash
+                // came before its record): its head is the source's bytes.
+                Phase::Prepared => {
+                    (file_size(&path)? > 0).then_some((source.end - source.base, false))
+                }
+                Phase::Switched | Phase::Drained => Some((
+                    moving.switched_at.expect("a switched move") - source.base,
+                    moving.phase == Phase::Drained,
+                )),
+                Phase::Linked => None,
+            };
+            let target = Arc::new(ExtentFile::open(&path, format, head)?);
+            files.insert(moving.target, target.clone());
+            changed = resolve_move(&mut map, &target)?;
+            if changed && map.moving().is_some_and(|m| m.phase == Phase::Prepared) {
+                // The switch was undone: the target starts again, empty.
+                std::fs::remove_file(&path).map_err(on(ErrorKind::Tier, "remove", &path))?;
+                files.insert(moving.target, Arc::new(ExtentFile::create(&path, format)?));
+            }
+            set_ends(&mut map, &files);
+        }
         if changed {
             self.journal.record(&name, &map)?;
         }
@@ -210,7 +236,6 @@ impl StreamStore {
                 named.insert((stream.name().to_owned(), extent.file));
             }
             if let Some(moving) = map.moving() {
-                named.insert((stream.name().to_owned(), moving.receiving));
                 named.insert((stream.name().to_owned(), moving.target));
             }
         }
@@ -234,11 +259,15 @@ impl StreamStore {
 
 /// Sets each extent's end from its file: the stream is the contiguous
 /// prefix the files hold (an extent whose file is shorter than the next
-/// extent's start ends the stream there: what follows was never fsynced).
+/// extent's start ends there: what follows was never fsynced).
 fn set_ends(map: &mut ExtentMap, files: &BTreeMap<u64, Arc<ExtentFile>>) {
     let extents: Vec<Extent> = map.extents().to_vec();
     for (index, extent) in extents.iter().enumerate() {
-        let held = extent.start + files[&extent.file].len();
+        // A target is opened after the source's end is known.
+        let Some(file) = files.get(&extent.file) else {
+            continue;
+        };
+        let held = extent.base + file.len();
         let end = match extents.get(index + 1) {
             Some(next) => held.min(next.start),
             None => held,
@@ -249,19 +278,15 @@ fn set_ends(map: &mut ExtentMap, files: &BTreeMap<u64, Arc<ExtentFile>>) {
 
 /// Brings a move that a crash interrupted to a phase the mover goes on
 /// from; true if the map changed (the caller records it).
-fn resolve_move(map: &mut ExtentMap, files: &BTreeMap<u64, Arc<ExtentFile>>) -> Result<bool> {
+fn resolve_move(map: &mut ExtentMap, target: &ExtentFile) -> Result<bool> {
     let Some(moving) = map.moving().copied() else {
         return Ok(false);
     };
-    let target = &files[&moving.target];
-    let receiving = &files[&moving.receiving];
     match moving.phase {
-        // The switch happened if the target holds bytes: they continue
-        // the stream from the source's end.
+        // The target holds bytes: the switch happened, at the source's
+        // end (the target's head, reserved when it was opened).
         Phase::Prepared if !target.is_empty() => {
-            let len = target.len();
             map.switch()?;
-            map.appended(len);
             Ok(true)
         }
         // A source shorter than the switch offset lost bytes never
@@ -269,7 +294,6 @@ fn resolve_move(map: &mut ExtentMap, files: &BTreeMap<u64, Arc<ExtentFile>>) -> 
         // the switch is undone and the target's bytes dropped, so that the
         // stream stays one contiguous prefix.
         Phase::Switched if map.extents()[0].end < moving.switched_at.unwrap_or(0) => {
-            target.cut(0)?;
             let source = map.extents()[0];
             let prepared = Move {
                 phase: Phase::Prepared,
@@ -279,24 +303,16 @@ fn resolve_move(map: &mut ExtentMap, files: &BTreeMap<u64, Arc<ExtentFile>>) -> 
             *map = ExtentMap::restore(vec![source], Some(prepared), map.next_file());
             Ok(true)
         }
-        Phase::Prepared | Phase::Switched => Ok(false),
-        Phase::Drained => {
-            let extent = map.extents()[0];
-            let switched_at = moving.switched_at.expect("a drained move was switched");
-            let target_end = switched_at + target.len();
-            let receiving_end = extent.start + receiving.len();
-            if receiving_end >= target_end {
-                // The link's swap happened: the receiving extent holds
-                // everything, and maybe appends made after it.
-                map.linked()?;
-                map.set_end(0, receiving_end);
-                Ok(true)
-            } else {
-                receiving.cut(switched_at - extent.start)?;
-                Ok(false)
-            }
-        }
-        Phase::Linked => Ok(false),
+        // A drain goes on from the head's frames found (a plain head
+        // starts again); a link is done again (it is idempotent).
+        Phase::Prepared | Phase::Switched | Phase::Drained | Phase::Linked => Ok(false),
+    }
+}
+
+fn file_size(path: &Path) -> Result<u64> {
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(meta.len()),
+        Err(err) => Err(Error::on(ErrorKind::Tier, "stat", path).with_source(err)),
     }
 }
 
@@ -339,81 +355,87 @@ fn seconds(time: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::orbit::Format;
 
-    /// Files 0 (source, plain), 1 (receiving) and 2 (target, zstd) holding
-    /// `lens` bytes each.
-    fn files(dir: &Path, lens: [usize; 3]) -> BTreeMap<u64, Arc<ExtentFile>> {
-        let mut files = BTreeMap::new();
-        for (file, len) in lens.into_iter().enumerate() {
-            let format = if file == 0 {
-                Format::Plain
-            } else {
-                Format::Zstd
-            };
-            let extent = ExtentFile::create(&dir.join(file.to_string()), format).unwrap();
-            extent.append(&vec![b'a'; len]).unwrap();
-            extent.sync().unwrap();
-            files.insert(file as u64, Arc::new(extent));
+    /// A source of 100 bytes (file 0, plain) and a target (file 1, zstd)
+    /// with `head` reserved and `tail` bytes appended after it.
+    fn files(dir: &Path, head: Option<u64>, tail: usize) -> BTreeMap<u64, Arc<ExtentFile>> {
+        let source = ExtentFile::create(&dir.join("0"), Format::Plain).unwrap();
+        source.append(&[b's'; 100]).unwrap();
+        let target = ExtentFile::create(&dir.join("1"), Format::Zstd).unwrap();
+        if let Some(bytes) = head {
+            target.reserve_head(bytes);
         }
-        files
+        target.append(&vec![b't'; tail]).unwrap();
+        target.sync().unwrap();
+        BTreeMap::from([(0, Arc::new(source)), (1, Arc::new(target))])
     }
 
-    fn map_in(phase: Phase, files: &BTreeMap<u64, Arc<ExtentFile>>) -> ExtentMap {
+    fn prepared() -> ExtentMap {
         let mut map = ExtentMap::new(0);
+        map.appended(100);
         map.prepare(1).unwrap();
-        if phase != Phase::Prepared {
-            map.appended(100);
-            map.switch().unwrap();
-        }
-        if phase == Phase::Drained {
-            map.drained().unwrap();
-        }
-        // What the journal gives back: starts only.
-        let mut saved = ExtentMap::restore(
-            map.extents()
-                .iter()
-                .map(|e| Extent { end: e.start, ..*e })
-                .collect(),
-            map.moving().copied(),
-            map.next_file(),
-        );
-        set_ends(&mut saved, files);
-        saved
+        map
     }
 
     #[test]
     fn a_switch_not_recorded_is_found_in_the_target() {
         let dir = tempfile::tempdir().unwrap();
-        let files = files(dir.path(), [100, 0, 30]);
-        let mut map = map_in(Phase::Prepared, &files);
-        assert!(resolve_move(&mut map, &files).unwrap());
+        drop(files(dir.path(), Some(100), 30));
+        // As a restart opens it: the head is the source's bytes.
+        let target =
+            ExtentFile::open(&dir.path().join("1"), Format::Zstd, Some((100, false))).unwrap();
+        assert_eq!(target.len(), 130);
+        assert_eq!(target.head_filled(), Some(0));
+        let mut map = prepared();
+        assert!(resolve_move(&mut map, &target).unwrap());
         assert_eq!(map.moving().unwrap().phase, Phase::Switched);
         assert_eq!(map.moving().unwrap().switched_at, Some(100));
+        let files = BTreeMap::from([
+            (
+                0,
+                Arc::new(ExtentFile::open(&dir.path().join("0"), Format::Plain, None).unwrap()),
+            ),
+            (1, Arc::new(target)),
+        ]);
+        set_ends(&mut map, &files);
         assert_eq!(map.len(), 130);
+        assert_eq!(map.tail().base, 0);
     }
 
     #[test]
-    fn a_link_that_swapped_is_recorded_and_one_that_did_not_starts_again() {
+    fn a_target_without_bytes_leaves_the_move_prepared() {
         let dir = tempfile::tempdir().unwrap();
-        // The receiving extent holds the drain, the target's 30 bytes
-        // and 5 appended after the swap.
-        let swapped = files(dir.path(), [0, 135, 30]);
-        let mut map = map_in(Phase::Drained, &swapped);
-        assert!(resolve_move(&mut map, &swapped).unwrap());
-        assert_eq!((map.moving(), map.len()), (None, 135));
+        let files = files(dir.path(), None, 0);
+        let mut map = prepared();
+        assert!(!resolve_move(&mut map, &files[&1]).unwrap());
+        assert_eq!(map.moving().unwrap().phase, Phase::Prepared);
+    }
+
+    #[test]
+    fn a_head_filled_before_a_crash_is_found_and_the_tail_after_its_room() {
         let dir = tempfile::tempdir().unwrap();
-        let files = dir.path().join("partly");
-        std::fs::create_dir(&files).unwrap();
-        let partly = self::files(&files, [0, 100, 30]);
-        partly[&1].append(&[b'a'; 10]).unwrap();
-        partly[&1].sync().unwrap();
-        let mut map = map_in(Phase::Drained, &partly);
-        assert!(!resolve_move(&mut map, &partly).unwrap());
+        let files = files(dir.path(), Some(300_000), 0);
+        let target = &files[&1];
+        target.fill_head(&vec![b'h'; 262_144]).unwrap();
+        target.append(&[b't'; 10]).unwrap();
+        target.sync().unwrap();
+        let reopened =
+            ExtentFile::open(&dir.path().join("1"), Format::Zstd, Some((300_000, false))).unwrap();
         assert_eq!(
-            partly[&1].len(),
-            100,
-            "the copy is cut at the switch offset"
+            reopened.head_filled(),
+            Some(262_144),
+            "the whole frame of the head"
         );
-        assert_eq!(map.len(), 130);
+        assert_eq!(reopened.len(), 300_010);
+        assert_eq!(reopened.read_at(300_000, 100).unwrap(), [b't'; 10]);
+        reopened.fill_head(&vec![b'h'; 300_000 - 262_144]).unwrap();
+        reopened.close_head().unwrap();
+        reopened.sync().unwrap();
+        let linked = ExtentFile::open(&dir.path().join("1"), Format::Zstd, None).unwrap();
+        assert_eq!(linked.len(), 300_010, "a scan crosses the padding");
+        let mut expected = vec![b'h'; 300_000];
+        expected.extend_from_slice(&[b't'; 10]);
+        assert_eq!(linked.read_at(0, 400_000).unwrap(), expected);
     }
 }

@@ -79,11 +79,11 @@ impl Stream {
 
     pub fn attributes(&self) -> Attributes {
         let view = self.view.read();
-        let stored = view
-            .map
-            .extents()
+        let files: std::collections::BTreeSet<u64> =
+            view.map.extents().iter().map(|e| e.file).collect();
+        let stored = files
             .iter()
-            .filter_map(|e| view.files.get(&e.file))
+            .filter_map(|file| view.files.get(file))
             .map(|f| f.stored_bytes())
             .sum();
         Attributes {
@@ -128,30 +128,22 @@ impl Stream {
     /// bytes are synced with the new tail's.
     pub fn sync(&self) -> Result<()> {
         let _appending = self.appending.lock();
-        let files: Vec<_> = {
-            let view = self.view.read();
-            view.map
-                .extents()
-                .iter()
-                .map(|e| view.file(e.file))
-                .collect()
-        };
-        files.iter().try_for_each(|f| f.sync())
+        self.view
+            .read()
+            .map_files()
+            .iter()
+            .try_for_each(|f| f.sync())
     }
 
     /// Syncs the stream's files and seals them (a zstd extent gets its
     /// seek table): what a stop or a commit leaves on the tiers.
     pub(crate) fn seal(&self) -> Result<()> {
         let _appending = self.appending.lock();
-        let files: Vec<_> = {
-            let view = self.view.read();
-            view.map
-                .extents()
-                .iter()
-                .map(|e| view.file(e.file))
-                .collect()
-        };
-        files.iter().try_for_each(|f| f.seal())
+        self.view
+            .read()
+            .map_files()
+            .iter()
+            .try_for_each(|f| f.seal())
     }
 
     /// Up to `len` bytes from `offset`, each from the extent the map says
@@ -165,7 +157,7 @@ impl Stream {
             while at < end {
                 let extent = *view.map.locate(at).expect("an offset below the length");
                 let upto = extent.end.min(end);
-                parts.push((view.file(extent.file), at - extent.start, upto - at));
+                parts.push((view.file(extent.file), at - extent.base, upto - at));
                 at = upto;
             }
             parts
@@ -212,5 +204,12 @@ impl View {
             .get(&file)
             .cloned()
             .expect("every file of the map is open")
+    }
+
+    /// The files of the map's extents, each once, in stream order.
+    fn map_files(&self) -> Vec<Arc<ExtentFile>> {
+        let mut files: Vec<u64> = self.map.extents().iter().map(|e| e.file).collect();
+        files.dedup();
+        files.into_iter().map(|file| self.file(file)).collect()
     }
 }

@@ -1,7 +1,8 @@
 //! Extent files in both formats: the dense tiers' read back by the
 //! standard `zstd` tool and by offset (appends of any size, a reopen, a
-//! torn frame cut, the link of two files), and any range of either format
-//! read back, from frames and from the bytes a tail holds in memory.
+//! torn frame cut, a target's head filled while appends follow it), and
+//! any range of either format read back, from frames and from the bytes a
+//! tail holds in memory.
 
 use std::path::Path;
 
@@ -56,7 +57,7 @@ fn zstd_reads_back_every_append_and_a_reopen_finds_every_frame() {
     assert_eq!(zstd_d(&path), log, "an unsealed tail reads back whole");
     file.seal().unwrap();
     assert_eq!(zstd_d(&path), log, "a sealed one too");
-    let reopened = ExtentFile::open(&path, Format::Zstd).unwrap();
+    let reopened = ExtentFile::open(&path, Format::Zstd, None).unwrap();
     assert_eq!(reopened.stored_bytes(), file.stored_bytes());
     assert_eq!(reopened.len(), log.len() as u64);
     assert_eq!(
@@ -68,29 +69,44 @@ fn zstd_reads_back_every_append_and_a_reopen_finds_every_frame() {
 }
 
 #[test]
-fn a_linked_file_reads_as_both_in_order() {
+fn a_target_holds_the_drained_head_then_the_appends_in_one_file() {
     let dir = tempfile::tempdir().unwrap();
-    let (first, second) = (text_log(300_000, 0), text_log(200_000, 5000));
-    let receiving = ExtentFile::create(&dir.path().join("receiving.zst"), Format::Zstd).unwrap();
-    receiving.append(&first).unwrap();
-    receiving.sync().unwrap();
-    let target = ExtentFile::create(&dir.path().join("target.zst"), Format::Zstd).unwrap();
-    target.append(&second[..1000]).unwrap();
-    target.sync().unwrap();
-    target.append(&second[1000..]).unwrap();
-    let copied = receiving.copy_from(&target, 0).unwrap();
-    assert_eq!(copied, target.on_disk(), "whole frames are copied");
-    receiving.adopt_pending(&target);
-    receiving.seal().unwrap();
-    let whole = [first.clone(), second.clone()].concat();
-    assert_eq!(zstd_d(&dir.path().join("receiving.zst")), whole);
-    let across = first.len() as u64 - 10;
-    assert_eq!(
-        receiving.read_at(across, 20).unwrap(),
-        &whole[across as usize..][..20]
+    let (drained, appended) = (text_log(600_000, 0), text_log(200_000, 9000));
+    let whole = [drained.clone(), appended.clone()].concat();
+    for format in [Format::Plain, Format::Zstd] {
+        let path = dir.path().join(format.as_str());
+        let target = ExtentFile::create(&path, format).unwrap();
+        target.reserve_head(drained.len() as u64);
+        // Appends go on while the drain fills the head.
+        target.append(&appended[..1000]).unwrap();
+        target.sync().unwrap();
+        target.fill_head(&drained[..FRAME_BYTES]).unwrap();
+        target.append(&appended[1000..]).unwrap();
+        assert!(
+            target.close_head().is_err(),
+            "{format:?}: a head not filled stays open"
+        );
+        target.fill_head(&drained[FRAME_BYTES..]).unwrap();
+        target.close_head().unwrap();
+        assert_eq!(target.read_at(0, whole.len()).unwrap(), whole, "{format:?}");
+        target.seal().unwrap();
+        let reopened = ExtentFile::open(&path, format, None).unwrap();
+        assert_eq!(reopened.len(), whole.len() as u64, "{format:?}");
+        let across = drained.len() as u64 - 10;
+        assert_eq!(
+            reopened.read_at(across, 20).unwrap(),
+            &whole[across as usize..][..20]
+        );
+    }
+    let dense = dir.path().join("zstd");
+    assert_eq!(zstd_d(&dense), whole, "zstd -d skips the padding");
+    let stored = ExtentFile::open(&dense, Format::Zstd, None)
+        .unwrap()
+        .stored_bytes();
+    assert!(
+        stored * 3 < whole.len() as u64,
+        "the padding takes no room: {stored} bytes stored"
     );
-    let reopened = ExtentFile::open(&dir.path().join("receiving.zst"), Format::Zstd).unwrap();
-    assert_eq!(reopened.len(), whole.len() as u64);
 }
 
 #[test]
@@ -114,7 +130,7 @@ fn a_torn_frame_is_cut_and_the_frames_before_it_kept() {
         .unwrap()
         .set_len(torn)
         .unwrap();
-    let reopened = ExtentFile::open(&path, Format::Zstd).unwrap();
+    let reopened = ExtentFile::open(&path, Format::Zstd, None).unwrap();
     assert_eq!(
         reopened.len(),
         FRAME_BYTES as u64,
@@ -148,9 +164,7 @@ fn a_tail_reads_back_what_it_holds_in_memory_and_on_disk() {
             file.read_at(log.len() as u64 - 10, 100).unwrap(),
             &log[log.len() - 10..]
         );
-        file.cut(0).unwrap();
-        assert_eq!(file.len(), 0);
-        assert_eq!(file.read_at(0, 10).unwrap(), b"");
+        assert_eq!(file.read_at(log.len() as u64, 10).unwrap(), b"");
     }
 }
 

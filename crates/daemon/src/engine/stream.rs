@@ -139,7 +139,9 @@ impl Engine for StreamEngine {
             .spawn(move || {
                 let _ = done.send(store.keep_moving(|| *policy.lock(), &controls));
             })
-            .map_err(|err| Error::caused(ErrorKind::Failed, "cannot start the stream mover", err))?;
+            .map_err(|err| {
+                Error::caused(ErrorKind::Failed, "cannot start the stream mover", err)
+            })?;
         match moved.await {
             Ok(Ok(())) => Ok(Ran::Stopped),
             Ok(Err(err)) => Err(Error::new(ErrorKind::Failed, err.report())),
