@@ -12,9 +12,9 @@
 #    (`above=SIZE/4`: prepare, switch, drain, link, all during the run).
 #    The writer's largest append latency (write + fsync) in each run, and
 #    the 99.9th percentile; target: with ÷ without <= 1.5.
-# 2. The moves' figures: bytes drained (the length at the switch) and
-#    redirected (appended after it), summed, against the stream's length
-#    (each byte written once to the new tier).
+# 2. The move's figures: bytes drained (the length at the switch) into the
+#    target's head, bytes appended after the switch (to the target's
+#    tail), and the target's size on disk.
 # 3. Density: a text log of 256 MiB appended with `cat >>`, moved, its
 #    stored bytes on the zstd tier.
 # 4. Throughput: fio appends (1 MiB writes, no fsync; and 4 KiB writes
@@ -103,8 +103,9 @@ for round in $(seq "$ROUNDS"); do
     switched_at=$(stat_field "$moving" "p['figures']['drained']")
     ms[switch/with]+="$(switch_window "$work/moving-$round/lat_lat.1.log" "$switched_at") "
     figures[drained]+="$switched_at "
-    figures[redirected]+="$(stat_field "$moving" "p['figures']['redirected']") "
     figures[length]+="$(stat_field "$moving" "p['streams'][0]['bytes']") "
+    figures[redirected]+="$(stat_field "$moving" "p['streams'][0]['bytes'] - p['figures']['drained']") "
+    figures[stored]+="$(stat_field "$moving" "p['streams'][0]['stored']") "
     figures[moves]+="$(stat_field "$moving" "p['figures']['moves']") "
     for id in "$still" "$moving"; do dmm_cli delete "$id" >/dev/null 2>&1 || dmm_cli delete --force "$id" >/dev/null; done
     echo "round $round: largest append ${ms[max/without]}/ ${ms[max/with]}ms" >&2
@@ -176,12 +177,15 @@ report() {
     echo
     echo "| the move (median) | bytes |"
     echo "|---|---:|"
-    echo "| drained (the stream's length at the switch) | $(median_of figures drained) |"
-    echo "| redirected (appended after the switch) | $(median_of figures redirected) |"
+    echo "| drained into the target's head (the stream's length at the switch) | $(median_of figures drained) |"
+    echo "| redirected: appended to the target's tail after the switch | $(median_of figures redirected) |"
     echo "| the stream's length | $(median_of figures length) |"
+    echo "| the target on the zstd tier (blocks allocated) | $(median_of figures stored) |"
     echo "| moves linked per run | $(median_of figures moves) |"
     echo
-    echo "Drained + redirected = the length: each byte was written once to the new tier."
+    echo "Drained + redirected = the length: the drain wrote the bytes below the switch offset into the target's"
+    echo "head, the writer the others after it, and the link wrote only padding frames' headers (the head's unused"
+    echo "room is a hole): each byte was written once to the new tier, and the target is one zstd file."
     echo
     awk -v b="$log_bytes" -v s="$log_stored" 'BEGIN {
         printf "Density: a text log of %.0f MiB (`cat >>`, then moved) takes %.1f MiB on the zstd tier: **%.1f×**;\n", b / 1048576, s / 1048576, b / s

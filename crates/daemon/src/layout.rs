@@ -56,7 +56,8 @@ impl Layout {
     }
 
     /// Where a migration's engine keeps its state: `volumes/<migid>/`,
-    /// `trees/<migid>/` (the tree journal).
+    /// `trees/<migid>/` (the tree journal), `streams/<migid>/` (the stream
+    /// journal).
     pub fn engine_state(&self, kind: Kind, id: MigrationId) -> PathBuf {
         self.root.join(format!("{kind}s")).join(id.to_string())
     }
