@@ -296,7 +296,8 @@ async fn catalog_tables(
 }
 
 /// Every property: name, default, whether it may change while the
-/// migration runs, the kind it applies to, and its help.
+/// migration runs, the kinds it applies to (null: every kind), and its
+/// help.
 async fn property_table() -> Json<serde_json::Value> {
     let table: Vec<_> = properties::PROPERTIES
         .iter()
