@@ -10,13 +10,13 @@ mod common;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, is_mountpoint, p, soak_seed};
+use dmm_testkit::{record, records};
 
 struct Store {
     dir: tempfile::TempDir,
@@ -65,18 +65,6 @@ impl Store {
     }
 }
 
-/// Record `n` of a stream.
-fn record(n: u64) -> String {
-    format!(
-        "{n:08} 2026-12-04T13:00:00Z app[42]: request {n} served in {} ms\n",
-        n % 97
-    )
-}
-
-fn records(count: u64) -> String {
-    (0..count).map(record).collect()
-}
-
 /// Checks that `bytes` are records 0.. in order, each once, maybe followed
 /// by the start of the next (bytes appended but not fsynced may be cut
 /// anywhere); returns how many whole records there are.
@@ -120,25 +108,9 @@ fn a_live_stream_moves_to_the_dense_tier_while_tail_follows_and_commits() {
     );
     let file = store.access.join("app.log");
     let seen = store.dir.path().join("seen");
-    let mut tail = Command::new("tail")
-        .args(["-F", "-s", "0.05", "-c", "+1"])
-        .arg(&file)
-        .stdout(std::fs::File::create(&seen).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut tail = dmm_testkit::tail_follow(&file, &seen);
     let count = 8000;
-    let writer = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "for ((n = 0; n < {count}; n++)); do \
-               printf '%08d 2026-12-04T13:00:00Z app[42]: request %d served in %d ms\\n' \
-                 $n $n $((n % 97)) >> {}; \
-             done",
-            file.display()
-        ))
-        .status()
-        .unwrap();
+    let writer = dmm_testkit::records_writer(&file, count).status().unwrap();
     assert!(writer.success());
     let expected = records(count);
     daemon.wait_state(&id, &["switched-over"], Duration::from_secs(60));

@@ -121,17 +121,7 @@ impl Error {
 
     /// The error and its causes, each once.
     pub fn report(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(err) = cause {
-            let line = err.to_string();
-            if !text.ends_with(&line) {
-                text.push_str(": ");
-                text.push_str(&line);
-            }
-            cause = err.source();
-        }
-        text
+        dmm_control::report(self)
     }
 }
 

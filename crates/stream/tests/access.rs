@@ -4,7 +4,7 @@
 //! followed by `tail -F`, and `zstd -d` of the linked dense file.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -112,41 +112,19 @@ fn fio_appends_with_fsync_across_a_move_and_verifies_every_block() {
     assert_eq!(appends, 6144, "a latency per append");
 }
 
-/// The shell writer's record `n`.
-fn record(n: u64) -> String {
-    format!(
-        "{n:08} 2026-12-04T13:00:00Z app[42]: request {n} served in {} ms\n",
-        n % 97
-    )
-}
-
 #[test]
 fn tail_follows_every_record_once_and_in_order_across_a_move() {
     let m = mounted();
     let file = m.mount.join("app.log");
     let seen = m.dir.path().join("seen");
-    let tail = Command::new("tail")
-        .args(["-F", "-s", "0.05", "-c", "+1"])
-        .arg(&file)
-        .stdout(std::fs::File::create(&seen).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let tail = dmm_testkit::tail_follow(&file, &seen);
     let records = 6000;
-    let writer = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "for ((n = 0; n < {records}; n++)); do \
-               printf '%08d 2026-12-04T13:00:00Z app[42]: request %d served in %d ms\\n' \
-                 $n $n $((n % 97)) >> {}; \
-             done",
-            file.display()
-        ))
+    let writer = dmm_testkit::records_writer(&file, records)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let expected: String = (0..records).map(record).collect();
+    let expected = dmm_testkit::records(records);
     wait_for(&m.store, "app.log", expected.len() as u64 / 3);
     move_to_dense(&m.store, "app.log", 1 << 20);
     wait_child(writer, "the writer");

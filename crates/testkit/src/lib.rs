@@ -10,11 +10,13 @@ mod etcd;
 mod faulty;
 mod loop_mount;
 mod netns;
+mod records;
 
 pub use etcd::{Etcd, EtcdMember};
 pub use faulty::FaultySource;
 pub use loop_mount::LoopMount;
 pub use netns::{Network, enter_namespace};
+pub use records::{record, records, records_writer, tail_follow};
 
 /// A command running `name`, which must be installed.
 pub fn tool(name: &str) -> Command {

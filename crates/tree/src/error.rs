@@ -155,17 +155,7 @@ impl Error {
     /// The error and its causes, for people: each cause once (a cause
     /// whose text its wrapper already ends with is not repeated).
     pub fn report(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(err) = cause {
-            let line = err.to_string();
-            if !text.ends_with(&line) {
-                text.push_str(": ");
-                text.push_str(&line);
-            }
-            cause = err.source();
-        }
-        text
+        dmm_control::report(self)
     }
 }
 

@@ -170,14 +170,7 @@ impl MigrationError {
 
     /// The message followed by every cause, for logs and progress reports.
     pub fn report(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(err) = cause {
-            text.push_str(": ");
-            text.push_str(&err.to_string());
-            cause = err.source();
-        }
-        text
+        dmm_control::report(self)
     }
 }
 
