@@ -6,8 +6,9 @@
 //! history (duration, bytes, verification), and read the catalog's
 //! tables. Requests without the cookie get 401. An admin's path: limit
 //! the migrations running at once, reorder the queue, see CLI changes
-//! within a second, retry a tree's file in error. In a cluster on etcd:
-//! the Nodes page lists the nodes and where each volume lives. The tests
+//! within a second, retry a tree's file in error. A stream store created
+//! from the form shows where each stream is. In a cluster on etcd: the
+//! Nodes page lists the nodes and where each volume lives. The tests
 //! save screenshots in `target/screenshots/` (the README shows them).
 
 mod common;
@@ -358,6 +359,82 @@ fn a_newcomer_creates_watches_controls_and_commits_a_migration_from_the_page() {
     assert!(daemon.stop().success());
     // The data is the source's.
     common::assert_same_images(&source, &target);
+}
+
+/// A stream store from the form: the kind's own fields, a stream written
+/// through its access point moving to the dense tier on the page, then
+/// committed from it.
+#[test]
+fn a_stream_store_is_created_from_the_page_and_shows_where_each_stream_is() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let access = dir.path().join("access");
+    std::fs::create_dir(&access).unwrap();
+    let orbit = format!("fast:{0}/fast,dense:{0}/dense:zstd", path(dir.path()));
+    let daemon = Daemon::start(&state, &[]);
+    let login = daemon.ok(&["ui", "--no-browser"]).trim().to_owned();
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let browser = runtime.block_on(driver.browser());
+    runtime.block_on(async {
+        browser.goto(&login).await.unwrap();
+        click(&browser, "#nav-create").await;
+        click(&browser, "#field-kind option[value='stream']").await;
+        until(
+            "the stream store's fields",
+            Duration::from_secs(10),
+            || async { browser.find(Locator::Css("#field-orbit")).await.ok() },
+        )
+        .await;
+        assert!(
+            browser.find(Locator::Css("#field-source")).await.is_err(),
+            "a stream store has no source field"
+        );
+        fill(&browser, "#field-orbit", &orbit).await;
+        fill(&browser, "#field-access", path(&access)).await;
+        click(&browser, "#submit").await;
+        until("the store's page", Duration::from_secs(15), || async {
+            let url = browser.current_url().await.ok()?;
+            (url.fragment() == Some("/m/1")).then_some(())
+        })
+        .await;
+        until("the access point", Duration::from_secs(15), || async {
+            common::is_mountpoint(&access).then_some(())
+        })
+        .await;
+        let mut log = std::fs::File::create(access.join("app.log")).unwrap();
+        std::io::Write::write_all(&mut log, dmm_testkit::records(2000).as_bytes()).unwrap();
+        log.sync_all().unwrap();
+        // Closed: a commit unmounts only an access point nobody uses.
+        drop(log);
+        until(
+            "app.log on the dense tier",
+            Duration::from_secs(30),
+            || async {
+                let text = text_of(&browser, "#main").await?;
+                (text.contains("app.log")
+                    && text.contains("· dense (")
+                    && !text.contains("→ dense"))
+                .then_some(())
+            },
+        )
+        .await;
+        shows_state(&browser, "switched-over", Duration::from_secs(30)).await;
+        std::fs::write(
+            screenshots().join("streams.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+        click(&browser, "[data-verb='commit']").await;
+        browser
+            .accept_alert()
+            .await
+            .expect("commit asks for confirmation");
+        shows_state(&browser, "committed", Duration::from_secs(30)).await;
+        browser.close().await.unwrap();
+    });
+    assert!(!common::is_mountpoint(&access), "committed: unmounted");
+    assert!(daemon.stop().success());
 }
 
 /// The text of the first element matching `css`, if there is one.

@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use dmm_control::{Controls, Priority};
-use dmm_stream::{Moved, Owner, Stream, StreamStore};
+use dmm_stream::{Moved, Owner, Policy, Stream, StreamStore};
 
 const OWNER: Owner = Owner {
     uid: 0,
@@ -217,4 +217,32 @@ fn writes_off_the_end_and_bad_names_are_refused() {
 
 fn libc_eperm() -> i32 {
     1
+}
+
+#[test]
+fn a_stream_is_due_by_its_age_or_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StreamStore::open(orbit(dir.path()), &dir.path().join("j.db")).unwrap();
+    let stream = store.create("a", OWNER).unwrap();
+    stream.append(0, &[b'x'; 1000]).unwrap();
+    let now = std::time::SystemTime::now();
+    let idle = Policy {
+        after: Some(Duration::from_secs(60)),
+        above: None,
+    };
+    assert!(!idle.due(&stream, now), "appended just now");
+    assert!(idle.due(&stream, now + Duration::from_secs(61)));
+    let large = Policy {
+        after: None,
+        above: Some(999),
+    };
+    assert!(large.due(&stream, now));
+    assert!(
+        !Policy {
+            above: Some(1000),
+            ..large
+        }
+        .due(&stream, now)
+    );
+    assert!(Policy::default().due(&stream, now), "with neither, at once");
 }

@@ -504,7 +504,7 @@ function detail(id) {
       el('span', { class: `state state-${view.state}`, id: 'state', 'data-state': view.state, text: t(`state.${view.state}`) }));
     const rows = [
       fact(t('col.kind'), t(`kind.${view.kind}`)),
-      fact(t('col.route'), routeOf(view)),
+      fact(t(view.kind === 'stream' ? 'col.orbit' : 'col.route'), routeOf(view)),
       fact(t('col.phase'), phaseOf(view)),
       fact(t('col.progress'), `${(fraction(view) * 100).toFixed(1)} %`),
       fact(t('col.rate'), view.progress ? `${bytes(rateOf(view))}/s` : ''),
