@@ -202,10 +202,12 @@ impl ExtentFile {
     }
 
     /// Syncs, then (zstd) writes the seek table after the frames and syncs
-    /// it: the file is complete for any zstd reader.
+    /// it: the file is complete for any zstd reader. A target whose head
+    /// is still open gets no table (its frames are not contiguous until
+    /// the link).
     pub fn seal(&self) -> Result<()> {
         self.sync()?;
-        if self.format == Format::Plain {
+        if self.format == Format::Plain || self.held.lock().head.is_some() {
             return Ok(());
         }
         let (table, at) = {

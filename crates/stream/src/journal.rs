@@ -166,17 +166,28 @@ impl Journal {
     }
 
     /// Records `map` (its extents and its move) as the stream's, in one
-    /// transaction: one phase of a move.
+    /// transaction: one phase of a move. A stream removed meanwhile is
+    /// not found (and nothing is recorded).
     pub fn record(&self, name: &str, map: &ExtentMap) -> Result<()> {
-        self.with("record a stream's extents", |c| {
+        let recorded = self.with("record a stream's extents", |c| {
             let t = c.transaction()?;
-            t.execute(
+            let updated = t.execute(
                 "UPDATE streams SET next_file = ?2 WHERE name = ?1",
                 params![name, map.next_file()],
             )?;
+            if updated == 0 {
+                return Ok(false);
+            }
             write_map(&t, name, map)?;
-            t.commit()
-        })
+            t.commit().map(|()| true)
+        })?;
+        match recorded {
+            true => Ok(()),
+            false => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("stream {name} was removed"),
+            )),
+        }
     }
 
     pub fn set_owner(&self, name: &str, owner: Owner) -> Result<()> {

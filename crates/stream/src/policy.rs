@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use dmm_control::{Controls, Priority};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::journal::Figures;
 use crate::mover::Moved;
 use crate::store::StreamStore;
@@ -77,10 +77,18 @@ impl StreamStore {
             let pass = Instant::now();
             nice(controls.priority());
             for stream in self.list() {
-                if let Some(to) = self.destination(&stream, &policy())
-                    && self.move_stream(&stream, to, controls)? == Moved::Stopped
-                {
-                    return Ok(());
+                let Some(to) = self.destination(&stream, &policy()) else {
+                    continue;
+                };
+                match self.move_stream(&stream, to, controls) {
+                    Ok(Moved::Stopped) => return Ok(()),
+                    Ok(Moved::Linked(_)) => {}
+                    // Removed as its move began: a file the move created
+                    // is swept when the store is opened next.
+                    Err(err) if err.kind() == ErrorKind::NotFound => {
+                        tracing::debug!("{}", err.report());
+                    }
+                    Err(err) => return Err(err),
                 }
             }
             while pass.elapsed() < PASS_EVERY && !controls.interrupted() {

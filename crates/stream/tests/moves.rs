@@ -246,3 +246,21 @@ fn a_stream_is_due_by_its_age_or_its_size() {
     );
     assert!(Policy::default().due(&stream, now), "with neither, at once");
 }
+
+#[test]
+fn a_stream_removed_as_its_move_begins_leaves_nothing_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StreamStore::open(orbit(dir.path()), &dir.path().join("j.db")).unwrap();
+    let stream = store.create("gone.log", OWNER).unwrap();
+    stream.append(0, b"bytes").unwrap();
+    store.remove("gone.log").unwrap();
+    let err = store.move_stream(&stream, 1, &controls(None)).unwrap_err();
+    assert_eq!(err.kind(), dmm_stream::ErrorKind::NotFound, "{err}");
+    drop(store);
+    let store = StreamStore::open(orbit(dir.path()), &dir.path().join("j.db")).unwrap();
+    assert!(store.list().is_empty());
+    for tier in ["fast", "dense"] {
+        let left: Vec<_> = std::fs::read_dir(dir.path().join(tier)).unwrap().collect();
+        assert!(left.is_empty(), "{tier}: {left:?}");
+    }
+}

@@ -79,24 +79,23 @@ impl StreamEngine {
             })
     }
 
-    /// Seals every stream and unmounts the access point (unless clients
-    /// use it, when `unless_busy`).
+    /// Unmounts the access point (unless clients use it, when
+    /// `unless_busy`), then seals every stream: no append can follow.
     async fn seal_and_unmount(&self, unless_busy: bool) -> Result<()> {
         let access = self.access.lock().take();
         let store = self.store.clone();
         let unmounted = blocking(move || {
-            store.seal()?;
-            let Some(mut access) = access else {
-                return Ok(None);
-            };
-            let detached = match unless_busy {
-                true => access.unmount_unless_busy(),
-                false => access.detach(),
-            };
-            match detached.and_then(|()| access.join()) {
-                Ok(()) => Ok(None),
-                Err(err) => Ok(Some((access, err.report()))),
+            if let Some(mut access) = access {
+                let detached = match unless_busy {
+                    true => access.unmount_unless_busy(),
+                    false => access.detach(),
+                };
+                if let Err(err) = detached.and_then(|()| access.join()) {
+                    return Ok(Some((access, err.report())));
+                }
             }
+            store.seal()?;
+            Ok(None)
         })
         .await?;
         match unmounted {
