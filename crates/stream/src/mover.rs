@@ -29,8 +29,8 @@ use crate::stream::Stream;
 /// flush with it.
 const SYNC_EVERY: u64 = 1 << 20;
 
-/// How often a paused drain looks at its controls again.
-const PAUSED_POLL: Duration = Duration::from_millis(50);
+/// How often a paused or throttled drain looks at its controls again.
+const POLL: Duration = Duration::from_millis(50);
 
 /// How a move's run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +123,7 @@ impl StreamStore {
         let mut unsynced = 0;
         while at < size {
             while controls.is_paused() && !controls.interrupted() {
-                std::thread::sleep(PAUSED_POLL);
+                std::thread::sleep(POLL);
             }
             if controls.interrupted() {
                 target.flush()?;
@@ -137,7 +137,8 @@ impl StreamStore {
                 target.flush()?;
                 unsynced = 0;
             }
-            std::thread::sleep(limiter.spend(bytes.len() as u64, controls.rate()));
+            let wait = limiter.spend(bytes.len() as u64, controls.rate());
+            sleep_unless_interrupted(wait, controls);
         }
         target.flush()?;
         if digest(&source, size)? != digest(&target, size)? {
@@ -175,6 +176,20 @@ impl StreamStore {
         };
         self.journal().add_figures(figures)?;
         Ok(figures)
+    }
+}
+
+/// Sleeps `wait` (a rate limit's), in slices, until a stop or a rollback
+/// is asked for: at a low rate one frame's wait is long, and a stop must
+/// not wait for it.
+fn sleep_unless_interrupted(wait: Duration, controls: &Controls) {
+    let until = std::time::Instant::now() + wait;
+    while !controls.interrupted() {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(POLL));
     }
 }
 

@@ -31,13 +31,12 @@ impl Policy {
     /// Whether `stream` is due to move (with neither limit set, every
     /// stream is, at once).
     pub fn due(&self, stream: &Stream, now: SystemTime) -> bool {
-        let shown = stream.attributes();
-        let idle = now.duration_since(shown.modified).unwrap_or_default();
+        let idle = now.duration_since(stream.modified()).unwrap_or_default();
         match (self.after, self.above) {
             (None, None) => true,
             (after, above) => {
                 after.is_some_and(|after| idle >= after)
-                    || above.is_some_and(|above| shown.len > above)
+                    || above.is_some_and(|above| stream.len() > above)
             }
         }
     }

@@ -72,6 +72,11 @@ impl Stream {
         self.len() == 0
     }
 
+    /// When it was last appended to (or opened).
+    pub fn modified(&self) -> SystemTime {
+        self.view.read().modified
+    }
+
     /// A copy of its extent map.
     pub fn map(&self) -> ExtentMap {
         self.view.read().map.clone()
